@@ -1,0 +1,140 @@
+//! Command-line interface.
+
+use crate::model_fetch::{self, DEFAULT_MODEL};
+use crate::{bench_engine, generate};
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use xpyd_engine::KvDtype;
+use xpyd_engine::compute::{self, ComputeConfig};
+
+/// xpyd: prefill/decode-disaggregated LLM serving.
+#[derive(Debug, Parser)]
+#[command(name = "xpyd", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Generate a completion for one prompt in this process.
+    Generate(generate::GenerateArgs),
+    /// Manage model files.
+    Model {
+        #[command(subcommand)]
+        cmd: ModelCmd,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelCmd {
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) into the models directory.
+    Fetch {
+        /// Models directory (default: $XPYD_MODELS or the user cache dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Print the path of the default model (fetching it if missing).
+    Path,
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode throughput of the engine on the real model.
+    Engine(bench_engine::BenchEngineArgs),
+}
+
+/// Options shared by every command that runs the engine.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// GGUF model file (default: the fetched default model).
+    #[arg(long, env = "XPYD_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Compute threads (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Pin compute threads to these cores, e.g. `0` or `0-1`.
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// KV cache element type.
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: KvDtype,
+    /// Prompt tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+impl EngineArgs {
+    /// The model path, fetching the default model when none is given.
+    pub fn model_path(&self) -> Result<PathBuf> {
+        match &self.model {
+            Some(p) => Ok(p.clone()),
+            None => model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir()),
+        }
+    }
+
+    /// Engine configuration for these flags.
+    pub fn engine_config(&self) -> Result<xpyd_engine::EngineConfig> {
+        let mut cfg = xpyd_engine::EngineConfig::new(self.model_path()?);
+        cfg.kv_dtype = self.kv_dtype;
+        cfg.prefill_chunk = self.prefill_chunk;
+        Ok(cfg)
+    }
+
+    fn compute(&self) -> Result<ComputeConfig> {
+        Ok(ComputeConfig {
+            threads: self.threads,
+            cpus: self
+                .cpus
+                .as_deref()
+                .map(compute::parse_cpu_list)
+                .transpose()?,
+        })
+    }
+}
+
+impl Cli {
+    /// Applies thread and pinning flags (before anything else starts threads).
+    pub fn apply_compute(&self) -> Result<()> {
+        let args = match &self.cmd {
+            Cmd::Generate(g) => &g.engine,
+            Cmd::Bench {
+                cmd: BenchCmd::Engine(b),
+            } => &b.engine,
+            Cmd::Model { .. } => return Ok(()),
+        };
+        compute::init(&args.compute()?)?;
+        Ok(())
+    }
+
+    /// Runs the command.
+    pub fn run(self) -> Result<()> {
+        match self.cmd {
+            Cmd::Generate(args) => generate::run(&args),
+            Cmd::Model {
+                cmd: ModelCmd::Fetch { dir },
+            } => {
+                let dir = dir.unwrap_or_else(model_fetch::models_dir);
+                model_fetch::fetch(&DEFAULT_MODEL, &dir).map(|_| ())
+            }
+            Cmd::Model {
+                cmd: ModelCmd::Path,
+            } => {
+                println!(
+                    "{}",
+                    model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir())?.display()
+                );
+                Ok(())
+            }
+            Cmd::Bench {
+                cmd: BenchCmd::Engine(args),
+            } => bench_engine::run(&args),
+        }
+    }
+}

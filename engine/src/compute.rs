@@ -1,0 +1,116 @@
+//! Compute threads and CPU pinning for the process.
+//!
+//! candle sizes its thread pools from `CANDLE_NUM_THREADS` / `RAYON_NUM_THREADS` and pins
+//! them to `CANDLE_CPU_MASK`, reading them once when the pools start; the engine's own
+//! attention threads use rayon's global pool. [`init`] sets all of them, and must run at
+//! process start, before any other thread exists.
+#![allow(unsafe_code)]
+
+use crate::error::{EngineError, Result};
+use std::sync::OnceLock;
+
+/// Threads and cores for the process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ComputeConfig {
+    /// Compute threads; `None` = one per available core.
+    pub threads: Option<usize>,
+    /// Cores to pin compute threads to; `None` = no pinning.
+    pub cpus: Option<Vec<usize>>,
+}
+
+static APPLIED: OnceLock<ComputeConfig> = OnceLock::new();
+
+/// Parses a CPU list such as `0,2-3`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>> {
+    let bad = || EngineError::InvalidParam {
+        field: "cpus",
+        reason: format!("`{s}` is not a CPU list like `0,2-3`"),
+    };
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// Applies the configuration once per process; returns the thread count in force.
+///
+/// Call it first thing in `main`, before any other thread is spawned.
+pub fn init(cfg: &ComputeConfig) -> Result<usize> {
+    if let Some(prev) = APPLIED.get() {
+        return Ok(prev.threads.unwrap_or_else(available));
+    }
+    if cfg.threads == Some(0) || cfg.threads.is_some_and(|t| t > 1024) {
+        return Err(EngineError::InvalidParam {
+            field: "threads",
+            reason: "must be 1..=1024".into(),
+        });
+    }
+    let online = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    if let Some(cpus) = &cfg.cpus {
+        if let Some(c) = cpus.iter().find(|c| **c >= online.max(1024)) {
+            return Err(EngineError::InvalidParam {
+                field: "cpus",
+                reason: format!("no CPU {c}"),
+            });
+        }
+    }
+    let threads = cfg
+        .threads
+        .unwrap_or_else(|| cfg.cpus.as_ref().map_or_else(available, Vec::len));
+    // SAFETY: called at process start before other threads exist (documented contract),
+    // so no concurrent reader of the environment can race these writes.
+    unsafe {
+        std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+        if let Some(cpus) = &cfg.cpus {
+            let list: Vec<String> = cpus.iter().map(ToString::to_string).collect();
+            std::env::set_var("CANDLE_CPU_MASK", list.join(","));
+        }
+    }
+    candle_core::utils::set_thread_affinity();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .start_handler(|_| candle_core::utils::set_thread_affinity())
+        .build_global();
+    let _ = APPLIED.set(ComputeConfig {
+        threads: Some(threads),
+        cpus: cfg.cpus.clone(),
+    });
+    Ok(threads)
+}
+
+/// Cores this process may run on.
+pub fn available() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0,2-4").unwrap(), vec![0, 2, 3, 4]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+        assert!(parse_cpu_list("").is_err());
+    }
+}

@@ -1,0 +1,622 @@
+//! The engine: a model, its tokenizer and a paged KV cache holding many sequences, with
+//! chunked prefill, batched decode steps, and KV export/import between instances.
+
+use crate::config::{DEFAULT_KV_TOKENS, EngineConfig, KvDtype, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::kv::format::{self, KvFormatError, KvHeader, LayerChunk};
+use crate::kv::{BlockAllocator, CacheShape, KvStore, blocks_for};
+use crate::model::{DecodeItem, Model, Pass};
+use crate::sampling::{SamplingParams, sample};
+use crate::sequence::{FinishReason, ResumeState, TokenEvent};
+use crate::tokenizer::Tokenizer;
+use candle_core::quantized::gguf_file;
+use std::collections::HashMap;
+use std::io::Read;
+
+/// Where a sequence is in its life.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// Prompt being computed; `cached` tokens done.
+    Prefill,
+    /// KV arriving from another engine; rows received per layer.
+    Importing(Vec<u32>),
+    /// Ready for decode steps.
+    Decode,
+    /// Ended; blocks held until removed.
+    Finished(FinishReason),
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefilling",
+            Phase::Importing(_) => "importing",
+            Phase::Decode => "decoding",
+            Phase::Finished(_) => "finished",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Sequence {
+    table: Vec<u32>,
+    /// Tokens whose KV is in the cache.
+    cached: usize,
+    state: ResumeState,
+    phase: Phase,
+}
+
+/// KV pool occupancy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvUsage {
+    /// Blocks in use.
+    pub used_blocks: usize,
+    /// Blocks free.
+    pub free_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+}
+
+/// A finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+    /// Generated text (stop strings excluded).
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+}
+
+/// A CPU inference engine over one model.
+pub struct Engine {
+    cfg: EngineConfig,
+    model: Model,
+    tokenizer: Tokenizer,
+    kv: KvStore,
+    blocks: BlockAllocator,
+    seqs: HashMap<u64, Sequence>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.cfg.model_path)
+            .field("fingerprint", &self.fingerprint)
+            .field("sequences", &self.seqs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Identifies the weights and the numerics that computed a KV cache: a hash of the model
+/// file plus this engine's version (its re-quantization and kernels shape the values).
+fn fingerprint(path: &std::path::Path) -> Result<String> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!(
+        "xxh3:{:032x}/xpyd-engine-{}",
+        h.digest128(),
+        env!("CARGO_PKG_VERSION")
+    ))
+}
+
+impl Engine {
+    /// Loads the model and tokenizer and allocates the KV pool.
+    pub fn load(cfg: EngineConfig) -> Result<Self> {
+        cfg.validate()?;
+        let path = &cfg.model_path;
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
+        let mcfg = ModelConfig::from_gguf(&ct)?;
+        let tokenizer = Tokenizer::from_gguf(&ct)?;
+        let model = Model::load(&ct, &mut file, mcfg.clone())?;
+        let num_blocks = cfg.num_blocks.unwrap_or_else(|| {
+            blocks_for(
+                DEFAULT_KV_TOKENS.min(mcfg.context_length * 4),
+                cfg.block_size,
+            )
+        });
+        let kv = KvStore::new(CacheShape {
+            n_layer: mcfg.n_layer,
+            kv_dim: mcfg.kv_dim(),
+            block_size: cfg.block_size,
+            num_blocks,
+            dtype: cfg.kv_dtype,
+        });
+        let fingerprint = fingerprint(path)?;
+        tracing::info!(
+            model = %path.display(),
+            layers = mcfg.n_layer,
+            hidden = mcfg.hidden,
+            kv_blocks = num_blocks,
+            kv_dtype = ?cfg.kv_dtype,
+            "engine loaded"
+        );
+        Ok(Engine {
+            blocks: BlockAllocator::new(num_blocks),
+            cfg,
+            model,
+            tokenizer,
+            kv,
+            seqs: HashMap::new(),
+            fingerprint,
+        })
+    }
+
+    /// Model geometry.
+    pub fn model_config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Identity of weights + numerics; imports must match it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The engine configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// KV pool occupancy.
+    pub fn kv_usage(&self) -> KvUsage {
+        KvUsage {
+            used_blocks: self.blocks.used_blocks(),
+            free_blocks: self.blocks.free_blocks(),
+            block_size: self.cfg.block_size,
+        }
+    }
+
+    /// Sequences held (any phase).
+    pub fn sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn check_prompt(&self, prompt: &[u32], params: &SamplingParams) -> Result<()> {
+        params.validate()?;
+        if prompt.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        let ctx = self.model.config().context_length;
+        if prompt.len() >= ctx {
+            return Err(EngineError::ContextOverflow {
+                tokens: prompt.len(),
+                max: ctx,
+            });
+        }
+        let vocab = self.model.config().vocab;
+        if let Some(t) = prompt.iter().find(|t| **t as usize >= vocab) {
+            return Err(EngineError::BadToken { id: *t, vocab });
+        }
+        Ok(())
+    }
+
+    /// Admits a sequence and reserves KV blocks for its prompt.
+    pub fn add_sequence(
+        &mut self,
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::DuplicateSequence(id));
+        }
+        self.check_prompt(&prompt, &params)?;
+        let table = self
+            .blocks
+            .alloc(blocks_for(prompt.len(), self.cfg.block_size))?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                table,
+                cached: 0,
+                state: ResumeState::new(prompt, params),
+                phase: Phase::Prefill,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops a sequence and frees its blocks; returns its state if it existed.
+    pub fn remove(&mut self, id: u64) -> Option<ResumeState> {
+        let seq = self.seqs.remove(&id)?;
+        self.blocks.release(&seq.table);
+        Some(seq.state)
+    }
+
+    fn seq(&self, id: u64) -> Result<&Sequence> {
+        self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))
+    }
+
+    /// Computes the next prefill chunk of a sequence. Each layer's KV for the chunk is
+    /// handed to `on_chunk` as soon as it is in the cache. When the prompt is done, the
+    /// first token is sampled and returned.
+    pub fn prefill_chunk(
+        &mut self,
+        id: u64,
+        on_chunk: &mut dyn FnMut(LayerChunk),
+    ) -> Result<Option<TokenEvent>> {
+        let chunk = self.cfg.prefill_chunk;
+        let seq = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))?;
+        if seq.phase != Phase::Prefill {
+            return Err(EngineError::WrongState {
+                id,
+                state: seq.phase.name(),
+                expected: "prefilling",
+            });
+        }
+        let start = seq.cached;
+        let end = (start + chunk).min(seq.state.prompt_len);
+        let pass = Pass::Prefill {
+            table: &seq.table,
+            start,
+            tokens: &seq.state.tokens[start..end],
+        };
+        let n = (end - start) as u32;
+        let table = seq.table.clone();
+        let logits = self.model.forward(&pass, &mut self.kv, &mut |layer, kv| {
+            let mut payload = Vec::new();
+            kv.read_rows_bytes(layer, &table, start, n as usize, &mut payload);
+            on_chunk(LayerChunk {
+                layer: layer as u32,
+                start: start as u32,
+                count: n,
+                payload,
+            });
+        })?;
+        let ctx = self.model.config().context_length;
+        let seq = self.seqs.get_mut(&id).expect("checked above");
+        seq.cached = end;
+        if end < seq.state.prompt_len {
+            return Ok(None);
+        }
+        let token = sample(&logits[0], &seq.state.params, seq.state.draw());
+        let ev = seq.state.accept(id, token, &self.tokenizer, ctx)?;
+        seq.phase = match ev.finish {
+            Some(f) => Phase::Finished(f),
+            None => Phase::Decode,
+        };
+        Ok(Some(ev))
+    }
+
+    /// Prefills the whole prompt (in chunks) and returns the first token.
+    pub fn prefill(&mut self, id: u64, on_chunk: &mut dyn FnMut(LayerChunk)) -> Result<TokenEvent> {
+        loop {
+            if let Some(ev) = self.prefill_chunk(id, on_chunk)? {
+                return Ok(ev);
+            }
+        }
+    }
+
+    /// Advances every listed sequence by one token in a single batched forward pass.
+    /// Reserves the blocks the step needs first: when the pool cannot supply them the
+    /// step fails with `OutOfBlocks` and changes nothing.
+    pub fn decode_step(&mut self, ids: &[u64]) -> Result<Vec<TokenEvent>> {
+        let bs = self.cfg.block_size;
+        let mut need = 0;
+        for (i, id) in ids.iter().enumerate() {
+            if ids[..i].contains(id) {
+                return Err(EngineError::DuplicateSequence(*id));
+            }
+            let s = self.seq(*id)?;
+            if s.phase != Phase::Decode {
+                return Err(EngineError::WrongState {
+                    id: *id,
+                    state: s.phase.name(),
+                    expected: "decoding",
+                });
+            }
+            need += blocks_for(s.cached + 1, bs).saturating_sub(s.table.len());
+        }
+        let mut fresh = self.blocks.alloc(need)?;
+        for id in ids {
+            let s = self.seqs.get_mut(id).expect("checked above");
+            let more = blocks_for(s.cached + 1, bs).saturating_sub(s.table.len());
+            s.table.extend(fresh.drain(..more));
+        }
+        let items: Vec<DecodeItem<'_>> = ids
+            .iter()
+            .map(|id| {
+                let s = &self.seqs[id];
+                DecodeItem {
+                    table: &s.table,
+                    pos: s.cached,
+                    token: *s
+                        .state
+                        .tokens
+                        .last()
+                        .expect("decode sequences have a token"),
+                }
+            })
+            .collect();
+        let logits = self
+            .model
+            .forward(&Pass::Decode(&items), &mut self.kv, &mut |_, _| {})?;
+        drop(items);
+        let ctx = self.model.config().context_length;
+        let mut events = Vec::with_capacity(ids.len());
+        for (id, row) in ids.iter().zip(&logits) {
+            let s = self.seqs.get_mut(id).expect("checked above");
+            s.cached += 1;
+            let token = sample(row, &s.state.params, s.state.draw());
+            let ev = s.state.accept(*id, token, &self.tokenizer, ctx)?;
+            if let Some(f) = ev.finish {
+                s.phase = Phase::Finished(f);
+            }
+            events.push(ev);
+        }
+        Ok(events)
+    }
+
+    /// The header that describes a prefilled sequence's KV and resume state.
+    pub fn export_header(&self, id: u64) -> Result<KvHeader> {
+        let s = self.seq(id)?;
+        if matches!(s.phase, Phase::Prefill | Phase::Importing(_)) {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "prefilled",
+            });
+        }
+        let m = self.model.config();
+        Ok(KvHeader {
+            version: format::VERSION,
+            fingerprint: self.fingerprint.clone(),
+            dtype: self.cfg.kv_dtype,
+            n_layer: m.n_layer as u32,
+            kv_dim: m.kv_dim() as u32,
+            block_size: self.cfg.block_size as u32,
+            token_count: s.cached as u32,
+            source_blocks: s.table.clone(),
+            resume: s.state.clone(),
+        })
+    }
+
+    /// Exports a prefilled sequence: header, then every layer's rows.
+    pub fn export(&self, id: u64) -> Result<Vec<u8>> {
+        let header = self.export_header(id)?;
+        let s = self.seq(id)?;
+        let chunks: Vec<LayerChunk> = (0..header.n_layer)
+            .map(|layer| {
+                let mut payload = Vec::with_capacity(header.layer_bytes());
+                self.kv
+                    .read_rows_bytes(layer as usize, &s.table, 0, s.cached, &mut payload);
+                LayerChunk {
+                    layer,
+                    start: 0,
+                    count: s.cached as u32,
+                    payload,
+                }
+            })
+            .collect();
+        Ok(format::encode_all(&header, &chunks))
+    }
+
+    /// Starts importing a sequence: validates the header against this engine and
+    /// reserves blocks. Layers then arrive through [`Engine::import_chunk`].
+    pub fn begin_import(&mut self, id: u64, header: &KvHeader) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::DuplicateSequence(id));
+        }
+        if header.fingerprint != self.fingerprint {
+            return Err(KvFormatError::ModelMismatch {
+                expected: self.fingerprint.clone(),
+                found: header.fingerprint.clone(),
+            }
+            .into());
+        }
+        if header.dtype != self.cfg.kv_dtype {
+            return Err(KvFormatError::DtypeMismatch {
+                expected: self.cfg.kv_dtype,
+                found: header.dtype,
+            }
+            .into());
+        }
+        let m = self.model.config();
+        if header.n_layer as usize != m.n_layer || header.kv_dim as usize != m.kv_dim() {
+            return Err(KvFormatError::Geometry(format!(
+                "{} layers × {} wide, engine has {} × {}",
+                header.n_layer,
+                header.kv_dim,
+                m.n_layer,
+                m.kv_dim()
+            ))
+            .into());
+        }
+        let r = &header.resume;
+        let count = header.token_count as usize;
+        if r.prompt_len == 0 || r.prompt_len > count || r.tokens.len() != count + 1 {
+            return Err(KvFormatError::Geometry(format!(
+                "{count} cached tokens do not fit a resume state of {} tokens ({} prompt)",
+                r.tokens.len(),
+                r.prompt_len
+            ))
+            .into());
+        }
+        self.check_prompt(&r.tokens[..count], &r.params)?;
+        let table = self.blocks.alloc(blocks_for(count, self.cfg.block_size))?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                table,
+                cached: count,
+                state: r.clone(),
+                phase: Phase::Importing(vec![0; m.n_layer]),
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes one received layer chunk. A bad chunk (wrong layer, gap, size) fails the
+    /// import and frees its blocks.
+    pub fn import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
+        let res = self.try_import_chunk(id, chunk);
+        if matches!(res, Err(EngineError::KvImport(_))) {
+            self.remove(id);
+        }
+        res
+    }
+
+    fn try_import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
+        let row_bytes = self.model.config().kv_dim() * self.cfg.kv_dtype.size();
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let Phase::Importing(filled) = &mut s.phase else {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "importing",
+            });
+        };
+        let layer = chunk.layer as usize;
+        let Some(have) = filled.get(layer).copied() else {
+            return Err(KvFormatError::Geometry(format!(
+                "layer {} of {}",
+                chunk.layer,
+                filled.len()
+            ))
+            .into());
+        };
+        if chunk.start != have {
+            return Err(KvFormatError::OutOfOrder {
+                layer: chunk.layer,
+                start: chunk.start,
+                expected: have,
+            }
+            .into());
+        }
+        let count = chunk.count as usize;
+        if chunk.start as usize + count > s.cached {
+            return Err(KvFormatError::Geometry(format!(
+                "layer {} chunk ends at {}, beyond {} tokens",
+                chunk.layer,
+                chunk.start as usize + count,
+                s.cached
+            ))
+            .into());
+        }
+        if chunk.payload.len() != 2 * count * row_bytes {
+            return Err(KvFormatError::Geometry(format!(
+                "layer {} chunk has {} bytes, expected {}",
+                chunk.layer,
+                chunk.payload.len(),
+                2 * count * row_bytes
+            ))
+            .into());
+        }
+        let (k, v) = chunk.payload.split_at(count * row_bytes);
+        self.kv
+            .write_rows_bytes(layer, &s.table, chunk.start as usize, k, v);
+        filled[layer] += chunk.count;
+        Ok(())
+    }
+
+    /// Completes an import: every layer must hold every token. The sequence is then ready
+    /// for [`Engine::decode_step`].
+    pub fn finish_import(&mut self, id: u64) -> Result<()> {
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let Phase::Importing(filled) = &s.phase else {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "importing",
+            });
+        };
+        let need = s.cached as u32;
+        if let Some((layer, have)) = filled.iter().enumerate().find(|(_, h)| **h != need) {
+            let err = KvFormatError::Incomplete {
+                layer: layer as u32,
+                have: *have,
+                need,
+            };
+            self.remove(id);
+            return Err(err.into());
+        }
+        s.phase = Phase::Decode;
+        Ok(())
+    }
+
+    /// Imports a whole export produced by [`Engine::export`].
+    pub fn import(&mut self, id: u64, bytes: &[u8]) -> Result<()> {
+        let (header, chunks) = format::decode_all(bytes)?;
+        self.begin_import(id, &header)?;
+        for c in &chunks {
+            self.import_chunk(id, c)?;
+        }
+        self.finish_import(id)
+    }
+
+    /// Runs one sequence to completion, calling `on_token` for every token.
+    pub fn generate(
+        &mut self,
+        id: u64,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<Generation> {
+        let prompt_tokens = prompt.len();
+        self.add_sequence(id, prompt, params)?;
+        let result = self.run_to_end(id, on_token);
+        let state = self.remove(id);
+        let (finish, text) = result?;
+        let state = state.expect("sequence existed");
+        Ok(Generation {
+            tokens: state.generated().to_vec(),
+            text,
+            finish,
+            prompt_tokens,
+        })
+    }
+
+    /// Prefills (if needed) and decodes one sequence until it finishes.
+    pub fn run_to_end(
+        &mut self,
+        id: u64,
+        on_token: &mut dyn FnMut(&TokenEvent),
+    ) -> Result<(FinishReason, String)> {
+        let mut text = String::new();
+        let mut ev = match self.seq(id)?.phase {
+            Phase::Prefill => self.prefill(id, &mut |_| {})?,
+            _ => self.decode_step(&[id])?.remove(0),
+        };
+        loop {
+            on_token(&ev);
+            text.push_str(&ev.text);
+            if let Some(f) = ev.finish {
+                return Ok((f, text));
+            }
+            ev = self.decode_step(&[id])?.remove(0);
+        }
+    }
+
+    /// The KV element type.
+    pub fn kv_dtype(&self) -> KvDtype {
+        self.cfg.kv_dtype
+    }
+}

@@ -1,0 +1,9 @@
+//! The paged KV cache: block accounting, storage, and the export/import format.
+
+pub mod blocks;
+pub mod cache;
+pub mod format;
+
+pub use blocks::{BlockAllocator, blocks_for};
+pub use cache::{AttnQuery, CacheShape, KvStore};
+pub use format::{KvFormatError, KvHeader, LayerChunk};

@@ -1,0 +1,24 @@
+//! xpyd's CPU inference engine: Llama-family GGUF models on candle with an explicit,
+//! paged KV cache that can be exported from one engine and imported into another.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod compute;
+pub mod config;
+pub mod engine;
+pub mod error;
+mod kernels;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+pub mod sequence;
+pub mod testing;
+pub mod tokenizer;
+
+pub use config::{EngineConfig, KvDtype, ModelConfig};
+pub use engine::{Engine, Generation, KvUsage};
+pub use error::{EngineError, Result};
+pub use kv::{KvFormatError, KvHeader, LayerChunk};
+pub use sampling::SamplingParams;
+pub use sequence::{FinishReason, ResumeState, TokenEvent};
+pub use tokenizer::{ChatMessage, Tokenizer};

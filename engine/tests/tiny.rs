@@ -1,0 +1,425 @@
+//! Fast engine tests on tiny random-weight GGUF models written by the fixture.
+
+use xpyd_engine::testing::TinyModel;
+use xpyd_engine::{
+    Engine, EngineConfig, EngineError, FinishReason, KvDtype, KvFormatError, LayerChunk,
+    SamplingParams,
+};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+fn tiny(seed: u64) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(format!("tiny-{seed}.gguf"));
+    TinyModel {
+        seed,
+        ..Default::default()
+    }
+    .write(&path)
+    .unwrap();
+    Fixture { _dir: dir, path }
+}
+
+fn engine(f: &Fixture, tweak: impl FnOnce(&mut EngineConfig)) -> Engine {
+    let mut cfg = EngineConfig::new(&f.path);
+    cfg.num_blocks = Some(256);
+    tweak(&mut cfg);
+    Engine::load(cfg).unwrap()
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| 3 + (i * 7 + salt * 13) % 256)
+        .collect()
+}
+
+fn sampled() -> SamplingParams {
+    SamplingParams {
+        temperature: 0.8,
+        top_p: 0.9,
+        seed: 42,
+        max_tokens: 24,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+fn run_single(e: &mut Engine, p: Vec<u32>, params: SamplingParams) -> Vec<u32> {
+    e.generate(1, p, params, &mut |_| {}).unwrap().tokens
+}
+
+fn run_split(a: &mut Engine, b: &mut Engine, p: Vec<u32>, params: SamplingParams) -> Vec<u32> {
+    a.add_sequence(7, p, params).unwrap();
+    let first = a.prefill(7, &mut |_| {}).unwrap();
+    let bytes = a.export(7).unwrap();
+    a.remove(7);
+    b.import(9, &bytes).unwrap();
+    let mut out = vec![first.token];
+    if first.finish.is_none() {
+        b.run_to_end(9, &mut |ev| out.push(ev.token)).unwrap();
+    }
+    b.remove(9);
+    out
+}
+
+#[test]
+fn split_prefill_decode_equals_one_engine() {
+    let f = tiny(1);
+    let mut one = engine(&f, |_| {});
+    let mut a = engine(&f, |c| c.prefill_chunk = 16);
+    let mut b = engine(&f, |_| {});
+    let mut single_chunked = engine(&f, |c| c.prefill_chunk = 16);
+    for (i, n) in [5usize, 17, 40, 100].into_iter().enumerate() {
+        let p = prompt(n, i as u32);
+        let reference = run_single(
+            &mut single_chunked,
+            p.clone(),
+            SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(20)
+            },
+        );
+        let split = run_split(
+            &mut a,
+            &mut b,
+            p.clone(),
+            SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(20)
+            },
+        );
+        assert_eq!(reference, split, "greedy, prompt of {n}");
+        assert_eq!(reference.len(), 20);
+        let r2 = run_single(&mut single_chunked, p.clone(), sampled());
+        let s2 = run_split(&mut a, &mut b, p.clone(), sampled());
+        assert_eq!(r2, s2, "sampled, prompt of {n}");
+        // Prompts that fit in one chunk are computed identically in the default engine.
+        if n <= 16 {
+            assert_eq!(run_single(&mut one, p, sampled()), r2);
+        }
+    }
+    assert_eq!(a.kv_usage().used_blocks, 0);
+    assert_eq!(b.kv_usage().used_blocks, 0);
+}
+
+#[test]
+fn f16_kv_round_trips() {
+    let f = tiny(2);
+    let mut a = engine(&f, |c| c.kv_dtype = KvDtype::F16);
+    let mut b = engine(&f, |c| c.kv_dtype = KvDtype::F16);
+    let p = prompt(33, 1);
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(12)
+    };
+    let reference = run_single(&mut a, p.clone(), params.clone());
+    assert_eq!(run_split(&mut a, &mut b, p, params), reference);
+}
+
+#[test]
+fn batch_decode_equals_alone() {
+    let f = tiny(3);
+    let mut e = engine(&f, |_| {});
+    let params = |i: u64| SamplingParams {
+        temperature: if i % 2 == 0 { 0.0 } else { 0.7 },
+        seed: i,
+        max_tokens: 12,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(3 + i * 5, i as u32)).collect();
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| run_single(&mut e, p.clone(), params(i as u64)))
+        .collect();
+    // Continuous batching: sequence i joins at step i; finished ones leave.
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); 8];
+    let mut running: Vec<u64> = Vec::new();
+    for step in 0..40 {
+        if step < 8 {
+            let id = step as u64;
+            e.add_sequence(id, prompts[step].clone(), params(id))
+                .unwrap();
+            let ev = e.prefill(id, &mut |_| {}).unwrap();
+            got[step].push(ev.token);
+            running.push(id);
+        }
+        if running.is_empty() {
+            break;
+        }
+        for ev in e.decode_step(&running).unwrap() {
+            got[ev.seq as usize].push(ev.token);
+            if ev.finish.is_some() {
+                running.retain(|r| *r != ev.seq);
+                e.remove(ev.seq);
+            }
+        }
+    }
+    assert_eq!(got, alone);
+    assert_eq!(e.kv_usage().used_blocks, 0);
+}
+
+#[test]
+fn layer_hook_streams_every_layer_of_every_chunk() {
+    let f = tiny(4);
+    let mut a = engine(&f, |c| c.prefill_chunk = 16);
+    let mut b = engine(&f, |_| {});
+    let p = prompt(40, 2);
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(8)
+    };
+    let reference = run_single(&mut a, p.clone(), params.clone());
+    a.add_sequence(1, p, params).unwrap();
+    let mut chunks: Vec<LayerChunk> = Vec::new();
+    let first = a.prefill(1, &mut |c| chunks.push(c)).unwrap();
+    // 40 tokens in chunks of 16 → 3 chunks × 2 layers, in layer order within a chunk.
+    let order: Vec<(u32, u32, u32)> = chunks.iter().map(|c| (c.start, c.count, c.layer)).collect();
+    assert_eq!(
+        order,
+        vec![
+            (0, 16, 0),
+            (0, 16, 1),
+            (16, 16, 0),
+            (16, 16, 1),
+            (32, 8, 0),
+            (32, 8, 1)
+        ]
+    );
+    let header = a.export_header(1).unwrap();
+    b.begin_import(5, &header).unwrap();
+    for c in &chunks {
+        b.import_chunk(5, c).unwrap();
+    }
+    b.finish_import(5).unwrap();
+    let mut out = vec![first.token];
+    b.run_to_end(5, &mut |ev| out.push(ev.token)).unwrap();
+    assert_eq!(out, reference);
+}
+
+#[test]
+fn corrupt_and_mismatched_imports_are_typed_errors() {
+    let f1 = tiny(5);
+    let f2 = tiny(6);
+    let mut a = engine(&f1, |_| {});
+    let mut b = engine(&f1, |_| {});
+    let mut other = engine(&f2, |_| {});
+    let mut f16 = engine(&f1, |c| c.kv_dtype = KvDtype::F16);
+    a.add_sequence(1, prompt(20, 0), SamplingParams::greedy(4))
+        .unwrap();
+    a.prefill(1, &mut |_| {}).unwrap();
+    let bytes = a.export(1).unwrap();
+    let free = b.kv_usage().free_blocks;
+
+    // A flipped byte anywhere in the payload is caught by a checksum.
+    for at in [bytes.len() / 2, bytes.len() - 20] {
+        let mut bad = bytes.clone();
+        bad[at] ^= 0x10;
+        let err = b.import(2, &bad).unwrap_err();
+        assert!(
+            matches!(err, EngineError::KvImport(KvFormatError::Checksum { .. })),
+            "{err}"
+        );
+    }
+    // Truncation, garbage, wrong model, wrong dtype.
+    let err = b.import(2, &bytes[..bytes.len() - 9]).unwrap_err();
+    assert!(
+        matches!(err, EngineError::KvImport(KvFormatError::Truncated { .. })),
+        "{err}"
+    );
+    let err = b.import(2, b"definitely not kv").unwrap_err();
+    assert!(
+        matches!(err, EngineError::KvImport(KvFormatError::BadMagic)),
+        "{err}"
+    );
+    let err = other.import(2, &bytes).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::KvImport(KvFormatError::ModelMismatch { .. })
+        ),
+        "{err}"
+    );
+    let err = f16.import(2, &bytes).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::KvImport(KvFormatError::DtypeMismatch { .. })
+        ),
+        "{err}"
+    );
+    // Missing layers → Incomplete, and the reservation is released.
+    let header = a.export_header(1).unwrap();
+    b.begin_import(3, &header).unwrap();
+    assert!(b.kv_usage().free_blocks < free);
+    let err = b.finish_import(3).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::KvImport(KvFormatError::Incomplete { layer: 0, .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        b.kv_usage().free_blocks,
+        free,
+        "failed imports free their blocks"
+    );
+    // A chunk out of order is refused.
+    b.begin_import(4, &header).unwrap();
+    let chunk = LayerChunk {
+        layer: 0,
+        start: 3,
+        count: 1,
+        payload: vec![0; 2 * 32 * 4],
+    };
+    let err = b.import_chunk(4, &chunk).unwrap_err();
+    assert!(
+        matches!(err, EngineError::KvImport(KvFormatError::OutOfOrder { .. })),
+        "{err}"
+    );
+    assert_eq!(b.kv_usage().free_blocks, free);
+    // The good bytes still import.
+    b.import(2, &bytes).unwrap();
+}
+
+#[test]
+fn out_of_blocks_is_a_typed_error_not_a_panic() {
+    let f = tiny(7);
+    let mut e = engine(&f, |c| {
+        c.num_blocks = Some(4);
+        c.block_size = 4;
+    });
+    let err = e
+        .add_sequence(1, prompt(17, 0), SamplingParams::greedy(4))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::OutOfBlocks {
+                needed: 5,
+                free: 4,
+                total: 4
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.is_retryable());
+    // A 16-token prompt fits exactly; the first decode step needs a 5th block.
+    e.add_sequence(
+        1,
+        prompt(16, 0),
+        SamplingParams {
+            ignore_eos: true,
+            ..SamplingParams::greedy(4)
+        },
+    )
+    .unwrap();
+    e.prefill(1, &mut |_| {}).unwrap();
+    let err = e.decode_step(&[1]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::OutOfBlocks {
+                needed: 1,
+                free: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    e.remove(1);
+    assert_eq!(e.kv_usage().free_blocks, 4);
+}
+
+#[test]
+fn bad_requests_get_typed_errors() {
+    let f = tiny(8);
+    let mut e = engine(&f, |_| {});
+    assert!(matches!(
+        e.add_sequence(1, vec![], SamplingParams::default()),
+        Err(EngineError::EmptyPrompt)
+    ));
+    assert!(matches!(
+        e.add_sequence(1, vec![5000], SamplingParams::default()),
+        Err(EngineError::BadToken { id: 5000, .. })
+    ));
+    assert!(matches!(
+        e.add_sequence(1, prompt(1024, 0), SamplingParams::default()),
+        Err(EngineError::ContextOverflow {
+            tokens: 1024,
+            max: 1024
+        })
+    ));
+    let bad = SamplingParams {
+        top_p: 1.5,
+        ..Default::default()
+    };
+    assert!(matches!(
+        e.add_sequence(1, prompt(3, 0), bad),
+        Err(EngineError::InvalidParam { field: "top_p", .. })
+    ));
+    assert!(matches!(
+        e.decode_step(&[99]),
+        Err(EngineError::UnknownSequence(99))
+    ));
+    e.add_sequence(1, prompt(3, 0), SamplingParams::default())
+        .unwrap();
+    assert!(matches!(
+        e.decode_step(&[1]),
+        Err(EngineError::WrongState { .. })
+    ));
+    assert!(matches!(e.export(1), Err(EngineError::WrongState { .. })));
+    assert!(matches!(
+        e.add_sequence(1, prompt(3, 0), SamplingParams::default()),
+        Err(EngineError::DuplicateSequence(1))
+    ));
+}
+
+#[test]
+fn finish_reasons_and_stop_strings() {
+    let f = tiny(9);
+    let mut e = engine(&f, |_| {});
+    let p = prompt(10, 3);
+    let g = e
+        .generate(
+            1,
+            p.clone(),
+            SamplingParams {
+                ignore_eos: true,
+                ..SamplingParams::greedy(30)
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(g.finish, FinishReason::Length);
+    assert_eq!(g.tokens.len(), 30);
+    // Pick a stop string from the middle of the text the model produces: generation must
+    // end there and the stop string must not be emitted.
+    let text = g.text.clone();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() >= 8 {
+        let stop: String = chars[4..7].iter().collect();
+        let at = text.find(&stop).unwrap();
+        let mut streamed = String::new();
+        let g2 = e
+            .generate(
+                2,
+                p,
+                SamplingParams {
+                    ignore_eos: true,
+                    stop: vec![stop.clone()],
+                    ..SamplingParams::greedy(30)
+                },
+                &mut |ev| streamed.push_str(&ev.text),
+            )
+            .unwrap();
+        assert_eq!(g2.finish, FinishReason::Stop);
+        assert_eq!(g2.text, text[..at]);
+        assert_eq!(streamed, g2.text);
+    }
+}
