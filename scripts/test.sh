@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace. Installs what is missing first:
+# system packages with apt-get, the real model with pip (through `xpyd model fetch`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+log "prerequisites"
+missing=()
+command -v cc >/dev/null || missing+=(gcc)
+command -v python3 >/dev/null || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root apt-get install -y -qq "${missing[@]}"
+fi
+
+log "format"
+cargo fmt --all -- --check
+
+log "clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+log "build"
+cargo build --release --workspace --all-targets
+
+log "model"
+XPYD_MODEL="$(./target/release/xpyd model path)"
+export XPYD_MODEL
+echo "XPYD_MODEL=$XPYD_MODEL"
+
+log "tests"
+cargo test --release --workspace
+
+log "benches compile"
+cargo bench --workspace --no-run
