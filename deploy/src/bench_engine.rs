@@ -42,7 +42,9 @@ const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
 const DECODE_PROMPT: usize = 64;
 
 fn prompt_tokens(engine: &Engine, n: usize, salt: usize) -> Result<Vec<u32>> {
-    let mut ids = engine.tokenizer().encode(&format!("Document {salt}. {}", TEXT.repeat(n / 40 + 2)))?;
+    let mut ids = engine
+        .tokenizer()
+        .encode(&format!("Document {salt}. {}", TEXT.repeat(n / 40 + 2)))?;
     if ids.len() < n {
         bail!("bench text too short: {} < {n}", ids.len());
     }
@@ -66,8 +68,16 @@ fn bench_prefill(engine: &mut Engine, n: usize, repeats: usize) -> Result<f64> {
 fn bench_decode(engine: &mut Engine, batch: usize, steps: usize) -> Result<f64> {
     let ids: Vec<u64> = (0..batch as u64).collect();
     for id in &ids {
-        let params = SamplingParams { ignore_eos: true, max_tokens: steps + 2, ..Default::default() };
-        engine.add_sequence(*id, prompt_tokens(engine, DECODE_PROMPT, *id as usize)?, params)?;
+        let params = SamplingParams {
+            ignore_eos: true,
+            max_tokens: steps + 2,
+            ..Default::default()
+        };
+        engine.add_sequence(
+            *id,
+            prompt_tokens(engine, DECODE_PROMPT, *id as usize)?,
+            params,
+        )?;
         engine.prefill(*id, &mut |_| {})?;
     }
     engine.decode_step(&ids)?; // warm-up
@@ -99,13 +109,38 @@ fn post(url: &str, body: &Value) -> Result<Value> {
     Ok(serde_json::from_str(&resp.body_mut().read_to_string()?)?)
 }
 
-fn llama_cpp(server: &Path, model: &Path, threads: usize, prompts: &LlamaPrompts, repeats: usize) -> Result<Value> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+fn llama_cpp(
+    server: &Path,
+    model: &Path,
+    threads: usize,
+    prompts: &LlamaPrompts,
+    repeats: usize,
+) -> Result<Value> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let child = Command::new(server)
         .args(["-m"])
         .arg(model)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "-c", "4096", "-b", "512", "-ub", "512"])
-        .args(["-t", &threads.to_string(), "-tb", &threads.to_string(), "--no-warmup"])
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "-c",
+            "4096",
+            "-b",
+            "512",
+            "-ub",
+            "512",
+        ])
+        .args([
+            "-t",
+            &threads.to_string(),
+            "-tb",
+            &threads.to_string(),
+            "--no-warmup",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -132,12 +167,18 @@ fn llama_cpp(server: &Path, model: &Path, threads: usize, prompts: &LlamaPrompts
     completion(&prompts.prefill_512[..128], 1)?; // warm-up
     let mut prefill: f64 = 0.0;
     for _ in 0..repeats.max(1) {
-        prefill = prefill.max(completion(&prompts.prefill_512, 1)?["prompt_per_second"].as_f64().unwrap_or(0.0));
+        prefill = prefill.max(
+            completion(&prompts.prefill_512, 1)?["prompt_per_second"]
+                .as_f64()
+                .unwrap_or(0.0),
+        );
     }
     let mut decode: f64 = 0.0;
     for _ in 0..2 {
         decode = decode.max(
-            completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"].as_f64().unwrap_or(0.0),
+            completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"]
+                .as_f64()
+                .unwrap_or(0.0),
         );
     }
     Ok(json!({"prefill_512_tok_s": prefill, "decode_batch1_tok_s": decode}))
@@ -152,7 +193,11 @@ struct LlamaPrompts {
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -166,7 +211,11 @@ pub fn run(args: &BenchEngineArgs) -> Result<()> {
     bench_prefill(&mut engine, 128, 1)?;
     let mut prefill = Vec::new();
     for n in PREFILL_LENGTHS {
-        let reps = if n >= 2048 { 1.max(args.repeats / 2) } else { args.repeats };
+        let reps = if n >= 2048 {
+            1.max(args.repeats / 2)
+        } else {
+            args.repeats
+        };
         let tok_s = bench_prefill(&mut engine, n, reps)?;
         eprintln!("prefill {n:>5} tokens: {tok_s:8.1} tok/s");
         prefill.push(json!({"prompt_tokens": n, "tok_s": tok_s}));
@@ -207,7 +256,10 @@ pub fn run(args: &BenchEngineArgs) -> Result<()> {
             report["ratios"]["decode_batch1_vs_llama_cpp"] = json!(decode_1 / ld);
         }
         Some(server) => {
-            eprintln!("llama.cpp comparison skipped: {} does not exist", server.display());
+            eprintln!(
+                "llama.cpp comparison skipped: {} does not exist",
+                server.display()
+            );
             report["llama_cpp"] = json!(null);
             report["llama_cpp_skipped"] = json!(format!("{} does not exist", server.display()));
         }
@@ -229,30 +281,66 @@ pub fn run(args: &BenchEngineArgs) -> Result<()> {
 }
 
 fn print_table(r: &Value) {
-    println!("xpyd bench engine — {} threads, cpus {}, {}", r["threads"], r["cpus"], r["cpu"]);
-    println!("{:<22} {:>12} {:>14} {:>8}", "measure", "xpyd tok/s", "llama.cpp", "ratio");
+    println!(
+        "xpyd bench engine — {} threads, cpus {}, {}",
+        r["threads"], r["cpus"], r["cpu"]
+    );
+    println!(
+        "{:<22} {:>12} {:>14} {:>8}",
+        "measure", "xpyd tok/s", "llama.cpp", "ratio"
+    );
     let l = &r["llama_cpp"];
     for p in r["prefill"].as_array().into_iter().flatten() {
         let n = p["prompt_tokens"].as_u64().unwrap_or(0);
         let (lc, ratio) = if n == 512 && !l.is_null() {
-            (format!("{:.1}", l["prefill_512_tok_s"].as_f64().unwrap_or(0.0)), format!("{:.2}", r["ratios"]["prefill_512_vs_llama_cpp"].as_f64().unwrap_or(0.0)))
+            (
+                format!("{:.1}", l["prefill_512_tok_s"].as_f64().unwrap_or(0.0)),
+                format!(
+                    "{:.2}",
+                    r["ratios"]["prefill_512_vs_llama_cpp"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                ),
+            )
         } else {
             ("-".into(), "-".into())
         };
-        println!("{:<22} {:>12.1} {:>14} {:>8}", format!("prefill {n} tok"), p["tok_s"].as_f64().unwrap_or(0.0), lc, ratio);
+        println!(
+            "{:<22} {:>12.1} {:>14} {:>8}",
+            format!("prefill {n} tok"),
+            p["tok_s"].as_f64().unwrap_or(0.0),
+            lc,
+            ratio
+        );
     }
     for d in r["decode"].as_array().into_iter().flatten() {
         let b = d["batch"].as_u64().unwrap_or(0);
         let (lc, ratio) = if b == 1 && !l.is_null() {
-            (format!("{:.1}", l["decode_batch1_tok_s"].as_f64().unwrap_or(0.0)), format!("{:.2}", r["ratios"]["decode_batch1_vs_llama_cpp"].as_f64().unwrap_or(0.0)))
+            (
+                format!("{:.1}", l["decode_batch1_tok_s"].as_f64().unwrap_or(0.0)),
+                format!(
+                    "{:.2}",
+                    r["ratios"]["decode_batch1_vs_llama_cpp"]
+                        .as_f64()
+                        .unwrap_or(0.0)
+                ),
+            )
         } else {
             ("-".into(), "-".into())
         };
-        println!("{:<22} {:>12.1} {:>14} {:>8}", format!("decode batch {b}"), d["tok_s"].as_f64().unwrap_or(0.0), lc, ratio);
+        println!(
+            "{:<22} {:>12.1} {:>14} {:>8}",
+            format!("decode batch {b}"),
+            d["tok_s"].as_f64().unwrap_or(0.0),
+            lc,
+            ratio
+        );
     }
     println!(
         "batch-16 decode / 512-token prefill: {:.2}",
-        r["ratios"]["decode_batch16_over_prefill_512"].as_f64().unwrap_or(0.0)
+        r["ratios"]["decode_batch16_over_prefill_512"]
+            .as_f64()
+            .unwrap_or(0.0)
     );
     if let Some(why) = r["llama_cpp_skipped"].as_str() {
         println!("llama.cpp comparison skipped: {why}");
