@@ -59,16 +59,12 @@ pub fn init(cfg: &ComputeConfig) -> Result<usize> {
             reason: "must be 1..=1024".into(),
         });
     }
-    let online = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    if let Some(cpus) = &cfg.cpus {
-        if let Some(c) = cpus.iter().find(|c| **c >= online.max(1024)) {
-            return Err(EngineError::InvalidParam {
-                field: "cpus",
-                reason: format!("no CPU {c}"),
-            });
-        }
+    // CPU_SETSIZE: the kernel's affinity mask has 1024 bits.
+    if let Some(c) = cfg.cpus.iter().flatten().find(|c| **c >= 1024) {
+        return Err(EngineError::InvalidParam {
+            field: "cpus",
+            reason: format!("no CPU {c}"),
+        });
     }
     let threads = cfg
         .threads

@@ -87,13 +87,13 @@ impl ModelConfig {
         if self.n_layer == 0 || self.n_head == 0 || self.n_kv_head == 0 || self.head_dim == 0 {
             return bad("zero layers, heads or head dim");
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad("head_count is not a multiple of head_count_kv");
         }
         if self.n_head * self.head_dim != self.hidden {
             return bad("head_count × head_dim != embedding_length");
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad("odd head dimension");
         }
         Ok(())

@@ -89,10 +89,10 @@ impl Tokenizer {
             .unwrap_or(false);
         let mut eos: Vec<u32> = id("tokenizer.ggml.eos_token_id").into_iter().collect();
         for text in END_OF_GENERATION {
-            if let Some(t) = inner.token_to_id(text) {
-                if !eos.contains(&t) {
-                    eos.push(t);
-                }
+            if let Some(t) = inner.token_to_id(text)
+                && !eos.contains(&t)
+            {
+                eos.push(t);
             }
         }
         let text_of = |t: Option<u32>| t.and_then(|t| inner.id_to_token(t)).unwrap_or_default();

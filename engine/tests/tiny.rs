@@ -124,7 +124,7 @@ fn batch_decode_equals_alone() {
     let f = tiny(3);
     let mut e = engine(&f, |_| {});
     let params = |i: u64| SamplingParams {
-        temperature: if i % 2 == 0 { 0.0 } else { 0.7 },
+        temperature: if i.is_multiple_of(2) { 0.0 } else { 0.7 },
         seed: i,
         max_tokens: 12,
         ignore_eos: true,

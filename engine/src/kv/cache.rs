@@ -227,7 +227,7 @@ impl KvStore {
         pool: &'a Pool,
         table: &[u32],
         pos: usize,
-        scratch: &'a mut Vec<f32>,
+        scratch: &'a mut [f32],
     ) -> &'a [f32] {
         let at = self.row_offset(table, pos);
         let d = self.shape.kv_dim;
