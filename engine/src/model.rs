@@ -19,8 +19,46 @@ pub const DENSE_MIN_TOKENS: usize = 16;
 /// A projection `y = x Wᵀ`.
 struct Linear {
     quant: QMatMul,
+    /// Zero columns appended to inputs of `quant` (see [`vnni_pad`]).
+    pad: usize,
     /// `Wᵀ` as contiguous f32 `[in, out]`, for many-token chunks.
     dense_t: Option<Tensor>,
+}
+
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Zero columns to append to a `[n, k]` weight so candle's repacked AVX-512 VNNI Q8_0
+/// kernels apply to it (they need `k % 256 == 0` and `n % 16 == 0`); 0 where they are
+/// not available. Zero weights times zero inputs leave the product unchanged.
+fn vnni_pad(n: usize, k: usize) -> usize {
+    if !has_vnni() || k.is_multiple_of(256) || !n.is_multiple_of(16) {
+        return 0;
+    }
+    k.next_multiple_of(256) - k
+}
+
+/// Q8_0 weights for decode, padded for the VNNI kernels where that applies.
+fn quantize_q8(w: &Tensor) -> Result<(QMatMul, usize)> {
+    let (n, k) = w.dims2()?;
+    let pad = vnni_pad(n, k);
+    let w = if pad > 0 {
+        w.pad_with_zeros(1, 0, pad)?
+    } else {
+        w.clone()
+    };
+    Ok((
+        QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?,
+        pad,
+    ))
 }
 
 impl Linear {
@@ -31,34 +69,32 @@ impl Linear {
         with_dense: bool,
     ) -> Result<Self> {
         let qt = tensor(ct, r, name)?;
-        let dev = Device::Cpu;
-        let dense_f32 = || -> Result<Tensor> { Ok(qt.dequantize(&dev)?.to_dtype(DType::F32)?) };
-        let quant = match qt.dtype() {
-            GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q6K => None,
+        let dense = qt.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let (quant, pad) = match qt.dtype() {
+            GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q6K => (QMatMul::from_qtensor(qt)?, 0),
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                Some(QMatMul::Tensor(dense_f32()?))
+                (QMatMul::Tensor(dense.clone()), 0)
             }
-            // Q4_1 and others: re-quantize to Q8_0, which has SIMD kernels.
-            _ => Some(QMatMul::from_qtensor(QTensor::quantize(
-                &dense_f32()?,
-                GgmlDType::Q8_0,
-            )?)?),
+            // Q8_0 stays Q8_0 (re-quantizing its dequantized values is exact); Q4_1 and the
+            // rest become Q8_0, which has SIMD kernels.
+            _ => quantize_q8(&dense)?,
         };
         let dense_t = if with_dense {
-            Some(dense_f32()?.t()?.contiguous()?)
+            Some(dense.t()?.contiguous()?)
         } else {
             None
         };
-        let quant = match quant {
-            Some(q) => q,
-            None => QMatMul::from_qtensor(qt)?,
-        };
-        Ok(Linear { quant, dense_t })
+        Ok(Linear {
+            quant,
+            pad,
+            dense_t,
+        })
     }
 
     fn forward(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
         match (&self.dense_t, dense) {
             (Some(w), true) => Ok(x.matmul(w)?),
+            _ if self.pad > 0 => Ok(self.quant.forward(&x.pad_with_zeros(1, 0, self.pad)?)?),
             _ => Ok(self.quant.forward(x)?),
         }
     }
@@ -112,7 +148,7 @@ pub struct Model {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
 }
@@ -133,11 +169,13 @@ impl Model {
         let embed_q = tensor(ct, r, "token_embd.weight")?;
         let embed = embed_q.dequantize(&dev)?.to_dtype(DType::F32)?;
         let lm_head = if ct.tensor_infos.contains_key("output.weight") {
-            Linear::load(ct, r, "output.weight", false)?.quant
+            Linear::load(ct, r, "output.weight", false)?
         } else {
-            match embed_q.dtype() {
-                GgmlDType::Q8_0 | GgmlDType::Q4_0 => QMatMul::from_qtensor(embed_q)?,
-                _ => QMatMul::from_qtensor(QTensor::quantize(&embed, GgmlDType::Q8_0)?)?,
+            let (quant, pad) = quantize_q8(&embed)?;
+            Linear {
+                quant,
+                pad,
+                dense_t: None,
             }
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
@@ -298,7 +336,7 @@ impl Model {
             Pass::Decode(_) => x,
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_eps)?;
-        Ok(self.lm_head.forward(&x)?.to_vec2::<f32>()?)
+        Ok(self.lm_head.forward(&x, false)?.to_vec2::<f32>()?)
     }
 
     /// Causal attention of a prompt chunk over everything cached so far.
@@ -350,5 +388,45 @@ impl Model {
             .transpose(0, 1)?
             .contiguous()?
             .reshape((n, cfg.hidden))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn padded_q8_projection_matches_dense() {
+        let dev = Device::Cpu;
+        let (n, k) = (48, 576);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.2)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 13 % 29) as f32 / 29.0 - 0.5))
+            .collect();
+        let x = Tensor::from_vec(x, (3, k), &dev).unwrap();
+        let (quant, pad) = quantize_q8(&w).unwrap();
+        let lin = Linear {
+            quant,
+            pad,
+            dense_t: Some(w.t().unwrap().contiguous().unwrap()),
+        };
+        let q = lin.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
+        let d = lin.forward(&x, true).unwrap().to_vec2::<f32>().unwrap();
+        for (qr, dr) in q.iter().zip(&d) {
+            assert_eq!(qr.len(), n);
+            for (a, b) in qr.iter().zip(dr) {
+                assert!((a - b).abs() < 0.05 + 0.02 * b.abs(), "{a} vs {b}");
+            }
+        }
+        // Row independence: a row alone gives bitwise the same output as in the batch.
+        let one = lin
+            .forward(&x.narrow(0, 1, 1).unwrap(), false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(one[0], q[1]);
     }
 }
