@@ -289,52 +289,28 @@ fn print_table(r: &Value) {
         "{:<22} {:>12} {:>14} {:>8}",
         "measure", "xpyd tok/s", "llama.cpp", "ratio"
     );
+    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
     let l = &r["llama_cpp"];
+    // One row; the llama.cpp columns only where the bench measured llama.cpp too.
+    let row = |label: String, ours: f64, theirs: Option<(&str, &str)>| {
+        let (lc, ratio) = match theirs {
+            Some((key, ratio_key)) if !l.is_null() => (
+                format!("{:.1}", f(&l[key])),
+                format!("{:.2}", f(&r["ratios"][ratio_key])),
+            ),
+            _ => ("-".into(), "-".into()),
+        };
+        println!("{label:<22} {ours:>12.1} {lc:>14} {ratio:>8}");
+    };
     for p in r["prefill"].as_array().into_iter().flatten() {
         let n = p["prompt_tokens"].as_u64().unwrap_or(0);
-        let (lc, ratio) = if n == 512 && !l.is_null() {
-            (
-                format!("{:.1}", l["prefill_512_tok_s"].as_f64().unwrap_or(0.0)),
-                format!(
-                    "{:.2}",
-                    r["ratios"]["prefill_512_vs_llama_cpp"]
-                        .as_f64()
-                        .unwrap_or(0.0)
-                ),
-            )
-        } else {
-            ("-".into(), "-".into())
-        };
-        println!(
-            "{:<22} {:>12.1} {:>14} {:>8}",
-            format!("prefill {n} tok"),
-            p["tok_s"].as_f64().unwrap_or(0.0),
-            lc,
-            ratio
-        );
+        let theirs = (n == 512).then_some(("prefill_512_tok_s", "prefill_512_vs_llama_cpp"));
+        row(format!("prefill {n} tok"), f(&p["tok_s"]), theirs);
     }
     for d in r["decode"].as_array().into_iter().flatten() {
         let b = d["batch"].as_u64().unwrap_or(0);
-        let (lc, ratio) = if b == 1 && !l.is_null() {
-            (
-                format!("{:.1}", l["decode_batch1_tok_s"].as_f64().unwrap_or(0.0)),
-                format!(
-                    "{:.2}",
-                    r["ratios"]["decode_batch1_vs_llama_cpp"]
-                        .as_f64()
-                        .unwrap_or(0.0)
-                ),
-            )
-        } else {
-            ("-".into(), "-".into())
-        };
-        println!(
-            "{:<22} {:>12.1} {:>14} {:>8}",
-            format!("decode batch {b}"),
-            d["tok_s"].as_f64().unwrap_or(0.0),
-            lc,
-            ratio
-        );
+        let theirs = (b == 1).then_some(("decode_batch1_tok_s", "decode_batch1_vs_llama_cpp"));
+        row(format!("decode batch {b}"), f(&d["tok_s"]), theirs);
     }
     println!(
         "batch-16 decode / 512-token prefill: {:.2}",

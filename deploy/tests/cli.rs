@@ -7,6 +7,16 @@ fn xpyd() -> Command {
     Command::new(env!("CARGO_BIN_EXE_xpyd"))
 }
 
+/// Writes the default tiny model into a fresh temp dir.
+fn tiny_model() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    xpyd_engine::testing::TinyModel::default()
+        .write(&model)
+        .unwrap();
+    (dir, model)
+}
+
 fn real_model() -> Option<PathBuf> {
     match std::env::var_os("XPYD_MODEL").map(PathBuf::from) {
         Some(p) if p.exists() => Some(p),
@@ -75,11 +85,7 @@ fn generate_streams_the_same_tokens_as_the_engine() {
 
 #[test]
 fn bad_flags_get_clear_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    xpyd_engine::testing::TinyModel::default()
-        .write(&model)
-        .unwrap();
+    let (_dir, model) = tiny_model();
     let out = xpyd()
         .args([
             "generate",
@@ -116,11 +122,7 @@ fn bad_flags_get_clear_errors() {
 
 #[test]
 fn tiny_model_generates_through_the_cli() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    xpyd_engine::testing::TinyModel::default()
-        .write(&model)
-        .unwrap();
+    let (_dir, model) = tiny_model();
     let out = xpyd()
         .args([
             "generate",

@@ -404,7 +404,7 @@ mod tests {
             .collect();
         let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
         let x: Vec<f32> = (0..3 * k)
-            .map(|i| ((i * 13 % 29) as f32 / 29.0 - 0.5))
+            .map(|i| (i * 13 % 29) as f32 / 29.0 - 0.5)
             .collect();
         let x = Tensor::from_vec(x, (3, k), &dev).unwrap();
         let (quant, pad) = quantize_q8(&w).unwrap();

@@ -2,6 +2,7 @@
 //! every crate run the real loading and forward code in milliseconds.
 
 use crate::error::Result;
+use crate::{Engine, SamplingParams};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
@@ -174,4 +175,30 @@ impl TinyModel {
         gguf_file::write(&mut f, &meta_refs, &tensor_refs)?;
         Ok(())
     }
+}
+
+/// The disaggregated path in one process: prefill `prompt` in engine `a`, export the KV
+/// to bytes, import it into engine `b` and decode there to the end. Returns every
+/// generated token (the first one sampled by `a`). Both engines end with no sequences.
+pub fn generate_split(
+    a: &mut Engine,
+    b: &mut Engine,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+) -> Result<Vec<u32>> {
+    const ID: u64 = u64::MAX;
+    a.add_sequence(ID, prompt, params)?;
+    let exported = a
+        .prefill(ID, &mut |_| {})
+        .and_then(|first| Ok((first, a.export(ID)?)));
+    a.remove(ID);
+    let (first, bytes) = exported?;
+    b.import(ID, &bytes)?;
+    let mut out = vec![first.token];
+    let rest = match first.finish {
+        None => b.run_to_end(ID, &mut |ev| out.push(ev.token)).map(drop),
+        Some(_) => Ok(()),
+    };
+    b.remove(ID);
+    rest.map(|()| out)
 }

@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 use std::path::PathBuf;
+use xpyd_engine::testing::generate_split;
 use xpyd_engine::{ChatMessage, Engine, EngineConfig, SamplingParams};
 
 fn model() -> Option<PathBuf> {
@@ -76,21 +77,6 @@ fn prompts(e: &Engine) -> Vec<Vec<u32>> {
     v
 }
 
-/// Prefill in engine A, export to bytes, import into a separate engine B, decode there.
-fn split(a: &mut Engine, b: &mut Engine, prompt: Vec<u32>, params: SamplingParams) -> Vec<u32> {
-    a.add_sequence(1, prompt, params).unwrap();
-    let first = a.prefill(1, &mut |_| {}).unwrap();
-    let bytes = a.export(1).unwrap();
-    a.remove(1);
-    b.import(2, &bytes).unwrap();
-    let mut out = vec![first.token];
-    if first.finish.is_none() {
-        b.run_to_end(2, &mut |ev| out.push(ev.token)).unwrap();
-    }
-    b.remove(2);
-    out
-}
-
 #[test]
 fn chat_template_and_tokenizer_match_llama_cpp() {
     let Some(path) = model() else { return };
@@ -151,7 +137,7 @@ fn split_prefill_export_import_decode_is_identical() {
             .unwrap()
             .tokens;
         assert_eq!(
-            split(&mut a, &mut b, p.clone(), params),
+            generate_split(&mut a, &mut b, p.clone(), params).unwrap(),
             reference,
             "greedy prompt {i}"
         );
@@ -168,7 +154,7 @@ fn split_prefill_export_import_decode_is_identical() {
                 .unwrap()
                 .tokens;
             assert_eq!(
-                split(&mut a, &mut b, p, params),
+                generate_split(&mut a, &mut b, p, params).unwrap(),
                 reference,
                 "sampled prompt {i}"
             );

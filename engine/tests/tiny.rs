@@ -1,6 +1,6 @@
 //! Fast engine tests on tiny random-weight GGUF models written by the fixture.
 
-use xpyd_engine::testing::TinyModel;
+use xpyd_engine::testing::{TinyModel, generate_split};
 use xpyd_engine::{
     Engine, EngineConfig, EngineError, FinishReason, KvDtype, KvFormatError, LayerChunk,
     SamplingParams,
@@ -51,20 +51,6 @@ fn run_single(e: &mut Engine, p: Vec<u32>, params: SamplingParams) -> Vec<u32> {
     e.generate(1, p, params, &mut |_| {}).unwrap().tokens
 }
 
-fn run_split(a: &mut Engine, b: &mut Engine, p: Vec<u32>, params: SamplingParams) -> Vec<u32> {
-    a.add_sequence(7, p, params).unwrap();
-    let first = a.prefill(7, &mut |_| {}).unwrap();
-    let bytes = a.export(7).unwrap();
-    a.remove(7);
-    b.import(9, &bytes).unwrap();
-    let mut out = vec![first.token];
-    if first.finish.is_none() {
-        b.run_to_end(9, &mut |ev| out.push(ev.token)).unwrap();
-    }
-    b.remove(9);
-    out
-}
-
 #[test]
 fn split_prefill_decode_equals_one_engine() {
     let f = tiny(1);
@@ -82,7 +68,7 @@ fn split_prefill_decode_equals_one_engine() {
                 ..SamplingParams::greedy(20)
             },
         );
-        let split = run_split(
+        let split = generate_split(
             &mut a,
             &mut b,
             p.clone(),
@@ -90,11 +76,12 @@ fn split_prefill_decode_equals_one_engine() {
                 ignore_eos: true,
                 ..SamplingParams::greedy(20)
             },
-        );
+        )
+        .unwrap();
         assert_eq!(reference, split, "greedy, prompt of {n}");
         assert_eq!(reference.len(), 20);
         let r2 = run_single(&mut single_chunked, p.clone(), sampled());
-        let s2 = run_split(&mut a, &mut b, p.clone(), sampled());
+        let s2 = generate_split(&mut a, &mut b, p.clone(), sampled()).unwrap();
         assert_eq!(r2, s2, "sampled, prompt of {n}");
         // Prompts that fit in one chunk are computed identically in the default engine.
         if n <= 16 {
@@ -116,7 +103,10 @@ fn f16_kv_round_trips() {
         ..SamplingParams::greedy(12)
     };
     let reference = run_single(&mut a, p.clone(), params.clone());
-    assert_eq!(run_split(&mut a, &mut b, p, params), reference);
+    assert_eq!(
+        generate_split(&mut a, &mut b, p, params).unwrap(),
+        reference
+    );
 }
 
 #[test]
