@@ -1,0 +1,397 @@
+//! The wire protocol on a connection (all integers little endian):
+//!
+//! ```text
+//! 'O' transfer_id u64 | epoch u64 | fp_len u16 | fingerprint      → reply
+//! 'D' layer u32 | tag u64 | len u64 | payload | xxh3 u64            data frame
+//! 'S' layer u32 | tag u64 | offset u64 | len u64 | xxh3 u64         data already in shm
+//! 'M' len u64 | payload | xxh3 u64                                  opaque metadata
+//! 'C' frames u64                                                    commit → reply
+//! 'A'                                                               abort
+//! reply: status u8 (0 ok) | msg_len u16 | msg
+//! ```
+//! The checksum of a data frame covers layer, tag and payload.
+
+use crate::error::{Result, TransferError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use xxhash_rust::xxh3::Xxh3;
+
+/// Largest payload one frame may carry.
+pub const MAX_PAYLOAD: u64 = 1 << 31;
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Attach this connection to a reservation.
+    Open {
+        /// The reservation.
+        transfer_id: u64,
+        /// Its epoch as the sender knows it.
+        epoch: u64,
+        /// The sender's model fingerprint.
+        fingerprint: String,
+    },
+    /// A chunk carried inline.
+    Data {
+        /// Layer index.
+        layer: u32,
+        /// Opaque caller data (e.g. first position and token count).
+        tag: u64,
+        /// The bytes.
+        payload: Vec<u8>,
+    },
+    /// A chunk the sender wrote into the shared segment.
+    ShmData {
+        /// Layer index.
+        layer: u32,
+        /// Opaque caller data.
+        tag: u64,
+        /// Offset in the segment.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// xxh3 of layer, tag and the bytes.
+        checksum: u64,
+    },
+    /// Opaque metadata (e.g. the engine's KV header).
+    Meta(Vec<u8>),
+    /// All frames sent; `frames` counts data and meta frames.
+    Commit(u64),
+    /// The sender gives up.
+    Abort,
+}
+
+/// Checksum of a data chunk.
+pub fn checksum(layer: u32, tag: u64, payload: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&layer.to_le_bytes());
+    h.update(&tag.to_le_bytes());
+    h.update(payload);
+    h.digest()
+}
+
+/// Writes an `Open`.
+pub async fn write_open<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    transfer_id: u64,
+    epoch: u64,
+    fp: &str,
+) -> Result<()> {
+    let mut b = Vec::with_capacity(19 + fp.len());
+    b.push(b'O');
+    b.extend_from_slice(&transfer_id.to_le_bytes());
+    b.extend_from_slice(&epoch.to_le_bytes());
+    b.extend_from_slice(&(fp.len() as u16).to_le_bytes());
+    b.extend_from_slice(fp.as_bytes());
+    w.write_all(&b).await?;
+    Ok(())
+}
+
+/// Writes a data frame without copying the payload.
+pub async fn write_data<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    layer: u32,
+    tag: u64,
+    payload: &[u8],
+) -> Result<()> {
+    let mut head = [0u8; 21];
+    head[0] = b'D';
+    head[1..5].copy_from_slice(&layer.to_le_bytes());
+    head[5..13].copy_from_slice(&tag.to_le_bytes());
+    head[13..21].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    w.write_all(&head).await?;
+    w.write_all(payload).await?;
+    w.write_all(&checksum(layer, tag, payload).to_le_bytes())
+        .await?;
+    Ok(())
+}
+
+/// Writes a shared-memory data notice.
+pub async fn write_shm<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    layer: u32,
+    tag: u64,
+    offset: u64,
+    len: u64,
+    sum: u64,
+) -> Result<()> {
+    let mut b = [0u8; 37];
+    b[0] = b'S';
+    b[1..5].copy_from_slice(&layer.to_le_bytes());
+    b[5..13].copy_from_slice(&tag.to_le_bytes());
+    b[13..21].copy_from_slice(&offset.to_le_bytes());
+    b[21..29].copy_from_slice(&len.to_le_bytes());
+    b[29..37].copy_from_slice(&sum.to_le_bytes());
+    w.write_all(&b).await?;
+    Ok(())
+}
+
+/// Writes metadata.
+pub async fn write_meta<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> Result<()> {
+    w.write_all(b"M").await?;
+    w.write_all(&(payload.len() as u64).to_le_bytes()).await?;
+    w.write_all(payload).await?;
+    w.write_all(&checksum(u32::MAX, u64::MAX, payload).to_le_bytes())
+        .await?;
+    Ok(())
+}
+
+/// Writes a commit.
+pub async fn write_commit<W: AsyncWrite + Unpin>(w: &mut W, frames: u64) -> Result<()> {
+    let mut b = [0u8; 9];
+    b[0] = b'C';
+    b[1..].copy_from_slice(&frames.to_le_bytes());
+    w.write_all(&b).await?;
+    Ok(())
+}
+
+/// Writes an abort.
+pub async fn write_abort<W: AsyncWrite + Unpin>(w: &mut W) -> Result<()> {
+    w.write_all(b"A").await?;
+    Ok(())
+}
+
+/// Reply code: success.
+pub const REPLY_OK: u8 = 0;
+/// Reply code: any other refusal.
+pub const REPLY_OTHER: u8 = 1;
+/// Reply code: stale or unknown reservation.
+pub const REPLY_STALE: u8 = 2;
+/// Reply code: model fingerprint mismatch.
+pub const REPLY_FINGERPRINT: u8 = 3;
+
+/// Writes a reply: `Ok(())` or the error's code and message.
+pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, r: &Result<()>) -> Result<()> {
+    let (code, msg) = match r {
+        Ok(()) => (REPLY_OK, String::new()),
+        Err(e @ TransferError::StaleEpoch { .. }) => (REPLY_STALE, e.to_string()),
+        Err(TransferError::FingerprintMismatch { expected, .. }) => {
+            (REPLY_FINGERPRINT, expected.clone())
+        }
+        Err(e) => (REPLY_OTHER, e.to_string()),
+    };
+    let msg = &msg.as_bytes()[..msg.len().min(u16::MAX as usize)];
+    let mut b = Vec::with_capacity(3 + msg.len());
+    b.push(code);
+    b.extend_from_slice(&(msg.len() as u16).to_le_bytes());
+    b.extend_from_slice(msg);
+    w.write_all(&b).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// A reply that is not success.
+#[derive(Debug)]
+pub enum ReplyError {
+    /// The connection failed while reading it.
+    Io(TransferError),
+    /// The peer refused, with a code and message.
+    Rejected(u8, String),
+}
+
+impl From<TransferError> for ReplyError {
+    fn from(e: TransferError) -> Self {
+        ReplyError::Io(e)
+    }
+}
+
+impl From<std::io::Error> for ReplyError {
+    fn from(e: std::io::Error) -> Self {
+        ReplyError::Io(e.into())
+    }
+}
+
+/// Reads a reply.
+pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> std::result::Result<(), ReplyError> {
+    let code = r.read_u8().await?;
+    let len = r.read_u16_le().await? as usize;
+    let mut msg = vec![0u8; len];
+    r.read_exact(&mut msg).await?;
+    match code {
+        REPLY_OK => Ok(()),
+        c => Err(ReplyError::Rejected(
+            c,
+            String::from_utf8_lossy(&msg).into_owned(),
+        )),
+    }
+}
+
+/// Reads one frame, verifying data checksums. `None` on a clean end of stream.
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>> {
+    let tag = match r.read_u8().await {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let frame = match tag {
+        b'O' => {
+            let transfer_id = r.read_u64_le().await?;
+            let epoch = r.read_u64_le().await?;
+            let n = r.read_u16_le().await? as usize;
+            let mut fp = vec![0u8; n];
+            r.read_exact(&mut fp).await?;
+            let fingerprint = String::from_utf8(fp)
+                .map_err(|_| TransferError::Protocol("fingerprint is not UTF-8".into()))?;
+            Frame::Open {
+                transfer_id,
+                epoch,
+                fingerprint,
+            }
+        }
+        b'D' => {
+            let layer = r.read_u32_le().await?;
+            let tag = r.read_u64_le().await?;
+            let payload = read_payload(r).await?;
+            let sum = r.read_u64_le().await?;
+            if checksum(layer, tag, &payload) != sum {
+                return Err(TransferError::Checksum(format!(
+                    "layer {layer} chunk {tag:#x}"
+                )));
+            }
+            Frame::Data {
+                layer,
+                tag,
+                payload,
+            }
+        }
+        b'S' => Frame::ShmData {
+            layer: r.read_u32_le().await?,
+            tag: r.read_u64_le().await?,
+            offset: r.read_u64_le().await?,
+            len: r.read_u64_le().await?,
+            checksum: r.read_u64_le().await?,
+        },
+        b'M' => {
+            let payload = read_payload(r).await?;
+            let sum = r.read_u64_le().await?;
+            if checksum(u32::MAX, u64::MAX, &payload) != sum {
+                return Err(TransferError::Checksum("metadata".into()));
+            }
+            Frame::Meta(payload)
+        }
+        b'C' => Frame::Commit(r.read_u64_le().await?),
+        b'A' => Frame::Abort,
+        other => {
+            return Err(TransferError::Protocol(format!(
+                "unknown frame type {other:#x}"
+            )));
+        }
+    };
+    Ok(Some(frame))
+}
+
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>> {
+    let len = r.read_u64_le().await?;
+    if len > MAX_PAYLOAD {
+        return Err(TransferError::Protocol(format!(
+            "frame of {len} bytes exceeds {MAX_PAYLOAD}"
+        )));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await?;
+    Ok(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    async fn round_trip(frames: Vec<Frame>) -> Vec<Frame> {
+        let mut buf = Vec::new();
+        for f in &frames {
+            match f {
+                Frame::Open {
+                    transfer_id,
+                    epoch,
+                    fingerprint,
+                } => write_open(&mut buf, *transfer_id, *epoch, fingerprint)
+                    .await
+                    .unwrap(),
+                Frame::Data {
+                    layer,
+                    tag,
+                    payload,
+                } => write_data(&mut buf, *layer, *tag, payload).await.unwrap(),
+                Frame::ShmData {
+                    layer,
+                    tag,
+                    offset,
+                    len,
+                    checksum,
+                } => write_shm(&mut buf, *layer, *tag, *offset, *len, *checksum)
+                    .await
+                    .unwrap(),
+                Frame::Meta(p) => write_meta(&mut buf, p).await.unwrap(),
+                Frame::Commit(n) => write_commit(&mut buf, *n).await.unwrap(),
+                Frame::Abort => write_abort(&mut buf).await.unwrap(),
+            }
+        }
+        let mut r = buf.as_slice();
+        let mut out = Vec::new();
+        while let Some(f) = read_frame(&mut r).await.unwrap() {
+            out.push(f);
+        }
+        out
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (any::<u64>(), any::<u64>(), "[a-z0-9:/.-]{0,40}").prop_map(|(t, e, f)| Frame::Open {
+                transfer_id: t,
+                epoch: e,
+                fingerprint: f
+            }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                proptest::collection::vec(any::<u8>(), 0..3000)
+            )
+                .prop_map(|(l, t, p)| Frame::Data {
+                    layer: l,
+                    tag: t,
+                    payload: p
+                }),
+            (
+                any::<u32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(l, t, o, n, c)| Frame::ShmData {
+                    layer: l,
+                    tag: t,
+                    offset: o,
+                    len: n,
+                    checksum: c
+                }),
+            proptest::collection::vec(any::<u8>(), 0..500).prop_map(Frame::Meta),
+            any::<u64>().prop_map(Frame::Commit),
+            Just(Frame::Abort),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(frames in proptest::collection::vec(frame(), 0..12)) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            prop_assert_eq!(rt.block_on(round_trip(frames.clone())), frames);
+        }
+    }
+
+    #[tokio::test]
+    async fn flipped_payload_byte_is_detected() {
+        let mut buf = Vec::new();
+        write_data(&mut buf, 3, 7, &[1, 2, 3, 4, 5]).await.unwrap();
+        for i in 0..buf.len() {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x01;
+            let r = read_frame(&mut bad.as_slice()).await;
+            // Either the frame no longer parses, or its checksum fails; it never passes.
+            assert!(
+                !matches!(r, Ok(Some(Frame::Data { layer: 3, tag: 7, ref payload })) if payload == &[1, 2, 3, 4, 5]),
+                "byte {i}"
+            );
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! The receiving side: reservations, the listener, and per-connection frame handling.
+
+use crate::error::{Result, TransferError};
+use crate::frame::{self, Frame};
+use crate::metrics as m;
+use crate::shm::{Payload, Segment};
+use crate::target::{Backend, ShmDesc, TransferTarget, deadline_ms, host_id};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout_at};
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// The model fingerprint senders must present.
+    pub fingerprint: String,
+    /// Directory for shared-memory segments.
+    pub shm_dir: PathBuf,
+    /// Chunks buffered per transfer before the connection stops reading (backpressure).
+    pub queue: usize,
+}
+
+impl ReceiverConfig {
+    /// Defaults for a fingerprint.
+    pub fn new(fingerprint: impl Into<String>) -> Self {
+        ReceiverConfig {
+            fingerprint: fingerprint.into(),
+            shm_dir: crate::shm::SHM_DIR.into(),
+            queue: 64,
+        }
+    }
+}
+
+/// What one reservation asks for.
+#[derive(Debug, Clone)]
+pub struct ReserveSpec {
+    /// Caller's id for the transfer (e.g. the request id).
+    pub transfer_id: u64,
+    /// Which backend(s) to offer.
+    pub backend: Backend,
+    /// Payload bytes expected (sizes the shared-memory segment).
+    pub bytes: u64,
+    /// Time allowed from now to completion.
+    pub deadline: Duration,
+}
+
+/// What a transfer delivers, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Metadata sent before or between chunks.
+    Meta(Payload),
+    /// A verified chunk of one layer.
+    Chunk {
+        /// Layer index.
+        layer: u32,
+        /// The sender's tag.
+        tag: u64,
+        /// The bytes.
+        data: Payload,
+    },
+    /// Every frame arrived and was verified.
+    Complete(Stats),
+}
+
+/// Totals of a finished transfer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    /// Backend used.
+    pub backend: Backend,
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Data and metadata frames.
+    pub frames: u64,
+    /// Seconds from open to commit.
+    pub seconds: f64,
+}
+
+struct Slot {
+    epoch: u64,
+    deadline: Instant,
+    tx: mpsc::Sender<Result<Event>>,
+    shm: Option<Arc<Segment>>,
+    attached: bool,
+}
+
+struct Inner {
+    cfg: ReceiverConfig,
+    host_id: String,
+    addr: SocketAddr,
+    slots: Mutex<HashMap<u64, Slot>>,
+    epochs: AtomicU64,
+}
+
+impl Inner {
+    fn release(&self, id: u64, epoch: u64) {
+        let mut slots = self.slots.lock().expect("slots lock");
+        if slots.get(&id).is_some_and(|s| s.epoch == epoch) {
+            slots.remove(&id);
+        }
+    }
+}
+
+/// A KV receiver: one listener serving every reservation of the process.
+pub struct Receiver {
+    inner: Arc<Inner>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+impl Receiver {
+    /// Starts serving on a bound listener.
+    pub fn start(cfg: ReceiverConfig, listener: TcpListener) -> Result<Self> {
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Inner {
+            cfg,
+            host_id: host_id(),
+            addr,
+            slots: Mutex::new(HashMap::new()),
+            epochs: AtomicU64::new(1),
+        });
+        let acc = inner.clone();
+        let accept = tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(serve(acc.clone(), stream, peer));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kv receiver accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        Ok(Receiver { inner, accept })
+    }
+
+    /// The listening address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.addr
+    }
+
+    /// Reservations alive now.
+    pub fn active(&self) -> usize {
+        self.inner.slots.lock().expect("slots lock").len()
+    }
+
+    /// Reserves room for one transfer and returns the target to hand to the sender plus
+    /// the stream of what arrives. Dropping the `Incoming` releases the reservation.
+    pub fn reserve(&self, spec: ReserveSpec) -> Result<(TransferTarget, Incoming)> {
+        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        let shm = match spec.backend {
+            Backend::Shm | Backend::Auto => {
+                // Unique per process (several receivers may share one): pid and a counter.
+                static SEGMENTS: AtomicU64 = AtomicU64::new(0);
+                let seq = SEGMENTS.fetch_add(1, Ordering::Relaxed);
+                let name = format!("xpyd-kv-{}-{seq}", std::process::id());
+                match Segment::create(&self.inner.cfg.shm_dir, &name, spec.bytes) {
+                    Ok(s) => Some(Arc::new(s)),
+                    Err(e) if spec.backend == Backend::Auto => {
+                        tracing::debug!(error = %e, "no shared memory segment; offering tcp only");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Backend::Tcp => None,
+            Backend::Ucx | Backend::Nccl => {
+                return Err(TransferError::Unavailable(format!(
+                    "{} is not built into this binary",
+                    spec.backend.name()
+                )));
+            }
+        };
+        let (tx, rx) = mpsc::channel(self.inner.cfg.queue.max(1));
+        let deadline = Instant::now() + spec.deadline;
+        let target = TransferTarget {
+            backend: spec.backend,
+            addr: self.inner.addr.to_string(),
+            host_id: self.inner.host_id.clone(),
+            transfer_id: spec.transfer_id,
+            epoch,
+            shm: shm.as_ref().map(|s| ShmDesc {
+                path: s.path().display().to_string(),
+                len: s.len() as u64,
+            }),
+            deadline_unix_ms: deadline_ms(spec.deadline),
+        };
+        // A new reservation under the same id replaces (and fences off) the old one.
+        self.inner.slots.lock().expect("slots lock").insert(
+            spec.transfer_id,
+            Slot {
+                epoch,
+                deadline,
+                tx,
+                shm,
+                attached: false,
+            },
+        );
+        let incoming = Incoming {
+            inner: self.inner.clone(),
+            id: spec.transfer_id,
+            epoch,
+            rx,
+            deadline,
+            done: false,
+        };
+        Ok((target, incoming))
+    }
+}
+
+/// The receiving end of one reservation.
+pub struct Incoming {
+    inner: Arc<Inner>,
+    id: u64,
+    epoch: u64,
+    rx: mpsc::Receiver<Result<Event>>,
+    deadline: Instant,
+    done: bool,
+}
+
+impl Incoming {
+    /// The next event; `None` after completion or failure. Fails with `DeadlineExceeded`
+    /// when nothing completes the transfer in time.
+    pub async fn next(&mut self) -> Option<Result<Event>> {
+        if self.done {
+            return None;
+        }
+        let ev = match timeout_at(self.deadline, self.rx.recv()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => Err(TransferError::PeerGone("transfer connection ended".into())),
+            Err(_) => Err(TransferError::DeadlineExceeded(format!(
+                "transfer {} not complete in time",
+                self.id
+            ))),
+        };
+        if !matches!(ev, Ok(Event::Meta(_) | Event::Chunk { .. })) {
+            self.done = true;
+            self.inner.release(self.id, self.epoch);
+            if let Err(e) = &ev {
+                metrics::counter!(m::FAILURES, "reason" => e.reason(), "side" => "receiver")
+                    .increment(1);
+            }
+        }
+        Some(ev)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.inner.release(self.id, self.epoch);
+    }
+}
+
+async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
+    let mut conn = BufReader::with_capacity(1 << 20, stream);
+    loop {
+        let (id, epoch, fp) = match frame::read_frame(&mut conn).await {
+            Ok(Some(Frame::Open {
+                transfer_id,
+                epoch,
+                fingerprint,
+            })) => (transfer_id, epoch, fingerprint),
+            Ok(None) => return,
+            Ok(Some(other)) => {
+                tracing::warn!(%peer, ?other, "kv frame outside a transfer");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "kv connection failed");
+                return;
+            }
+        };
+        let attached = attach(&inner, id, epoch, &fp);
+        let reply = attached.as_ref().map(|_| ()).map_err(Clone::clone);
+        if frame::write_reply(conn.get_mut(), &reply).await.is_err() {
+            return;
+        }
+        let Ok((tx, shm, deadline)) = attached else {
+            continue;
+        };
+        match receive(&mut conn, &tx, shm, deadline, peer).await {
+            Ok(()) => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        }
+    }
+}
+
+type Attached = (mpsc::Sender<Result<Event>>, Option<Arc<Segment>>, Instant);
+
+fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
+    if fp != inner.cfg.fingerprint {
+        return Err(TransferError::FingerprintMismatch {
+            expected: inner.cfg.fingerprint.clone(),
+            found: fp.to_string(),
+        });
+    }
+    let mut slots = inner.slots.lock().expect("slots lock");
+    match slots.get_mut(&id) {
+        Some(s) if s.epoch == epoch && !s.attached => {
+            s.attached = true;
+            Ok((s.tx.clone(), s.shm.clone(), s.deadline))
+        }
+        _ => Err(TransferError::StaleEpoch {
+            transfer_id: id,
+            epoch,
+        }),
+    }
+}
+
+/// Reads one transfer's frames up to its commit.
+async fn receive(
+    conn: &mut BufReader<TcpStream>,
+    tx: &mpsc::Sender<Result<Event>>,
+    shm: Option<Arc<Segment>>,
+    deadline: Instant,
+    peer: SocketAddr,
+) -> Result<()> {
+    let started = std::time::Instant::now();
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let mut backend = Backend::Tcp;
+    let gone = || TransferError::PeerGone("receiver released the reservation".into());
+    loop {
+        let f = match timeout_at(deadline, frame::read_frame(conn)).await {
+            Err(_) => return Err(TransferError::DeadlineExceeded("sender too slow".into())),
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => {
+                return Err(TransferError::PeerGone(format!(
+                    "sender {peer} closed the connection mid-transfer"
+                )));
+            }
+            Ok(Err(e)) => return Err(e),
+        };
+        let ev = match f {
+            Frame::Data {
+                layer,
+                tag,
+                payload,
+            } => {
+                bytes += payload.len() as u64;
+                Event::Chunk {
+                    layer,
+                    tag,
+                    data: Payload::Owned(Arc::new(payload)),
+                }
+            }
+            Frame::ShmData {
+                layer,
+                tag,
+                offset,
+                len,
+                checksum,
+            } => {
+                let seg = shm
+                    .as_ref()
+                    .ok_or_else(|| TransferError::Protocol("shm frame without a segment".into()))?;
+                let end = offset.checked_add(len).filter(|e| *e <= seg.len() as u64);
+                let Some(end) = end else {
+                    return Err(TransferError::Protocol(format!(
+                        "shm range {offset}+{len} outside {} bytes",
+                        seg.len()
+                    )));
+                };
+                let range = offset as usize..end as usize;
+                if frame::checksum(layer, tag, &seg.bytes()[range.clone()]) != checksum {
+                    return Err(TransferError::Checksum(format!(
+                        "layer {layer} chunk {tag:#x} in shared memory"
+                    )));
+                }
+                backend = Backend::Shm;
+                bytes += len;
+                Event::Chunk {
+                    layer,
+                    tag,
+                    data: Payload::Mapped(seg.clone(), range),
+                }
+            }
+            Frame::Meta(p) => Event::Meta(Payload::Owned(Arc::new(p))),
+            Frame::Commit(n) => {
+                if n != frames {
+                    let e = TransferError::Protocol(format!(
+                        "commit counts {n} frames, received {frames}"
+                    ));
+                    frame::write_reply(conn.get_mut(), &Err(e.clone())).await?;
+                    return Err(e);
+                }
+                let stats = Stats {
+                    backend,
+                    bytes,
+                    frames,
+                    seconds: started.elapsed().as_secs_f64(),
+                };
+                tx.send(Ok(Event::Complete(stats)))
+                    .await
+                    .map_err(|_| gone())?;
+                m::record_transfer(
+                    backend,
+                    &peer.ip().to_string(),
+                    "receive",
+                    bytes,
+                    stats.seconds,
+                );
+                frame::write_reply(conn.get_mut(), &Ok(())).await?;
+                return Ok(());
+            }
+            Frame::Abort => return Err(TransferError::PeerGone("sender aborted".into())),
+            Frame::Open { .. } => {
+                return Err(TransferError::Protocol("open inside a transfer".into()));
+            }
+        };
+        frames += 1;
+        match timeout_at(deadline, tx.send(Ok(ev))).await {
+            Err(_) => return Err(TransferError::DeadlineExceeded("consumer too slow".into())),
+            Ok(Err(_)) => {
+                let e = gone();
+                let _ = frame::write_reply(conn.get_mut(), &Err(e.clone())).await;
+                return Err(e);
+            }
+            Ok(Ok(())) => {}
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The sending side: opens a target over the chosen backend and writes chunks.
+
+use crate::error::{Result, TransferError};
+use crate::frame;
+use crate::metrics as m;
+use crate::receiver::Stats;
+use crate::shm::Segment;
+use crate::target::{Backend, TransferTarget, host_id};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+
+/// Bytes buffered before a write: small chunks coalesce into writes this large.
+const WRITE_BUFFER: usize = 1 << 20;
+
+/// Opens transfers; keeps idle connections per peer for reuse.
+#[derive(Clone)]
+pub struct Sender {
+    fingerprint: String,
+    host_id: String,
+    pool: Arc<Mutex<HashMap<String, Vec<TcpStream>>>>,
+}
+
+impl Sender {
+    /// A sender for a model fingerprint.
+    pub fn new(fingerprint: impl Into<String>) -> Self {
+        Sender {
+            fingerprint: fingerprint.into(),
+            host_id: host_id(),
+            pool: Arc::default(),
+        }
+    }
+
+    /// The backend `open` would use for this target.
+    pub fn choose(&self, target: &TransferTarget) -> Result<Backend> {
+        let same_host = target.host_id == self.host_id && target.shm.is_some();
+        match target.backend {
+            Backend::Tcp => Ok(Backend::Tcp),
+            Backend::Shm if same_host => Ok(Backend::Shm),
+            Backend::Shm => Err(TransferError::Unavailable(
+                "shm needs the receiver on this host".into(),
+            )),
+            Backend::Auto if same_host => Ok(Backend::Shm),
+            Backend::Auto => Ok(Backend::Tcp),
+            b @ (Backend::Ucx | Backend::Nccl) => Err(TransferError::Unavailable(format!(
+                "{} is not built into this binary",
+                b.name()
+            ))),
+        }
+    }
+
+    /// Opens a transfer to `target`: connects (or reuses a connection), attaches to the
+    /// reservation, and maps the shared segment when shm is chosen.
+    pub async fn open(&self, target: &TransferTarget) -> Result<Transfer> {
+        let deadline = Instant::now() + target.remaining();
+        let backend = self.choose(target)?;
+        let shm = match (backend, &target.shm) {
+            (Backend::Shm, Some(d)) => Some(Segment::open(Path::new(&d.path), d.len)?),
+            _ => None,
+        };
+        tracing::debug!(transfer = target.transfer_id, backend = backend.name(), peer = %target.addr, "kv transfer open");
+        let pooled = self
+            .pool
+            .lock()
+            .expect("pool lock")
+            .get_mut(&target.addr)
+            .and_then(Vec::pop);
+        let stream = match pooled {
+            Some(s) => s,
+            None => {
+                let s = timeout_at(deadline, TcpStream::connect(&target.addr))
+                    .await
+                    .map_err(|_| {
+                        TransferError::DeadlineExceeded(format!("connect {}", target.addr))
+                    })??;
+                s.set_nodelay(true)?;
+                s
+            }
+        };
+        let mut conn = BufWriter::with_capacity(WRITE_BUFFER, stream);
+        let opened = async {
+            frame::write_open(
+                &mut conn,
+                target.transfer_id,
+                target.epoch,
+                &self.fingerprint,
+            )
+            .await?;
+            conn.flush().await.map_err(TransferError::from)?;
+            frame::read_reply(conn.get_mut()).await
+        };
+        match timeout_at(deadline, opened).await {
+            Err(_) => return Err(TransferError::DeadlineExceeded("open".into())),
+            Ok(Err(frame::ReplyError::Rejected(code, msg))) => {
+                // The connection is still in sync after a refused open: keep it.
+                self.pool
+                    .lock()
+                    .expect("pool lock")
+                    .entry(target.addr.clone())
+                    .or_default()
+                    .push(conn.into_inner());
+                return Err(classify_rejection(code, msg, target, &self.fingerprint));
+            }
+            Ok(Err(frame::ReplyError::Io(e))) => return Err(e),
+            Ok(Ok(())) => {}
+        }
+        Ok(Transfer {
+            sender: self.clone(),
+            addr: target.addr.clone(),
+            conn: Some(conn),
+            shm,
+            cursor: 0,
+            frames: 0,
+            bytes: 0,
+            backend,
+            deadline,
+            started: std::time::Instant::now(),
+        })
+    }
+}
+
+fn classify_rejection(
+    code: u8,
+    msg: String,
+    target: &TransferTarget,
+    fingerprint: &str,
+) -> TransferError {
+    match code {
+        frame::REPLY_STALE => TransferError::StaleEpoch {
+            transfer_id: target.transfer_id,
+            epoch: target.epoch,
+        },
+        frame::REPLY_FINGERPRINT => TransferError::FingerprintMismatch {
+            expected: msg,
+            found: fingerprint.to_string(),
+        },
+        _ => TransferError::Rejected(msg),
+    }
+}
+
+/// One open transfer. Dropping it without `commit` aborts it.
+pub struct Transfer {
+    sender: Sender,
+    addr: String,
+    conn: Option<BufWriter<TcpStream>>,
+    shm: Option<Segment>,
+    cursor: usize,
+    frames: u64,
+    bytes: u64,
+    backend: Backend,
+    deadline: Instant,
+    started: std::time::Instant,
+}
+
+impl Transfer {
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn conn(&mut self) -> Result<&mut BufWriter<TcpStream>> {
+        self.conn
+            .as_mut()
+            .ok_or_else(|| TransferError::Protocol("transfer already finished".into()))
+    }
+
+    async fn within<T>(
+        &mut self,
+        what: &str,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match timeout_at(self.deadline, f).await {
+            Ok(r) => r,
+            Err(_) => Err(TransferError::DeadlineExceeded(what.to_string())),
+        }
+    }
+
+    /// Sends one chunk of `layer`. Buffered: small chunks coalesce; call [`flush`] to
+    /// push what is buffered (e.g. after each layer when streaming).
+    ///
+    /// [`flush`]: Transfer::flush
+    pub async fn send(&mut self, layer: u32, tag: u64, data: &[u8]) -> Result<()> {
+        let deadline = self.deadline;
+        let res = if let Some(seg) = self.shm.as_mut() {
+            let (start, end) = (self.cursor, self.cursor + data.len());
+            if end > seg.len() {
+                return Err(TransferError::Protocol(format!(
+                    "{end} bytes exceed the {}-byte segment",
+                    seg.len()
+                )));
+            }
+            seg.bytes_mut()[start..end].copy_from_slice(data);
+            let sum = frame::checksum(layer, tag, data);
+            self.cursor = end;
+            let conn = self
+                .conn
+                .as_mut()
+                .ok_or_else(|| TransferError::Protocol("finished".into()))?;
+            timeout_at(
+                deadline,
+                frame::write_shm(conn, layer, tag, start as u64, data.len() as u64, sum),
+            )
+            .await
+        } else {
+            let conn = self.conn()?;
+            timeout_at(deadline, frame::write_data(conn, layer, tag, data)).await
+        };
+        res.map_err(|_| TransferError::DeadlineExceeded("send".into()))??;
+        self.frames += 1;
+        self.bytes += data.len() as u64;
+        Ok(())
+    }
+
+    /// Sends opaque metadata (always inline).
+    pub async fn send_meta(&mut self, data: &[u8]) -> Result<()> {
+        let deadline = self.deadline;
+        let conn = self.conn()?;
+        timeout_at(deadline, frame::write_meta(conn, data))
+            .await
+            .map_err(|_| TransferError::DeadlineExceeded("send meta".into()))??;
+        self.frames += 1;
+        Ok(())
+    }
+
+    /// Writes out everything buffered.
+    pub async fn flush(&mut self) -> Result<()> {
+        let deadline = self.deadline;
+        let conn = self.conn()?;
+        timeout_at(deadline, conn.flush())
+            .await
+            .map_err(|_| TransferError::DeadlineExceeded("flush".into()))??;
+        Ok(())
+    }
+
+    /// Commits: the receiver verifies the frame count and answers. Returns the totals.
+    pub async fn commit(mut self) -> Result<Stats> {
+        let frames = self.frames;
+        let mut conn = self
+            .conn
+            .take()
+            .ok_or_else(|| TransferError::Protocol("finished".into()))?;
+        let res = self
+            .within("commit", async {
+                frame::write_commit(&mut conn, frames).await?;
+                conn.flush().await?;
+                frame::read_reply(conn.get_mut())
+                    .await
+                    .map_err(|e| match e {
+                        frame::ReplyError::Io(e) => e,
+                        frame::ReplyError::Rejected(_, msg) => TransferError::Rejected(msg),
+                    })
+            })
+            .await;
+        if let Err(e) = res {
+            metrics::counter!(m::FAILURES, "reason" => e.reason(), "side" => "sender").increment(1);
+            return Err(e);
+        }
+        let stats = Stats {
+            backend: self.backend,
+            bytes: self.bytes,
+            frames,
+            seconds: self.started.elapsed().as_secs_f64(),
+        };
+        m::record_transfer(self.backend, &self.addr, "send", self.bytes, stats.seconds);
+        self.sender
+            .pool
+            .lock()
+            .expect("pool lock")
+            .entry(self.addr.clone())
+            .or_default()
+            .push(conn.into_inner());
+        Ok(stats)
+    }
+
+    /// Gives up: the receiver sees the transfer fail.
+    pub async fn abort(mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            let _ = frame::write_abort(&mut conn).await;
+            let _ = conn.flush().await;
+        }
+    }
+}
