@@ -41,7 +41,7 @@ const PREFILL_LENGTHS: [usize; 3] = [128, 512, 2048];
 const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
 const DECODE_PROMPT: usize = 64;
 
-fn prompt_tokens(engine: &Engine, n: usize, salt: usize) -> Result<Vec<u32>> {
+pub(crate) fn prompt_tokens(engine: &Engine, n: usize, salt: usize) -> Result<Vec<u32>> {
     let mut ids = engine
         .tokenizer()
         .encode(&format!("Document {salt}. {}", TEXT.repeat(n / 40 + 2)))?;

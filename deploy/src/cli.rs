@@ -1,7 +1,7 @@
 //! Command-line interface.
 
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{bench_engine, generate};
+use crate::{bench_engine, generate, kv_harness};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -24,6 +24,12 @@ enum Cmd {
     Model {
         #[command(subcommand)]
         cmd: ModelCmd,
+    },
+    /// The two processes of a KV transfer (tests and benchmarks).
+    #[command(hide = true)]
+    KvHarness {
+        #[command(subcommand)]
+        cmd: kv_harness::HarnessCmd,
     },
     /// Benchmarks.
     Bench {
@@ -107,7 +113,13 @@ impl Cli {
             Cmd::Bench {
                 cmd: BenchCmd::Engine(b),
             } => &b.engine,
-            Cmd::Model { .. } => return Ok(()),
+            Cmd::KvHarness {
+                cmd: kv_harness::HarnessCmd::Recv(r),
+            } => &r.engine,
+            Cmd::KvHarness {
+                cmd: kv_harness::HarnessCmd::Send(s),
+            } => &s.engine,
+            Cmd::Model { .. } | Cmd::KvHarness { .. } => return Ok(()),
         };
         compute::init(&args.compute()?)?;
         Ok(())
@@ -135,6 +147,7 @@ impl Cli {
             Cmd::Bench {
                 cmd: BenchCmd::Engine(args),
             } => bench_engine::run(&args),
+            Cmd::KvHarness { cmd } => kv_harness::run(cmd),
         }
     }
 }

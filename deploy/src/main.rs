@@ -5,6 +5,7 @@ mod bench_engine;
 mod cli;
 mod env;
 mod generate;
+mod kv_harness;
 mod model_fetch;
 
 use clap::Parser;

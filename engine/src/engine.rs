@@ -11,6 +11,14 @@ use crate::sequence::{FinishReason, ResumeState, TokenEvent};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::gguf_file;
 use std::collections::HashMap;
+
+/// Borrowed view of a layer chunk being imported.
+struct ChunkRef<'a> {
+    layer: u32,
+    start: u32,
+    count: u32,
+    payload: &'a [u8],
+}
 use std::io::Read;
 
 /// Where a sequence is in its life.
@@ -369,16 +377,23 @@ impl Engine {
         Ok(events)
     }
 
-    /// The header that describes a prefilled sequence's KV and resume state.
+    /// The header that describes a sequence's KV and resume state. Before prefill it
+    /// announces the whole prompt with the state decode will resume from still pending
+    /// (no sampled token yet): a streaming sender sends it first, the layers as they are
+    /// computed, and the final [`ResumeState`] after the prefill.
     pub fn export_header(&self, id: u64) -> Result<KvHeader> {
         let s = self.seq(id)?;
-        if matches!(s.phase, Phase::Prefill | Phase::Importing(_)) {
+        if matches!(s.phase, Phase::Importing(_)) {
             return Err(EngineError::WrongState {
                 id,
                 state: s.phase.name(),
-                expected: "prefilled",
+                expected: "local",
             });
         }
+        let token_count = match s.phase {
+            Phase::Prefill => s.state.prompt_len,
+            _ => s.cached,
+        };
         let m = self.model.config();
         Ok(KvHeader {
             version: format::VERSION,
@@ -387,7 +402,7 @@ impl Engine {
             n_layer: m.n_layer as u32,
             kv_dim: m.kv_dim() as u32,
             block_size: self.cfg.block_size as u32,
-            token_count: s.cached as u32,
+            token_count: token_count as u32,
             source_blocks: s.table.clone(),
             resume: s.state.clone(),
         })
@@ -395,8 +410,15 @@ impl Engine {
 
     /// Exports a prefilled sequence: header, then every layer's rows.
     pub fn export(&self, id: u64) -> Result<Vec<u8>> {
-        let header = self.export_header(id)?;
         let s = self.seq(id)?;
+        if !matches!(s.phase, Phase::Decode | Phase::Finished(_)) {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "prefilled",
+            });
+        }
+        let header = self.export_header(id)?;
         let chunks: Vec<LayerChunk> = (0..header.n_layer)
             .map(|layer| {
                 let mut payload = Vec::with_capacity(header.layer_bytes());
@@ -446,7 +468,12 @@ impl Engine {
         }
         let r = &header.resume;
         let count = header.token_count as usize;
-        if r.prompt_len == 0 || r.prompt_len > count || r.tokens.len() != count + 1 {
+        // `count + 1` tokens: prefilled with the first token sampled; `count`: streamed, the
+        // final state follows through `import_resume`.
+        if r.prompt_len == 0
+            || r.prompt_len > count
+            || !(count..=count + 1).contains(&r.tokens.len())
+        {
             return Err(KvFormatError::Geometry(format!(
                 "{count} cached tokens do not fit a resume state of {} tokens ({} prompt)",
                 r.tokens.len(),
@@ -478,7 +505,42 @@ impl Engine {
         res
     }
 
+    /// Writes received rows straight from a transport's buffer: the K then V rows of
+    /// positions `start..start+count` of `layer`. Same checks and failure handling as
+    /// [`Engine::import_chunk`], without an intermediate copy.
+    pub fn import_rows(
+        &mut self,
+        id: u64,
+        layer: u32,
+        start: u32,
+        count: u32,
+        payload: &[u8],
+    ) -> Result<()> {
+        let res = self.try_import_rows(id, layer, start, count, payload);
+        if matches!(res, Err(EngineError::KvImport(_))) {
+            self.remove(id);
+        }
+        res
+    }
+
     fn try_import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
+        self.try_import_rows(id, chunk.layer, chunk.start, chunk.count, &chunk.payload)
+    }
+
+    fn try_import_rows(
+        &mut self,
+        id: u64,
+        layer_idx: u32,
+        start: u32,
+        n: u32,
+        payload: &[u8],
+    ) -> Result<()> {
+        let chunk = ChunkRef {
+            layer: layer_idx,
+            start,
+            count: n,
+            payload,
+        };
         let row_bytes = self.model.config().kv_dim() * self.cfg.kv_dtype.size();
         let s = self
             .seqs
@@ -534,6 +596,42 @@ impl Engine {
         Ok(())
     }
 
+    /// Sets the state decode resumes from (sent after a streamed prefill). It must extend
+    /// the announced tokens by exactly the first sampled token.
+    pub fn import_resume(&mut self, id: u64, state: ResumeState) -> Result<()> {
+        let vocab = self.model.config().vocab;
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        if !matches!(s.phase, Phase::Importing(_)) {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "importing",
+            });
+        }
+        let ok = state.tokens.len() == s.cached + 1
+            && state.prompt_len == s.state.prompt_len
+            && state.tokens[..s.cached] == s.state.tokens[..s.cached]
+            && state.tokens.iter().all(|t| (*t as usize) < vocab)
+            && state.params.validate().is_ok();
+        if !ok {
+            self.remove(id);
+            return Err(KvFormatError::Geometry(
+                "resume state does not continue the announced sequence".into(),
+            )
+            .into());
+        }
+        s.state = state;
+        Ok(())
+    }
+
+    /// The state a local sequence would resume from (e.g. after its prefill).
+    pub fn resume_state(&self, id: u64) -> Result<ResumeState> {
+        Ok(self.seq(id)?.state.clone())
+    }
+
     /// Completes an import: every layer must hold every token. The sequence is then ready
     /// for [`Engine::decode_step`].
     pub fn finish_import(&mut self, id: u64) -> Result<()> {
@@ -549,6 +647,13 @@ impl Engine {
             });
         };
         let need = s.cached as u32;
+        if s.state.tokens.len() != s.cached + 1 {
+            let err = KvFormatError::Geometry(
+                "the resume state with the first sampled token never arrived".into(),
+            );
+            self.remove(id);
+            return Err(err.into());
+        }
         if let Some((layer, have)) = filled.iter().enumerate().find(|(_, h)| **h != need) {
             let err = KvFormatError::Incomplete {
                 layer: layer as u32,
@@ -558,7 +663,10 @@ impl Engine {
             self.remove(id);
             return Err(err.into());
         }
-        s.phase = Phase::Decode;
+        s.phase = match s.state.finish {
+            Some(f) => Phase::Finished(f),
+            None => Phase::Decode,
+        };
         Ok(())
     }
 

@@ -97,6 +97,9 @@ pub struct ResumeState {
     pub detok: Detokenizer,
     /// Stop-string state.
     pub stop: StopMatcher,
+    /// Set once the sequence has ended.
+    #[serde(default)]
+    pub finish: Option<FinishReason>,
 }
 
 /// One token produced for a sequence.
@@ -122,6 +125,7 @@ impl ResumeState {
             params,
             detok: Detokenizer::starting_at(n),
             stop: StopMatcher::default(),
+            finish: None,
         }
     }
 
@@ -164,6 +168,7 @@ impl ResumeState {
         if matches!(finish, Some(FinishReason::Eos | FinishReason::Length)) {
             text.push_str(&self.stop.flush());
         }
+        self.finish = finish;
         Ok(TokenEvent {
             seq,
             token,

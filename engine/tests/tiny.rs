@@ -165,6 +165,11 @@ fn layer_hook_streams_every_layer_of_every_chunk() {
     };
     let reference = run_single(&mut a, p.clone(), params.clone());
     a.add_sequence(1, p, params).unwrap();
+    // Streaming order: the header goes first, before anything is computed.
+    let header = a.export_header(1).unwrap();
+    assert_eq!(header.token_count, 40);
+    b.begin_import(5, &header).unwrap();
+    b.begin_import(6, &header).unwrap();
     let mut chunks: Vec<LayerChunk> = Vec::new();
     let first = a.prefill(1, &mut |c| chunks.push(c)).unwrap();
     // 40 tokens in chunks of 16 → 3 chunks × 2 layers, in layer order within a chunk.
@@ -180,11 +185,28 @@ fn layer_hook_streams_every_layer_of_every_chunk() {
             (32, 8, 1)
         ]
     );
-    let header = a.export_header(1).unwrap();
+    for c in &chunks {
+        b.import_chunk(5, c).unwrap();
+        b.import_chunk(6, c).unwrap();
+    }
+    // Without the final state (the first sampled token) the import cannot finish.
+    let err = b.finish_import(6).unwrap_err();
+    assert!(
+        matches!(err, EngineError::KvImport(KvFormatError::Geometry(_))),
+        "{err}"
+    );
+    let resume = a.resume_state(1).unwrap();
+    let mut forged = resume.clone();
+    forged.tokens[0] ^= 1;
+    assert!(
+        b.import_resume(5, forged).is_err(),
+        "a state for another prompt is refused"
+    );
     b.begin_import(5, &header).unwrap();
     for c in &chunks {
         b.import_chunk(5, c).unwrap();
     }
+    b.import_resume(5, resume.clone()).unwrap();
     b.finish_import(5).unwrap();
     let mut out = vec![first.token];
     b.run_to_end(5, &mut |ev| out.push(ev.token)).unwrap();

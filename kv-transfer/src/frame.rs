@@ -11,7 +11,9 @@
 //! ```
 //! The checksum of a data frame covers layer, tag and payload.
 
+use crate::buffers::{BufPool, PooledBuf};
 use crate::error::{Result, TransferError};
+use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use xxhash_rust::xxh3::Xxh3;
 
@@ -37,7 +39,7 @@ pub enum Frame {
         /// Opaque caller data (e.g. first position and token count).
         tag: u64,
         /// The bytes.
-        payload: Vec<u8>,
+        payload: PooledBuf,
     },
     /// A chunk the sender wrote into the shared segment.
     ShmData {
@@ -215,8 +217,12 @@ pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> std::result::Result<
     }
 }
 
-/// Reads one frame, verifying data checksums. `None` on a clean end of stream.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>> {
+/// Reads one frame, verifying data checksums. `None` on a clean end of stream. Data
+/// payloads are read into buffers from `pool`.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    pool: &Arc<BufPool>,
+) -> Result<Option<Frame>> {
     let tag = match r.read_u8().await {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
@@ -240,7 +246,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
         b'D' => {
             let layer = r.read_u32_le().await?;
             let tag = r.read_u64_le().await?;
-            let payload = read_payload(r).await?;
+            let payload = read_payload(r, pool).await?;
             let sum = r.read_u64_le().await?;
             if checksum(layer, tag, &payload) != sum {
                 return Err(TransferError::Checksum(format!(
@@ -261,12 +267,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
             checksum: r.read_u64_le().await?,
         },
         b'M' => {
-            let payload = read_payload(r).await?;
+            let payload = read_payload(r, pool).await?;
             let sum = r.read_u64_le().await?;
             if checksum(u32::MAX, u64::MAX, &payload) != sum {
                 return Err(TransferError::Checksum("metadata".into()));
             }
-            Frame::Meta(payload)
+            Frame::Meta(payload.to_vec())
         }
         b'C' => Frame::Commit(r.read_u64_le().await?),
         b'A' => Frame::Abort,
@@ -279,15 +285,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>
     Ok(Some(frame))
 }
 
-async fn read_payload<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>> {
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, pool: &Arc<BufPool>) -> Result<PooledBuf> {
     let len = r.read_u64_le().await?;
     if len > MAX_PAYLOAD {
         return Err(TransferError::Protocol(format!(
             "frame of {len} bytes exceeds {MAX_PAYLOAD}"
         )));
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).await?;
+    let mut payload = pool.get(len as usize);
+    r.read_exact(payload.as_mut_slice()).await?;
     Ok(payload)
 }
 
@@ -328,7 +334,8 @@ mod tests {
         }
         let mut r = buf.as_slice();
         let mut out = Vec::new();
-        while let Some(f) = read_frame(&mut r).await.unwrap() {
+        let pool = BufPool::new();
+        while let Some(f) = read_frame(&mut r, &pool).await.unwrap() {
             out.push(f);
         }
         out
@@ -349,7 +356,7 @@ mod tests {
                 .prop_map(|(l, t, p)| Frame::Data {
                     layer: l,
                     tag: t,
-                    payload: p
+                    payload: p.into()
                 }),
             (
                 any::<u32>(),
@@ -386,10 +393,10 @@ mod tests {
         for i in 0..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x01;
-            let r = read_frame(&mut bad.as_slice()).await;
+            let r = read_frame(&mut bad.as_slice(), &BufPool::new()).await;
             // Either the frame no longer parses, or its checksum fails; it never passes.
             assert!(
-                !matches!(r, Ok(Some(Frame::Data { layer: 3, tag: 7, ref payload })) if payload == &[1, 2, 3, 4, 5]),
+                !matches!(r, Ok(Some(Frame::Data { layer: 3, tag: 7, ref payload })) if **payload == [1, 2, 3, 4, 5]),
                 "byte {i}"
             );
         }

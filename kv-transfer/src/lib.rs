@@ -11,6 +11,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod buffers;
 pub mod error;
 pub mod frame;
 pub mod metrics;

@@ -1,9 +1,10 @@
 //! The receiving side: reservations, the listener, and per-connection frame handling.
 
+use crate::buffers::BufPool;
 use crate::error::{Result, TransferError};
 use crate::frame::{self, Frame};
 use crate::metrics as m;
-use crate::shm::{Payload, Segment};
+use crate::shm::{Arena, Payload, Region};
 use crate::target::{Backend, ShmDesc, TransferTarget, deadline_ms, host_id};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -25,6 +26,8 @@ pub struct ReceiverConfig {
     pub shm_dir: PathBuf,
     /// Chunks buffered per transfer before the connection stops reading (backpressure).
     pub queue: usize,
+    /// Size of the shared-memory arena that shm reservations are carved from.
+    pub shm_arena_bytes: u64,
 }
 
 impl ReceiverConfig {
@@ -34,6 +37,7 @@ impl ReceiverConfig {
             fingerprint: fingerprint.into(),
             shm_dir: crate::shm::SHM_DIR.into(),
             queue: 64,
+            shm_arena_bytes: 1 << 30,
         }
     }
 }
@@ -86,7 +90,7 @@ struct Slot {
     epoch: u64,
     deadline: Instant,
     tx: mpsc::Sender<Result<Event>>,
-    shm: Option<Arc<Segment>>,
+    shm: Option<Arc<Region>>,
     attached: bool,
 }
 
@@ -96,6 +100,8 @@ struct Inner {
     addr: SocketAddr,
     slots: Mutex<HashMap<u64, Slot>>,
     epochs: AtomicU64,
+    buffers: Arc<BufPool>,
+    arena: Mutex<Option<Arc<Arena>>>,
 }
 
 impl Inner {
@@ -129,6 +135,8 @@ impl Receiver {
             addr,
             slots: Mutex::new(HashMap::new()),
             epochs: AtomicU64::new(1),
+            buffers: BufPool::new(),
+            arena: Mutex::new(None),
         });
         let acc = inner.clone();
         let accept = tokio::spawn(async move {
@@ -158,25 +166,44 @@ impl Receiver {
         self.inner.slots.lock().expect("slots lock").len()
     }
 
+    /// A region of the arena (created on first use).
+    fn region(&self, bytes: u64) -> Result<Region> {
+        let mut arena = self.inner.arena.lock().expect("arena lock");
+        if arena.is_none() {
+            // Unique per process (several receivers may share one): pid and a counter.
+            static ARENAS: AtomicU64 = AtomicU64::new(0);
+            let name = format!(
+                "xpyd-kv-{}-{}",
+                std::process::id(),
+                ARENAS.fetch_add(1, Ordering::Relaxed)
+            );
+            *arena = Some(Arena::create(
+                &self.inner.cfg.shm_dir,
+                &name,
+                self.inner.cfg.shm_arena_bytes,
+            )?);
+        }
+        let arena = arena.as_ref().expect("created above");
+        arena.alloc(bytes as usize).ok_or_else(|| {
+            TransferError::Unavailable(format!(
+                "shared-memory arena has no {bytes}-byte region free"
+            ))
+        })
+    }
+
     /// Reserves room for one transfer and returns the target to hand to the sender plus
     /// the stream of what arrives. Dropping the `Incoming` releases the reservation.
     pub fn reserve(&self, spec: ReserveSpec) -> Result<(TransferTarget, Incoming)> {
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
         let shm = match spec.backend {
-            Backend::Shm | Backend::Auto => {
-                // Unique per process (several receivers may share one): pid and a counter.
-                static SEGMENTS: AtomicU64 = AtomicU64::new(0);
-                let seq = SEGMENTS.fetch_add(1, Ordering::Relaxed);
-                let name = format!("xpyd-kv-{}-{seq}", std::process::id());
-                match Segment::create(&self.inner.cfg.shm_dir, &name, spec.bytes) {
-                    Ok(s) => Some(Arc::new(s)),
-                    Err(e) if spec.backend == Backend::Auto => {
-                        tracing::debug!(error = %e, "no shared memory segment; offering tcp only");
-                        None
-                    }
-                    Err(e) => return Err(e),
+            Backend::Shm | Backend::Auto => match self.region(spec.bytes) {
+                Ok(r) => Some(Arc::new(r)),
+                Err(e) if spec.backend == Backend::Auto => {
+                    tracing::debug!(error = %e, "no shared memory region; offering tcp only");
+                    None
                 }
-            }
+                Err(e) => return Err(e),
+            },
             Backend::Tcp => None,
             Backend::Ucx | Backend::Nccl => {
                 return Err(TransferError::Unavailable(format!(
@@ -193,9 +220,11 @@ impl Receiver {
             host_id: self.inner.host_id.clone(),
             transfer_id: spec.transfer_id,
             epoch,
-            shm: shm.as_ref().map(|s| ShmDesc {
-                path: s.path().display().to_string(),
-                len: s.len() as u64,
+            shm: shm.as_ref().map(|r| ShmDesc {
+                path: r.arena().segment().path().display().to_string(),
+                len: r.arena().segment().len() as u64,
+                offset: r.offset() as u64,
+                size: r.len() as u64,
             }),
             deadline_unix_ms: deadline_ms(spec.deadline),
         };
@@ -268,7 +297,7 @@ impl Drop for Incoming {
 async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
     let mut conn = BufReader::with_capacity(1 << 20, stream);
     loop {
-        let (id, epoch, fp) = match frame::read_frame(&mut conn).await {
+        let (id, epoch, fp) = match frame::read_frame(&mut conn, &inner.buffers).await {
             Ok(Some(Frame::Open {
                 transfer_id,
                 epoch,
@@ -292,7 +321,7 @@ async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
         let Ok((tx, shm, deadline)) = attached else {
             continue;
         };
-        match receive(&mut conn, &tx, shm, deadline, peer).await {
+        match receive(&mut conn, &inner.buffers, &tx, shm, deadline, peer).await {
             Ok(()) => continue,
             Err(e) => {
                 let _ = tx.send(Err(e)).await;
@@ -302,7 +331,7 @@ async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
     }
 }
 
-type Attached = (mpsc::Sender<Result<Event>>, Option<Arc<Segment>>, Instant);
+type Attached = (mpsc::Sender<Result<Event>>, Option<Arc<Region>>, Instant);
 
 fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
     if fp != inner.cfg.fingerprint {
@@ -327,8 +356,9 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
 /// Reads one transfer's frames up to its commit.
 async fn receive(
     conn: &mut BufReader<TcpStream>,
+    buffers: &Arc<BufPool>,
     tx: &mpsc::Sender<Result<Event>>,
-    shm: Option<Arc<Segment>>,
+    shm: Option<Arc<Region>>,
     deadline: Instant,
     peer: SocketAddr,
 ) -> Result<()> {
@@ -337,7 +367,7 @@ async fn receive(
     let mut backend = Backend::Tcp;
     let gone = || TransferError::PeerGone("receiver released the reservation".into());
     loop {
-        let f = match timeout_at(deadline, frame::read_frame(conn)).await {
+        let f = match timeout_at(deadline, frame::read_frame(conn, buffers)).await {
             Err(_) => return Err(TransferError::DeadlineExceeded("sender too slow".into())),
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => {
@@ -391,7 +421,7 @@ async fn receive(
                     data: Payload::Mapped(seg.clone(), range),
                 }
             }
-            Frame::Meta(p) => Event::Meta(Payload::Owned(Arc::new(p))),
+            Frame::Meta(p) => Event::Meta(Payload::Owned(Arc::new(p.into()))),
             Frame::Commit(n) => {
                 if n != frames {
                     let e = TransferError::Protocol(format!(

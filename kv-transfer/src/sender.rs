@@ -22,7 +22,12 @@ pub struct Sender {
     fingerprint: String,
     host_id: String,
     pool: Arc<Mutex<HashMap<String, Vec<TcpStream>>>>,
+    /// Receivers' shared segments, mapped once.
+    maps: Arc<Mutex<HashMap<String, Arc<Mutex<Segment>>>>>,
 }
+
+/// Segments kept mapped; beyond this the others are unmapped.
+const MAPS_KEPT: usize = 8;
 
 impl Sender {
     /// A sender for a model fingerprint.
@@ -31,6 +36,7 @@ impl Sender {
             fingerprint: fingerprint.into(),
             host_id: host_id(),
             pool: Arc::default(),
+            maps: Arc::default(),
         }
     }
 
@@ -52,13 +58,32 @@ impl Sender {
         }
     }
 
+    fn map(&self, path: &str, len: u64) -> Result<Arc<Mutex<Segment>>> {
+        let mut maps = self.maps.lock().expect("maps lock");
+        if let Some(m) = maps.get(path)
+            && m.lock().expect("segment lock").len() as u64 == len
+        {
+            return Ok(m.clone());
+        }
+        let seg = Arc::new(Mutex::new(Segment::open(Path::new(path), len)?));
+        if maps.len() >= MAPS_KEPT {
+            maps.clear();
+        }
+        maps.insert(path.to_string(), seg.clone());
+        Ok(seg)
+    }
+
     /// Opens a transfer to `target`: connects (or reuses a connection), attaches to the
     /// reservation, and maps the shared segment when shm is chosen.
     pub async fn open(&self, target: &TransferTarget) -> Result<Transfer> {
         let deadline = Instant::now() + target.remaining();
         let backend = self.choose(target)?;
         let shm = match (backend, &target.shm) {
-            (Backend::Shm, Some(d)) => Some(Segment::open(Path::new(&d.path), d.len)?),
+            (Backend::Shm, Some(d)) => Some(ShmTarget {
+                seg: self.map(&d.path, d.len)?,
+                offset: d.offset as usize,
+                size: d.size as usize,
+            }),
             _ => None,
         };
         tracing::debug!(transfer = target.transfer_id, backend = backend.name(), peer = %target.addr, "kv transfer open");
@@ -141,12 +166,33 @@ fn classify_rejection(
     }
 }
 
+/// The receiver's region this transfer writes into.
+struct ShmTarget {
+    seg: Arc<Mutex<Segment>>,
+    offset: usize,
+    size: usize,
+}
+
+/// Copies `data` to `dst` while hashing it in cache-sized pieces (one pass over memory),
+/// returning the chunk checksum.
+fn copy_and_checksum(layer: u32, tag: u64, data: &[u8], dst: &mut [u8]) -> u64 {
+    const PIECE: usize = 64 * 1024;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&layer.to_le_bytes());
+    h.update(&tag.to_le_bytes());
+    for (src, out) in data.chunks(PIECE).zip(dst.chunks_mut(PIECE)) {
+        out.copy_from_slice(src);
+        h.update(src);
+    }
+    h.digest()
+}
+
 /// One open transfer. Dropping it without `commit` aborts it.
 pub struct Transfer {
     sender: Sender,
     addr: String,
     conn: Option<BufWriter<TcpStream>>,
-    shm: Option<Segment>,
+    shm: Option<ShmTarget>,
     cursor: usize,
     frames: u64,
     bytes: u64,
@@ -184,16 +230,19 @@ impl Transfer {
     /// [`flush`]: Transfer::flush
     pub async fn send(&mut self, layer: u32, tag: u64, data: &[u8]) -> Result<()> {
         let deadline = self.deadline;
-        let res = if let Some(seg) = self.shm.as_mut() {
+        let res = if let Some(shm) = self.shm.as_ref() {
             let (start, end) = (self.cursor, self.cursor + data.len());
-            if end > seg.len() {
+            if end > shm.size {
                 return Err(TransferError::Protocol(format!(
-                    "{end} bytes exceed the {}-byte segment",
-                    seg.len()
+                    "{end} bytes exceed the {}-byte region",
+                    shm.size
                 )));
             }
-            seg.bytes_mut()[start..end].copy_from_slice(data);
-            let sum = frame::checksum(layer, tag, data);
+            let sum = {
+                let mut seg = shm.seg.lock().expect("segment lock");
+                let dst = &mut seg.bytes_mut()[shm.offset + start..shm.offset + end];
+                copy_and_checksum(layer, tag, data, dst)
+            };
             self.cursor = end;
             let conn = self
                 .conn

@@ -3,10 +3,12 @@
 //! truncates it (segments are created, sized and unlinked only by their receiver).
 #![allow(unsafe_code)]
 
+use crate::buffers::PooledBuf;
 use crate::error::{Result, TransferError};
 use memmap2::MmapMut;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// Where segments are created.
 pub const SHM_DIR: &str = "/dev/shm";
@@ -100,14 +102,122 @@ impl Drop for Segment {
     }
 }
 
-/// Bytes of a received chunk: owned (tcp) or a range of the receiver's segment (shm,
-/// zero-copy: the sender wrote them there directly).
+/// A receiver's long-lived segment, carved into regions per reservation. Senders map it
+/// once and keep the mapping, so steady-state transfers touch no fresh pages.
+#[derive(Debug)]
+pub struct Arena {
+    seg: Segment,
+    /// Free ranges: offset → length, coalesced.
+    free: Mutex<BTreeMap<usize, usize>>,
+}
+
+/// Regions are aligned to pages.
+const ALIGN: usize = 4096;
+
+impl Arena {
+    /// Creates the segment backing the arena.
+    pub fn create(dir: &Path, name: &str, len: u64) -> Result<Arc<Self>> {
+        let seg = Segment::create(dir, name, len)?;
+        let mut free = BTreeMap::new();
+        free.insert(0, seg.len());
+        Ok(Arc::new(Arena {
+            seg,
+            free: Mutex::new(free),
+        }))
+    }
+
+    /// The segment.
+    pub fn segment(&self) -> &Segment {
+        &self.seg
+    }
+
+    /// Takes a region of `len` bytes (first fit), or `None` when the arena is too full.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Option<Region> {
+        let want = len.max(1).next_multiple_of(ALIGN);
+        let mut free = self.free.lock().expect("arena lock");
+        let (&off, &have) = free.iter().find(|(_, l)| **l >= want)?;
+        free.remove(&off);
+        if have > want {
+            free.insert(off + want, have - want);
+        }
+        Some(Region {
+            arena: self.clone(),
+            off,
+            len: want,
+        })
+    }
+
+    fn release(&self, off: usize, len: usize) {
+        let mut free = self.free.lock().expect("arena lock");
+        let (mut off, mut len) = (off, len);
+        if let Some((&p, &pl)) = free.range(..off).next_back()
+            && p + pl == off
+        {
+            free.remove(&p);
+            off = p;
+            len += pl;
+        }
+        if let Some(nl) = free.remove(&(off + len)) {
+            len += nl;
+        }
+        free.insert(off, len);
+    }
+
+    /// Bytes free now.
+    pub fn free_bytes(&self) -> usize {
+        self.free.lock().expect("arena lock").values().sum()
+    }
+}
+
+/// A region of an arena, returned to it when the last holder drops it.
+#[derive(Debug)]
+pub struct Region {
+    arena: Arc<Arena>,
+    off: usize,
+    len: usize,
+}
+
+impl Region {
+    /// Offset in the segment.
+    pub fn offset(&self) -> usize {
+        self.off
+    }
+
+    /// Length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The region's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.arena.seg.bytes()[self.off..self.off + self.len]
+    }
+
+    /// The arena.
+    pub fn arena(&self) -> &Arc<Arena> {
+        &self.arena
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.arena.release(self.off, self.len);
+    }
+}
+
+/// Bytes of a received chunk: owned (tcp) or a range of the receiver's shared region
+/// (shm, zero-copy: the sender wrote them there directly).
 #[derive(Debug, Clone)]
 pub enum Payload {
-    /// Received into a buffer.
-    Owned(Arc<Vec<u8>>),
-    /// A range of a shared segment.
-    Mapped(Arc<Segment>, std::ops::Range<usize>),
+    /// Received into a (pooled) buffer.
+    Owned(Arc<PooledBuf>),
+    /// A range of a shared region (relative to the region).
+    Mapped(Arc<Region>, std::ops::Range<usize>),
 }
 
 impl Payload {
@@ -124,5 +234,26 @@ impl std::ops::Deref for Payload {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         self.as_slice()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arena_regions_are_disjoint_and_coalesce() {
+        let dir = std::env::temp_dir();
+        let name = format!("xpyd-arena-test-{}", std::process::id());
+        let a = Arena::create(&dir, &name, 64 * 1024).unwrap();
+        let r1 = a.alloc(5000).unwrap();
+        let r2 = a.alloc(4096).unwrap();
+        assert_eq!((r1.offset(), r1.len()), (0, 8192));
+        assert_eq!(r2.offset(), 8192);
+        assert!(a.alloc(60 * 1024).is_none(), "too large for what is left");
+        drop(r1);
+        drop(r2);
+        assert_eq!(a.free_bytes(), 64 * 1024);
+        assert!(a.alloc(64 * 1024).is_some(), "freed ranges coalesce");
     }
 }

@@ -49,13 +49,17 @@ impl std::str::FromStr for Backend {
     }
 }
 
-/// A shared-memory segment offered by the receiver.
+/// A region of a shared-memory segment offered by the receiver.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShmDesc {
     /// Path of the segment (under /dev/shm).
     pub path: String,
-    /// Its size in bytes.
+    /// The segment's size in bytes.
     pub len: u64,
+    /// Start of this transfer's region.
+    pub offset: u64,
+    /// Length of the region.
+    pub size: u64,
 }
 
 /// What a sender needs to write one transfer into a receiver's reservation.

@@ -1,0 +1,290 @@
+//! KV transfers between separate processes (`xpyd kv-harness`): faults and the
+//! prefill → transfer → decode path with the engine on both sides.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn xpyd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_xpyd"))
+}
+
+struct Recv {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    target: String,
+}
+
+impl Recv {
+    fn start(args: &[&str]) -> Recv {
+        let mut child = xpyd()
+            .args(["kv-harness", "recv"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut target = String::new();
+        out.read_line(&mut target).unwrap();
+        assert!(target.starts_with('{'), "recv printed {target:?}");
+        Recv {
+            child,
+            out,
+            target: target.trim().to_string(),
+        }
+    }
+
+    fn result(mut self) -> Value {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        let _ = self.child.wait();
+        serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+fn send(target: &str, args: &[&str]) -> Child {
+    xpyd()
+        .args(["kv-harness", "send", "--target", target])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn output(child: Child) -> (bool, Value) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().unwrap_or("{}");
+    (
+        out.status.success(),
+        serde_json::from_str(line).unwrap_or(Value::Null),
+    )
+}
+
+#[test]
+fn synthetic_transfer_between_processes_is_byte_exact() {
+    for backend in ["tcp", "shm"] {
+        let r = Recv::start(&["--backend", backend, "--bytes", "3000000"]);
+        let (ok, s) = output(send(&r.target, &["--bytes", "3000000", "--chunk", "65536"]));
+        let res = r.result();
+        assert!(ok && res["ok"] == true, "{backend}: {s} / {res}");
+        assert_eq!(res["backend"], backend);
+        assert_eq!(
+            res["xxh3"], s["xxh3"],
+            "{backend}: receiver's bytes differ from the sender's"
+        );
+        assert_eq!(res["active_after"], 0);
+    }
+}
+
+#[test]
+fn killed_sender_fails_the_receiver_within_the_deadline_and_frees() {
+    for backend in ["tcp", "shm"] {
+        let r = Recv::start(&[
+            "--backend",
+            backend,
+            "--bytes",
+            "10000000",
+            "--deadline-ms",
+            "8000",
+        ]);
+        let mut s = send(
+            &r.target,
+            &[
+                "--bytes",
+                "10000000",
+                "--chunk",
+                "100000",
+                "--pace-ms",
+                "20",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(400));
+        let t0 = Instant::now();
+        s.kill().unwrap(); // SIGKILL mid-transfer
+        let _ = s.wait();
+        let res = r.result();
+        assert_eq!(res["ok"], false, "{res}");
+        assert_eq!(res["kind"], "peer_gone", "{res}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "failed only after {:?}",
+            t0.elapsed()
+        );
+        assert_eq!(res["active_after"], 0, "the reservation is freed");
+    }
+}
+
+#[test]
+fn silent_sender_fails_the_receiver_at_the_deadline() {
+    let r = Recv::start(&[
+        "--backend",
+        "tcp",
+        "--bytes",
+        "1000",
+        "--deadline-ms",
+        "500",
+    ]);
+    let t0 = Instant::now();
+    let res = r.result();
+    assert_eq!(res["kind"], "deadline", "{res}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert_eq!(res["active_after"], 0);
+}
+
+#[test]
+fn killed_receiver_fails_the_sender() {
+    let mut r = Recv::start(&["--backend", "tcp", "--bytes", "20000000"]);
+    let s = send(
+        &r.target,
+        &[
+            "--bytes",
+            "20000000",
+            "--chunk",
+            "100000",
+            "--pace-ms",
+            "20",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(400));
+    r.child.kill().unwrap();
+    let _ = r.child.wait();
+    let (ok, res) = output(s);
+    assert!(!ok, "the sender must not report success: {res}");
+    assert_eq!(res["ok"], false);
+}
+
+#[test]
+fn wrong_fingerprint_is_rejected_across_processes() {
+    let r = Recv::start(&[
+        "--backend",
+        "tcp",
+        "--bytes",
+        "1000",
+        "--deadline-ms",
+        "3000",
+    ]);
+    let (ok, res) = output(send(
+        &r.target,
+        &["--bytes", "1000", "--fingerprint", "another-model"],
+    ));
+    assert!(!ok);
+    assert_eq!(res["kind"], "fingerprint", "{res}");
+    let _ = r.result();
+}
+
+fn tiny_model() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    xpyd_engine::testing::TinyModel::default()
+        .write(&model)
+        .unwrap();
+    (dir, model)
+}
+
+/// Prefill in one process, stream layer by layer, decode in another; compare with one
+/// engine in this process.
+fn disaggregated_equals_single(
+    model: &std::path::Path,
+    prompt: &str,
+    chat: bool,
+    chunk: usize,
+    backends: &[&str],
+) {
+    let max_tokens = 16;
+    let m = model.to_str().unwrap();
+    let mut cfg = xpyd_engine::EngineConfig::new(model);
+    cfg.prefill_chunk = chunk;
+    let mut e = xpyd_engine::Engine::load(cfg).unwrap();
+    let chunk = chunk.to_string();
+    let ids = if chat {
+        e.tokenizer()
+            .encode_chat(&[xpyd_engine::ChatMessage::new("user", prompt)])
+            .unwrap()
+    } else {
+        e.tokenizer().encode(prompt).unwrap()
+    };
+    let n = ids.len().to_string();
+    let reference = e
+        .generate(
+            1,
+            ids,
+            xpyd_engine::SamplingParams::greedy(max_tokens),
+            &mut |_| {},
+        )
+        .unwrap()
+        .tokens;
+    for backend in backends {
+        for stream in [true, false] {
+            let r = Recv::start(&[
+                "--backend",
+                backend,
+                "--decode",
+                "--prompt-tokens",
+                &n,
+                "--model",
+                m,
+                "--threads",
+                "1",
+            ]);
+            let mut args = vec![
+                "--prompt",
+                prompt,
+                "--model",
+                m,
+                "--threads",
+                "1",
+                "--prefill-chunk",
+                &chunk,
+            ];
+            let mt = max_tokens.to_string();
+            args.extend(["--max-tokens", &mt]);
+            if chat {
+                args.push("--chat");
+            }
+            if !stream {
+                args.push("--no-stream");
+            }
+            let (ok, s) = output(send(&r.target, &args));
+            let res = r.result();
+            assert!(ok && res["ok"] == true, "{backend}: {s} / {res}");
+            assert_eq!(res["backend"], *backend);
+            let tokens: Vec<u32> = serde_json::from_value(res["tokens"].clone()).unwrap();
+            assert_eq!(tokens, reference, "{backend} stream={stream}");
+        }
+    }
+}
+
+#[test]
+fn tiny_model_prefill_transfer_decode_across_processes() {
+    let (_d, model) = tiny_model();
+    disaggregated_equals_single(
+        &model,
+        "hello there, a prompt that spans several chunks of the tiny model",
+        false,
+        16,
+        &["tcp", "shm"],
+    );
+}
+
+#[test]
+fn real_model_prefill_transfer_decode_across_processes() {
+    let model = match std::env::var_os("XPYD_MODEL").map(PathBuf::from) {
+        Some(p) if p.exists() => p,
+        other => {
+            let msg = format!("real model not found (XPYD_MODEL={other:?})");
+            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{msg}");
+            eprintln!("SKIPPED: {msg}");
+            return;
+        }
+    };
+    disaggregated_equals_single(
+        &model,
+        "What is the capital of France?",
+        true,
+        16,
+        &["tcp", "shm"],
+    );
+}
