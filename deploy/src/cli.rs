@@ -1,7 +1,7 @@
 //! Command-line interface.
 
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{bench_engine, generate, kv_harness};
+use crate::{bench_engine, bench_kv, generate, kv_harness};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -54,6 +54,8 @@ enum ModelCmd {
 enum BenchCmd {
     /// Prefill and decode throughput of the engine on the real model.
     Engine(bench_engine::BenchEngineArgs),
+    /// KV transfer throughput per backend between two processes, and streaming overlap.
+    Kv(bench_kv::BenchKvArgs),
 }
 
 /// Options shared by every command that runs the engine.
@@ -113,6 +115,9 @@ impl Cli {
             Cmd::Bench {
                 cmd: BenchCmd::Engine(b),
             } => &b.engine,
+            Cmd::Bench {
+                cmd: BenchCmd::Kv(_),
+            } => return Ok(()),
             Cmd::KvHarness {
                 cmd: kv_harness::HarnessCmd::Recv(r),
             } => &r.engine,
@@ -147,6 +152,9 @@ impl Cli {
             Cmd::Bench {
                 cmd: BenchCmd::Engine(args),
             } => bench_engine::run(&args),
+            Cmd::Bench {
+                cmd: BenchCmd::Kv(args),
+            } => bench_kv::run(&args),
             Cmd::KvHarness { cmd } => kv_harness::run(cmd),
         }
     }

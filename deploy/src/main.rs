@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 mod bench_engine;
+mod bench_kv;
 mod cli;
 mod env;
 mod generate;

@@ -1,0 +1,353 @@
+//! `xpyd bench kv`: KV transfer throughput between two processes per backend, against a
+//! plain memcpy and a raw TCP loopback copy measured in the same run, and the exposed
+//! fraction of a real 2,048-token prefill streamed layer by layer.
+
+use crate::cli::EngineArgs;
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::Instant;
+
+/// Flags of `xpyd bench kv`.
+#[derive(Debug, Args)]
+pub struct BenchKvArgs {
+    /// Timed rounds per measurement (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Backends to measure.
+    #[arg(long, value_delimiter = ',', default_value = "tcp,shm")]
+    pub backends: Vec<String>,
+    /// Skip the real-model streaming measurement.
+    #[arg(long)]
+    pub no_model: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON object to this file.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// SmolLM2-135M: 30 layers × (K+V) × 3 KV heads × 64 dims × f32 per token.
+const LAYERS: usize = 30;
+const ROW_BYTES: usize = 2 * 3 * 64 * 4;
+const PROMPT: usize = 2048;
+
+struct Payload {
+    name: &'static str,
+    bytes: usize,
+    chunk: usize,
+}
+
+fn payloads() -> Vec<Payload> {
+    let layer = PROMPT * ROW_BYTES;
+    vec![
+        Payload {
+            name: "256KiB",
+            bytes: 256 << 10,
+            chunk: 256 << 10,
+        },
+        Payload {
+            name: "4MiB",
+            bytes: 4 << 20,
+            chunk: 1 << 20,
+        },
+        Payload {
+            name: "64MiB",
+            bytes: 64 << 20,
+            chunk: 4 << 20,
+        },
+        Payload {
+            name: "kv-2048tok",
+            bytes: LAYERS * layer,
+            chunk: layer,
+        },
+    ]
+}
+
+fn exe() -> Result<std::path::PathBuf> {
+    std::env::current_exe().context("locate the xpyd binary")
+}
+
+fn spawn(args: &[String], stdin: bool) -> Result<Child> {
+    Ok(Command::new(exe()?)
+        .args(args)
+        .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?)
+}
+
+fn line(r: &mut BufReader<ChildStdout>) -> Result<Value> {
+    let mut s = String::new();
+    if r.read_line(&mut s)? == 0 {
+        bail!("harness process ended early");
+    }
+    Ok(serde_json::from_str(s.trim())?)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ns(v: &Value, key: &str) -> Result<u64> {
+    v[key].as_u64().with_context(|| format!("no {key} in {v}"))
+}
+
+/// GB/s of each round of one backend between two harness processes.
+fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
+    let s = |x: usize| x.to_string();
+    let mut recv = spawn(
+        &[
+            "kv-harness".into(),
+            "recv".into(),
+            "--backend".into(),
+            backend.into(),
+            "--bytes".into(),
+            s(p.bytes),
+            "--repeat".into(),
+            s(rounds + 1),
+        ],
+        false,
+    )?;
+    let mut send = spawn(
+        &[
+            "kv-harness".into(),
+            "send".into(),
+            "--target".into(),
+            "-".into(),
+            "--bytes".into(),
+            s(p.bytes),
+            "--chunk".into(),
+            s(p.chunk),
+        ],
+        true,
+    )?;
+    let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
+    let mut sout = BufReader::new(send.stdout.take().context("send stdout")?);
+    let mut sin = send.stdin.take().context("send stdin")?;
+    let mut out = Vec::new();
+    for round in 0..=rounds {
+        let target = line(&mut rout)?;
+        writeln!(sin, "{target}")?;
+        sin.flush()?;
+        let sr = line(&mut sout)?;
+        let rr = line(&mut rout)?;
+        if rr["ok"] != true || sr["ok"] != true || rr["xxh3"] != sr["xxh3"] {
+            bail!("{backend} transfer failed or corrupted: {sr} / {rr}");
+        }
+        if round > 0 {
+            out.push(p.bytes as f64 / (ns(&rr, "end_ns")? - ns(&sr, "start_ns")?) as f64);
+        }
+    }
+    drop(sin);
+    send.wait()?;
+    recv.wait()?;
+    Ok(out)
+}
+
+/// GB/s of raw TCP rounds between two processes (no framing, no checksums).
+fn raw_tcp(p: &Payload, rounds: usize) -> Result<Vec<f64>> {
+    let s = |x: usize| x.to_string();
+    let mut recv = spawn(
+        &[
+            "kv-harness".into(),
+            "raw-recv".into(),
+            "--bytes".into(),
+            s(p.bytes),
+            "--rounds".into(),
+            s(rounds + 1),
+        ],
+        false,
+    )?;
+    let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
+    let addr = line(&mut rout)?["addr"]
+        .as_str()
+        .context("raw-recv address")?
+        .to_string();
+    let mut send = spawn(
+        &[
+            "kv-harness".into(),
+            "raw-send".into(),
+            "--addr".into(),
+            addr,
+            "--bytes".into(),
+            s(p.bytes),
+            "--rounds".into(),
+            s(rounds + 1),
+        ],
+        false,
+    )?;
+    let mut sout = BufReader::new(send.stdout.take().context("send stdout")?);
+    let mut out = Vec::new();
+    for round in 0..=rounds {
+        let sr = line(&mut sout)?;
+        let rr = line(&mut rout)?;
+        if round > 0 {
+            out.push(p.bytes as f64 / (ns(&rr, "end_ns")? - ns(&sr, "start_ns")?) as f64);
+        }
+    }
+    send.wait()?;
+    recv.wait()?;
+    Ok(out)
+}
+
+/// GB/s of copying the payload between two touched buffers in this process.
+fn memcpy(p: &Payload, rounds: usize) -> Vec<f64> {
+    let src = crate::kv_harness::synthetic(p.bytes);
+    let mut dst = vec![1u8; p.bytes];
+    (0..=rounds)
+        .map(|_| {
+            let t = Instant::now();
+            dst.copy_from_slice(std::hint::black_box(&src));
+            std::hint::black_box(&dst);
+            p.bytes as f64 / t.elapsed().as_nanos() as f64
+        })
+        .skip(1)
+        .collect()
+}
+
+/// Exposed time of a streamed 2,048-token prefill vs. the transfer time of the same KV
+/// sent after the prefill.
+fn exposed(backend: &str, model: &str) -> Result<Value> {
+    let mut ms = Vec::new();
+    for stream in [true, false] {
+        let n = PROMPT.to_string();
+        let mut recv = spawn(
+            &[
+                "kv-harness",
+                "recv",
+                "--backend",
+                backend,
+                "--decode",
+                "--prompt-tokens",
+                &n,
+                "--model",
+                model,
+                "--threads",
+                "1",
+            ]
+            .map(String::from),
+            false,
+        )?;
+        let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
+        let target = line(&mut rout)?.to_string();
+        let mut args: Vec<String> = [
+            "kv-harness",
+            "send",
+            "--target",
+            &target,
+            "--prompt-tokens",
+            &n,
+            "--max-tokens",
+            "1",
+            "--model",
+            model,
+        ]
+        .map(String::from)
+        .to_vec();
+        if !stream {
+            args.push("--no-stream".into());
+        }
+        let mut send = spawn(&args, false)?;
+        let sr = line(&mut BufReader::new(
+            send.stdout.take().context("send stdout")?,
+        ))?;
+        let rr = line(&mut rout)?;
+        send.wait()?;
+        recv.wait()?;
+        if rr["ok"] != true || sr["ok"] != true {
+            bail!("{backend} prefill transfer failed: {sr} / {rr}");
+        }
+        // Last layer computed → all layers verified and imported on the receiver.
+        ms.push((ns(&rr, "end_ns")? as f64 - ns(&sr, "prefill_end_ns")? as f64) / 1e6);
+    }
+    Ok(
+        json!({"backend": backend, "streamed_exposed_ms": ms[0], "non_streamed_transfer_ms": ms[1], "fraction": ms[0] / ms[1]}),
+    )
+}
+
+/// Runs the benchmark.
+pub fn run(args: &BenchKvArgs) -> Result<()> {
+    let rounds = args.rounds.max(1);
+    let mut results = Vec::new();
+    for p in payloads() {
+        let mc = median(memcpy(&p, rounds));
+        let raw = median(raw_tcp(&p, rounds)?);
+        for b in &args.backends {
+            let g = median(transfer(b, &p, rounds)?);
+            let (base, base_g) = if b == "shm" {
+                ("memcpy", mc)
+            } else {
+                ("raw_tcp", raw)
+            };
+            eprintln!(
+                "{:<10} {:<4} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}",
+                p.name,
+                b,
+                g,
+                base_g,
+                g / base_g
+            );
+            results.push(
+                json!({"backend": b, "payload": p.name, "bytes": p.bytes, "gbps": g,
+                "baseline": base, "baseline_gbps": base_g, "ratio": g / base_g,
+                "memcpy_gbps": mc, "raw_tcp_gbps": raw}),
+            );
+        }
+    }
+    let mut report = json!({"results": results, "rounds": rounds, "statistic": "median",
+        "timed": "sender's private memory → receiver's destination buffer, checksums verified"});
+    if !args.no_model {
+        let model = args.engine.model_path()?;
+        let model = model.to_str().context("model path is not UTF-8")?;
+        let mut ex = Vec::new();
+        for b in &args.backends {
+            let e = exposed(b, model)?;
+            eprintln!(
+                "streaming {b}: exposed {:.1} ms vs non-streamed transfer {:.1} ms → fraction {:.3}",
+                e["streamed_exposed_ms"].as_f64().unwrap_or(0.0),
+                e["non_streamed_transfer_ms"].as_f64().unwrap_or(0.0),
+                e["fraction"].as_f64().unwrap_or(0.0)
+            );
+            ex.push(e);
+        }
+        let worst = ex
+            .iter()
+            .filter_map(|e| e["fraction"].as_f64())
+            .fold(0.0, f64::max);
+        report["exposed"] = json!(ex);
+        report["exposed_fraction"] = json!(worst);
+    }
+    if let Some(out) = &args.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    }
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "{:<12} {:<5} {:>9} {:>10} {:>12} {:>7}",
+            "payload", "back", "GB/s", "baseline", "base GB/s", "ratio"
+        );
+        for r in report["results"].as_array().into_iter().flatten() {
+            println!(
+                "{:<12} {:<5} {:>9.2} {:>10} {:>12.2} {:>7.2}",
+                r["payload"].as_str().unwrap_or(""),
+                r["backend"].as_str().unwrap_or(""),
+                r["gbps"].as_f64().unwrap_or(0.0),
+                r["baseline"].as_str().unwrap_or(""),
+                r["baseline_gbps"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0)
+            );
+        }
+        if let Some(f) = report["exposed_fraction"].as_f64() {
+            println!("exposed fraction (worst backend, real 2048-token prefill): {f:.3}");
+        }
+    }
+    Ok(())
+}
