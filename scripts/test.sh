@@ -23,6 +23,7 @@ cargo fmt --all -- --check
 
 log "clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
+cargo clippy -p xpyd-kv-transfer --all-targets --release --features nccl -- -D warnings
 
 log "build"
 cargo build --release --workspace --all-targets
@@ -34,6 +35,9 @@ echo "XPYD_MODEL=$XPYD_MODEL"
 
 log "tests"
 cargo test --release --workspace
+
+log "tests: kv-transfer with the nccl feature (no GPU here: the clean-failure path)"
+cargo test --release -p xpyd-kv-transfer --features nccl
 
 log "benches compile"
 cargo bench --workspace --no-run

@@ -4,6 +4,7 @@
 //! 'O' transfer_id u64 | epoch u64 | fp_len u16 | fingerprint      → reply
 //! 'D' layer u32 | tag u64 | len u64 | payload | xxh3 u64            data frame
 //! 'S' layer u32 | tag u64 | offset u64 | len u64 | xxh3 u64         data already in shm
+//! 'N' layer u32 | tag u64 | len u64 | xxh3 u64                     data follows over NCCL
 //! 'M' len u64 | payload | xxh3 u64                                  opaque metadata
 //! 'C' frames u64                                                    commit → reply
 //! 'A'                                                               abort
@@ -49,6 +50,17 @@ pub enum Frame {
         tag: u64,
         /// Offset in the segment.
         offset: u64,
+        /// Length.
+        len: u64,
+        /// xxh3 of layer, tag and the bytes.
+        checksum: u64,
+    },
+    /// A chunk that follows over the NCCL communicator.
+    NcclData {
+        /// Layer index.
+        layer: u32,
+        /// Opaque caller data.
+        tag: u64,
         /// Length.
         len: u64,
         /// xxh3 of layer, tag and the bytes.
@@ -123,6 +135,24 @@ pub async fn write_shm<W: AsyncWrite + Unpin>(
     b[13..21].copy_from_slice(&offset.to_le_bytes());
     b[21..29].copy_from_slice(&len.to_le_bytes());
     b[29..37].copy_from_slice(&sum.to_le_bytes());
+    w.write_all(&b).await?;
+    Ok(())
+}
+
+/// Writes an NCCL data notice.
+pub async fn write_nccl<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    layer: u32,
+    tag: u64,
+    len: u64,
+    sum: u64,
+) -> Result<()> {
+    let mut b = [0u8; 29];
+    b[0] = b'N';
+    b[1..5].copy_from_slice(&layer.to_le_bytes());
+    b[5..13].copy_from_slice(&tag.to_le_bytes());
+    b[13..21].copy_from_slice(&len.to_le_bytes());
+    b[21..29].copy_from_slice(&sum.to_le_bytes());
     w.write_all(&b).await?;
     Ok(())
 }
@@ -266,6 +296,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             len: r.read_u64_le().await?,
             checksum: r.read_u64_le().await?,
         },
+        b'N' => Frame::NcclData {
+            layer: r.read_u32_le().await?,
+            tag: r.read_u64_le().await?,
+            len: r.read_u64_le().await?,
+            checksum: r.read_u64_le().await?,
+        },
         b'M' => {
             let payload = read_payload(r, pool).await?;
             let sum = r.read_u64_le().await?;
@@ -325,6 +361,14 @@ mod tests {
                     len,
                     checksum,
                 } => write_shm(&mut buf, *layer, *tag, *offset, *len, *checksum)
+                    .await
+                    .unwrap(),
+                Frame::NcclData {
+                    layer,
+                    tag,
+                    len,
+                    checksum,
+                } => write_nccl(&mut buf, *layer, *tag, *len, *checksum)
                     .await
                     .unwrap(),
                 Frame::Meta(p) => write_meta(&mut buf, p).await.unwrap(),

@@ -6,7 +6,7 @@
 //! chunk as it lands, then `Complete` — or a typed failure within the deadline.
 //! Backends: TCP (checksummed frames, pooled connections) and same-host shared memory
 //! (the sender writes straight into the receiver's segment; only small notices cross the
-//! socket). Reservations are epoch-fenced: a released and reused reservation refuses
+//! socket), and NCCL behind the `nccl` feature. Reservations are epoch-fenced: a released and reused reservation refuses
 //! senders holding the old epoch.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -15,6 +15,11 @@ pub mod buffers;
 pub mod error;
 pub mod frame;
 pub mod metrics;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+#[cfg(not(feature = "nccl"))]
+#[path = "nccl_absent.rs"]
+pub mod nccl;
 pub mod receiver;
 pub mod sender;
 pub mod shm;

@@ -91,6 +91,7 @@ struct Slot {
     deadline: Instant,
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
+    nccl: Option<String>,
     attached: bool,
 }
 
@@ -195,6 +196,10 @@ impl Receiver {
     /// the stream of what arrives. Dropping the `Incoming` releases the reservation.
     pub fn reserve(&self, spec: ReserveSpec) -> Result<(TransferTarget, Incoming)> {
         let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        let nccl = match spec.backend {
+            Backend::Nccl => Some(crate::nccl::new_id()?),
+            _ => None,
+        };
         let shm = match spec.backend {
             Backend::Shm | Backend::Auto => match self.region(spec.bytes) {
                 Ok(r) => Some(Arc::new(r)),
@@ -204,8 +209,8 @@ impl Receiver {
                 }
                 Err(e) => return Err(e),
             },
-            Backend::Tcp => None,
-            Backend::Ucx | Backend::Nccl => {
+            Backend::Tcp | Backend::Nccl => None,
+            Backend::Ucx => {
                 return Err(TransferError::Unavailable(format!(
                     "{} is not built into this binary",
                     spec.backend.name()
@@ -226,6 +231,7 @@ impl Receiver {
                 offset: r.offset() as u64,
                 size: r.len() as u64,
             }),
+            nccl_id: nccl.clone(),
             deadline_unix_ms: deadline_ms(spec.deadline),
         };
         // A new reservation under the same id replaces (and fences off) the old one.
@@ -236,6 +242,7 @@ impl Receiver {
                 deadline,
                 tx,
                 shm,
+                nccl,
                 attached: false,
             },
         );
@@ -318,20 +325,26 @@ async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
         if frame::write_reply(conn.get_mut(), &reply).await.is_err() {
             return;
         }
-        let Ok((tx, shm, deadline)) = attached else {
+        let Ok(att) = attached else {
             continue;
         };
-        match receive(&mut conn, &inner.buffers, &tx, shm, deadline, peer).await {
+        match receive(&mut conn, &inner.buffers, &att, peer).await {
             Ok(()) => continue,
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                let _ = att.tx.send(Err(e)).await;
                 return;
             }
         }
     }
 }
 
-type Attached = (mpsc::Sender<Result<Event>>, Option<Arc<Region>>, Instant);
+/// What a connection needs once it is attached to a reservation.
+struct Attached {
+    tx: mpsc::Sender<Result<Event>>,
+    shm: Option<Arc<Region>>,
+    nccl: Option<String>,
+    deadline: Instant,
+}
 
 fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
     if fp != inner.cfg.fingerprint {
@@ -344,7 +357,12 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
     match slots.get_mut(&id) {
         Some(s) if s.epoch == epoch && !s.attached => {
             s.attached = true;
-            Ok((s.tx.clone(), s.shm.clone(), s.deadline))
+            Ok(Attached {
+                tx: s.tx.clone(),
+                shm: s.shm.clone(),
+                nccl: s.nccl.clone(),
+                deadline: s.deadline,
+            })
         }
         _ => Err(TransferError::StaleEpoch {
             transfer_id: id,
@@ -357,11 +375,22 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
 async fn receive(
     conn: &mut BufReader<TcpStream>,
     buffers: &Arc<BufPool>,
-    tx: &mpsc::Sender<Result<Event>>,
-    shm: Option<Arc<Region>>,
-    deadline: Instant,
+    att: &Attached,
     peer: SocketAddr,
 ) -> Result<()> {
+    let (tx, shm, deadline) = (&att.tx, &att.shm, att.deadline);
+    // NCCL: join the communicator as rank 0 (blocks until the sender joins as rank 1).
+    let link = match &att.nccl {
+        Some(id) => {
+            let id = id.clone();
+            let join = tokio::task::spawn_blocking(move || crate::nccl::Link::join(&id, 0, 0));
+            match timeout_at(deadline, join).await {
+                Err(_) => return Err(TransferError::DeadlineExceeded("NCCL communicator".into())),
+                Ok(j) => Some(Arc::new(j.map_err(|e| TransferError::Io(e.to_string()))??)),
+            }
+        }
+        None => None,
+    };
     let started = std::time::Instant::now();
     let (mut frames, mut bytes) = (0u64, 0u64);
     let mut backend = Backend::Tcp;
@@ -419,6 +448,39 @@ async fn receive(
                     layer,
                     tag,
                     data: Payload::Mapped(seg.clone(), range),
+                }
+            }
+            Frame::NcclData {
+                layer,
+                tag,
+                len,
+                checksum,
+            } => {
+                let link = link.clone().ok_or_else(|| {
+                    TransferError::Protocol("NCCL frame without a communicator".into())
+                })?;
+                let len = usize::try_from(len)
+                    .map_err(|_| TransferError::Protocol("NCCL chunk too large".into()))?;
+                let data = match timeout_at(
+                    deadline,
+                    tokio::task::spawn_blocking(move || link.recv(len)),
+                )
+                .await
+                {
+                    Err(_) => return Err(TransferError::DeadlineExceeded("NCCL receive".into())),
+                    Ok(j) => j.map_err(|e| TransferError::Io(e.to_string()))??,
+                };
+                if frame::checksum(layer, tag, &data) != checksum {
+                    return Err(TransferError::Checksum(format!(
+                        "layer {layer} chunk {tag:#x} over NCCL"
+                    )));
+                }
+                backend = Backend::Nccl;
+                bytes += data.len() as u64;
+                Event::Chunk {
+                    layer,
+                    tag,
+                    data: Payload::Owned(Arc::new(data.into())),
                 }
             }
             Frame::Meta(p) => Event::Meta(Payload::Owned(Arc::new(p.into()))),

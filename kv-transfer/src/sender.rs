@@ -132,8 +132,22 @@ impl Sender {
             Ok(Err(frame::ReplyError::Io(e))) => return Err(e),
             Ok(Ok(())) => {}
         }
+        let nccl = match (backend, &target.nccl_id) {
+            (Backend::Nccl, Some(id)) => {
+                let id = id.clone();
+                let join = tokio::task::spawn_blocking(move || crate::nccl::Link::join(&id, 1, 0));
+                match timeout_at(deadline, join).await {
+                    Err(_) => {
+                        return Err(TransferError::DeadlineExceeded("NCCL communicator".into()));
+                    }
+                    Ok(j) => Some(Arc::new(j.map_err(|e| TransferError::Io(e.to_string()))??)),
+                }
+            }
+            _ => None,
+        };
         Ok(Transfer {
             sender: self.clone(),
+            nccl,
             addr: target.addr.clone(),
             conn: Some(conn),
             shm,
@@ -190,6 +204,7 @@ fn copy_and_checksum(layer: u32, tag: u64, data: &[u8], dst: &mut [u8]) -> u64 {
 /// One open transfer. Dropping it without `commit` aborts it.
 pub struct Transfer {
     sender: Sender,
+    nccl: Option<Arc<crate::nccl::Link>>,
     addr: String,
     conn: Option<BufWriter<TcpStream>>,
     shm: Option<ShmTarget>,
@@ -230,6 +245,27 @@ impl Transfer {
     /// [`flush`]: Transfer::flush
     pub async fn send(&mut self, layer: u32, tag: u64, data: &[u8]) -> Result<()> {
         let deadline = self.deadline;
+        if let Some(link) = self.nccl.clone() {
+            let sum = frame::checksum(layer, tag, data);
+            let conn = self.conn()?;
+            timeout_at(deadline, async {
+                frame::write_nccl(conn, layer, tag, data.len() as u64, sum).await?;
+                conn.flush().await.map_err(TransferError::from)
+            })
+            .await
+            .map_err(|_| TransferError::DeadlineExceeded("send".into()))??;
+            let owned = data.to_vec();
+            timeout_at(
+                deadline,
+                tokio::task::spawn_blocking(move || link.send(&owned)),
+            )
+            .await
+            .map_err(|_| TransferError::DeadlineExceeded("NCCL send".into()))?
+            .map_err(|e| TransferError::Io(e.to_string()))??;
+            self.frames += 1;
+            self.bytes += data.len() as u64;
+            return Ok(());
+        }
         let res = if let Some(shm) = self.shm.as_ref() {
             let (start, end) = (self.cursor, self.cursor + data.len());
             if end > shm.size {

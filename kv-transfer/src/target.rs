@@ -77,6 +77,9 @@ pub struct TransferTarget {
     pub epoch: u64,
     /// Shared-memory segment, when offered.
     pub shm: Option<ShmDesc>,
+    /// NCCL unique id (hex), when NCCL is offered.
+    #[serde(default)]
+    pub nccl_id: Option<String>,
     /// Deadline, milliseconds since the Unix epoch.
     pub deadline_unix_ms: u64,
 }

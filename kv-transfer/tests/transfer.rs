@@ -261,3 +261,23 @@ async fn corrupted_frame_is_detected() {
     assert!(matches!(err, TransferError::Checksum(_)), "{err}");
     assert_eq!(r.active(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nccl_fails_cleanly_without_a_gpu() {
+    let r = receiver().await;
+    let err = r.reserve(spec(1, Backend::Nccl, 100, Duration::from_secs(5))).err().expect("no GPU here");
+    assert!(matches!(err, TransferError::Unavailable(_)), "{err}");
+    let msg = err.to_string();
+    if cfg!(feature = "nccl") {
+        assert!(msg.contains("NCCL/CUDA not available"), "{msg}");
+    } else {
+        assert!(msg.contains("not built"), "{msg}");
+    }
+    assert_eq!(r.active(), 0);
+    // A sender handed an NCCL target refuses it the same way (no panic from cudarc).
+    let (mut target, _inc) = r.reserve(spec(2, Backend::Tcp, 0, Duration::from_secs(5))).unwrap();
+    target.backend = Backend::Nccl;
+    target.nccl_id = Some("00".repeat(128));
+    let err = Sender::new(FP).open(&target).await.err().unwrap();
+    assert!(matches!(err, TransferError::Unavailable(_)), "{err}");
+}
