@@ -10,6 +10,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 log "prerequisites"
 missing=()
 command -v cc >/dev/null || missing+=(gcc)
+# UCX backend: headers and libraries, and libclang for bindgen.
+[ -f /usr/include/ucp/api/ucp.h ] || missing+=(libucx-dev)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -23,7 +26,7 @@ cargo fmt --all -- --check
 
 log "clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
-cargo clippy -p xpyd-kv-transfer --all-targets --release --features nccl -- -D warnings
+cargo clippy -p xpyd-kv-transfer -p xpyd --all-targets --release --features xpyd/ucx,xpyd/nccl -- -D warnings
 
 log "build"
 cargo build --release --workspace --all-targets
@@ -38,6 +41,12 @@ cargo test --release --workspace
 
 log "tests: kv-transfer with the nccl feature (no GPU here: the clean-failure path)"
 cargo test --release -p xpyd-kv-transfer --features nccl
+
+log "tests: UCX over its tcp transport, then over shared memory"
+UCX_TLS=tcp cargo test --release -p xpyd-kv-transfer --features ucx
+UCX_TLS=sm,self cargo test --release -p xpyd-kv-transfer --features ucx --test transfer
+UCX_TLS=tcp cargo test --release -p xpyd --features ucx --test kv_processes
+UCX_TLS=sm,self cargo test --release -p xpyd --features ucx --test kv_processes
 
 log "benches compile"
 cargo bench --workspace --no-run

@@ -16,8 +16,8 @@ pub struct BenchKvArgs {
     /// Timed rounds per measurement (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Backends to measure.
-    #[arg(long, value_delimiter = ',', default_value = "tcp,shm")]
+    /// Backends to measure (default: tcp, shm, and ucx when built).
+    #[arg(long, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,shm,ucx" } else { "tcp,shm" })]
     pub backends: Vec<String>,
     /// Skip the real-model streaming measurement.
     #[arg(long)]

@@ -4,7 +4,7 @@
 //! 'O' transfer_id u64 | epoch u64 | fp_len u16 | fingerprint      → reply
 //! 'D' layer u32 | tag u64 | len u64 | payload | xxh3 u64            data frame
 //! 'S' layer u32 | tag u64 | offset u64 | len u64 | xxh3 u64         data already in shm
-//! 'N' layer u32 | tag u64 | len u64 | xxh3 u64                     data follows over NCCL
+//! 'N' layer u32 | tag u64 | len u64 | xxh3 u64                     data follows over NCCL/UCX
 //! 'M' len u64 | payload | xxh3 u64                                  opaque metadata
 //! 'C' frames u64                                                    commit → reply
 //! 'A'                                                               abort
@@ -55,8 +55,8 @@ pub enum Frame {
         /// xxh3 of layer, tag and the bytes.
         checksum: u64,
     },
-    /// A chunk that follows over the NCCL communicator.
-    NcclData {
+    /// A chunk whose bytes follow over NCCL or UCX.
+    OutOfBand {
         /// Layer index.
         layer: u32,
         /// Opaque caller data.
@@ -139,8 +139,8 @@ pub async fn write_shm<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Writes an NCCL data notice.
-pub async fn write_nccl<W: AsyncWrite + Unpin>(
+/// Writes an out-of-band data notice.
+pub async fn write_oob<W: AsyncWrite + Unpin>(
     w: &mut W,
     layer: u32,
     tag: u64,
@@ -296,7 +296,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             len: r.read_u64_le().await?,
             checksum: r.read_u64_le().await?,
         },
-        b'N' => Frame::NcclData {
+        b'N' => Frame::OutOfBand {
             layer: r.read_u32_le().await?,
             tag: r.read_u64_le().await?,
             len: r.read_u64_le().await?,
@@ -363,12 +363,12 @@ mod tests {
                 } => write_shm(&mut buf, *layer, *tag, *offset, *len, *checksum)
                     .await
                     .unwrap(),
-                Frame::NcclData {
+                Frame::OutOfBand {
                     layer,
                     tag,
                     len,
                     checksum,
-                } => write_nccl(&mut buf, *layer, *tag, *len, *checksum)
+                } => write_oob(&mut buf, *layer, *tag, *len, *checksum)
                     .await
                     .unwrap(),
                 Frame::Meta(p) => write_meta(&mut buf, p).await.unwrap(),

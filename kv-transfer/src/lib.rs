@@ -20,10 +20,13 @@ pub mod nccl;
 #[cfg(not(feature = "nccl"))]
 #[path = "nccl_absent.rs"]
 pub mod nccl;
+pub mod oob;
 pub mod receiver;
 pub mod sender;
 pub mod shm;
 pub mod target;
+#[cfg(feature = "ucx")]
+pub mod ucx;
 
 pub use error::{Result, TransferError};
 pub use receiver::{Event, Incoming, Receiver, ReceiverConfig, ReserveSpec, Stats};

@@ -4,6 +4,7 @@ use crate::buffers::BufPool;
 use crate::error::{Result, TransferError};
 use crate::frame::{self, Frame};
 use crate::metrics as m;
+use crate::oob::RecvLink;
 use crate::shm::{Arena, Payload, Region};
 use crate::target::{Backend, ShmDesc, TransferTarget, deadline_ms, host_id};
 use std::collections::HashMap;
@@ -92,6 +93,7 @@ struct Slot {
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
     nccl: Option<String>,
+    ucx: bool,
     attached: bool,
 }
 
@@ -200,6 +202,12 @@ impl Receiver {
             Backend::Nccl => Some(crate::nccl::new_id()?),
             _ => None,
         };
+        // UCX is offered when asked for, and with `auto` whenever it is built.
+        let ucx_addr = match spec.backend {
+            Backend::Ucx => Some(crate::oob::ucx_address()?),
+            Backend::Auto => crate::oob::ucx_address().ok(),
+            _ => None,
+        };
         let shm = match spec.backend {
             Backend::Shm | Backend::Auto => match self.region(spec.bytes) {
                 Ok(r) => Some(Arc::new(r)),
@@ -209,13 +217,7 @@ impl Receiver {
                 }
                 Err(e) => return Err(e),
             },
-            Backend::Tcp | Backend::Nccl => None,
-            Backend::Ucx => {
-                return Err(TransferError::Unavailable(format!(
-                    "{} is not built into this binary",
-                    spec.backend.name()
-                )));
-            }
+            Backend::Tcp | Backend::Nccl | Backend::Ucx => None,
         };
         let (tx, rx) = mpsc::channel(self.inner.cfg.queue.max(1));
         let deadline = Instant::now() + spec.deadline;
@@ -231,6 +233,7 @@ impl Receiver {
                 offset: r.offset() as u64,
                 size: r.len() as u64,
             }),
+            ucx_addr: ucx_addr.clone(),
             nccl_id: nccl.clone(),
             deadline_unix_ms: deadline_ms(spec.deadline),
         };
@@ -243,6 +246,7 @@ impl Receiver {
                 tx,
                 shm,
                 nccl,
+                ucx: ucx_addr.is_some(),
                 attached: false,
             },
         );
@@ -343,6 +347,8 @@ struct Attached {
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
     nccl: Option<String>,
+    /// The reservation's epoch when UCX was offered (it scopes the UCX tags).
+    ucx_epoch: Option<u64>,
     deadline: Instant,
 }
 
@@ -361,6 +367,7 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
                 tx: s.tx.clone(),
                 shm: s.shm.clone(),
                 nccl: s.nccl.clone(),
+                ucx_epoch: s.ucx.then_some(epoch),
                 deadline: s.deadline,
             })
         }
@@ -380,16 +387,21 @@ async fn receive(
 ) -> Result<()> {
     let (tx, shm, deadline) = (&att.tx, &att.shm, att.deadline);
     // NCCL: join the communicator as rank 0 (blocks until the sender joins as rank 1).
-    let link = match &att.nccl {
-        Some(id) => {
+    // UCX: receive on this process's worker, tags scoped by the epoch.
+    let link: Option<RecvLink> = match (&att.nccl, att.ucx_epoch) {
+        (Some(id), _) => {
             let id = id.clone();
             let join = tokio::task::spawn_blocking(move || crate::nccl::Link::join(&id, 0, 0));
             match timeout_at(deadline, join).await {
                 Err(_) => return Err(TransferError::DeadlineExceeded("NCCL communicator".into())),
-                Ok(j) => Some(Arc::new(j.map_err(|e| TransferError::Io(e.to_string()))??)),
+                Ok(j) => Some(RecvLink::Nccl(Arc::new(
+                    j.map_err(|e| TransferError::Io(e.to_string()))??,
+                ))),
             }
         }
-        None => None,
+        #[cfg(feature = "ucx")]
+        (None, Some(epoch)) => Some(RecvLink::Ucx(crate::oob::ucx_worker()?, epoch)),
+        _ => None,
     };
     let started = std::time::Instant::now();
     let (mut frames, mut bytes) = (0u64, 0u64);
@@ -450,32 +462,39 @@ async fn receive(
                     data: Payload::Mapped(seg.clone(), range),
                 }
             }
-            Frame::NcclData {
+            Frame::OutOfBand {
                 layer,
                 tag,
                 len,
                 checksum,
             } => {
                 let link = link.clone().ok_or_else(|| {
-                    TransferError::Protocol("NCCL frame without a communicator".into())
+                    TransferError::Protocol("out-of-band frame without a link".into())
                 })?;
                 let len = usize::try_from(len)
-                    .map_err(|_| TransferError::Protocol("NCCL chunk too large".into()))?;
+                    .map_err(|_| TransferError::Protocol("chunk too large".into()))?;
+                let index = frames;
+                backend = link.backend();
                 let data = match timeout_at(
                     deadline,
-                    tokio::task::spawn_blocking(move || link.recv(len)),
+                    tokio::task::spawn_blocking(move || link.recv(index, len, deadline.into_std())),
                 )
                 .await
                 {
-                    Err(_) => return Err(TransferError::DeadlineExceeded("NCCL receive".into())),
+                    Err(_) => {
+                        return Err(TransferError::DeadlineExceeded(format!(
+                            "{} receive",
+                            backend.name()
+                        )));
+                    }
                     Ok(j) => j.map_err(|e| TransferError::Io(e.to_string()))??,
                 };
                 if frame::checksum(layer, tag, &data) != checksum {
                     return Err(TransferError::Checksum(format!(
-                        "layer {layer} chunk {tag:#x} over NCCL"
+                        "layer {layer} chunk {tag:#x} over {}",
+                        backend.name()
                     )));
                 }
-                backend = Backend::Nccl;
                 bytes += data.len() as u64;
                 Event::Chunk {
                     layer,

@@ -3,6 +3,7 @@
 use crate::error::{Result, TransferError};
 use crate::frame;
 use crate::metrics as m;
+use crate::oob::SendLink;
 use crate::receiver::Stats;
 use crate::shm::Segment;
 use crate::target::{Backend, TransferTarget, host_id};
@@ -50,7 +51,9 @@ impl Sender {
                 "shm needs the receiver on this host".into(),
             )),
             Backend::Auto if same_host => Ok(Backend::Shm),
+            Backend::Auto if cfg!(feature = "ucx") && target.ucx_addr.is_some() => Ok(Backend::Ucx),
             Backend::Auto => Ok(Backend::Tcp),
+            Backend::Ucx if cfg!(feature = "ucx") && target.ucx_addr.is_some() => Ok(Backend::Ucx),
             b @ (Backend::Ucx | Backend::Nccl) => Err(TransferError::Unavailable(format!(
                 "{} is not built into this binary",
                 b.name()
@@ -132,22 +135,33 @@ impl Sender {
             Ok(Err(frame::ReplyError::Io(e))) => return Err(e),
             Ok(Ok(())) => {}
         }
-        let nccl = match (backend, &target.nccl_id) {
-            (Backend::Nccl, Some(id)) => {
+        let oob = match (backend, &target.nccl_id, &target.ucx_addr) {
+            (Backend::Nccl, Some(id), _) => {
                 let id = id.clone();
                 let join = tokio::task::spawn_blocking(move || crate::nccl::Link::join(&id, 1, 0));
                 match timeout_at(deadline, join).await {
                     Err(_) => {
                         return Err(TransferError::DeadlineExceeded("NCCL communicator".into()));
                     }
-                    Ok(j) => Some(Arc::new(j.map_err(|e| TransferError::Io(e.to_string()))??)),
+                    Ok(j) => Some(SendLink::Nccl(Arc::new(
+                        j.map_err(|e| TransferError::Io(e.to_string()))??,
+                    ))),
+                }
+            }
+            #[cfg(feature = "ucx")]
+            (Backend::Ucx, _, Some(addr)) => {
+                let (addr, epoch) = (addr.clone(), target.epoch);
+                let connect = tokio::task::spawn_blocking(move || SendLink::ucx(&addr, epoch));
+                match timeout_at(deadline, connect).await {
+                    Err(_) => return Err(TransferError::DeadlineExceeded("UCX endpoint".into())),
+                    Ok(j) => Some(j.map_err(|e| TransferError::Io(e.to_string()))??),
                 }
             }
             _ => None,
         };
         Ok(Transfer {
             sender: self.clone(),
-            nccl,
+            oob,
             addr: target.addr.clone(),
             conn: Some(conn),
             shm,
@@ -204,7 +218,7 @@ fn copy_and_checksum(layer: u32, tag: u64, data: &[u8], dst: &mut [u8]) -> u64 {
 /// One open transfer. Dropping it without `commit` aborts it.
 pub struct Transfer {
     sender: Sender,
-    nccl: Option<Arc<crate::nccl::Link>>,
+    oob: Option<SendLink>,
     addr: String,
     conn: Option<BufWriter<TcpStream>>,
     shm: Option<ShmTarget>,
@@ -245,22 +259,22 @@ impl Transfer {
     /// [`flush`]: Transfer::flush
     pub async fn send(&mut self, layer: u32, tag: u64, data: &[u8]) -> Result<()> {
         let deadline = self.deadline;
-        if let Some(link) = self.nccl.clone() {
+        if let Some(link) = self.oob.clone() {
             let sum = frame::checksum(layer, tag, data);
             let conn = self.conn()?;
             timeout_at(deadline, async {
-                frame::write_nccl(conn, layer, tag, data.len() as u64, sum).await?;
+                frame::write_oob(conn, layer, tag, data.len() as u64, sum).await?;
                 conn.flush().await.map_err(TransferError::from)
             })
             .await
             .map_err(|_| TransferError::DeadlineExceeded("send".into()))??;
-            let owned = data.to_vec();
+            let (owned, index, std_deadline) = (data.to_vec(), self.frames, deadline.into_std());
             timeout_at(
                 deadline,
-                tokio::task::spawn_blocking(move || link.send(&owned)),
+                tokio::task::spawn_blocking(move || link.send(index, owned, std_deadline)),
             )
             .await
-            .map_err(|_| TransferError::DeadlineExceeded("NCCL send".into()))?
+            .map_err(|_| TransferError::DeadlineExceeded("out-of-band send".into()))?
             .map_err(|e| TransferError::Io(e.to_string()))??;
             self.frames += 1;
             self.bytes += data.len() as u64;

@@ -77,6 +77,9 @@ pub struct TransferTarget {
     pub epoch: u64,
     /// Shared-memory segment, when offered.
     pub shm: Option<ShmDesc>,
+    /// The receiver's UCX worker address (hex), when UCX is offered.
+    #[serde(default)]
+    pub ucx_addr: Option<String>,
     /// NCCL unique id (hex), when NCCL is offered.
     #[serde(default)]
     pub nccl_id: Option<String>,

@@ -9,6 +9,15 @@ use xpyd_kv_transfer::{
 
 const FP: &str = "model-a";
 
+/// Every backend this build can run here.
+fn backends() -> Vec<Backend> {
+    let mut b = vec![Backend::Tcp, Backend::Shm];
+    if cfg!(feature = "ucx") {
+        b.push(Backend::Ucx);
+    }
+    b
+}
+
 async fn receiver() -> Receiver {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Receiver::start(ReceiverConfig::new(FP), l).unwrap()
@@ -93,11 +102,12 @@ proptest! {
         chunks in 1usize..4,
         size in 0usize..40_000,
         seed in any::<u8>(),
-        shm in any::<bool>(),
+        which in 0usize..16,
     ) {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let items = payloads(layers, chunks, size, seed);
-        let backend = if shm { Backend::Shm } else { Backend::Tcp };
+        let built = backends();
+        let backend = built[which % built.len()];
         let (got, used) = rt.block_on(round_trip(backend, items.clone()));
         prop_assert_eq!(used, backend);
         prop_assert_eq!(got, items);
@@ -265,7 +275,10 @@ async fn corrupted_frame_is_detected() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nccl_fails_cleanly_without_a_gpu() {
     let r = receiver().await;
-    let err = r.reserve(spec(1, Backend::Nccl, 100, Duration::from_secs(5))).err().expect("no GPU here");
+    let err = r
+        .reserve(spec(1, Backend::Nccl, 100, Duration::from_secs(5)))
+        .err()
+        .expect("no GPU here");
     assert!(matches!(err, TransferError::Unavailable(_)), "{err}");
     let msg = err.to_string();
     if cfg!(feature = "nccl") {
@@ -275,9 +288,43 @@ async fn nccl_fails_cleanly_without_a_gpu() {
     }
     assert_eq!(r.active(), 0);
     // A sender handed an NCCL target refuses it the same way (no panic from cudarc).
-    let (mut target, _inc) = r.reserve(spec(2, Backend::Tcp, 0, Duration::from_secs(5))).unwrap();
+    let (mut target, _inc) = r
+        .reserve(spec(2, Backend::Tcp, 0, Duration::from_secs(5)))
+        .unwrap();
     target.backend = Backend::Nccl;
     target.nccl_id = Some("00".repeat(128));
     let err = Sender::new(FP).open(&target).await.err().unwrap();
+    assert!(matches!(err, TransferError::Unavailable(_)), "{err}");
+}
+
+#[cfg(feature = "ucx")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ucx_round_trips_and_is_offered_by_auto() {
+    let (got, used) = round_trip(Backend::Ucx, payloads(4, 3, 100_000, 9)).await;
+    assert_eq!(used, Backend::Ucx);
+    assert_eq!(got, payloads(4, 3, 100_000, 9));
+    let r = receiver().await;
+    let (target, _inc) = r
+        .reserve(spec(1, Backend::Auto, 10, Duration::from_secs(5)))
+        .unwrap();
+    assert!(
+        target.ucx_addr.is_some(),
+        "auto offers UCX when it is built"
+    );
+    assert_eq!(
+        Sender::new(FP).choose(&target).unwrap(),
+        Backend::Shm,
+        "same host still prefers shm"
+    );
+}
+
+#[cfg(not(feature = "ucx"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ucx_is_unavailable_when_not_built() {
+    let r = receiver().await;
+    let err = r
+        .reserve(spec(1, Backend::Ucx, 10, Duration::from_secs(5)))
+        .err()
+        .unwrap();
     assert!(matches!(err, TransferError::Unavailable(_)), "{err}");
 }
