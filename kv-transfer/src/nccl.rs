@@ -67,10 +67,7 @@ struct Endpoint {
 
 impl Endpoint {
     fn join(id_hex: &str, rank: usize, device: usize) -> Result<Self> {
-        let bytes: Vec<u8> = (0..id_hex.len() / 2)
-            .map(|i| u8::from_str_radix(&id_hex[2 * i..2 * i + 2], 16))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|_| TransferError::Protocol("NCCL id is not hex".into()))?;
+        let bytes = crate::oob::unhex(id_hex)?;
         let mut internal = [0 as std::ffi::c_char; 128];
         if bytes.len() != internal.len() {
             return Err(TransferError::Protocol(format!(

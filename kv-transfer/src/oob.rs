@@ -43,12 +43,17 @@ pub fn ucx_address() -> Result<String> {
     }
 }
 
-/// Decodes a hex string.
+/// Hex-encodes bytes (addresses and ids travel in the JSON target).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Decodes a hex string; anything else is a protocol error, never a panic.
 pub fn unhex(s: &str) -> Result<Vec<u8>> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(s.get(2 * i..2 * i + 2).unwrap_or("zz"), 16))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|_| TransferError::Protocol("address is not hex".into()))
+        .map_err(|_| TransferError::Protocol("address or id is not hex".into()))
 }
 
 /// The sending end of an out-of-band path.
@@ -79,16 +84,17 @@ impl SendLink {
         }
     }
 
-    /// Moves the `index`-th frame's bytes (blocking).
+    /// Moves the `index`-th frame's bytes (blocking). NCCL pairs sends and receives by
+    /// order, so it needs neither the index nor a deadline of its own.
     pub fn send(&self, index: u64, data: Vec<u8>, deadline: Instant) -> Result<()> {
         match self {
-            SendLink::Nccl(l) => l.send(&data),
+            SendLink::Nccl(l) => {
+                let _ = (index, deadline);
+                l.send(&data)
+            }
             #[cfg(feature = "ucx")]
             SendLink::Ucx(w, ep, epoch) => w.send(*ep, ucx_tag(*epoch, index), data, deadline),
         }
-        .map(|()| {
-            let _ = (index, deadline);
-        })
     }
 }
 
@@ -114,9 +120,11 @@ impl RecvLink {
 
     /// Receives the `index`-th frame's `len` bytes (blocking).
     pub fn recv(&self, index: u64, len: usize, deadline: Instant) -> Result<Vec<u8>> {
-        let _ = (index, deadline);
         match self {
-            RecvLink::Nccl(l) => l.recv(len),
+            RecvLink::Nccl(l) => {
+                let _ = (index, deadline);
+                l.recv(len)
+            }
             #[cfg(feature = "ucx")]
             RecvLink::Ucx(w, epoch) => w.recv(ucx_tag(*epoch, index), len, deadline),
         }

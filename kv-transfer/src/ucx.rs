@@ -236,7 +236,7 @@ impl Owner {
     fn run(&mut self, inbox: mpsc::Receiver<Request>) {
         loop {
             let next = if self.inflight.is_empty() {
-                match inbox.recv_timeout(Duration::from_millis(5)) {
+                match inbox.recv_timeout(Duration::from_micros(200)) {
                     Ok(r) => Some(r),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => return,
