@@ -89,7 +89,7 @@ impl Sender {
             }),
             _ => None,
         };
-        tracing::debug!(transfer = target.transfer_id, backend = backend.name(), peer = %target.addr, "kv transfer open");
+        tracing::info!(transfer = target.transfer_id, backend = backend.name(), requested = target.backend.name(), peer = %target.addr, "kv transfer backend chosen");
         let pooled = self
             .pool
             .lock()
