@@ -1,35 +1,8 @@
 //! The `xpyd` binary as a separate process.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-fn xpyd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xpyd"))
-}
-
-/// Writes the default tiny model into a fresh temp dir.
-fn tiny_model() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    xpyd_engine::testing::TinyModel::default()
-        .write(&model)
-        .unwrap();
-    (dir, model)
-}
-
-fn real_model() -> Option<PathBuf> {
-    match std::env::var_os("XPYD_MODEL").map(PathBuf::from) {
-        Some(p) if p.exists() => Some(p),
-        other => {
-            let msg = format!("real model not found (XPYD_MODEL={other:?}); run ./scripts/test.sh");
-            if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
-            None
-        }
-    }
-}
+use common::{real_model, tiny_model, xpyd};
 
 #[test]
 fn generate_streams_the_same_tokens_as_the_engine() {

@@ -1,10 +1,12 @@
 //! KV transfers between separate processes (`xpyd kv-harness`): faults and the
 //! prefill → transfer → decode path with the engine on both sides.
 
+mod common;
+
+use common::{real_model, tiny_model, xpyd};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 /// Backends built into the binary under test.
@@ -14,10 +16,6 @@ fn backends() -> Vec<&'static str> {
         b.push("ucx");
     }
     b
-}
-
-fn xpyd() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_xpyd"))
 }
 
 struct Recv {
@@ -191,15 +189,6 @@ fn wrong_fingerprint_is_rejected_across_processes() {
     let _ = r.result();
 }
 
-fn tiny_model() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("tiny.gguf");
-    xpyd_engine::testing::TinyModel::default()
-        .write(&model)
-        .unwrap();
-    (dir, model)
-}
-
 /// Prefill in one process, stream layer by layer, decode in another; compare with one
 /// engine in this process.
 fn disaggregated_equals_single(
@@ -287,15 +276,7 @@ fn tiny_model_prefill_transfer_decode_across_processes() {
 
 #[test]
 fn real_model_prefill_transfer_decode_across_processes() {
-    let model = match std::env::var_os("XPYD_MODEL").map(PathBuf::from) {
-        Some(p) if p.exists() => p,
-        other => {
-            let msg = format!("real model not found (XPYD_MODEL={other:?})");
-            assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{msg}");
-            eprintln!("SKIPPED: {msg}");
-            return;
-        }
-    };
+    let Some(model) = real_model() else { return };
     disaggregated_equals_single(
         &model,
         "What is the capital of France?",
