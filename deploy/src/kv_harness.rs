@@ -340,7 +340,7 @@ async fn send_prefill(a: SendArgs, target: TransferTarget) -> Result<()> {
             .encode_chat(&[xpyd_engine::ChatMessage::new("user", p)])?,
         (Some(p), _) => engine.tokenizer().encode(p)?,
         (None, Some(n)) => crate::bench_engine::prompt_tokens(&engine, n, n)?,
-        (None, None) => unreachable!("checked by the caller"),
+        (None, None) => bail!("give --prompt or --prompt-tokens"),
     };
     let params = SamplingParams {
         max_tokens: a.max_tokens,
