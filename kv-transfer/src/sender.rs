@@ -205,14 +205,12 @@ struct ShmTarget {
 /// returning the chunk checksum.
 fn copy_and_checksum(layer: u32, tag: u64, data: &[u8], dst: &mut [u8]) -> u64 {
     const PIECE: usize = 64 * 1024;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    h.update(&layer.to_le_bytes());
-    h.update(&tag.to_le_bytes());
+    let mut crc = frame::checksum_start(layer, tag);
     for (src, out) in data.chunks(PIECE).zip(dst.chunks_mut(PIECE)) {
         out.copy_from_slice(src);
-        h.update(src);
+        crc = frame::checksum_update(crc, src);
     }
-    h.digest()
+    crc as u64
 }
 
 /// One open transfer. Dropping it without `commit` aborts it.
