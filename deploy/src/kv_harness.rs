@@ -228,26 +228,45 @@ async fn receive_one(
         };
         match ev? {
             Event::Meta(m) => {
+                let m = m.verified()?;
                 match engine.as_deref_mut() {
                     Some(e) if metas == 0 => {
-                        let (h, _) = KvHeader::decode(&m).map_err(|e| anyhow::anyhow!("{e}"))?;
+                        let (h, _) = KvHeader::decode(m).map_err(|e| anyhow::anyhow!("{e}"))?;
                         e.begin_import(id, &h)?;
                     }
-                    Some(e) => e.import_resume(id, serde_json::from_slice::<ResumeState>(&m)?)?,
-                    None => meta = String::from_utf8_lossy(&m).into_owned(),
+                    Some(e) => e.import_resume(id, serde_json::from_slice::<ResumeState>(m)?)?,
+                    None => meta = String::from_utf8_lossy(m).into_owned(),
                 }
                 metas += 1;
             }
             Event::Chunk { layer, tag, data } => {
                 chunks += 1;
                 match engine.as_deref_mut() {
-                    Some(e) => e.import_rows(id, layer, (tag >> 32) as u32, tag as u32, &data)?,
+                    // Straight into the KV blocks, verified while copying.
+                    Some(e) => {
+                        let mut reader = data.reader();
+                        let (start, count) = ((tag >> 32) as u32, tag as u32);
+                        e.import_rows_with(
+                            id,
+                            layer,
+                            start,
+                            count,
+                            data.len(),
+                            &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
+                        )?;
+                        if let Err(err) = reader.finish() {
+                            e.remove(id);
+                            return Err(err.into());
+                        }
+                    }
                     None => {
                         let end = at + data.len();
                         if end > dest.len() {
                             bail!("received more than the {} bytes reserved", dest.len());
                         }
-                        dest[at..end].copy_from_slice(&data);
+                        let mut reader = data.reader();
+                        reader.copy_to(0, &mut dest[at..end])?;
+                        reader.finish()?;
                         at = end;
                     }
                 }

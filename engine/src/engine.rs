@@ -12,13 +12,6 @@ use crate::tokenizer::Tokenizer;
 use candle_core::quantized::gguf_file;
 use std::collections::HashMap;
 
-/// Borrowed view of a layer chunk being imported.
-struct ChunkRef<'a> {
-    layer: u32,
-    start: u32,
-    count: u32,
-    payload: &'a [u8],
-}
 use std::io::Read;
 
 /// Where a sequence is in its life.
@@ -516,7 +509,27 @@ impl Engine {
         count: u32,
         payload: &[u8],
     ) -> Result<()> {
-        let res = self.try_import_rows(id, layer, start, count, payload);
+        self.import_rows_with(id, layer, start, count, payload.len(), &mut |off, dst| {
+            dst.copy_from_slice(&payload[off..off + dst.len()]);
+            Ok(())
+        })
+    }
+
+    /// Like [`Engine::import_rows`], with the bytes supplied by `fill(offset, dst)`: it
+    /// must write payload bytes `offset..offset + dst.len()` into `dst` (straight into the
+    /// KV blocks). Calls come in payload order and cover all `len` bytes, so a transport
+    /// can verify a checksum while it copies; an `Err` from `fill` fails the import and
+    /// frees the sequence's blocks.
+    pub fn import_rows_with(
+        &mut self,
+        id: u64,
+        layer: u32,
+        start: u32,
+        count: u32,
+        len: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> std::result::Result<(), String>,
+    ) -> Result<()> {
+        let res = self.try_import_rows(id, layer, start, count, len, fill);
         if matches!(res, Err(EngineError::KvImport(_))) {
             self.remove(id);
         }
@@ -524,7 +537,18 @@ impl Engine {
     }
 
     fn try_import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
-        self.try_import_rows(id, chunk.layer, chunk.start, chunk.count, &chunk.payload)
+        let payload = &chunk.payload;
+        self.try_import_rows(
+            id,
+            chunk.layer,
+            chunk.start,
+            chunk.count,
+            payload.len(),
+            &mut |off, dst| {
+                dst.copy_from_slice(&payload[off..off + dst.len()]);
+                Ok(())
+            },
+        )
     }
 
     fn try_import_rows(
@@ -533,14 +557,9 @@ impl Engine {
         layer_idx: u32,
         start: u32,
         n: u32,
-        payload: &[u8],
+        len: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> std::result::Result<(), String>,
     ) -> Result<()> {
-        let chunk = ChunkRef {
-            layer: layer_idx,
-            start,
-            count: n,
-            payload,
-        };
         let row_bytes = self.model.config().kv_dim() * self.cfg.kv_dtype.size();
         let s = self
             .seqs
@@ -553,46 +572,42 @@ impl Engine {
                 expected: "importing",
             });
         };
-        let layer = chunk.layer as usize;
+        let layer = layer_idx as usize;
         let Some(have) = filled.get(layer).copied() else {
-            return Err(KvFormatError::Geometry(format!(
-                "layer {} of {}",
-                chunk.layer,
-                filled.len()
-            ))
-            .into());
+            return Err(
+                KvFormatError::Geometry(format!("layer {layer_idx} of {}", filled.len())).into(),
+            );
         };
-        if chunk.start != have {
+        if start != have {
             return Err(KvFormatError::OutOfOrder {
-                layer: chunk.layer,
-                start: chunk.start,
+                layer: layer_idx,
+                start,
                 expected: have,
             }
             .into());
         }
-        let count = chunk.count as usize;
-        if chunk.start as usize + count > s.cached {
+        let count = n as usize;
+        if start as usize + count > s.cached {
             return Err(KvFormatError::Geometry(format!(
-                "layer {} chunk ends at {}, beyond {} tokens",
-                chunk.layer,
-                chunk.start as usize + count,
+                "layer {layer_idx} chunk ends at {}, beyond {} tokens",
+                start as usize + count,
                 s.cached
             ))
             .into());
         }
-        if chunk.payload.len() != 2 * count * row_bytes {
+        if len != 2 * count * row_bytes {
             return Err(KvFormatError::Geometry(format!(
-                "layer {} chunk has {} bytes, expected {}",
-                chunk.layer,
-                chunk.payload.len(),
+                "layer {layer_idx} chunk has {len} bytes, expected {}",
                 2 * count * row_bytes
             ))
             .into());
         }
-        let (k, v) = chunk.payload.split_at(count * row_bytes);
         self.kv
-            .write_rows_bytes(layer, &s.table, chunk.start as usize, k, v);
-        filled[layer] += chunk.count;
+            .fill_rows(layer, &s.table, start as usize, count, fill)
+            .map_err(|e| KvFormatError::Checksum {
+                what: format!("layer {layer_idx} chunk at {start}: {e}"),
+            })?;
+        filled[layer] += n;
         Ok(())
     }
 

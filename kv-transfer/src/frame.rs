@@ -284,9 +284,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         b'D' => {
             let layer = r.read_u32_le().await?;
             let tag = r.read_u64_le().await?;
-            let payload = read_payload(r, pool).await?;
+            let (payload, crc) = read_payload(r, pool, checksum_start(layer, tag)).await?;
             let sum = r.read_u64_le().await?;
-            if checksum(layer, tag, &payload) != sum {
+            if crc as u64 != sum {
                 return Err(TransferError::Checksum(format!(
                     "layer {layer} chunk {tag:#x}"
                 )));
@@ -311,9 +311,9 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             checksum: r.read_u64_le().await?,
         },
         b'M' => {
-            let payload = read_payload(r, pool).await?;
+            let (payload, crc) = read_payload(r, pool, checksum_start(u32::MAX, u64::MAX)).await?;
             let sum = r.read_u64_le().await?;
-            if checksum(u32::MAX, u64::MAX, &payload) != sum {
+            if crc as u64 != sum {
                 return Err(TransferError::Checksum("metadata".into()));
             }
             Frame::Meta(payload.to_vec())
@@ -329,7 +329,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(frame))
 }
 
-async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, pool: &Arc<BufPool>) -> Result<PooledBuf> {
+/// Reads a length-prefixed payload, continuing `crc` over it piece by piece while the
+/// piece is still in cache.
+async fn read_payload<R: AsyncRead + Unpin>(
+    r: &mut R,
+    pool: &Arc<BufPool>,
+    mut crc: u32,
+) -> Result<(PooledBuf, u32)> {
+    const PIECE: usize = 256 * 1024;
     let len = r.read_u64_le().await?;
     if len > MAX_PAYLOAD {
         return Err(TransferError::Protocol(format!(
@@ -337,8 +344,11 @@ async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, pool: &Arc<BufPool>) -> R
         )));
     }
     let mut payload = pool.get(len as usize);
-    r.read_exact(payload.as_mut_slice()).await?;
-    Ok(payload)
+    for piece in payload.as_mut_slice().chunks_mut(PIECE) {
+        r.read_exact(piece).await?;
+        crc = checksum_update(crc, piece);
+    }
+    Ok((payload, crc))
 }
 
 #[cfg(test)]

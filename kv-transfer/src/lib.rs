@@ -31,5 +31,5 @@ pub mod ucx;
 pub use error::{Result, TransferError};
 pub use receiver::{Event, Incoming, Receiver, ReceiverConfig, ReserveSpec, Stats};
 pub use sender::{Sender, Transfer};
-pub use shm::Payload;
+pub use shm::{Payload, PayloadReader};
 pub use target::{Backend, ShmDesc, TransferTarget};

@@ -210,30 +210,143 @@ impl Drop for Region {
     }
 }
 
-/// Bytes of a received chunk: owned (tcp) or a range of the receiver's shared region
-/// (shm, zero-copy: the sender wrote them there directly).
+/// The checksum a chunk must match, checked by whoever reads it first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expect {
+    /// Layer index.
+    pub layer: u32,
+    /// The sender's tag.
+    pub tag: u64,
+    /// Expected checksum.
+    pub checksum: u64,
+}
+
+/// Bytes of a received chunk: owned (tcp, verified on receipt) or a range of the
+/// receiver's shared region (shm, zero-copy: the sender wrote them there directly). A
+/// shared range is verified as it is read: through [`Payload::reader`], which checks the
+/// checksum while copying into the destination (one pass), or [`Payload::verified`].
 #[derive(Debug, Clone)]
 pub enum Payload {
-    /// Received into a (pooled) buffer.
+    /// Received into a (pooled) buffer; already verified.
     Owned(Arc<PooledBuf>),
-    /// A range of a shared region (relative to the region).
-    Mapped(Arc<Region>, std::ops::Range<usize>),
+    /// A range of a shared region (relative to the region), with its checksum.
+    Mapped(Arc<Region>, std::ops::Range<usize>, Expect),
 }
 
 impl Payload {
-    /// The bytes.
-    pub fn as_slice(&self) -> &[u8] {
+    fn raw(&self) -> &[u8] {
         match self {
             Payload::Owned(v) => v,
-            Payload::Mapped(s, r) => &s.bytes()[r.clone()],
+            Payload::Mapped(s, r, _) => &s.bytes()[r.clone()],
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.raw().len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.raw().is_empty()
+    }
+
+    /// The bytes, after verifying them (a read pass for shared ranges).
+    pub fn verified(&self) -> Result<&[u8]> {
+        let mut r = self.reader();
+        r.check(self.raw())?;
+        Ok(self.raw())
+    }
+
+    /// A verified copy.
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len()];
+        let mut r = self.reader();
+        r.copy_to(0, &mut out)?;
+        r.finish()?;
+        Ok(out)
+    }
+
+    /// Copies the bytes out in order, verifying as it goes; see [`PayloadReader`].
+    pub fn reader(&self) -> PayloadReader<'_> {
+        let expect = match self {
+            Payload::Owned(_) => None,
+            Payload::Mapped(_, _, e) => Some((crate::frame::checksum_start(e.layer, e.tag), *e)),
+        };
+        PayloadReader {
+            src: self.raw(),
+            next: 0,
+            expect,
         }
     }
 }
 
-impl std::ops::Deref for Payload {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.as_slice()
+/// Copies a payload into destinations in order, continuing its checksum over each piece
+/// while the piece is in cache. Data is only accepted once [`PayloadReader::finish`]
+/// returns `Ok`: a destination filled from a corrupt payload must be discarded.
+pub struct PayloadReader<'a> {
+    src: &'a [u8],
+    next: usize,
+    expect: Option<(u32, Expect)>,
+}
+
+impl PayloadReader<'_> {
+    /// Copies payload bytes `offset..offset + dst.len()` into `dst`. Offsets must follow
+    /// each other without gaps.
+    pub fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<()> {
+        const PIECE: usize = 64 * 1024;
+        let end = offset
+            .checked_add(dst.len())
+            .filter(|e| *e <= self.src.len());
+        let Some(end) = end.filter(|_| offset == self.next) else {
+            return Err(TransferError::Protocol(format!(
+                "payload read at {offset}+{} (next {}, length {})",
+                dst.len(),
+                self.next,
+                self.src.len()
+            )));
+        };
+        for (s, d) in self.src[offset..end]
+            .chunks(PIECE)
+            .zip(dst.chunks_mut(PIECE))
+        {
+            d.copy_from_slice(s);
+            if let Some((crc, _)) = self.expect.as_mut() {
+                *crc = crate::frame::checksum_update(*crc, s);
+            }
+        }
+        self.next = end;
+        Ok(())
+    }
+
+    fn check(&mut self, all: &[u8]) -> Result<()> {
+        if let Some((crc, _)) = self.expect.as_mut() {
+            *crc = crate::frame::checksum_update(*crc, all);
+        }
+        self.next = all.len();
+        self.finish_ref()
+    }
+
+    fn finish_ref(&self) -> Result<()> {
+        if self.next != self.src.len() {
+            return Err(TransferError::Protocol(format!(
+                "payload read {} of {} bytes",
+                self.next,
+                self.src.len()
+            )));
+        }
+        match self.expect {
+            Some((crc, e)) if crc as u64 != e.checksum => Err(TransferError::Checksum(format!(
+                "layer {} chunk {:#x} in shared memory",
+                e.layer, e.tag
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Succeeds when every byte was copied and the checksum matched.
+    pub fn finish(self) -> Result<()> {
+        self.finish_ref()
     }
 }
 

@@ -37,8 +37,8 @@ async fn drain(mut inc: Incoming) -> Result<(Vec<(u32, u64, Vec<u8>)>, Backend),
     let mut got = Vec::new();
     while let Some(ev) = inc.next().await {
         match ev? {
-            Event::Chunk { layer, tag, data } => got.push((layer, tag, data.to_vec())),
-            Event::Meta(m) => got.push((u32::MAX, 0, m.to_vec())),
+            Event::Chunk { layer, tag, data } => got.push((layer, tag, data.to_vec()?)),
+            Event::Meta(m) => got.push((u32::MAX, 0, m.to_vec()?)),
             Event::Complete(s) => return Ok((got, s.backend)),
         }
     }
@@ -327,4 +327,39 @@ async fn ucx_is_unavailable_when_not_built() {
         .err()
         .unwrap();
     assert!(matches!(err, TransferError::Unavailable(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_shared_memory_is_detected_by_the_reader() {
+    let r = receiver().await;
+    let (target, mut inc) = r
+        .reserve(spec(1, Backend::Shm, 1 << 20, Duration::from_secs(10)))
+        .unwrap();
+    let sender = Sender::new(FP);
+    let mut t = sender.open(&target).await.unwrap();
+    t.send(2, 9, &vec![5u8; 300_000]).await.unwrap();
+    t.flush().await.unwrap();
+    // Another writer flips a byte in the segment after the sender wrote it.
+    let d = target.shm.clone().unwrap();
+    let mut seg =
+        xpyd_kv_transfer::shm::Segment::open(std::path::Path::new(&d.path), d.len).unwrap();
+    seg.bytes_mut()[d.offset as usize + 12_345] ^= 0x80;
+    let Some(Ok(Event::Chunk { data, .. })) = inc.next().await else {
+        panic!("expected a chunk")
+    };
+    let mut dst = vec![0u8; data.len()];
+    let mut reader = data.reader();
+    reader.copy_to(0, &mut dst).unwrap();
+    let err = reader.finish().unwrap_err();
+    assert!(matches!(err, TransferError::Checksum(_)), "{err}");
+    assert!(matches!(data.verified(), Err(TransferError::Checksum(_))));
+    assert!(data.to_vec().is_err());
+    // Readers must consume the payload in order and completely.
+    let mut partial = data.reader();
+    assert!(
+        partial.copy_to(10, &mut dst[..5]).is_err(),
+        "gaps are refused"
+    );
+    partial.copy_to(0, &mut dst[..5]).unwrap();
+    assert!(partial.finish().is_err(), "a partial read is not accepted");
 }

@@ -6,6 +6,9 @@
 use crate::config::KvDtype;
 use crate::kernels::{axpy, dot};
 use half::f16;
+
+#[cfg(not(target_endian = "little"))]
+compile_error!("the KV export layout is little endian; cache memory is used as such");
 use half::slice::HalfFloatSliceExt;
 
 /// One layer's K or V pool.
@@ -37,18 +40,11 @@ impl Pool {
         }
     }
 
-    fn write_le_bytes(&mut self, at: usize, src: &[u8]) {
+    /// `elems` elements at `at` as their in-memory bytes (little endian: the export layout).
+    fn bytes_mut(&mut self, at: usize, elems: usize) -> &mut [u8] {
         match self {
-            Pool::F32(p) => {
-                for (d, c) in p[at..].iter_mut().zip(src.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            Pool::F16(p) => {
-                for (d, c) in p[at..].iter_mut().zip(src.chunks_exact(2)) {
-                    *d = f16::from_bits(u16::from_le_bytes([c[0], c[1]]));
-                }
-            }
+            Pool::F32(p) => bytemuck::cast_slice_mut(&mut p[at..at + elems]),
+            Pool::F16(p) => bytemuck::cast_slice_mut(&mut p[at..at + elems]),
         }
     }
 
@@ -132,25 +128,40 @@ impl KvStore {
         }
     }
 
-    /// Writes rows given as little-endian bytes of the cache dtype (K bytes, V bytes).
-    pub fn write_rows_bytes(
+    /// Fills positions `start..start+n` of one layer from bytes in the export layout (all K
+    /// rows, then all V rows, little endian). `fill(offset, dst)` writes the payload bytes
+    /// at `offset..offset + dst.len()` into `dst`, which is the cache memory itself; it is
+    /// called once per run of rows that is contiguous in the cache, in payload order.
+    pub fn fill_rows(
         &mut self,
         layer: usize,
         table: &[u32],
         start: usize,
-        k: &[u8],
-        v: &[u8],
-    ) {
-        let row_bytes = self.shape.kv_dim * self.shape.dtype.size();
-        for (i, (kr, vr)) in k
-            .chunks_exact(row_bytes)
-            .zip(v.chunks_exact(row_bytes))
-            .enumerate()
-        {
-            let at = self.row_offset(table, start + i);
-            self.k[layer].write_le_bytes(at, kr);
-            self.v[layer].write_le_bytes(at, vr);
+        n: usize,
+        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let (d, bs, esz) = (
+            self.shape.kv_dim,
+            self.shape.block_size,
+            self.shape.dtype.size(),
+        );
+        let mut off = 0;
+        for v in [false, true] {
+            let mut pos = start;
+            while pos < start + n {
+                let run = (bs - pos % bs).min(start + n - pos);
+                let at = self.row_offset(table, pos);
+                let pool = if v {
+                    &mut self.v[layer]
+                } else {
+                    &mut self.k[layer]
+                };
+                fill(off, pool.bytes_mut(at, run * d))?;
+                off += run * d * esz;
+                pos += run;
+            }
         }
+        Ok(())
     }
 
     /// Appends positions `start..start+n` of one layer as little-endian bytes: all K rows,
