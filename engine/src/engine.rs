@@ -3,6 +3,7 @@
 
 use crate::config::{DEFAULT_KV_TOKENS, EngineConfig, KvDtype, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::kv::cache::RowFill;
 use crate::kv::format::{self, KvFormatError, KvHeader, LayerChunk};
 use crate::kv::{BlockAllocator, CacheShape, KvStore, blocks_for};
 use crate::model::{DecodeItem, Model, Pass};
@@ -527,7 +528,7 @@ impl Engine {
         start: u32,
         count: u32,
         len: usize,
-        fill: &mut dyn FnMut(usize, &mut [u8]) -> std::result::Result<(), String>,
+        fill: &mut RowFill<'_>,
     ) -> Result<()> {
         let res = self.try_import_rows(id, layer, start, count, len, fill);
         if matches!(res, Err(EngineError::KvImport(_))) {
@@ -558,7 +559,7 @@ impl Engine {
         start: u32,
         n: u32,
         len: usize,
-        fill: &mut dyn FnMut(usize, &mut [u8]) -> std::result::Result<(), String>,
+        fill: &mut RowFill<'_>,
     ) -> Result<()> {
         let row_bytes = self.model.config().kv_dim() * self.cfg.kv_dtype.size();
         let s = self

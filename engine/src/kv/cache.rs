@@ -60,6 +60,10 @@ impl Pool {
     }
 }
 
+/// Supplies payload bytes `offset..offset + dst.len()` into `dst` (see
+/// [`KvStore::fill_rows`]); an `Err` aborts the fill.
+pub type RowFill<'a> = dyn FnMut(usize, &mut [u8]) -> Result<(), String> + 'a;
+
 /// Geometry of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
@@ -138,7 +142,7 @@ impl KvStore {
         table: &[u32],
         start: usize,
         n: usize,
-        fill: &mut dyn FnMut(usize, &mut [u8]) -> Result<(), String>,
+        fill: &mut RowFill<'_>,
     ) -> Result<(), String> {
         let (d, bs, esz) = (
             self.shape.kv_dim,
