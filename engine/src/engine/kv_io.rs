@@ -1,0 +1,336 @@
+//! KV export and import between engine instances: headers, layer chunks, streamed rows
+//! and the resume state, with every check an untrusted peer's data needs.
+
+use super::{Engine, Phase, Sequence};
+use crate::error::{EngineError, Result};
+use crate::kv::blocks_for;
+use crate::kv::cache::RowFill;
+use crate::kv::format::{self, KvFormatError, KvHeader, LayerChunk};
+use crate::sequence::ResumeState;
+
+impl Engine {
+    /// The header that describes a sequence's KV and resume state. Before prefill it
+    /// announces the whole prompt with the state decode will resume from still pending
+    /// (no sampled token yet): a streaming sender sends it first, the layers as they are
+    /// computed, and the final [`ResumeState`] after the prefill.
+    pub fn export_header(&self, id: u64) -> Result<KvHeader> {
+        let s = self.seq(id)?;
+        if matches!(s.phase, Phase::Importing(_)) {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "local",
+            });
+        }
+        let token_count = match s.phase {
+            Phase::Prefill => s.state.prompt_len,
+            _ => s.cached,
+        };
+        let m = self.model.config();
+        Ok(KvHeader {
+            version: format::VERSION,
+            fingerprint: self.fingerprint.clone(),
+            dtype: self.cfg.kv_dtype,
+            n_layer: m.n_layer as u32,
+            kv_dim: m.kv_dim() as u32,
+            block_size: self.cfg.block_size as u32,
+            token_count: token_count as u32,
+            source_blocks: s.table.clone(),
+            resume: s.state.clone(),
+        })
+    }
+
+    /// Exports a prefilled sequence: header, then every layer's rows.
+    pub fn export(&self, id: u64) -> Result<Vec<u8>> {
+        let s = self.seq(id)?;
+        if !matches!(s.phase, Phase::Decode | Phase::Finished(_)) {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "prefilled",
+            });
+        }
+        let header = self.export_header(id)?;
+        let chunks: Vec<LayerChunk> = (0..header.n_layer)
+            .map(|layer| {
+                let mut payload = Vec::with_capacity(header.layer_bytes());
+                self.kv
+                    .read_rows_bytes(layer as usize, &s.table, 0, s.cached, &mut payload);
+                LayerChunk {
+                    layer,
+                    start: 0,
+                    count: s.cached as u32,
+                    payload,
+                }
+            })
+            .collect();
+        Ok(format::encode_all(&header, &chunks))
+    }
+
+    /// Starts importing a sequence: validates the header against this engine and
+    /// reserves blocks. Layers then arrive through [`Engine::import_chunk`].
+    pub fn begin_import(&mut self, id: u64, header: &KvHeader) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(EngineError::DuplicateSequence(id));
+        }
+        if header.fingerprint != self.fingerprint {
+            return Err(KvFormatError::ModelMismatch {
+                expected: self.fingerprint.clone(),
+                found: header.fingerprint.clone(),
+            }
+            .into());
+        }
+        if header.dtype != self.cfg.kv_dtype {
+            return Err(KvFormatError::DtypeMismatch {
+                expected: self.cfg.kv_dtype,
+                found: header.dtype,
+            }
+            .into());
+        }
+        let m = self.model.config();
+        if header.n_layer as usize != m.n_layer || header.kv_dim as usize != m.kv_dim() {
+            return Err(KvFormatError::Geometry(format!(
+                "{} layers × {} wide, engine has {} × {}",
+                header.n_layer,
+                header.kv_dim,
+                m.n_layer,
+                m.kv_dim()
+            ))
+            .into());
+        }
+        let r = &header.resume;
+        let count = header.token_count as usize;
+        // `count + 1` tokens: prefilled with the first token sampled; `count`: streamed, the
+        // final state follows through `import_resume`.
+        if r.prompt_len == 0
+            || r.prompt_len > count
+            || !(count..=count + 1).contains(&r.tokens.len())
+        {
+            return Err(KvFormatError::Geometry(format!(
+                "{count} cached tokens do not fit a resume state of {} tokens ({} prompt)",
+                r.tokens.len(),
+                r.prompt_len
+            ))
+            .into());
+        }
+        self.check_prompt(&r.tokens[..count], &r.params)?;
+        let table = self.blocks.alloc(blocks_for(count, self.cfg.block_size))?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                table,
+                cached: count,
+                state: r.clone(),
+                phase: Phase::Importing(vec![0; m.n_layer]),
+            },
+        );
+        Ok(())
+    }
+
+    /// Writes one received layer chunk. A bad chunk (wrong layer, gap, size) fails the
+    /// import and frees its blocks.
+    pub fn import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
+        let res = self.try_import_chunk(id, chunk);
+        if matches!(res, Err(EngineError::KvImport(_))) {
+            self.remove(id);
+        }
+        res
+    }
+
+    /// Writes received rows straight from a transport's buffer: the K then V rows of
+    /// positions `start..start+count` of `layer`. Same checks and failure handling as
+    /// [`Engine::import_chunk`], without an intermediate copy.
+    pub fn import_rows(
+        &mut self,
+        id: u64,
+        layer: u32,
+        start: u32,
+        count: u32,
+        payload: &[u8],
+    ) -> Result<()> {
+        self.import_rows_with(id, layer, start, count, payload.len(), &mut |off, dst| {
+            dst.copy_from_slice(&payload[off..off + dst.len()]);
+            Ok(())
+        })
+    }
+
+    /// Like [`Engine::import_rows`], with the bytes supplied by `fill(offset, dst)`: it
+    /// must write payload bytes `offset..offset + dst.len()` into `dst` (straight into the
+    /// KV blocks). Calls come in payload order and cover all `len` bytes, so a transport
+    /// can verify a checksum while it copies; an `Err` from `fill` fails the import and
+    /// frees the sequence's blocks.
+    pub fn import_rows_with(
+        &mut self,
+        id: u64,
+        layer: u32,
+        start: u32,
+        count: u32,
+        len: usize,
+        fill: &mut RowFill<'_>,
+    ) -> Result<()> {
+        let res = self.try_import_rows(id, layer, start, count, len, fill);
+        if matches!(res, Err(EngineError::KvImport(_))) {
+            self.remove(id);
+        }
+        res
+    }
+
+    fn try_import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
+        let payload = &chunk.payload;
+        self.try_import_rows(
+            id,
+            chunk.layer,
+            chunk.start,
+            chunk.count,
+            payload.len(),
+            &mut |off, dst| {
+                dst.copy_from_slice(&payload[off..off + dst.len()]);
+                Ok(())
+            },
+        )
+    }
+
+    fn try_import_rows(
+        &mut self,
+        id: u64,
+        layer_idx: u32,
+        start: u32,
+        n: u32,
+        len: usize,
+        fill: &mut RowFill<'_>,
+    ) -> Result<()> {
+        let row_bytes = self.model.config().kv_dim() * self.cfg.kv_dtype.size();
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let Phase::Importing(filled) = &mut s.phase else {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "importing",
+            });
+        };
+        let layer = layer_idx as usize;
+        let Some(have) = filled.get(layer).copied() else {
+            return Err(
+                KvFormatError::Geometry(format!("layer {layer_idx} of {}", filled.len())).into(),
+            );
+        };
+        if start != have {
+            return Err(KvFormatError::OutOfOrder {
+                layer: layer_idx,
+                start,
+                expected: have,
+            }
+            .into());
+        }
+        let count = n as usize;
+        if start as usize + count > s.cached {
+            return Err(KvFormatError::Geometry(format!(
+                "layer {layer_idx} chunk ends at {}, beyond {} tokens",
+                start as usize + count,
+                s.cached
+            ))
+            .into());
+        }
+        if len != 2 * count * row_bytes {
+            return Err(KvFormatError::Geometry(format!(
+                "layer {layer_idx} chunk has {len} bytes, expected {}",
+                2 * count * row_bytes
+            ))
+            .into());
+        }
+        self.kv
+            .fill_rows(layer, &s.table, start as usize, count, fill)
+            .map_err(|e| KvFormatError::Checksum {
+                what: format!("layer {layer_idx} chunk at {start}: {e}"),
+            })?;
+        filled[layer] += n;
+        Ok(())
+    }
+
+    /// Sets the state decode resumes from (sent after a streamed prefill). It must extend
+    /// the announced tokens by exactly the first sampled token.
+    pub fn import_resume(&mut self, id: u64, state: ResumeState) -> Result<()> {
+        let vocab = self.model.config().vocab;
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        if !matches!(s.phase, Phase::Importing(_)) {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "importing",
+            });
+        }
+        let ok = state.tokens.len() == s.cached + 1
+            && state.prompt_len == s.state.prompt_len
+            && state.tokens[..s.cached] == s.state.tokens[..s.cached]
+            && state.tokens.iter().all(|t| (*t as usize) < vocab)
+            && state.params.validate().is_ok();
+        if !ok {
+            self.remove(id);
+            return Err(KvFormatError::Geometry(
+                "resume state does not continue the announced sequence".into(),
+            )
+            .into());
+        }
+        s.state = state;
+        Ok(())
+    }
+
+    /// The state a local sequence would resume from (e.g. after its prefill).
+    pub fn resume_state(&self, id: u64) -> Result<ResumeState> {
+        Ok(self.seq(id)?.state.clone())
+    }
+
+    /// Completes an import: every layer must hold every token. The sequence is then ready
+    /// for [`Engine::decode_step`].
+    pub fn finish_import(&mut self, id: u64) -> Result<()> {
+        let s = self
+            .seqs
+            .get_mut(&id)
+            .ok_or(EngineError::UnknownSequence(id))?;
+        let Phase::Importing(filled) = &s.phase else {
+            return Err(EngineError::WrongState {
+                id,
+                state: s.phase.name(),
+                expected: "importing",
+            });
+        };
+        let need = s.cached as u32;
+        if s.state.tokens.len() != s.cached + 1 {
+            let err = KvFormatError::Geometry(
+                "the resume state with the first sampled token never arrived".into(),
+            );
+            self.remove(id);
+            return Err(err.into());
+        }
+        if let Some((layer, have)) = filled.iter().enumerate().find(|(_, h)| **h != need) {
+            let err = KvFormatError::Incomplete {
+                layer: layer as u32,
+                have: *have,
+                need,
+            };
+            self.remove(id);
+            return Err(err.into());
+        }
+        s.phase = match s.state.finish {
+            Some(f) => Phase::Finished(f),
+            None => Phase::Decode,
+        };
+        Ok(())
+    }
+
+    /// Imports a whole export produced by [`Engine::export`].
+    pub fn import(&mut self, id: u64, bytes: &[u8]) -> Result<()> {
+        let (header, chunks) = format::decode_all(bytes)?;
+        self.begin_import(id, &header)?;
+        for c in &chunks {
+            self.import_chunk(id, c)?;
+        }
+        self.finish_import(id)
+    }
+}
