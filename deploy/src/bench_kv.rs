@@ -73,7 +73,7 @@ fn exe() -> Result<std::path::PathBuf> {
     std::env::current_exe().context("locate the xpyd binary")
 }
 
-fn spawn(args: &[String], stdin: bool) -> Result<Child> {
+fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: bool) -> Result<Child> {
     Ok(Command::new(exe()?)
         .args(args)
         .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
@@ -104,27 +104,27 @@ fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
     let s = |x: usize| x.to_string();
     let mut recv = spawn(
         &[
-            "kv-harness".into(),
-            "recv".into(),
-            "--backend".into(),
-            backend.into(),
-            "--bytes".into(),
-            s(p.bytes),
-            "--repeat".into(),
-            s(rounds + 1),
+            "kv-harness",
+            "recv",
+            "--backend",
+            backend,
+            "--bytes",
+            &s(p.bytes),
+            "--repeat",
+            &s(rounds + 1),
         ],
         false,
     )?;
     let mut send = spawn(
         &[
-            "kv-harness".into(),
-            "send".into(),
-            "--target".into(),
-            "-".into(),
-            "--bytes".into(),
-            s(p.bytes),
-            "--chunk".into(),
-            s(p.chunk),
+            "kv-harness",
+            "send",
+            "--target",
+            "-",
+            "--bytes",
+            &s(p.bytes),
+            "--chunk",
+            &s(p.chunk),
         ],
         true,
     )?;
@@ -156,12 +156,12 @@ fn raw_tcp(p: &Payload, rounds: usize) -> Result<Vec<f64>> {
     let s = |x: usize| x.to_string();
     let mut recv = spawn(
         &[
-            "kv-harness".into(),
-            "raw-recv".into(),
-            "--bytes".into(),
-            s(p.bytes),
-            "--rounds".into(),
-            s(rounds + 1),
+            "kv-harness",
+            "raw-recv",
+            "--bytes",
+            &s(p.bytes),
+            "--rounds",
+            &s(rounds + 1),
         ],
         false,
     )?;
@@ -172,14 +172,14 @@ fn raw_tcp(p: &Payload, rounds: usize) -> Result<Vec<f64>> {
         .to_string();
     let mut send = spawn(
         &[
-            "kv-harness".into(),
-            "raw-send".into(),
-            "--addr".into(),
-            addr,
-            "--bytes".into(),
-            s(p.bytes),
-            "--rounds".into(),
-            s(rounds + 1),
+            "kv-harness",
+            "raw-send",
+            "--addr",
+            &addr,
+            "--bytes",
+            &s(p.bytes),
+            "--rounds",
+            &s(rounds + 1),
         ],
         false,
     )?;
@@ -231,13 +231,12 @@ fn exposed(backend: &str, model: &str) -> Result<Value> {
                 model,
                 "--threads",
                 "1",
-            ]
-            .map(String::from),
+            ],
             false,
         )?;
         let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
         let target = line(&mut rout)?.to_string();
-        let mut args: Vec<String> = [
+        let mut args: Vec<&str> = vec![
             "kv-harness",
             "send",
             "--target",
@@ -248,11 +247,9 @@ fn exposed(backend: &str, model: &str) -> Result<Value> {
             "1",
             "--model",
             model,
-        ]
-        .map(String::from)
-        .to_vec();
+        ];
         if !stream {
-            args.push("--no-stream".into());
+            args.push("--no-stream");
         }
         let mut send = spawn(&args, false)?;
         let sr = line(&mut BufReader::new(
