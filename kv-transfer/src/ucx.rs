@@ -37,6 +37,18 @@ fn check(what: &str, s: sys::ucs_status_t) -> Result<()> {
     }
 }
 
+/// The outcome of a completed request. A request still in flight when its endpoint fails
+/// (the peer died or closed) completes with the endpoint's error; over UCX's tcp transport
+/// that is `UCS_ERR_IO_ERROR`, which here means the peer is gone, not a local fault.
+fn completion(what: &str, s: sys::ucs_status_t) -> Result<()> {
+    match s {
+        sys::ucs_status_t::UCS_ERR_IO_ERROR => Err(TransferError::PeerGone(format!(
+            "{what}: endpoint failed (Input/output error)"
+        ))),
+        _ => check(what, s),
+    }
+}
+
 /// What a `ucs_status_ptr_t` returned by a non-blocking call means.
 enum Started {
     Done,
@@ -390,7 +402,7 @@ impl Owner {
             let res = if f.cancelled {
                 Err(TransferError::DeadlineExceeded("UCX transfer".into()))
             } else {
-                check("ucx request", s)
+                completion("ucx request", s)
             };
             match f.reply {
                 Reply::Sent(r) => {
@@ -435,5 +447,21 @@ impl Drop for Owner {
             sys::ucp_worker_destroy(self.worker);
             sys::ucp_cleanup(self.context);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_ended_by_a_failed_endpoint_is_peer_gone() {
+        let io = completion("r", sys::ucs_status_t::UCS_ERR_IO_ERROR).unwrap_err();
+        assert!(matches!(io, TransferError::PeerGone(_)), "{io:?}");
+        let reset = completion("r", sys::ucs_status_t::UCS_ERR_CONNECTION_RESET).unwrap_err();
+        assert!(matches!(reset, TransferError::PeerGone(_)), "{reset:?}");
+        let nomem = completion("r", sys::ucs_status_t::UCS_ERR_NO_MEMORY).unwrap_err();
+        assert!(matches!(nomem, TransferError::Io(_)), "{nomem:?}");
+        assert!(completion("r", sys::ucs_status_t::UCS_OK).is_ok());
     }
 }
