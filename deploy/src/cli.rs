@@ -1,7 +1,7 @@
 //! Command-line interface.
 
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{bench_engine, bench_kv, generate, kv_harness};
+use crate::{bench_engine, bench_kv, client, generate, kv_harness, roles, up};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -36,6 +36,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// Start a cluster from a manifest: coordinator and workers as separate processes.
+    Up(up::UpArgs),
+    /// Show a running cluster's topology and load.
+    Status(client::Target),
+    /// Chat with a running cluster (streams the answer).
+    Chat(client::ChatArgs),
+    /// Run the coordinator of a manifest (started by `xpyd up`).
+    Coordinator(roles::CoordinatorArgs),
+    /// Run one worker of a manifest (started by `xpyd up`).
+    Worker(roles::WorkerArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,7 +134,16 @@ impl Cli {
             Cmd::KvHarness {
                 cmd: kv_harness::HarnessCmd::Send(s),
             } => &s.engine,
-            Cmd::Model { .. } | Cmd::KvHarness { .. } => return Ok(()),
+            Cmd::Worker(w) => {
+                compute::init(&roles::worker_compute(w)?)?;
+                return Ok(());
+            }
+            Cmd::Model { .. }
+            | Cmd::KvHarness { .. }
+            | Cmd::Up(_)
+            | Cmd::Status(_)
+            | Cmd::Chat(_)
+            | Cmd::Coordinator(_) => return Ok(()),
         };
         compute::init(&args.compute()?)?;
         Ok(())
@@ -156,6 +175,11 @@ impl Cli {
                 cmd: BenchCmd::Kv(args),
             } => bench_kv::run(&args),
             Cmd::KvHarness { cmd } => kv_harness::run(cmd),
+            Cmd::Up(a) => up::run(&a),
+            Cmd::Status(t) => client::status(&t),
+            Cmd::Chat(a) => client::chat(&a),
+            Cmd::Coordinator(a) => roles::coordinator(&a),
+            Cmd::Worker(a) => roles::worker(&a),
         }
     }
 }

@@ -4,10 +4,14 @@
 mod bench_engine;
 mod bench_kv;
 mod cli;
+mod client;
 mod env;
 mod generate;
 mod kv_harness;
+mod manifest;
 mod model_fetch;
+mod roles;
+mod up;
 
 use clap::Parser;
 

@@ -16,7 +16,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use config::{EngineConfig, KvDtype, ModelConfig};
-pub use engine::{Engine, Generation, KvUsage};
+pub use engine::{Engine, Generation, KvUsage, ModelInfo};
 pub use error::{EngineError, Result};
 pub use kv::{KvFormatError, KvHeader, LayerChunk};
 pub use sampling::SamplingParams;

@@ -41,6 +41,7 @@ const END_OF_GENERATION: &[&str] = &[
 ];
 
 /// Text ↔ token ids for one model.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     template: String,

@@ -117,6 +117,36 @@ fn fingerprint(path: &std::path::Path) -> Result<String> {
     ))
 }
 
+/// What a process that only tokenizes needs from a model (the coordinator): geometry,
+/// tokenizer and fingerprint, read from the GGUF metadata without loading weights.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Geometry and context length.
+    pub config: ModelConfig,
+    /// The model's tokenizer and chat template.
+    pub tokenizer: Tokenizer,
+    /// Same value as `Engine::fingerprint` for this file.
+    pub fingerprint: String,
+}
+
+impl ModelInfo {
+    /// Reads the metadata of the GGUF file at `path`.
+    ///
+    /// # Errors
+    /// `Model` when the file is missing or not a supported GGUF.
+    pub fn load(path: &std::path::Path) -> Result<Self> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| EngineError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
+        Ok(ModelInfo {
+            config: ModelConfig::from_gguf(&ct)?,
+            tokenizer: Tokenizer::from_gguf(&ct)?,
+            fingerprint: fingerprint(path)?,
+        })
+    }
+}
+
 impl Engine {
     /// Loads the model and tokenizer and allocates the KV pool.
     pub fn load(cfg: EngineConfig) -> Result<Self> {

@@ -1,0 +1,339 @@
+//! The OpenAI-compatible HTTP API: `POST /v1/chat/completions`, `POST /v1/completions`
+//! (JSON, or SSE chunks ending with `data: [DONE]` when `stream` is true), `GET /v1/models`,
+//! plus `/health`, `/metrics`, `/v1/cluster` (topology) and the WebSocket endpoint `/v1/ws`.
+
+use crate::App;
+use crate::error::ApiError;
+use crate::flow::{self, Delta, Usage};
+use crate::request::{GenFields, Input, class_from_header, prepare};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// The HTTP router.
+pub fn router(app: Arc<App>) -> Router {
+    let limit = app.cfg.max_request_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/ws", get(crate::ws::upgrade))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(app)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut r = (status, axum::Json(self.body())).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        r
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct Body {
+    #[serde(flatten)]
+    fields: GenFields,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// Which OpenAI object family a response belongs to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Chat,
+    Text,
+}
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn parse(body: &Bytes) -> Result<Body, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_body(format!("invalid JSON body: {e}")))
+}
+
+fn header_class(h: &HeaderMap) -> Result<Option<u8>, ApiError> {
+    class_from_header(h.get("x-xpyd-priority").and_then(|v| v.to_str().ok()))
+}
+
+async fn chat(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(app, peer, headers, body, Kind::Chat).await
+}
+
+async fn completions(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(app, peer, headers, body, Kind::Text).await
+}
+
+async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    h: HeaderMap,
+    body: Bytes,
+    kind: Kind,
+) -> Response {
+    let api = if kind == Kind::Chat {
+        "chat"
+    } else {
+        "completions"
+    };
+    let prepared = (|| {
+        let b = parse(&body)?;
+        let input = match kind {
+            Kind::Chat => Input::Chat(
+                b.fields
+                    .messages
+                    .as_deref()
+                    .ok_or_else(|| ApiError::invalid("messages", "is required"))?,
+            ),
+            Kind::Text => Input::Text(
+                b.fields
+                    .prompt
+                    .as_deref()
+                    .ok_or_else(|| ApiError::invalid("prompt", "is required"))?,
+            ),
+        };
+        let p = prepare(
+            &app,
+            &b.fields,
+            input,
+            header_class(&h)?,
+            Some(peer.ip()),
+            api,
+        )?;
+        Ok::<_, ApiError>((
+            p,
+            b.stream.unwrap_or(false),
+            b.stream_options.unwrap_or_default(),
+        ))
+    })();
+    let (p, stream, opts) = match prepared {
+        Ok(x) => x,
+        Err(e) => {
+            metrics::counter!(xpyd_runtime::metrics::COORD_REQUESTS_TOTAL, "api" => api, "code" => e.status.to_string()).increment(1);
+            return e.into_response();
+        }
+    };
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(flow::serve(app.clone(), p, tx));
+    let id = format!(
+        "{}-{:x}",
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        app.next_id()
+    );
+    if stream {
+        sse(app, rx, id, kind, opts.include_usage).await
+    } else {
+        whole(app, rx, id, kind).await
+    }
+}
+
+async fn whole(app: Arc<App>, mut rx: mpsc::Receiver<Delta>, id: String, kind: Kind) -> Response {
+    let mut text = String::new();
+    while let Some(d) = rx.recv().await {
+        match d {
+            Delta::Text { text: t, .. } => text.push_str(&t),
+            Delta::Error(e) => return e.into_response(),
+            Delta::Done { finish, usage } => {
+                let choice = match kind {
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_openai(), "logprobs": null})
+                    }
+                    Kind::Text => {
+                        json!({"index": 0, "text": text, "finish_reason": finish.as_openai(), "logprobs": null})
+                    }
+                };
+                let object = if kind == Kind::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
+                return axum::Json(
+                    json!({"id": id, "object": object, "created": now_s(), "model": app.model_id,
+                    "choices": [choice], "usage": usage}),
+                )
+                .into_response();
+            }
+        }
+    }
+    ApiError::upstream(500, "request ended without a result").into_response()
+}
+
+/// One streamed chunk in OpenAI's format.
+pub(crate) fn chunk(
+    app: &App,
+    id: &str,
+    kind: Kind,
+    text: Option<&str>,
+    finish: Option<&str>,
+    first: bool,
+) -> Value {
+    let (object, choice) = match kind {
+        Kind::Chat => {
+            let mut delta = json!({});
+            if first {
+                delta["role"] = json!("assistant");
+            }
+            if let Some(t) = text {
+                delta["content"] = json!(t);
+            }
+            (
+                "chat.completion.chunk",
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}),
+            )
+        }
+        Kind::Text => (
+            "text_completion",
+            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
+        ),
+    };
+    json!({"id": id, "object": object, "created": now_s(), "model": app.model_id, "choices": [choice]})
+}
+
+fn usage_chunk(app: &App, id: &str, kind: Kind, usage: Usage) -> Value {
+    let object = if kind == Kind::Chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    json!({"id": id, "object": object, "created": now_s(), "model": app.model_id, "choices": [], "usage": usage})
+}
+
+async fn sse(
+    app: Arc<App>,
+    mut rx: mpsc::Receiver<Delta>,
+    id: String,
+    kind: Kind,
+    include_usage: bool,
+) -> Response {
+    // Errors before the first token are plain HTTP errors (status codes still possible).
+    let first = match rx.recv().await {
+        Some(Delta::Error(e)) => return e.into_response(),
+        Some(d) => d,
+        None => return ApiError::upstream(500, "request ended without a result").into_response(),
+    };
+    let (etx, erx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut next = Some(first);
+        let mut first_chunk = true;
+        while let Some(d) = next.take().or(rx.recv().await) {
+            let events: Vec<Value> = match d {
+                Delta::Text { text, .. } => {
+                    let c = chunk(&app, &id, kind, Some(&text), None, first_chunk);
+                    first_chunk = false;
+                    vec![c]
+                }
+                Delta::Done { finish, usage } => {
+                    let mut v = vec![chunk(
+                        &app,
+                        &id,
+                        kind,
+                        None,
+                        Some(finish.as_openai()),
+                        first_chunk,
+                    )];
+                    if include_usage {
+                        v.push(usage_chunk(&app, &id, kind, usage));
+                    }
+                    v
+                }
+                Delta::Error(e) => vec![e.body()],
+            };
+            for v in events {
+                if etx
+                    .send(Event::default().data(v.to_string()))
+                    .await
+                    .is_err()
+                {
+                    return; // client gone: dropping `rx` cancels the request
+                }
+            }
+        }
+        let _ = etx.send(Event::default().data("[DONE]")).await;
+    });
+    let stream = ReceiverStream::new(erx).map(Ok::<_, Infallible>);
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    axum::Json(
+        json!({"object": "list", "data": [{"id": app.model_id, "object": "model", "created": 0,
+        "owned_by": "xpyd", "context_length": app.model.config.context_length}]}),
+    )
+    .into_response()
+}
+
+async fn cluster(State(app): State<Arc<App>>) -> Response {
+    axum::Json(
+        json!({"mode": if app.cfg.single {"single"} else {"disaggregated"},
+        "routing": {"prefill": app.cluster.policy(crate::cluster::Leg::Prefill).name(),
+                    "decode": app.cluster.policy(crate::cluster::Leg::Decode).name()},
+        "queued": app.cluster.queued(), "workers": app.cluster.snapshot()}),
+    )
+    .into_response()
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let ready = app.cluster.snapshot().iter().any(|w| w.state == "ready");
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        axum::Json(json!({"status": if ready {"ok"} else {"no ready workers"}})),
+    )
+        .into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> String {
+    app.metrics.render()
+}

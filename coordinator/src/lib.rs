@@ -1,0 +1,260 @@
+//! xpyd coordinator: the public APIs (OpenAI-compatible HTTP with SSE, WebSocket, gRPC
+//! `xpyd.v1.Inference`), tokenization, admission with SLO classes, routing of the prefill
+//! and decode legs, the request flow across workers, and membership (the embedded
+//! registry on the gRPC port, or an etcd watch).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cluster;
+pub mod error;
+pub mod flow;
+pub mod grpc_api;
+pub mod http_api;
+pub mod registry;
+pub mod request;
+pub mod router;
+pub mod ws;
+
+use cluster::Cluster;
+use metrics_exporter_prometheus::PrometheusHandle;
+use router::{PolicyKind, Router, RouterConfig};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use xpyd_engine::ModelInfo;
+use xpyd_proto as pb;
+
+/// Where workers register.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Membership {
+    /// The embedded registry on the coordinator's gRPC port.
+    Embedded,
+    /// etcd at these endpoints, keys under `prefix`.
+    Etcd {
+        /// Client URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+}
+
+/// Coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The GGUF model (only its metadata and tokenizer are read).
+    pub model_path: PathBuf,
+    /// Model id clients use (default: the file stem).
+    pub model_id: Option<String>,
+    /// Single (aggregated) mode: combined workers only.
+    pub single: bool,
+    /// Prefill-leg policy.
+    pub prefill_policy: PolicyKind,
+    /// Decode-leg policy.
+    pub decode_policy: PolicyKind,
+    /// Router tuning (block size for prefix hashing, load weights).
+    pub router: RouterConfig,
+    /// Waiting requests across classes.
+    pub max_queue: usize,
+    /// How long a request waits for a free worker before 429.
+    pub queue_timeout_ms: u64,
+    /// Time to first token (and between tokens) before 504.
+    pub first_token_timeout_s: u64,
+    /// Hard end-to-end cap.
+    pub request_timeout_s: u64,
+    /// Request body limit.
+    pub max_request_bytes: usize,
+    /// KV backend requested from decode workers (`auto`, `tcp`, `shm`, `ucx`, `nccl`).
+    pub kv_backend: String,
+    /// KV transfer deadline.
+    pub transfer_deadline_ms: u32,
+    /// Membership source.
+    pub membership: Membership,
+    /// Embedded registry lease TTL.
+    pub lease_ttl: Duration,
+    /// Embedded registry renewal interval.
+    pub renew_interval: Duration,
+}
+
+impl Config {
+    /// Defaults for a model.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Config {
+            model_path: model_path.into(),
+            model_id: None,
+            single: false,
+            prefill_policy: PolicyKind::RoundRobin,
+            decode_policy: PolicyKind::LeastConnections,
+            router: RouterConfig::default(),
+            max_queue: 256,
+            queue_timeout_ms: 10_000,
+            first_token_timeout_s: 120,
+            request_timeout_s: 3600,
+            max_request_bytes: 10 << 20,
+            kv_backend: "auto".into(),
+            transfer_deadline_ms: 30_000,
+            membership: Membership::Embedded,
+            lease_ttl: Duration::from_secs(2),
+            renew_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// A message naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=600_000).contains(&self.queue_timeout_ms) {
+            return Err(format!(
+                "queue_timeout_ms: {} is out of range 1..=600000",
+                self.queue_timeout_ms
+            ));
+        }
+        if !(1..=1200).contains(&self.first_token_timeout_s) {
+            return Err(format!(
+                "first_token_timeout_s: {} is out of range 1..=1200",
+                self.first_token_timeout_s
+            ));
+        }
+        if !(1..=3600).contains(&self.request_timeout_s) {
+            return Err(format!(
+                "request_timeout_s: {} is out of range 1..=3600",
+                self.request_timeout_s
+            ));
+        }
+        if self.renew_interval * 2 > self.lease_ttl {
+            return Err("renew_interval: must be at most half the lease TTL".into());
+        }
+        self.router.validate().map_err(|e| format!("routing: {e}"))
+    }
+}
+
+/// State shared by every API.
+pub struct App {
+    /// The configuration.
+    pub cfg: Config,
+    /// Tokenizer, context length and fingerprint of the served model.
+    pub model: ModelInfo,
+    /// The id clients use.
+    pub model_id: String,
+    /// Workers, routers and the admission queue.
+    pub cluster: Cluster,
+    /// Renders `/metrics`.
+    pub metrics: PrometheusHandle,
+    ids: AtomicU64,
+}
+
+impl App {
+    /// A fresh request id (unique within this coordinator's life).
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// The coordinator's listeners.
+pub struct Listeners {
+    /// OpenAI HTTP, SSE, WebSocket, /health, /metrics.
+    pub http: TcpListener,
+    /// gRPC: `xpyd.v1.Inference`, `xpyd.v1.Registry`, health, reflection.
+    pub grpc: TcpListener,
+}
+
+/// Why the coordinator stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Invalid configuration.
+    #[error("config: {0}")]
+    Config(String),
+    /// The model's metadata could not be read.
+    #[error("model: {0}")]
+    Model(#[from] xpyd_engine::EngineError),
+    /// A listener failed.
+    #[error("serve: {0}")]
+    Serve(String),
+}
+
+/// Runs the coordinator until `shutdown`.
+///
+/// # Errors
+/// Bad config, unreadable model, or a listener failing.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), CoordinatorError> {
+    cfg.validate().map_err(CoordinatorError::Config)?;
+    let path = cfg.model_path.clone();
+    let model = tokio::task::spawn_blocking(move || ModelInfo::load(&path))
+        .await
+        .map_err(|e| CoordinatorError::Serve(e.to_string()))??;
+    let model_id = cfg.model_id.clone().unwrap_or_else(|| {
+        let stem = cfg
+            .model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned());
+        stem.unwrap_or_else(|| "model".into())
+    });
+    let cluster = Cluster::new(
+        Router::new(cfg.prefill_policy, cfg.router.clone()),
+        Router::new(cfg.decode_policy, cfg.router.clone()),
+        cfg.max_queue,
+    );
+    // Ids start at a random-ish base so a restarted coordinator never reuses one.
+    let base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let app = Arc::new(App {
+        cfg: cfg.clone(),
+        model,
+        model_id,
+        cluster: cluster.clone(),
+        metrics: xpyd_runtime::metrics::install(),
+        ids: AtomicU64::new(base << 8),
+    });
+    let membership = match &cfg.membership {
+        Membership::Embedded => tokio::spawn(registry::sweep(cluster.clone(), shutdown.clone())),
+        Membership::Etcd { endpoints, prefix } => tokio::spawn(registry::watch_etcd(
+            cluster.clone(),
+            endpoints.clone(),
+            prefix.clone(),
+            shutdown.clone(),
+        )),
+    };
+    let http_addr = listeners.http.local_addr().ok();
+    let http = tokio::spawn(xpyd_runtime::http::serve(
+        http_api::router(app.clone()),
+        listeners.http,
+        shutdown.clone(),
+    ));
+    let mut server = tonic::transport::Server::builder();
+    let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)
+        .await
+        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    health
+        .set_serving::<pb::inference_server::InferenceServer<grpc_api::InferenceService>>()
+        .await;
+    let router = router
+        .add_service(pb::inference_server::InferenceServer::new(
+            grpc_api::InferenceService { app: app.clone() },
+        ))
+        .add_service(pb::registry_server::RegistryServer::new(
+            registry::EmbeddedRegistry {
+                cluster,
+                ttl: cfg.lease_ttl,
+                renew: cfg.renew_interval,
+            },
+        ));
+    tracing::info!(
+        http = ?http_addr,
+        grpc = ?listeners.grpc.local_addr().ok(),
+        model = %app.model_id,
+        "coordinator serving"
+    );
+    let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
+    let _ = http.await;
+    let _ = membership.await;
+    served.map_err(|e| CoordinatorError::Serve(e.to_string()))
+}

@@ -1,0 +1,400 @@
+//! The engine thread: owns the `Engine`, imports arriving KV, runs local prefills in
+//! chunks (combined mode) and advances every decoding sequence with one batched step per
+//! iteration (continuous batching: sequences join and leave between steps). Commands come
+//! over a bounded channel and are drained between steps; tokens go out on each request's
+//! own channel, and a closed channel means the client left.
+
+use crate::budget::Budget;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::mpsc;
+use tonic::Status;
+use xpyd_engine::{Engine, EngineError, KvHeader, ResumeState, SamplingParams};
+use xpyd_kv_transfer::Payload;
+use xpyd_proto as pb;
+use xpyd_runtime::metrics as m;
+use xpyd_runtime::worker::{Ema, SharedStats, engine_status, token_to_pb};
+
+/// What a request's response stream carries.
+pub type EventTx = mpsc::Sender<Result<pb::DecodeEvent, Status>>;
+
+/// Work for the engine thread.
+pub enum Cmd {
+    /// The KV header arrived: reserve blocks for the import.
+    Begin {
+        /// Request id (= sequence id).
+        id: u64,
+        /// The exporter's header.
+        header: Box<KvHeader>,
+        /// Where this request's tokens and errors go.
+        out: EventTx,
+    },
+    /// One layer chunk: rows `start..start+count` of `layer`.
+    Rows {
+        /// Request id.
+        id: u64,
+        /// Layer.
+        layer: u32,
+        /// Chunk tag (`start << 32 | count`).
+        tag: u64,
+        /// The bytes, verified while copied into the KV blocks.
+        data: Payload,
+    },
+    /// The resume state (first token, sampler position) arrived.
+    Resume {
+        /// Request id.
+        id: u64,
+        /// The state.
+        state: Box<ResumeState>,
+    },
+    /// The transfer completed: start decoding.
+    Finish {
+        /// Request id.
+        id: u64,
+    },
+    /// Combined mode: prefill `tokens` here, then decode.
+    Local {
+        /// Request id.
+        id: u64,
+        /// Prompt tokens.
+        tokens: Vec<u32>,
+        /// Sampling.
+        params: SamplingParams,
+        /// Where tokens go.
+        out: EventTx,
+    },
+    /// Drop the request and free everything it holds (idempotent).
+    Cancel {
+        /// Request id.
+        id: u64,
+        /// Counted as cancelled (the client left) rather than finished.
+        client_gone: bool,
+    },
+    /// Fail the request with this status and free it.
+    Fail {
+        /// Request id.
+        id: u64,
+        /// What went wrong.
+        status: Status,
+    },
+}
+
+struct Active {
+    out: EventTx,
+    decoding: bool,
+    last_token: Option<Instant>,
+    gaps: f64,
+    tokens: usize,
+}
+
+/// The engine thread's state.
+pub struct EngineLoop {
+    engine: Engine,
+    budget: Arc<Mutex<Budget>>,
+    stats: SharedStats,
+    active: HashMap<u64, Active>,
+    local: VecDeque<u64>,
+    tpot: Ema,
+    ttft: Ema,
+    started: HashMap<u64, Instant>,
+    role: &'static str,
+}
+
+impl EngineLoop {
+    /// A loop around a loaded engine.
+    pub fn new(
+        engine: Engine,
+        budget: Arc<Mutex<Budget>>,
+        stats: SharedStats,
+        role: &'static str,
+    ) -> Self {
+        EngineLoop {
+            engine,
+            budget,
+            stats,
+            active: HashMap::new(),
+            local: VecDeque::new(),
+            tpot: Ema::new(0.2),
+            ttft: Ema::new(0.2),
+            started: HashMap::new(),
+            role,
+        }
+    }
+
+    /// Runs until the command channel closes.
+    pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        loop {
+            let idle = self.local.is_empty() && !self.active.values().any(|a| a.decoding);
+            if idle {
+                self.publish();
+                match rx.blocking_recv() {
+                    Some(c) => self.handle(c),
+                    None => return,
+                }
+            }
+            while let Ok(c) = rx.try_recv() {
+                self.handle(c);
+            }
+            self.local_chunk();
+            self.decode_step();
+            self.publish();
+        }
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Begin { id, header, out } => {
+                self.started.insert(id, Instant::now());
+                self.active.insert(
+                    id,
+                    Active {
+                        out,
+                        decoding: false,
+                        last_token: None,
+                        gaps: 0.0,
+                        tokens: 0,
+                    },
+                );
+                if let Err(e) = self.engine.begin_import(id, &header) {
+                    self.fail(id, engine_status(&e));
+                }
+            }
+            Cmd::Rows {
+                id,
+                layer,
+                tag,
+                data,
+            } => {
+                if !self.active.contains_key(&id) {
+                    return;
+                }
+                let (start, count) = ((tag >> 32) as u32, tag as u32);
+                let mut reader = data.reader();
+                let res = self.engine.import_rows_with(
+                    id,
+                    layer,
+                    start,
+                    count,
+                    data.len(),
+                    &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
+                );
+                match res {
+                    Err(e) => self.fail(id, engine_status(&e)),
+                    Ok(()) => {
+                        if let Err(e) = reader.finish() {
+                            self.fail(id, xpyd_runtime::worker::transfer_status(&e));
+                        }
+                    }
+                }
+            }
+            Cmd::Resume { id, state } => {
+                if self.active.contains_key(&id)
+                    && let Err(e) = self.engine.import_resume(id, *state)
+                {
+                    self.fail(id, engine_status(&e));
+                }
+            }
+            Cmd::Finish { id } => {
+                if !self.active.contains_key(&id) {
+                    return;
+                }
+                let done = self
+                    .engine
+                    .finish_import(id)
+                    .and_then(|()| self.engine.resume_state(id));
+                match done {
+                    Err(e) => self.fail(id, engine_status(&e)),
+                    // The first token already ended the request (max_tokens 1, EOS, stop).
+                    Ok(state) if state.finish.is_some() => self.end(id, false),
+                    Ok(_) => {
+                        if let Some(a) = self.active.get_mut(&id) {
+                            a.decoding = true;
+                            a.last_token = Some(Instant::now());
+                        }
+                    }
+                }
+            }
+            Cmd::Local {
+                id,
+                tokens,
+                params,
+                out,
+            } => {
+                self.started.insert(id, Instant::now());
+                self.active.insert(
+                    id,
+                    Active {
+                        out,
+                        decoding: false,
+                        last_token: None,
+                        gaps: 0.0,
+                        tokens: 0,
+                    },
+                );
+                match self.engine.add_sequence(id, tokens, params) {
+                    Ok(()) => self.local.push_back(id),
+                    Err(e) => self.fail(id, engine_status(&e)),
+                }
+            }
+            Cmd::Cancel { id, client_gone } => {
+                if self.active.contains_key(&id) {
+                    self.end(id, client_gone);
+                } else {
+                    self.budget_release(id);
+                }
+            }
+            Cmd::Fail { id, status } => self.fail(id, status),
+        }
+    }
+
+    fn budget_release(&self, id: u64) {
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(id);
+    }
+
+    /// Frees the request's KV and promise; the stream ends when its sender drops.
+    fn end(&mut self, id: u64, cancelled: bool) {
+        self.engine.remove(id);
+        self.local.retain(|x| *x != id);
+        self.started.remove(&id);
+        if let Some(a) = self.active.remove(&id)
+            && a.tokens > 1
+        {
+            self.tpot.observe(a.gaps / (a.tokens - 1) as f64 * 1e3);
+        }
+        self.budget_release(id);
+        let outcome = if cancelled { "cancelled" } else { "ok" };
+        metrics::counter!(m::WORKER_REQUESTS_TOTAL, "role" => self.role, "outcome" => outcome)
+            .increment(1);
+        if cancelled {
+            self.stats_mut(|s| s.requests_cancelled += 1);
+        }
+        self.stats_mut(|s| s.requests_total += 1);
+    }
+
+    fn fail(&mut self, id: u64, status: Status) {
+        tracing::warn!(request_id = id, %status, "request failed");
+        if let Some(a) = self.active.get(&id) {
+            let _ = a.out.try_send(Err(status));
+        }
+        metrics::counter!(m::WORKER_REQUESTS_TOTAL, "role" => self.role, "outcome" => "error")
+            .increment(1);
+        self.engine.remove(id);
+        self.local.retain(|x| *x != id);
+        self.started.remove(&id);
+        self.active.remove(&id);
+        self.budget_release(id);
+    }
+
+    /// Sends one token; false when the client is gone.
+    fn emit(&mut self, ev: &xpyd_engine::TokenEvent) -> bool {
+        let Some(a) = self.active.get_mut(&ev.seq) else {
+            return false;
+        };
+        let now = Instant::now();
+        if let Some(t) = a.last_token {
+            a.gaps += (now - t).as_secs_f64();
+        }
+        a.last_token = Some(now);
+        a.tokens += 1;
+        let msg = pb::DecodeEvent {
+            event: Some(pb::decode_event::Event::Token(token_to_pb(ev))),
+        };
+        a.out.try_send(Ok(msg)).is_ok()
+    }
+
+    /// One prefill chunk of the oldest local request (combined mode).
+    fn local_chunk(&mut self) {
+        let Some(&id) = self.local.front() else {
+            return;
+        };
+        let t0 = Instant::now();
+        let res = self.engine.prefill_chunk(id, &mut |_| {});
+        self.stats_mut(|s| s.prefill_chunks_total += 1);
+        metrics::histogram!(m::WORKER_PREFILL_SECONDS).record(t0.elapsed().as_secs_f64());
+        match res {
+            Err(e) => self.fail(id, engine_status(&e)),
+            Ok(None) => {}
+            Ok(Some(ev)) => {
+                self.local.pop_front();
+                if let Some(t) = self.started.remove(&id) {
+                    self.ttft.observe(t.elapsed().as_secs_f64() * 1e3);
+                }
+                let alive = self.emit(&ev);
+                if !alive || ev.finish.is_some() {
+                    self.end(id, !alive);
+                } else if let Some(a) = self.active.get_mut(&id) {
+                    a.decoding = true;
+                }
+            }
+        }
+    }
+
+    /// One batched decode step over every decoding sequence.
+    fn decode_step(&mut self) {
+        let mut ids: Vec<u64> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.decoding)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        ids.sort_unstable();
+        let t0 = Instant::now();
+        match self.engine.decode_step(&ids) {
+            Ok(events) => {
+                metrics::histogram!(m::WORKER_DECODE_STEP_SECONDS)
+                    .record(t0.elapsed().as_secs_f64());
+                metrics::histogram!(m::WORKER_DECODE_BATCH).record(ids.len() as f64);
+                for ev in events {
+                    let alive = self.emit(&ev);
+                    if !alive || ev.finish.is_some() {
+                        self.end(ev.seq, !alive);
+                    }
+                }
+            }
+            Err(e) => {
+                // Promises make this unreachable in practice; fail the step's requests
+                // rather than spin.
+                let status = engine_status(&e);
+                for id in ids {
+                    self.fail(id, status.clone());
+                }
+                if !matches!(e, EngineError::OutOfBlocks { .. }) {
+                    tracing::error!(error = %e, "decode step failed");
+                }
+            }
+        }
+    }
+
+    fn stats_mut(&self, f: impl FnOnce(&mut pb::WorkerStats)) {
+        f(&mut self.stats.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn publish(&self) {
+        let kv = self.engine.kv_usage();
+        let (running, reserved) = {
+            let b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+            (b.running(), b.promised_blocks())
+        };
+        let (ttft, tpot) = (self.ttft.get(), self.tpot.get());
+        self.stats_mut(|s| {
+            s.running = running as u32;
+            s.queued = self.local.len() as u32;
+            s.kv_blocks_used = kv.used_blocks as u32;
+            s.kv_blocks_free = kv.free_blocks as u32;
+            s.kv_blocks_reserved = reserved as u32;
+            s.ttft_ms = ttft;
+            s.tpot_ms = tpot;
+        });
+        metrics::gauge!(m::WORKER_RUNNING, "role" => self.role).set(running as f64);
+        metrics::gauge!(m::WORKER_QUEUE_DEPTH, "role" => self.role).set(self.local.len() as f64);
+        metrics::gauge!(m::WORKER_KV_BLOCKS_USED).set(kv.used_blocks as f64);
+        metrics::gauge!(m::WORKER_KV_BLOCKS_FREE).set(kv.free_blocks as f64);
+    }
+}

@@ -1,0 +1,184 @@
+//! xpyd decode worker. Reserves KV for a request, imports it as the prefill worker streams
+//! it (layer by layer, verified), admits the sequence into the running batch and streams
+//! its tokens; continuous batching across requests. In combined mode (`single`
+//! deployments) it also prefills prompts itself, one chunk between decode steps.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod budget;
+pub mod engine_loop;
+pub mod service;
+
+use budget::Budget;
+use engine_loop::EngineLoop;
+use service::{DecodeService, Geometry};
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use xpyd_engine::{Engine, EngineConfig};
+use xpyd_kv_transfer::{Backend, Receiver, ReceiverConfig};
+use xpyd_proto as pb;
+use xpyd_runtime::worker::{Membership, SharedStats, start_membership};
+
+/// Decode worker configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Unique id in the cluster.
+    pub worker_id: String,
+    /// Also prefill prompts locally (`combined` role).
+    pub combined: bool,
+    /// The engine.
+    pub engine: EngineConfig,
+    /// Most requests admitted at once.
+    pub max_running: usize,
+    /// KV backend offered when the coordinator asks for none.
+    pub kv_backend: Backend,
+    /// Where to register.
+    pub membership: Membership,
+    /// Host name other processes reach this worker at.
+    pub advertise_host: String,
+}
+
+impl Config {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// A message naming the bad field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.worker_id.is_empty() {
+            return Err("worker_id: must not be empty".into());
+        }
+        if !(1..=1024).contains(&self.max_running) {
+            return Err(format!(
+                "max_running: {} is out of range 1..=1024",
+                self.max_running
+            ));
+        }
+        self.engine.validate().map_err(|e| format!("engine: {e}"))
+    }
+}
+
+/// The listeners a decode worker serves on.
+pub struct Listeners {
+    /// gRPC (`xpyd.v1.DecodeWorker`, health, reflection).
+    pub grpc: TcpListener,
+    /// HTTP (`/health`, `/metrics`).
+    pub http: TcpListener,
+    /// KV transfer receiver.
+    pub kv: TcpListener,
+}
+
+/// Why the worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration is invalid.
+    #[error("config: {0}")]
+    Config(String),
+    /// The engine failed to load.
+    #[error("engine: {0}")]
+    Engine(#[from] xpyd_engine::EngineError),
+    /// The KV receiver failed to start.
+    #[error("kv-transfer: {0}")]
+    Transfer(#[from] xpyd_kv_transfer::TransferError),
+    /// A listener failed.
+    #[error("serve: {0}")]
+    Serve(String),
+}
+
+/// Runs the worker until `shutdown`: loads the engine, registers, serves.
+///
+/// # Errors
+/// Bad config, engine load failure, or a listener failing.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    cfg.validate().map_err(WorkerError::Config)?;
+    let role = if cfg.combined { "combined" } else { "decode" };
+    let engine_cfg = cfg.engine.clone();
+    let engine = tokio::task::spawn_blocking(move || Engine::load(engine_cfg))
+        .await
+        .map_err(|e| WorkerError::Serve(e.to_string()))??;
+    let mc = engine.model_config().clone();
+    let kv = engine.kv_usage();
+    let geometry = Geometry {
+        block_size: kv.block_size,
+        context_length: mc.context_length,
+        kv_bytes_per_token: 2 * (mc.kv_dim() * engine.kv_dtype().size() * mc.n_layer) as u64,
+    };
+    let fingerprint = engine.fingerprint().to_string();
+    let receiver = if cfg.combined {
+        None
+    } else {
+        Some(Receiver::start(
+            ReceiverConfig::new(fingerprint.clone()),
+            listeners.kv,
+        )?)
+    };
+    let budget = Arc::new(Mutex::new(Budget::new(
+        kv.used_blocks + kv.free_blocks,
+        cfg.max_running,
+    )));
+    let stats: SharedStats = Arc::new(Mutex::new(pb::WorkerStats {
+        worker_id: cfg.worker_id.clone(),
+        role: role.into(),
+        kv_blocks_free: kv.free_blocks as u32,
+        ..Default::default()
+    }));
+    let (cmd_tx, cmd_rx) = mpsc::channel(4096);
+    let lp = EngineLoop::new(engine, budget.clone(), stats.clone(), role);
+    let engine_thread = std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || lp.run(cmd_rx))
+        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+
+    let grpc_addr = listeners
+        .grpc
+        .local_addr()
+        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let http_addr = listeners
+        .http
+        .local_addr()
+        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let info = pb::WorkerInfo {
+        worker_id: cfg.worker_id.clone(),
+        role: role.into(),
+        grpc_url: format!("http://{}:{}", cfg.advertise_host, grpc_addr.port()),
+        http_url: format!("http://{}:{}", cfg.advertise_host, http_addr.port()),
+        model_fingerprint: fingerprint,
+        max_running: cfg.max_running as u32,
+    };
+    let ready = start_membership(&cfg.membership, info, stats.clone(), shutdown.clone());
+    let metrics = xpyd_runtime::metrics::install();
+    let http = tokio::spawn(xpyd_runtime::http::serve(
+        xpyd_runtime::http::worker_router(ready.clone(), metrics),
+        listeners.http,
+        shutdown.clone(),
+    ));
+    let svc = DecodeService {
+        cmds: cmd_tx,
+        budget,
+        receiver,
+        stats,
+        ready,
+        geometry,
+        default_backend: cfg.kv_backend,
+        combined: cfg.combined,
+    };
+    let mut server = tonic::transport::Server::builder();
+    let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)
+        .await
+        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    health
+        .set_serving::<pb::decode_worker_server::DecodeWorkerServer<DecodeService>>()
+        .await;
+    let router = router.add_service(pb::decode_worker_server::DecodeWorkerServer::new(svc));
+    tracing::info!(worker_id = %cfg.worker_id, %grpc_addr, %http_addr, role, "decode worker serving");
+    let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
+    let _ = http.await;
+    // The service (and its command sender) is gone: the engine thread drains and exits.
+    let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
+    served.map_err(|e| WorkerError::Serve(e.to_string()))
+}

@@ -1,0 +1,291 @@
+//! The `xpyd.v1.DecodeWorker` gRPC service: admission against the KV budget, the KV
+//! reservation and its import task, and the token stream whose end cancels the request.
+
+use crate::budget::{Budget, Refusal};
+use crate::engine_loop::{Cmd, EventTx};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use xpyd_engine::KvHeader;
+use xpyd_kv_transfer::{Backend, Event, Incoming, Receiver, ReserveSpec};
+use xpyd_proto as pb;
+use xpyd_runtime::worker::{
+    DropGuard, GuardedStream, SharedStats, check_ready, sampling_from_pb, transfer_status,
+};
+
+/// What the service needs to know about the engine it fronts.
+#[derive(Debug, Clone, Copy)]
+pub struct Geometry {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// The model's context length.
+    pub context_length: usize,
+    /// Bytes of K plus V for one token over all layers.
+    pub kv_bytes_per_token: u64,
+}
+
+/// The service state.
+pub struct DecodeService {
+    pub(crate) cmds: mpsc::Sender<Cmd>,
+    pub(crate) budget: Arc<Mutex<Budget>>,
+    pub(crate) receiver: Option<Receiver>,
+    pub(crate) stats: SharedStats,
+    pub(crate) ready: watch::Receiver<bool>,
+    pub(crate) geometry: Geometry,
+    pub(crate) default_backend: Backend,
+    pub(crate) combined: bool,
+}
+
+fn blocks_for(tokens: usize, block: usize) -> usize {
+    tokens.div_ceil(block)
+}
+
+impl DecodeService {
+    fn admit(&self, id: u64, prompt: usize, max_tokens: usize) -> Result<(), Status> {
+        if prompt == 0 {
+            return Err(Status::invalid_argument("prompt_tokens must be at least 1"));
+        }
+        if max_tokens == 0 {
+            return Err(Status::invalid_argument("max_tokens must be at least 1"));
+        }
+        let ctx = self.geometry.context_length;
+        if prompt >= ctx {
+            return Err(Status::invalid_argument(format!(
+                "prompt of {prompt} tokens exceeds the context length of {ctx} tokens"
+            )));
+        }
+        // Generation stops at the context length, so that bounds what must be promised.
+        let need = blocks_for((prompt + max_tokens).min(ctx), self.geometry.block_size);
+        let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        b.promise(id, need).map_err(|r| match r {
+            Refusal::TooLarge { .. } => Status::invalid_argument(r.to_string()),
+            Refusal::Full { .. } => Status::resource_exhausted(r.to_string()),
+            Refusal::Duplicate(_) => Status::already_exists(r.to_string()),
+        })
+    }
+
+    /// The stream handed to tonic: ends the request when dropped.
+    fn stream(
+        &self,
+        id: u64,
+        rx: mpsc::Receiver<Result<pb::DecodeEvent, Status>>,
+        import: CancellationToken,
+    ) -> GuardedStream<Result<pb::DecodeEvent, Status>> {
+        let cmds = self.cmds.clone();
+        GuardedStream::new(
+            rx,
+            DropGuard::new(move || {
+                import.cancel();
+                let cmd = Cmd::Cancel {
+                    id,
+                    client_gone: true,
+                };
+                if let Err(mpsc::error::TrySendError::Full(cmd)) = cmds.try_send(cmd) {
+                    tokio::spawn(async move {
+                        let _ = cmds.send(cmd).await;
+                    });
+                }
+            }),
+        )
+    }
+}
+
+/// Forwards one transfer's events to the engine thread until it completes, fails, or the
+/// request is cancelled.
+async fn import(
+    id: u64,
+    mut incoming: Incoming,
+    cmds: mpsc::Sender<Cmd>,
+    out: EventTx,
+    cancel: CancellationToken,
+) {
+    let mut metas = 0;
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = incoming.next() => ev,
+        };
+        let cmd = match ev {
+            None => Cmd::Fail {
+                id,
+                status: Status::internal("transfer ended without an outcome"),
+            },
+            Some(Err(e)) => Cmd::Fail {
+                id,
+                status: transfer_status(&e),
+            },
+            Some(Ok(Event::Meta(m))) => {
+                let parsed = m
+                    .verified()
+                    .map_err(|e| transfer_status(&e))
+                    .and_then(|bytes| {
+                        if metas == 0 {
+                            KvHeader::decode(bytes)
+                                .map(|(h, _)| Cmd::Begin {
+                                    id,
+                                    header: Box::new(h),
+                                    out: out.clone(),
+                                })
+                                .map_err(|e| Status::data_loss(format!("KV header: {e}")))
+                        } else {
+                            serde_json::from_slice(bytes)
+                                .map(|s| Cmd::Resume {
+                                    id,
+                                    state: Box::new(s),
+                                })
+                                .map_err(|e| Status::data_loss(format!("resume state: {e}")))
+                        }
+                    });
+                metas += 1;
+                match parsed {
+                    Ok(c) => c,
+                    Err(status) => Cmd::Fail { id, status },
+                }
+            }
+            Some(Ok(Event::Chunk { layer, tag, data })) => Cmd::Rows {
+                id,
+                layer,
+                tag,
+                data,
+            },
+            Some(Ok(Event::Complete(_))) => Cmd::Finish { id },
+        };
+        let last = matches!(cmd, Cmd::Finish { .. } | Cmd::Fail { .. });
+        if let Cmd::Fail { status, .. } = &cmd {
+            // Reach the client even if the engine never saw this request.
+            let _ = out.try_send(Err(status.clone()));
+        }
+        if cmds.send(cmd).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+type EventStream = GuardedStream<Result<pb::DecodeEvent, Status>>;
+
+#[tonic::async_trait]
+impl pb::decode_worker_server::DecodeWorker for DecodeService {
+    type DecodeStream = EventStream;
+    type GenerateStream = EventStream;
+
+    async fn decode(
+        &self,
+        req: Request<pb::DecodeRequest>,
+    ) -> Result<Response<Self::DecodeStream>, Status> {
+        check_ready(&self.ready)?;
+        let r = req.into_inner();
+        let Some(receiver) = &self.receiver else {
+            return Err(Status::failed_precondition(
+                "this worker does not receive KV",
+            ));
+        };
+        let backend = if r.backend.is_empty() {
+            self.default_backend
+        } else {
+            r.backend
+                .parse::<Backend>()
+                .map_err(|e| Status::invalid_argument(format!("backend: {e}")))?
+        };
+        self.admit(
+            r.request_id,
+            r.prompt_tokens as usize,
+            r.max_tokens as usize,
+        )?;
+        let spec = ReserveSpec {
+            transfer_id: r.request_id,
+            backend,
+            bytes: self.geometry.kv_bytes_per_token * r.prompt_tokens as u64,
+            deadline: Duration::from_millis(r.transfer_deadline_ms.max(1) as u64),
+        };
+        let (target, incoming) = match receiver.reserve(spec) {
+            Ok(x) => x,
+            Err(e) => {
+                self.budget
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .release(r.request_id);
+                return Err(transfer_status(&e));
+            }
+        };
+        let target_json = serde_json::to_vec(&target)
+            .map_err(|e| Status::internal(format!("target encoding: {e}")))?;
+        // Room for every token plus the reservation and an error: sends never block.
+        let (tx, rx) = mpsc::channel(r.max_tokens as usize + 4);
+        let _ = tx.try_send(Ok(pb::DecodeEvent {
+            event: Some(pb::decode_event::Event::Reserved(pb::Reserved {
+                target_json,
+                epoch: target.epoch,
+            })),
+        }));
+        let cancel = CancellationToken::new();
+        tokio::spawn(import(
+            r.request_id,
+            incoming,
+            self.cmds.clone(),
+            tx,
+            cancel.clone(),
+        ));
+        Ok(Response::new(self.stream(r.request_id, rx, cancel)))
+    }
+
+    async fn generate(
+        &self,
+        req: Request<pb::LocalGenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        check_ready(&self.ready)?;
+        if !self.combined {
+            return Err(Status::failed_precondition(
+                "this decode worker does not prefill (run it in combined mode)",
+            ));
+        }
+        let r = req.into_inner();
+        let params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        self.admit(r.request_id, r.tokens.len(), params.max_tokens)?;
+        let (tx, rx) = mpsc::channel(params.max_tokens + 4);
+        let cmd = Cmd::Local {
+            id: r.request_id,
+            tokens: r.tokens,
+            params,
+            out: tx,
+        };
+        if self.cmds.send(cmd).await.is_err() {
+            return Err(Status::unavailable("engine stopped"));
+        }
+        Ok(Response::new(self.stream(
+            r.request_id,
+            rx,
+            CancellationToken::new(),
+        )))
+    }
+
+    async fn cancel(
+        &self,
+        req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        let id = req.into_inner().request_id;
+        let found = self
+            .budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .holds(id);
+        let _ = self
+            .cmds
+            .send(Cmd::Cancel {
+                id,
+                client_gone: true,
+            })
+            .await;
+        Ok(Response::new(pb::CancelResponse { found }))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::WorkerStats>, Status> {
+        Ok(Response::new(
+            self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        ))
+    }
+}

@@ -1,0 +1,276 @@
+//! Range and consistency checks for a parsed manifest; each error names its field path.
+
+use super::{
+    CoordinatorSpec, KvSpec, Manifest, ManifestError, Mode, RegistryBackend, RegistrySpec, Role,
+    RoleSpec, RoutingSpec,
+};
+use std::fmt::Display;
+
+type Result<T = ()> = std::result::Result<T, ManifestError>;
+
+
+/// Checks `lo <= v <= hi`, reporting `<field>: <v> is out of range <lo>..=<hi>`.
+fn range<T: PartialOrd + Display>(field: impl Display, v: T, lo: T, hi: T) -> Result {
+    if v < lo || v > hi {
+        return Err(ManifestError::invalid(
+            field.to_string(),
+            format!("{v} is out of range {lo}..={hi}"),
+        ));
+    }
+    Ok(())
+}
+
+pub(super) fn manifest(m: &Manifest) -> Result {
+    name(&m.name)?;
+    model(&m.model)?;
+    roles_for_mode(m)?;
+    coordinator(&m.coordinator)?;
+    registry(&m.registry)?;
+    routing(&m.routing)?;
+    kv(&m.kv)?;
+    for role in Role::ALL {
+        if let Some(spec) = m.roles.get(role) {
+            role_spec(role, spec)?;
+        }
+    }
+    Ok(())
+}
+
+fn name(n: &str) -> Result {
+    let ok_chars = n
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let ok_ends = !n.starts_with('-') && !n.ends_with('-');
+    if n.is_empty() || n.len() > 63 || !ok_chars || !ok_ends {
+        return Err(ManifestError::invalid(
+            "name",
+            format!(
+                "`{n}` must be 1..=63 characters of [a-z0-9-], starting and ending with a letter or digit"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn model(m: &str) -> Result {
+    if m == "default" || (m.len() > ".gguf".len() && m.to_ascii_lowercase().ends_with(".gguf")) {
+        return Ok(());
+    }
+    Err(ManifestError::invalid(
+        "model",
+        format!("`{m}` must be `default` or a path to a .gguf file"),
+    ))
+}
+
+fn roles_for_mode(m: &Manifest) -> Result {
+    let (required, forbidden): (&[Role], &[Role]) = match m.mode {
+        Mode::Disaggregated => (&[Role::Prefill, Role::Decode], &[Role::Combined]),
+        Mode::Single => (&[Role::Combined], &[Role::Prefill, Role::Decode]),
+    };
+    let allowed = required
+        .iter()
+        .map(|r| r.name())
+        .collect::<Vec<_>>()
+        .join(" and ");
+    for &role in required {
+        if m.roles.get(role).is_none() {
+            return Err(ManifestError::invalid(
+                format!("roles.{role}"),
+                format!("is required in mode {} (roles: {allowed})", m.mode),
+            ));
+        }
+    }
+    for &role in forbidden {
+        if m.roles.get(role).is_some() {
+            return Err(ManifestError::invalid(
+                format!("roles.{role}"),
+                format!("is not allowed in mode {} (roles: {allowed})", m.mode),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn coordinator(c: &CoordinatorSpec) -> Result {
+    host("coordinator.host", &c.host)?;
+    if c.http_port != 0 && c.http_port == c.grpc_port {
+        return Err(ManifestError::invalid(
+            "coordinator.grpc_port",
+            format!(
+                "{} is also coordinator.http_port; the ports must differ",
+                c.grpc_port
+            ),
+        ));
+    }
+    range("coordinator.max_queue", c.max_queue, 0, 100_000)?;
+    range(
+        "coordinator.queue_timeout_ms",
+        c.queue_timeout_ms,
+        1,
+        600_000,
+    )?;
+    range(
+        "coordinator.first_token_timeout_s",
+        c.first_token_timeout_s,
+        1,
+        1200,
+    )?;
+    range(
+        "coordinator.request_timeout_s",
+        c.request_timeout_s,
+        1,
+        3600,
+    )?;
+    if c.first_token_timeout_s > c.request_timeout_s {
+        return Err(ManifestError::invalid(
+            "coordinator.first_token_timeout_s",
+            format!(
+                "{} exceeds coordinator.request_timeout_s ({})",
+                c.first_token_timeout_s, c.request_timeout_s
+            ),
+        ));
+    }
+    const MIB: u64 = 1024 * 1024;
+    range(
+        "coordinator.max_request_bytes",
+        c.max_request_bytes,
+        MIB,
+        50 * MIB,
+    )
+}
+
+/// An IP address or a DNS host name.
+fn host(field: &str, h: &str) -> Result {
+    let is_ip = h.parse::<std::net::IpAddr>().is_ok();
+    let is_name = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if is_ip || is_name {
+        return Ok(());
+    }
+    Err(ManifestError::invalid(
+        field,
+        format!("`{h}` is not an IP address or host name"),
+    ))
+}
+
+fn registry(r: &RegistrySpec) -> Result {
+    match r.backend {
+        RegistryBackend::Etcd if r.endpoints.is_empty() => {
+            return Err(ManifestError::invalid(
+                "registry.endpoints",
+                "must list at least one endpoint like \"http://127.0.0.1:2379\" when registry.backend is etcd",
+            ));
+        }
+        RegistryBackend::Embedded if !r.endpoints.is_empty() => {
+            return Err(ManifestError::invalid(
+                "registry.endpoints",
+                "is only used with registry.backend etcd; remove it or set backend: etcd",
+            ));
+        }
+        _ => {}
+    }
+    for (i, e) in r.endpoints.iter().enumerate() {
+        endpoint(&format!("registry.endpoints[{i}]"), e)?;
+    }
+    if !r.prefix.starts_with('/')
+        || !r.prefix.ends_with('/')
+        || r.prefix.contains(char::is_whitespace)
+    {
+        return Err(ManifestError::invalid(
+            "registry.prefix",
+            format!(
+                "`{}` must start and end with `/` and contain no spaces",
+                r.prefix
+            ),
+        ));
+    }
+    range("registry.lease_ttl_ms", r.lease_ttl_ms, 500, 60_000)?;
+    if r.backend == RegistryBackend::Etcd && !r.lease_ttl_ms.is_multiple_of(1000) {
+        return Err(ManifestError::invalid(
+            "registry.lease_ttl_ms",
+            format!(
+                "{} must be a whole number of seconds (1000, 2000, ...) with backend etcd",
+                r.lease_ttl_ms
+            ),
+        ));
+    }
+    range(
+        "registry.renew_interval_ms",
+        r.renew_interval_ms,
+        100,
+        r.lease_ttl_ms / 2,
+    )
+}
+
+/// `http://host:port` or `https://host:port`.
+fn endpoint(field: &str, e: &str) -> Result {
+    let bad = || {
+        ManifestError::invalid(
+            field,
+            format!("`{e}` is not an endpoint like \"http://host:port\""),
+        )
+    };
+    let rest = e
+        .strip_prefix("http://")
+        .or_else(|| e.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    let (h, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let h = h
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(h);
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => host(field, h).map_err(|_| bad()),
+        _ => Err(bad()),
+    }
+}
+
+fn routing(r: &RoutingSpec) -> Result {
+    range("routing.block_size", r.block_size, 1, 1024)
+}
+
+fn kv(k: &KvSpec) -> Result {
+    range(
+        "kv.transfer_deadline_ms",
+        k.transfer_deadline_ms,
+        100,
+        600_000,
+    )
+}
+
+fn role_spec(role: Role, s: &RoleSpec) -> Result {
+    let f = |name: &str| format!("roles.{role}.{name}");
+    range(f("replicas"), s.replicas, 1, 64)?;
+    range(f("threads"), s.threads, 1, 256)?;
+    if let Some(cpus) = &s.cpus {
+        xpyd_engine::compute::parse_cpu_list(cpus)
+            .map_err(|e| ManifestError::invalid(f("cpus"), e.to_string()))?;
+    }
+    if let Some(n) = s.max_running {
+        range(f("max_running"), n, 1, 1024)?;
+    }
+    if s.kv_blocks != 0 {
+        range(f("kv_blocks"), s.kv_blocks, 16, 10_000_000).map_err(|_| {
+            ManifestError::invalid(
+                f("kv_blocks"),
+                format!("{} is out of range: 0 (auto) or 16..=10000000", s.kv_blocks),
+            )
+        })?;
+    }
+    range(f("prefill_chunk"), s.prefill_chunk, 16, 8192)?;
+    range(
+        f("prefix_cache_blocks"),
+        s.prefix_cache_blocks,
+        0,
+        10_000_000,
+    )
+}

@@ -1,0 +1,240 @@
+//! The role processes `xpyd up` starts — `xpyd coordinator` and `xpyd worker` — as thin
+//! mains: read the manifest, build the role's typed config, bind, call its
+//! `run(config, listeners, shutdown)`, and stop on SIGINT/SIGTERM.
+
+use crate::manifest::{self, Manifest, Role};
+use crate::model_fetch::{self, DEFAULT_MODEL};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use xpyd_runtime::RegistryBackend;
+use xpyd_runtime::shutdown::on_signal;
+use xpyd_runtime::worker::Membership;
+
+/// Flags of `xpyd coordinator`.
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// The cluster manifest.
+    #[arg(short = 'f', long)]
+    pub file: PathBuf,
+    /// Model file (default: from the manifest).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Override `coordinator.http_port`.
+    #[arg(long)]
+    pub http_port: Option<u16>,
+    /// Override `coordinator.grpc_port`.
+    #[arg(long)]
+    pub grpc_port: Option<u16>,
+}
+
+/// Flags of `xpyd worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The cluster manifest.
+    #[arg(short = 'f', long)]
+    pub file: PathBuf,
+    /// prefill, decode or combined.
+    #[arg(long)]
+    pub role: String,
+    /// Replica index (names the worker `<role>-<index>`).
+    #[arg(long, default_value_t = 0)]
+    pub index: u32,
+    /// Model file (default: from the manifest).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// The coordinator's gRPC URL (embedded registry).
+    #[arg(long)]
+    pub registry_url: Option<String>,
+}
+
+/// The model file a manifest names.
+pub fn model_path(m: &Manifest, flag: &Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p.clone());
+    }
+    if m.model == "default" {
+        model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir())
+    } else {
+        Ok(PathBuf::from(&m.model))
+    }
+}
+
+fn parse_role(s: &str) -> Result<Role> {
+    match s {
+        "prefill" => Ok(Role::Prefill),
+        "decode" => Ok(Role::Decode),
+        "combined" => Ok(Role::Combined),
+        other => bail!("--role: `{other}` is not one of prefill, decode, combined"),
+    }
+}
+
+/// The role's spec in the manifest.
+fn role_spec(m: &Manifest, role: Role) -> Result<&manifest::RoleSpec> {
+    m.roles
+        .get(role)
+        .with_context(|| format!("roles.{}: not in this manifest", role.name()))
+}
+
+/// Thread count and pinning of a worker (applied before any thread starts).
+pub fn worker_compute(a: &WorkerArgs) -> Result<xpyd_engine::compute::ComputeConfig> {
+    let m = Manifest::load(&a.file)?;
+    let spec = role_spec(&m, parse_role(&a.role)?)?;
+    Ok(xpyd_engine::compute::ComputeConfig {
+        threads: Some(spec.threads as usize),
+        cpus: spec
+            .cpus
+            .as_deref()
+            .map(xpyd_engine::compute::parse_cpu_list)
+            .transpose()?,
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener> {
+    TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("bind {host}:{port}"))
+}
+
+fn policy(p: manifest::RoutingPolicy) -> Result<xpyd_coordinator::router::PolicyKind> {
+    p.name()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("routing: {e}"))
+}
+
+/// `xpyd coordinator`: prints `{"http":URL,"grpc":URL}` on stdout once bound.
+pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
+    let m = Manifest::load(&a.file)?;
+    let mut cfg = xpyd_coordinator::Config::new(model_path(&m, &a.model)?);
+    let c = &m.coordinator;
+    cfg.single = m.mode == manifest::Mode::Single;
+    cfg.prefill_policy = policy(m.routing.prefill)?;
+    cfg.decode_policy = policy(m.routing.decode)?;
+    cfg.router.block_size = m.routing.block_size as usize;
+    cfg.max_queue = c.max_queue as usize;
+    cfg.queue_timeout_ms = c.queue_timeout_ms as u64;
+    cfg.first_token_timeout_s = c.first_token_timeout_s as u64;
+    cfg.request_timeout_s = c.request_timeout_s as u64;
+    cfg.max_request_bytes = c.max_request_bytes as usize;
+    cfg.kv_backend = m.kv.backend.name().into();
+    cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
+    cfg.lease_ttl = Duration::from_millis(m.registry.lease_ttl_ms as u64);
+    cfg.renew_interval = Duration::from_millis(m.registry.renew_interval_ms as u64);
+    if m.registry.backend == manifest::RegistryBackend::Etcd {
+        cfg.membership = xpyd_coordinator::Membership::Etcd {
+            endpoints: m.registry.endpoints.clone(),
+            prefix: etcd_prefix(&m),
+        };
+    }
+    runtime()?.block_on(async {
+        let http = bind(&c.host, a.http_port.unwrap_or(c.http_port)).await?;
+        let grpc = bind(&c.host, a.grpc_port.unwrap_or(c.grpc_port)).await?;
+        let urls = serde_json::json!({
+            "http": format!("http://{}", http.local_addr()?),
+            "grpc": format!("http://{}", grpc.local_addr()?),
+        });
+        println!("{urls}");
+        let listeners = xpyd_coordinator::Listeners { http, grpc };
+        xpyd_coordinator::run(cfg, listeners, on_signal()).await?;
+        Ok(())
+    })
+}
+
+/// The etcd key prefix of a manifest's cluster.
+fn etcd_prefix(m: &Manifest) -> String {
+    format!("{}{}/", m.registry.prefix, m.name)
+}
+
+/// `xpyd worker`.
+pub fn worker(a: &WorkerArgs) -> Result<()> {
+    let m = Manifest::load(&a.file)?;
+    let role = parse_role(&a.role)?;
+    let spec = role_spec(&m, role)?;
+    if spec.engine == manifest::EngineKind::Mock {
+        bail!(
+            "roles.{}.engine: the mock engine is not available in this build",
+            role.name()
+        );
+    }
+    let mut engine = xpyd_engine::EngineConfig::new(model_path(&m, &a.model)?);
+    engine.prefill_chunk = spec.prefill_chunk as usize;
+    engine.kv_dtype = match spec.kv_dtype {
+        manifest::KvDtype::F32 => xpyd_engine::KvDtype::F32,
+        manifest::KvDtype::F16 => xpyd_engine::KvDtype::F16,
+    };
+    if spec.kv_blocks > 0 {
+        engine.num_blocks = Some(spec.kv_blocks as usize);
+    }
+    let registry = match m.registry.backend {
+        manifest::RegistryBackend::Embedded => RegistryBackend::Embedded {
+            url: a
+                .registry_url
+                .clone()
+                .context("--registry-url is required with the embedded registry")?,
+        },
+        manifest::RegistryBackend::Etcd => RegistryBackend::Etcd {
+            endpoints: m.registry.endpoints.clone(),
+            prefix: etcd_prefix(&m),
+        },
+    };
+    let membership = Membership {
+        registry: Some(registry),
+        ttl: Duration::from_millis(m.registry.lease_ttl_ms as u64),
+        renew: Duration::from_millis(m.registry.renew_interval_ms as u64),
+    };
+    let worker_id = format!("{}-{}", role.name(), a.index);
+    let host = m.coordinator.host.clone();
+    let max_running = spec.max_running_for(role) as usize;
+    runtime()?.block_on(async {
+        let shutdown = on_signal();
+        let grpc = bind(&host, 0).await?;
+        let http = bind(&host, 0).await?;
+        match role {
+            Role::Prefill => {
+                let cfg = xpyd_prefill_worker::Config {
+                    worker_id,
+                    engine,
+                    max_queue: max_running.max(1) * 64,
+                    membership,
+                    advertise_host: host,
+                };
+                let l = xpyd_prefill_worker::Listeners { grpc, http };
+                xpyd_prefill_worker::run(cfg, l, shutdown).await?;
+            }
+            Role::Decode | Role::Combined => {
+                let kv = bind(&host, 0).await?;
+                let cfg = xpyd_decode_worker::Config {
+                    worker_id,
+                    combined: role == Role::Combined,
+                    engine,
+                    max_running,
+                    kv_backend: m
+                        .kv
+                        .backend
+                        .name()
+                        .parse()
+                        .map_err(|e: String| anyhow::anyhow!("kv.backend: {e}"))?,
+                    membership,
+                    advertise_host: host,
+                };
+                let l = xpyd_decode_worker::Listeners { grpc, http, kv };
+                xpyd_decode_worker::run(cfg, l, shutdown).await?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// True when `path` names a manifest that loads and validates (for `up`'s early check).
+pub fn check(path: &Path) -> Result<Manifest> {
+    Ok(Manifest::load(path)?)
+}

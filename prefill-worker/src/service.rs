@@ -1,0 +1,136 @@
+//! The `xpyd.v1.PrefillWorker` gRPC service: opens the KV transfer to the target, queues
+//! the prefill on the engine thread, streams the KV as it is computed, and answers with
+//! the first token once the receiver has committed everything. A caller that goes away
+//! cancels the prefill (checked between chunks) and aborts the transfer.
+
+use crate::engine_loop::{Job, Outgoing};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use xpyd_kv_transfer::{Sender, Stats, Transfer, TransferTarget};
+use xpyd_proto as pb;
+use xpyd_runtime::worker::{
+    SharedStats, check_ready, sampling_from_pb, token_to_pb, transfer_status,
+};
+
+/// The service state.
+pub struct PrefillService {
+    pub(crate) jobs: mpsc::Sender<Job>,
+    pub(crate) sender: Sender,
+    pub(crate) stats: SharedStats,
+    pub(crate) ready: watch::Receiver<bool>,
+}
+
+/// Tag of an engine chunk: first position and token count.
+fn tag(start: u32, count: u32) -> u64 {
+    ((start as u64) << 32) | count as u64
+}
+
+/// Streams everything the engine hands out, then commits.
+async fn stream_kv(
+    mut t: Transfer,
+    mut rx: mpsc::Receiver<Outgoing>,
+) -> Result<Stats, xpyd_kv_transfer::TransferError> {
+    let mut resumed = false;
+    while let Some(msg) = rx.recv().await {
+        let r = match msg {
+            Outgoing::Header(h) => t.send_meta(&h).await,
+            Outgoing::Chunk(c) => match t.send(c.layer, tag(c.start, c.count), &c.payload).await {
+                Ok(()) => t.flush().await,
+                Err(e) => Err(e),
+            },
+            Outgoing::Resume(r) => {
+                resumed = true;
+                t.send_meta(&r).await
+            }
+        };
+        if let Err(e) = r {
+            t.abort().await;
+            return Err(e);
+        }
+    }
+    if resumed {
+        t.commit().await
+    } else {
+        // The prefill stopped early (cancelled or failed): tell the receiver.
+        t.abort().await;
+        Err(xpyd_kv_transfer::TransferError::Rejected(
+            "prefill ended before the KV was complete".into(),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::prefill_worker_server::PrefillWorker for PrefillService {
+    async fn prefill(
+        &self,
+        req: Request<pb::PrefillRequest>,
+    ) -> Result<Response<pb::PrefillResponse>, Status> {
+        check_ready(&self.ready)?;
+        let r = req.into_inner();
+        if r.tokens.is_empty() {
+            return Err(Status::invalid_argument("tokens: the prompt is empty"));
+        }
+        let target: TransferTarget = serde_json::from_slice(&r.target_json)
+            .map_err(|e| Status::invalid_argument(format!("target_json: {e}")))?;
+        let params = sampling_from_pb(&r.sampling.unwrap_or_default());
+        params
+            .validate()
+            .map_err(|e| xpyd_runtime::worker::engine_status(&e))?;
+        let transfer = self
+            .sender
+            .open(&target)
+            .await
+            .map_err(|e| transfer_status(&e))?;
+        let backend = transfer.backend();
+        let (out, rx) = mpsc::channel(256);
+        let streamer = tokio::spawn(stream_kv(transfer, rx));
+        let cancel = CancellationToken::new();
+        // Dropping this future (the caller left) cancels the prefill.
+        let _cancel_on_drop = cancel.clone().drop_guard();
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            id: r.request_id,
+            tokens: r.tokens,
+            params,
+            out,
+            cancel,
+            reply,
+        };
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| Status::unavailable("engine stopped"))?;
+        let first = answer
+            .await
+            .map_err(|_| Status::internal("engine dropped the request"))?;
+        let committed = streamer
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let first = first?;
+        let stats = committed.map_err(|e| transfer_status(&e))?;
+        Ok(Response::new(pb::PrefillResponse {
+            first: Some(token_to_pb(&first)),
+            cached_tokens: 0,
+            kv_bytes: stats.bytes,
+            backend: backend.name().into(),
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        _req: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::CancelResponse>, Status> {
+        // Prefills are cancelled by ending their call; nothing is held afterwards.
+        Ok(Response::new(pb::CancelResponse { found: false }))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::WorkerStats>, Status> {
+        Ok(Response::new(
+            self.stats.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        ))
+    }
+}

@@ -1,0 +1,39 @@
+//! What every gRPC listener serves besides its own services: `grpc.health.v1` and server
+//! reflection for `xpyd.v1`, and serving on a bound listener until shutdown.
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Router;
+
+pub use tonic_health::server::HealthReporter;
+
+/// Adds health and reflection to a server and returns the router plus the health
+/// reporter (set a service's status with `set_serving::<S>()` / `set_not_serving`).
+pub async fn with_standard_services(
+    builder: &mut tonic::transport::Server,
+) -> Result<(Router, HealthReporter), tonic_reflection::server::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(xpyd_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok((
+        builder.add_service(health).add_service(reflection),
+        reporter,
+    ))
+}
+
+/// Serves `router` on `listener` until `shutdown` is cancelled (then stops accepting and
+/// lets in-flight calls end).
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.cancelled().await
+        })
+        .await
+}

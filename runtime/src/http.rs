@@ -1,0 +1,51 @@
+//! The small HTTP side of a worker: `/health` (200 when ready and holding a lease, 503
+//! otherwise) and `/metrics`.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+struct HealthState {
+    ready: watch::Receiver<bool>,
+    metrics: PrometheusHandle,
+}
+
+/// `/health` and `/metrics` for a worker whose readiness is `ready`.
+pub fn worker_router(ready: watch::Receiver<bool>, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(render))
+        .with_state(HealthState { ready, metrics })
+}
+
+async fn health(State(s): State<HealthState>) -> (StatusCode, &'static str) {
+    if *s.ready.borrow() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn render(State(s): State<HealthState>) -> String {
+    s.metrics.render()
+}
+
+/// Serves `router` on `listener` until `shutdown`.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}

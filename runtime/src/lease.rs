@@ -1,0 +1,335 @@
+//! The worker side of membership: register, renew a lease with the current load, and
+//! flip readiness off the moment the lease is lost (a worker without a lease takes no
+//! work) until it registers again. Two backends with the same semantics: the embedded
+//! registry in the coordinator (gRPC `xpyd.v1.Registry`) and etcd (lease + key under a
+//! prefix that the coordinator watches).
+
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use xpyd_proto::registry_client::RegistryClient;
+use xpyd_proto::{DeregisterRequest, HeartbeatRequest, Load, RegisterRequest, WorkerInfo};
+
+/// Where workers register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "snake_case")]
+pub enum RegistryBackend {
+    /// The coordinator's embedded registry at this gRPC URL.
+    Embedded {
+        /// e.g. `http://127.0.0.1:7000`.
+        url: String,
+    },
+    /// etcd: keys `{prefix}workers/{worker_id}` bound to the worker's lease.
+    Etcd {
+        /// Client URLs, e.g. `http://127.0.0.1:2379`.
+        endpoints: Vec<String>,
+        /// Key prefix, e.g. `/xpyd/demo/`.
+        prefix: String,
+    },
+}
+
+/// A worker's entry as stored in etcd (JSON): who it is and its last reported load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    /// Unique worker id.
+    pub worker_id: String,
+    /// prefill, decode or combined.
+    pub role: String,
+    /// gRPC endpoint.
+    pub grpc_url: String,
+    /// HTTP endpoint (/health, /metrics).
+    pub http_url: String,
+    /// The model the worker runs.
+    pub model_fingerprint: String,
+    /// Requests the worker admits at once.
+    #[serde(default)]
+    pub max_running: u32,
+    /// Requests waiting.
+    pub queued: u32,
+    /// Requests running.
+    pub running: u32,
+    /// KV blocks in use.
+    pub kv_blocks_used: u32,
+    /// KV blocks free.
+    pub kv_blocks_free: u32,
+    /// Recent TTFT (ms).
+    pub ttft_ms: f64,
+    /// Recent TPOT (ms).
+    pub tpot_ms: f64,
+}
+
+impl WorkerRecord {
+    /// Record from the proto identity and load.
+    pub fn new(info: &WorkerInfo, load: &Load) -> Self {
+        WorkerRecord {
+            worker_id: info.worker_id.clone(),
+            role: info.role.clone(),
+            grpc_url: info.grpc_url.clone(),
+            http_url: info.http_url.clone(),
+            model_fingerprint: info.model_fingerprint.clone(),
+            max_running: info.max_running,
+            queued: load.queued,
+            running: load.running,
+            kv_blocks_used: load.kv_blocks_used,
+            kv_blocks_free: load.kv_blocks_free,
+            ttft_ms: load.ttft_ms,
+            tpot_ms: load.tpot_ms,
+        }
+    }
+
+    /// The identity part.
+    pub fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            worker_id: self.worker_id.clone(),
+            role: self.role.clone(),
+            grpc_url: self.grpc_url.clone(),
+            http_url: self.http_url.clone(),
+            model_fingerprint: self.model_fingerprint.clone(),
+            max_running: self.max_running,
+        }
+    }
+
+    /// The load part.
+    pub fn load(&self) -> Load {
+        Load {
+            queued: self.queued,
+            running: self.running,
+            kv_blocks_used: self.kv_blocks_used,
+            kv_blocks_free: self.kv_blocks_free,
+            ttft_ms: self.ttft_ms,
+            tpot_ms: self.tpot_ms,
+        }
+    }
+}
+
+/// The etcd key of a worker.
+pub fn etcd_key(prefix: &str, worker_id: &str) -> String {
+    format!("{prefix}workers/{worker_id}")
+}
+
+/// How a worker keeps its lease.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// Where to register.
+    pub backend: RegistryBackend,
+    /// Who this worker is.
+    pub info: WorkerInfo,
+    /// Lease time-to-live.
+    pub ttl: Duration,
+    /// Renewal interval (well under the TTL).
+    pub renew: Duration,
+}
+
+/// Keeps the lease until `shutdown`, then deregisters. `ready` is true exactly while the
+/// worker holds a lease; `load` is sampled at every renewal.
+pub async fn keep_lease(
+    cfg: LeaseConfig,
+    load: impl Fn() -> Load + Send + Sync,
+    ready: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    match &cfg.backend {
+        RegistryBackend::Embedded { url } => {
+            embedded(&cfg, url.clone(), &load, &ready, &shutdown).await
+        }
+        RegistryBackend::Etcd { endpoints, prefix } => {
+            etcd(&cfg, endpoints, prefix, &load, &ready, &shutdown).await
+        }
+    }
+    let _ = ready.send(false);
+}
+
+/// Sleeps `d` unless shutdown comes first; false on shutdown.
+async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = shutdown.cancelled() => false,
+    }
+}
+
+async fn embedded(
+    cfg: &LeaseConfig,
+    url: String,
+    load: &(impl Fn() -> Load + Send + Sync),
+    ready: &watch::Sender<bool>,
+    shutdown: &CancellationToken,
+) {
+    let channel = match tonic::transport::Endpoint::from_shared(url.clone()) {
+        Ok(e) => e
+            .connect_timeout(cfg.renew)
+            .timeout(cfg.renew)
+            .connect_lazy(),
+        Err(e) => {
+            tracing::error!(%url, error = %e, "bad registry URL");
+            return;
+        }
+    };
+    let mut client = RegistryClient::new(channel);
+    'register: while !shutdown.is_cancelled() {
+        let req = RegisterRequest {
+            worker: Some(cfg.info.clone()),
+            ttl_ms: cfg.ttl.as_millis() as u32,
+        };
+        let lease = match client.register(req).await {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "registry not reachable yet");
+                if !pause(cfg.renew, shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let ttl = Duration::from_millis(lease.ttl_ms as u64);
+        let renew = Duration::from_millis(lease.renew_interval_ms.max(50) as u64);
+        tracing::info!(lease = lease.lease_id, ?ttl, "registered");
+        let _ = ready.send(true);
+        let mut renewed = Instant::now();
+        loop {
+            if !pause(renew, shutdown).await {
+                let _ = ready.send(false);
+                let _ = client
+                    .deregister(DeregisterRequest {
+                        lease_id: lease.lease_id,
+                    })
+                    .await;
+                return;
+            }
+            let hb = HeartbeatRequest {
+                lease_id: lease.lease_id,
+                load: Some(load()),
+            };
+            match client.heartbeat(hb).await {
+                Ok(r) if r.get_ref().ok => renewed = Instant::now(),
+                Ok(_) => {
+                    tracing::warn!(lease = lease.lease_id, "lease lost; registering again");
+                    let _ = ready.send(false);
+                    continue 'register;
+                }
+                Err(e) if renewed.elapsed() >= ttl => {
+                    // The registry has expired us by now: stop taking work.
+                    tracing::warn!(error = %e, "lease expired without renewal");
+                    let _ = ready.send(false);
+                }
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+            }
+        }
+    }
+}
+
+async fn etcd(
+    cfg: &LeaseConfig,
+    endpoints: &[String],
+    prefix: &str,
+    load: &(impl Fn() -> Load + Send + Sync),
+    ready: &watch::Sender<bool>,
+    shutdown: &CancellationToken,
+) {
+    use etcd_client::{Client, ConnectOptions, PutOptions};
+    let key = etcd_key(prefix, &cfg.info.worker_id);
+    let ttl_s = cfg.ttl.as_secs().max(1) as i64;
+    while !shutdown.is_cancelled() {
+        let opts = ConnectOptions::new()
+            .with_connect_timeout(cfg.renew.max(Duration::from_millis(200)))
+            .with_timeout(cfg.renew.max(Duration::from_millis(200)));
+        let attempt = async {
+            let mut client = Client::connect(endpoints, Some(opts)).await?;
+            let lease = client.lease_grant(ttl_s, None).await?.id();
+            let record =
+                serde_json::to_string(&WorkerRecord::new(&cfg.info, &load())).unwrap_or_default();
+            client
+                .put(
+                    key.clone(),
+                    record,
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await?;
+            let (keeper, stream) = client.lease_keep_alive(lease).await?;
+            Ok::<_, etcd_client::Error>((client, lease, keeper, stream))
+        };
+        let (mut client, lease, mut keeper, mut stream) = match attempt.await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "etcd not reachable yet");
+                if !pause(cfg.renew, shutdown).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        tracing::info!(lease, %key, "registered in etcd");
+        let _ = ready.send(true);
+        let mut renewed = Instant::now();
+        loop {
+            if !pause(cfg.renew, shutdown).await {
+                let _ = ready.send(false);
+                let _ = client.lease_revoke(lease).await;
+                return;
+            }
+            let alive = async {
+                keeper.keep_alive().await?;
+                let ttl = match stream.message().await? {
+                    Some(r) => r.ttl(),
+                    None => 0,
+                };
+                if ttl > 0 {
+                    let record = serde_json::to_string(&WorkerRecord::new(&cfg.info, &load()))
+                        .unwrap_or_default();
+                    client
+                        .put(
+                            key.clone(),
+                            record,
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                        .await?;
+                }
+                Ok::<_, etcd_client::Error>(ttl > 0)
+            };
+            match alive.await {
+                Ok(true) => renewed = Instant::now(),
+                Ok(false) => {
+                    tracing::warn!(lease, "etcd lease lost; registering again");
+                    let _ = ready.send(false);
+                    break;
+                }
+                Err(e) if renewed.elapsed() >= cfg.ttl => {
+                    tracing::warn!(error = %e, "etcd lease expired without renewal");
+                    let _ = ready.send(false);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "etcd keep-alive failed"),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trips_identity_and_load() {
+        let info = WorkerInfo {
+            worker_id: "d0".into(),
+            role: "decode".into(),
+            grpc_url: "http://127.0.0.1:1".into(),
+            http_url: "http://127.0.0.1:2".into(),
+            model_fingerprint: "f".into(),
+            max_running: 4,
+        };
+        let load = Load {
+            queued: 1,
+            running: 2,
+            kv_blocks_used: 3,
+            kv_blocks_free: 4,
+            ttft_ms: 5.0,
+            tpot_ms: 6.0,
+        };
+        let r = WorkerRecord::new(&info, &load);
+        let back: WorkerRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.info(), info);
+        assert_eq!(back.load(), load);
+        assert_eq!(etcd_key("/xpyd/a/", "d0"), "/xpyd/a/workers/d0");
+    }
+}

@@ -1,0 +1,15 @@
+//! Process glue shared by xpyd's roles: shutdown, gRPC health and reflection, the metrics
+//! exporter and every cluster metric name, and the worker side of membership (a lease in
+//! the embedded registry or in etcd).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod grpc;
+pub mod http;
+pub mod lease;
+pub mod metrics;
+pub mod shutdown;
+pub mod worker;
+
+pub use lease::{LeaseConfig, RegistryBackend, WorkerRecord};
+pub use shutdown::CancellationToken;

@@ -1,0 +1,82 @@
+//! Every cluster metric name (`xpyd_{component}_{name}_{unit}`) and the Prometheus
+//! exporter with its histogram buckets, set once here.
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// Coordinator: requests by `api` and `code` (HTTP status, or gRPC code name).
+pub const COORD_REQUESTS_TOTAL: &str = "xpyd_coordinator_requests_total";
+/// Coordinator: client connections (requests) open now.
+pub const COORD_CONNECTIONS: &str = "xpyd_coordinator_connections";
+/// Coordinator: time to first token.
+pub const COORD_TTFT_SECONDS: &str = "xpyd_coordinator_ttft_seconds";
+/// Coordinator: per-token latency after the first token (mean gap per request).
+pub const COORD_TPOT_SECONDS: &str = "xpyd_coordinator_tpot_seconds";
+/// Coordinator: every gap between two output tokens.
+pub const COORD_TOKEN_LATENCY_SECONDS: &str = "xpyd_coordinator_token_latency_seconds";
+/// Coordinator: request latency, first byte in to last byte out.
+pub const COORD_E2E_SECONDS: &str = "xpyd_coordinator_e2e_seconds";
+/// Coordinator: prompt tokens per request.
+pub const COORD_INPUT_TOKENS: &str = "xpyd_coordinator_input_tokens";
+/// Coordinator: output tokens per request.
+pub const COORD_OUTPUT_TOKENS: &str = "xpyd_coordinator_output_tokens";
+/// Coordinator: requests waiting for a worker, by `class`.
+pub const COORD_QUEUE_DEPTH: &str = "xpyd_coordinator_queue_depth";
+/// Coordinator: requests retried on another worker pair, by `reason`.
+pub const COORD_RETRIES_TOTAL: &str = "xpyd_coordinator_retries_total";
+/// Coordinator: workers by `role` and `state`.
+pub const COORD_WORKERS: &str = "xpyd_coordinator_workers";
+/// Coordinator: requests refused for overload, by `reason`.
+pub const COORD_REJECTED_TOTAL: &str = "xpyd_coordinator_rejected_total";
+
+/// Worker: requests waiting, by `role`.
+pub const WORKER_QUEUE_DEPTH: &str = "xpyd_worker_queue_depth";
+/// Worker: requests running, by `role`.
+pub const WORKER_RUNNING: &str = "xpyd_worker_running";
+/// Worker: KV blocks in use.
+pub const WORKER_KV_BLOCKS_USED: &str = "xpyd_worker_kv_blocks_used";
+/// Worker: KV blocks free.
+pub const WORKER_KV_BLOCKS_FREE: &str = "xpyd_worker_kv_blocks_free";
+/// Worker: requests by `role` and `outcome` (ok, cancelled, error).
+pub const WORKER_REQUESTS_TOTAL: &str = "xpyd_worker_requests_total";
+/// Prefill worker: prompt prefill time (compute and streaming) per request.
+pub const WORKER_PREFILL_SECONDS: &str = "xpyd_worker_prefill_seconds";
+/// Decode worker: one batched decode step.
+pub const WORKER_DECODE_STEP_SECONDS: &str = "xpyd_worker_decode_step_seconds";
+/// Decode worker: sequences in a decode step.
+pub const WORKER_DECODE_BATCH: &str = "xpyd_worker_decode_batch";
+/// Prefill worker: share of looked-up prompt tokens found in the prefix cache.
+pub const WORKER_PREFIX_CACHE_HIT_RATIO: &str = "xpyd_worker_prefix_cache_hit_ratio";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const TOKEN_BUCKETS: &[f64] = &[
+    1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once; later calls return the same
+/// handle) and returns the handle that renders `/metrics`.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), TOKEN_BUCKETS)
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Suffix("_batch".into()), TOKEN_BUCKETS)
+                })
+                .expect("bucket lists are non-empty constants");
+            match builder.install_recorder() {
+                Ok(h) => h,
+                // Another recorder is installed (tests running roles in one process): render
+                // from a private one rather than fail.
+                Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+            }
+        })
+        .clone()
+}
