@@ -20,24 +20,30 @@ pub struct ComputeConfig {
 
 static APPLIED: OnceLock<ComputeConfig> = OnceLock::new();
 
-/// Parses a CPU list such as `0,2-3`.
+/// Highest core index a CPU list may name (a typo like `0-99999999` fails fast).
+const MAX_CPU: usize = 4095;
+
+/// Parses a CPU list such as `0,2-3` (cores 0..=4095, no empty parts).
 pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>> {
     let bad = || EngineError::InvalidParam {
         field: "cpus",
-        reason: format!("`{s}` is not a CPU list like `0,2-3`"),
+        reason: format!("`{s}` is not a CPU list like `0,2-3` (cores 0..={MAX_CPU})"),
+    };
+    let num = |t: &str| match t.trim().parse::<usize>() {
+        Ok(n) if n <= MAX_CPU => Ok(n),
+        _ => Err(bad()),
     };
     let mut out = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+    for part in s.split(',').map(str::trim) {
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b) = (num(a)?, num(b)?);
                 if a > b {
                     return Err(bad());
                 }
                 out.extend(a..=b);
             }
-            None => out.push(part.parse().map_err(|_| bad())?),
+            None => out.push(num(part)?),
         }
     }
     if out.is_empty() {
