@@ -261,7 +261,15 @@ async fn sse(
     tokio::spawn(async move {
         let mut next = Some(first);
         let mut first_chunk = true;
-        while let Some(d) = next.take().or(rx.recv().await) {
+        loop {
+            // Not `next.take().or(rx.recv().await)`: that would drop a delta.
+            let d = match next.take() {
+                Some(d) => d,
+                None => match rx.recv().await {
+                    Some(d) => d,
+                    None => break,
+                },
+            };
             let events: Vec<Value> = match d {
                 Delta::Text { text, .. } => {
                     let c = chunk(&app, &id, kind, Some(&text), None, first_chunk);

@@ -99,6 +99,7 @@ pub struct EngineLoop {
     ttft: Ema,
     started: HashMap<u64, Instant>,
     role: &'static str,
+    delay: Option<std::time::Duration>,
 }
 
 impl EngineLoop {
@@ -108,6 +109,7 @@ impl EngineLoop {
         budget: Arc<Mutex<Budget>>,
         stats: SharedStats,
         role: &'static str,
+        delay: Option<std::time::Duration>,
     ) -> Self {
         EngineLoop {
             engine,
@@ -119,6 +121,7 @@ impl EngineLoop {
             ttft: Ema::new(0.2),
             started: HashMap::new(),
             role,
+            delay,
         }
     }
 
@@ -135,6 +138,9 @@ impl EngineLoop {
             }
             while let Ok(c) = rx.try_recv() {
                 self.handle(c);
+            }
+            if let Some(d) = self.delay {
+                std::thread::sleep(d);
             }
             self.local_chunk();
             self.decode_step();

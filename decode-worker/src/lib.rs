@@ -128,7 +128,8 @@ pub async fn run(
         ..Default::default()
     }));
     let (cmd_tx, cmd_rx) = mpsc::channel(4096);
-    let lp = EngineLoop::new(engine, budget.clone(), stats.clone(), role);
+    let delay = xpyd_runtime::worker::debug_delay(&cfg.worker_id);
+    let lp = EngineLoop::new(engine, budget.clone(), stats.clone(), role, delay);
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || lp.run(cmd_rx))

@@ -45,17 +45,19 @@ pub struct EngineLoop {
     queue: VecDeque<Job>,
     current: Option<(Job, Instant)>,
     ttft: Ema,
+    delay: Option<std::time::Duration>,
 }
 
 impl EngineLoop {
     /// A loop around a loaded engine.
-    pub fn new(engine: Engine, stats: SharedStats) -> Self {
+    pub fn new(engine: Engine, stats: SharedStats, delay: Option<std::time::Duration>) -> Self {
         EngineLoop {
             engine,
             stats,
             queue: VecDeque::new(),
             current: None,
             ttft: Ema::new(0.2),
+            delay,
         }
     }
 
@@ -149,6 +151,9 @@ impl EngineLoop {
         if job.cancel.is_cancelled() {
             self.finish(job, Err(Status::cancelled("prefill cancelled")));
             return;
+        }
+        if let Some(d) = self.delay {
+            std::thread::sleep(d);
         }
         let out = job.out.clone();
         let mut closed = false;

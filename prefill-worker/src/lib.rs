@@ -87,7 +87,11 @@ pub async fn run(
         ..Default::default()
     }));
     let (job_tx, job_rx) = mpsc::channel(cfg.max_queue);
-    let lp = EngineLoop::new(engine, stats.clone());
+    let lp = EngineLoop::new(
+        engine,
+        stats.clone(),
+        xpyd_runtime::worker::debug_delay(&cfg.worker_id),
+    );
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || lp.run(job_rx))

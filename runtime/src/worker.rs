@@ -15,6 +15,21 @@ use xpyd_engine::{EngineError, FinishReason, SamplingParams};
 use xpyd_kv_transfer::TransferError;
 use xpyd_proto as pb;
 
+/// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep
+/// that many milliseconds before every engine step, so routing tests can slow one down.
+pub const DEBUG_DELAY_ENV: &str = "XPYD_DEBUG_DELAY";
+
+/// The step delay [`DEBUG_DELAY_ENV`] sets for `worker_id`, if any.
+pub fn debug_delay(worker_id: &str) -> Option<Duration> {
+    let spec = std::env::var(DEBUG_DELAY_ENV).ok()?;
+    spec.split(',').find_map(|item| {
+        let (id, ms) = item.split_once('=')?;
+        (id.trim() == worker_id)
+            .then(|| ms.trim().parse().ok().map(Duration::from_millis))
+            .flatten()
+    })
+}
+
 /// Membership of one worker: where to register and how often.
 #[derive(Debug, Clone)]
 pub struct Membership {

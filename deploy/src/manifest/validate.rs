@@ -8,7 +8,6 @@ use std::fmt::Display;
 
 type Result<T = ()> = std::result::Result<T, ManifestError>;
 
-
 /// Checks `lo <= v <= hi`, reporting `<field>: <v> is out of range <lo>..=<hi>`.
 fn range<T: PartialOrd + Display>(field: impl Display, v: T, lo: T, hi: T) -> Result {
     if v < lo || v > hi {

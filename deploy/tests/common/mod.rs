@@ -1,6 +1,8 @@
 //! Helpers shared by the `xpyd` binary's integration tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::process::Command;
 

@@ -1,0 +1,289 @@
+//! A real cluster for tests: `xpyd up -f <manifest>` as a child process (which starts the
+//! coordinator and workers as processes of their own), its URLs, small HTTP helpers, and
+//! a clean Ctrl-C stop on drop.
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A running `xpyd up`.
+pub struct Up {
+    child: Option<Child>,
+    /// Coordinator HTTP URL.
+    pub http: String,
+    /// Coordinator gRPC URL.
+    pub grpc: String,
+    /// The manifest file.
+    pub manifest: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// Waits until `f` returns true, polling every 100 ms; panics with `what` after `limit`.
+pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "not within {limit:?}: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+impl Up {
+    /// Writes `yaml` to a temp file and starts `xpyd up` on it with `model`.
+    pub fn start(yaml: &str, model: &Path) -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("cluster.yaml");
+        std::fs::write(&manifest, yaml).unwrap();
+        let mut child = super::xpyd()
+            .args(["up", "-f"])
+            .arg(&manifest)
+            .arg("--model")
+            .arg(model)
+            .args(["--grace-s", "20"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let (mut http, mut grpc) = (String::new(), String::new());
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("xpyd up did not print `ready` (http={http})"));
+            if let Some(u) = line.strip_prefix("http: ") {
+                http = u.to_string();
+            } else if let Some(u) = line.strip_prefix("grpc: ") {
+                grpc = u.to_string();
+            } else if line == "ready" {
+                break;
+            }
+        }
+        Up {
+            child: Some(child),
+            http,
+            grpc,
+            manifest,
+            _dir: dir,
+        }
+    }
+
+    /// The `xpyd up` process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// `GET /v1/cluster`.
+    pub fn cluster(&self) -> Value {
+        get(&format!("{}/v1/cluster", self.http)).1
+    }
+
+    /// The model id the cluster serves.
+    pub fn cluster_model(&self) -> String {
+        get(&format!("{}/v1/models", self.http)).1["data"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// The cluster's workers with this role.
+    pub fn workers(&self, role: &str) -> Vec<Value> {
+        self.cluster()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["role"] == role)
+            .cloned()
+            .collect()
+    }
+
+    /// `POST` JSON to the coordinator: (status, body, Retry-After).
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value, Option<String>) {
+        post_raw(&format!("{}{path}", self.http), &body.to_string(), None)
+    }
+
+    /// Greedy non-streaming chat: the answer text and the full response.
+    pub fn chat(&self, prompt: &str, max_tokens: u32) -> (String, Value) {
+        let (code, v, _) = self.post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0}),
+        );
+        assert_eq!(code, 200, "{v}");
+        (
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            v,
+        )
+    }
+
+    /// Ctrl-C and wait; panics if it does not stop within 60 s.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.interrupt().expect("xpyd up stopped")
+    }
+
+    fn interrupt(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGINT);
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("xpyd up did not stop within 60 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(mut c) = self.child.take() {
+                let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGINT);
+                let t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(30) {
+                    if let Ok(Some(_)) = c.try_wait() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                let _ = c.kill();
+            }
+        } else {
+            self.interrupt();
+        }
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(600)))
+        .build()
+        .into()
+}
+
+/// `GET` a JSON document.
+pub fn get(url: &str) -> (u16, Value) {
+    let resp = agent().get(url).call().unwrap();
+    let code = resp.status().as_u16();
+    let s = resp.into_body().read_to_string().unwrap();
+    (code, serde_json::from_str(&s).unwrap_or(Value::String(s)))
+}
+
+/// `POST` a raw body: (status, JSON body or string, Retry-After).
+pub fn post_raw(
+    url: &str,
+    body: &str,
+    header: Option<(&str, &str)>,
+) -> (u16, Value, Option<String>) {
+    let mut req = agent().post(url).header("content-type", "application/json");
+    if let Some((k, v)) = header {
+        req = req.header(k, v);
+    }
+    let resp = req.send(body).unwrap();
+    let code = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    let s = resp.into_body().read_to_string().unwrap();
+    (
+        code,
+        serde_json::from_str(&s).unwrap_or(Value::String(s)),
+        retry,
+    )
+}
+
+/// Streams `body` (with `stream: true`) over SSE: the content of every chunk in order and
+/// every parsed chunk; asserts the stream ends with `[DONE]`.
+pub fn sse(url: &str, body: &Value) -> (String, Vec<Value>) {
+    let resp = agent()
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+    let mut raw = String::new();
+    resp.into_body()
+        .into_reader()
+        .read_to_string(&mut raw)
+        .unwrap();
+    let mut text = String::new();
+    let mut chunks = Vec::new();
+    let mut done = false;
+    for line in raw.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        assert!(!done, "data after [DONE]");
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(c);
+        }
+        if let Some(c) = v["choices"][0]["text"].as_str() {
+            text.push_str(c);
+        }
+        chunks.push(v);
+    }
+    assert!(done, "stream did not end with [DONE]: {raw}");
+    (text, chunks)
+}
+
+/// `xpyd generate` for the same request: (text, token ids).
+pub fn reference(model: &Path, prompt: &str, extra: &[&str]) -> (String, Vec<u32>) {
+    let out = super::xpyd()
+        .args(["generate", "--chat", "--print-ids", "--prompt", prompt])
+        .arg("--model")
+        .arg(model)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let ids_line = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .find(|l| l.starts_with('['))
+        .unwrap()
+        .to_string();
+    (
+        text.strip_suffix('\n').unwrap_or(&text).to_string(),
+        serde_json::from_str(&ids_line).unwrap(),
+    )
+}
