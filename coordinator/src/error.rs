@@ -23,14 +23,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// 400 naming the field.
+    /// 400 naming the field (in `param` and at the start of the message).
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         ApiError {
             status: 400,
             kind: "invalid_request_error",
             code: None,
             param: Some(param.into()),
-            message: message.into(),
+            message: format!("{param}: {}", message.into()),
             retry_after: None,
         }
     }

@@ -35,6 +35,12 @@ pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 impl Up {
     /// Writes `yaml` to a temp file and starts `xpyd up` on it with `model`.
     pub fn start(yaml: &str, model: &Path) -> Up {
+        Up::start_env(yaml, model, "")
+    }
+
+    /// Like [`Up::start`], with the workers' debug step delays (`XPYD_DEBUG_DELAY`, e.g.
+    /// `decode-1=50`) set for the processes it starts.
+    pub fn start_env(yaml: &str, model: &Path, delays: &str) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("cluster.yaml");
         std::fs::write(&manifest, yaml).unwrap();
@@ -44,6 +50,7 @@ impl Up {
             .arg("--model")
             .arg(model)
             .args(["--grace-s", "20"])
+            .env("XPYD_DEBUG_DELAY", delays)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,619 @@
+//! Cluster behaviour on the tiny model (fast), with real processes from `xpyd up`:
+//! routing policies against a live cluster, overload, SLO classes, cancellation freeing
+//! every leg, bad inputs, lease expiry, restart of a killed worker and a clean Ctrl-C.
+
+mod common;
+
+use common::cluster::{Up, eventually, post_raw, sse};
+use common::tiny_model;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use xpyd_proto as pb;
+
+fn manifest(name: &str, extra: &str, roles: &str) -> String {
+    format!(
+        "name: {name}\nmode: disaggregated\ncoordinator: {{ http_port: 0, grpc_port: 0 }}\n{extra}roles:\n{roles}"
+    )
+}
+
+fn body(prompt: &str, max_tokens: u32) -> Value {
+    json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
+}
+
+/// `Stats` of a worker over gRPC.
+fn stats(w: &Value) -> pb::WorkerStats {
+    let url = w["grpc_url"].as_str().unwrap().to_string();
+    let role = w["role"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let ch = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        if role == "prefill" {
+            pb::prefill_worker_client::PrefillWorkerClient::new(ch)
+                .stats(pb::StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        } else {
+            pb::decode_worker_client::DecodeWorkerClient::new(ch)
+                .stats(pb::StatsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    })
+}
+
+fn routed(up: &Up, role: &str) -> HashMap<String, u64> {
+    up.workers(role)
+        .iter()
+        .map(|w| {
+            (
+                w["worker_id"].as_str().unwrap().to_string(),
+                w["routed"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// One HTTP/1.1 request from a chosen local address (127.0.0.x); returns the status.
+fn post_from(src: &str, http: &str, path: &str, body: &Value) -> u16 {
+    let addr: std::net::SocketAddr = http.trim_start_matches("http://").parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        let b = body.to_string();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+            b.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out.split(' ').nth(1).unwrap().parse().unwrap()
+    })
+}
+
+#[test]
+fn source_ip_hash_is_sticky_and_spreads() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "iphash",
+            "routing: { decode: source_ip_hash }\n",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 3 }\n",
+        ),
+        &model,
+    );
+    let mut home: HashMap<String, String> = HashMap::new();
+    for ip in 2..=7 {
+        let src = format!("127.0.0.{ip}");
+        for _ in 0..3 {
+            let before = routed(&up, "decode");
+            assert_eq!(
+                post_from(&src, &up.http, "/v1/completions", &body("hello", 2)),
+                200
+            );
+            let after = routed(&up, "decode");
+            let w: Vec<&String> = after.keys().filter(|k| after[*k] > before[*k]).collect();
+            assert_eq!(w.len(), 1);
+            let prev = home.entry(src.clone()).or_insert_with(|| w[0].clone());
+            assert_eq!(prev, w[0], "{src} moved between workers");
+        }
+    }
+    let distinct: std::collections::HashSet<&String> = home.values().collect();
+    assert!(distinct.len() >= 2, "6 sources all on one worker: {home:?}");
+}
+
+#[test]
+fn least_connections_spreads_concurrent_requests() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "leastconn",
+            "routing: { decode: least_connections }\n",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 2 }\n",
+        ),
+        &model,
+        "decode-0=20,decode-1=20",
+    );
+    // Slow steps keep each request in flight while the others arrive.
+    let url = format!("{}/v1/completions", up.http);
+    let hs: Vec<_> = (0..4)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                post_raw(&url, &body(&format!("request {i}"), 40).to_string(), None).0
+            })
+        })
+        .collect();
+    for h in hs {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    let r = routed(&up, "decode");
+    assert_eq!(
+        r.values().copied().collect::<Vec<_>>().iter().sum::<u64>(),
+        4
+    );
+    assert!(
+        r.values().all(|n| *n == 2),
+        "least connections did not spread 4 concurrent requests: {r:?}"
+    );
+}
+
+#[test]
+fn min_ttft_avoids_a_slow_prefill_worker() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "minttft",
+            "routing: { prefill: min_ttft }\n",
+            "  prefill: { replicas: 2, prefill_chunk: 16 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+        "prefill-1=150",
+    );
+    for i in 0..12 {
+        let (code, v, _) = up.post(
+            "/v1/completions",
+            &body(&format!("{i} {}", "x".repeat(64)), 2),
+        );
+        assert_eq!(code, 200, "{v}");
+    }
+    let r = routed(&up, "prefill");
+    assert!(
+        r["prefill-1"] <= 3 && r["prefill-0"] >= 9,
+        "min_ttft kept using the slow worker: {r:?}"
+    );
+}
+
+#[test]
+fn overall_load_avoids_a_slow_decode_worker() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "load",
+            "routing: { decode: overall_load }\n",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 2 }\n",
+        ),
+        &model,
+        "decode-1=60",
+    );
+    let url = format!("{}/v1/completions", up.http);
+    let mut hs = vec![];
+    for i in 0..12 {
+        let url = url.clone();
+        hs.push(std::thread::spawn(move || {
+            post_raw(&url, &body(&format!("r{i}"), 12).to_string(), None).0
+        }));
+        std::thread::sleep(Duration::from_millis(120));
+    }
+    for h in hs {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    let r = routed(&up, "decode");
+    assert!(
+        r["decode-0"] > r["decode-1"] + 2,
+        "overall_load did not prefer the fast worker: {r:?}"
+    );
+}
+
+#[test]
+fn slo_priority_serves_class_0_before_class_3_when_saturated() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "slo",
+            "routing: { decode: slo_priority }\n",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1, max_running: 1 }\n",
+        ),
+        &model,
+        "decode-0=30",
+    );
+    let url = format!("{}/v1/completions", up.http);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    // The blocker holds the only slot while the others queue.
+    let blocker = {
+        let url = url.clone();
+        std::thread::spawn(move || post_raw(&url, &body("blocker", 40).to_string(), None).0)
+    };
+    std::thread::sleep(Duration::from_millis(400));
+    let mut hs = vec![];
+    for (i, class) in [3, 3, 3, 0, 0, 0].into_iter().enumerate() {
+        let (url, order) = (url.clone(), order.clone());
+        hs.push(std::thread::spawn(move || {
+            let prio = class.to_string();
+            let code = post_raw(
+                &url,
+                &body(&format!("c{class} {i}"), 2).to_string(),
+                Some(("x-xpyd-priority", &prio)),
+            )
+            .0;
+            order.lock().unwrap().push(class);
+            code
+        }));
+        std::thread::sleep(Duration::from_millis(60));
+    }
+    assert_eq!(blocker.join().unwrap(), 200);
+    for h in hs {
+        assert_eq!(h.join().unwrap(), 200);
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order, vec![0, 0, 0, 3, 3, 3], "completion order by class");
+}
+
+#[test]
+fn overload_gets_429_with_retry_after_and_the_rest_complete() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "overload",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1, max_running: 2 }\n",
+        )
+        .replace(
+            "grpc_port: 0 }",
+            "grpc_port: 0, max_queue: 2, queue_timeout_ms: 300 }",
+        ),
+        &model,
+        "decode-0=20",
+    );
+    let url = format!("{}/v1/completions", up.http);
+    let hs: Vec<_> = (0..10)
+        .map(|i| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                post_raw(&url, &body(&format!("o{i}"), 30).to_string(), None)
+            })
+        })
+        .collect();
+    let (mut ok, mut limited) = (0, 0);
+    for h in hs {
+        let (code, v, retry) = h.join().unwrap();
+        match code {
+            200 => {
+                ok += 1;
+                assert_eq!(v["usage"]["completion_tokens"], 30);
+            }
+            429 | 503 => {
+                limited += 1;
+                assert!(retry.is_some(), "no Retry-After on {code}");
+                assert!(v["error"]["message"].as_str().unwrap().len() > 5);
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    assert!(ok >= 2 && limited >= 1, "ok {ok}, limited {limited}");
+}
+
+#[test]
+fn a_client_that_leaves_or_times_out_frees_every_leg() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "cancel",
+            "",
+            "  prefill: { replicas: 1, prefill_chunk: 16 }\n  decode: { replicas: 1 }\n",
+        )
+        .replace("grpc_port: 0 }", "grpc_port: 0, first_token_timeout_s: 1 }"),
+        &model,
+        "prefill-0=150,decode-0=40",
+    );
+    let p = up.workers("prefill")[0].clone();
+    let d = up.workers("decode")[0].clone();
+    // 1. Mid-decode disconnect: read a few SSE events, then drop the connection.
+    {
+        let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
+        let resp = agent
+            .post(&format!("{}/v1/completions", up.http))
+            .header("content-type", "application/json")
+            .send(
+                json!({"prompt": "abc", "max_tokens": 500, "ignore_eos": true, "stream": true})
+                    .to_string(),
+            )
+            .unwrap();
+        let mut r = std::io::BufReader::new(resp.into_body().into_reader());
+        let mut line = String::new();
+        let mut events = 0;
+        while events < 4 {
+            line.clear();
+            std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+            if line.starts_with("data: ") {
+                events += 1;
+            }
+        }
+        assert!(stats(&d).kv_blocks_used > 0);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "decode KV back to zero after disconnect",
+        || {
+            let s = stats(&d);
+            s.kv_blocks_used == 0 && s.requests_cancelled >= 1 && s.running == 0
+        },
+    );
+    // 2. A first-token deadline passes during a long prefill: 504, the prefill stops early.
+    let prompt = "y".repeat(400); // 25 chunks of 16 tokens at 150 ms each
+    let chunks0 = stats(&p).prefill_chunks_total;
+    let t0 = Instant::now();
+    let (code, v, _) = up.post("/v1/completions", &body(&prompt, 5));
+    assert_eq!(code, 504, "{v}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "deadline took {:?}",
+        t0.elapsed()
+    );
+    eventually(
+        Duration::from_secs(10),
+        "prefill cancelled and decode KV freed",
+        || {
+            let (ps, ds) = (stats(&p), stats(&d));
+            ps.requests_cancelled >= 1
+                && ps.running == 0
+                && ds.kv_blocks_used == 0
+                && ds.kv_blocks_reserved == 0
+        },
+    );
+    let computed = stats(&p).prefill_chunks_total - chunks0;
+    assert!(
+        computed < 20,
+        "the prefill ran on after the deadline: {computed} of 25 chunks"
+    );
+    // The cluster still serves.
+    let (code, _, _) = up.post("/v1/completions", &body("still here", 3));
+    assert_eq!(code, 200);
+}
+
+#[test]
+fn bad_inputs_get_clear_errors_and_the_cluster_keeps_serving() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "badin",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let chat = format!("{}/v1/chat/completions", up.http);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "{\"messages\": [".into(),
+            400,
+            "invalid JSON",
+        ),
+        (
+            "missing messages",
+            json!({"max_tokens": 3}).to_string(),
+            400,
+            "messages",
+        ),
+        (
+            "negative max_tokens",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}).to_string(),
+            400,
+            "max_tokens",
+        ),
+        (
+            "temperature out of range",
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}).to_string(),
+            400,
+            "temperature",
+        ),
+        (
+            "unknown model",
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}).to_string(),
+            404,
+            "gpt-9",
+        ),
+        (
+            "oversized prompt",
+            json!({"messages": [{"role": "user", "content": "z".repeat(3000)}]}).to_string(),
+            400,
+            "context length",
+        ),
+        (
+            "empty messages",
+            json!({"messages": []}).to_string(),
+            400,
+            "messages",
+        ),
+    ];
+    for (what, b, code, needle) in cases {
+        let (got, v, _) = post_raw(&chat, &b, None);
+        assert_eq!(got, code, "{what}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        let param = v["error"]["param"].as_str().unwrap_or_default();
+        assert!(
+            msg.contains(needle) || param == needle,
+            "{what}: `{msg}` (param {param}) lacks `{needle}`"
+        );
+    }
+    // gRPC: INVALID_ARGUMENT naming the field.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = rt.block_on(async {
+        let mut c = pb::inference_client::InferenceClient::connect(up.grpc.clone())
+            .await
+            .unwrap();
+        c.complete(pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Prompt("hi".into())),
+            sampling: Some(pb::Sampling {
+                temperature: Some(9.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+    });
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("temperature"), "{}", err.message());
+    // WebSocket: an error frame, and the socket keeps working.
+    let (mut ws, _) =
+        tungstenite::connect(format!("{}/v1/ws", up.http.replace("http://", "ws://"))).unwrap();
+    ws.send(tungstenite::Message::text("{not json")).unwrap();
+    let v: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+    assert_eq!(v["type"], "error");
+    ws.send(tungstenite::Message::text(
+        json!({"prompt": "ok", "max_tokens": 2, "temperature": 0}).to_string(),
+    ))
+    .unwrap();
+    let mut kinds = vec![];
+    while kinds.last() != Some(&"done".to_string()) {
+        let v: Value = serde_json::from_str(ws.read().unwrap().to_text().unwrap()).unwrap();
+        kinds.push(v["type"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds, ["delta", "delta", "done"]);
+    // Still serving.
+    let (_, chunks) = sse(
+        &format!("{}/v1/completions", up.http),
+        &json!({"prompt": "fine", "max_tokens": 3, "temperature": 0, "stream": true}),
+    );
+    assert_eq!(chunks.len(), 4, "3 tokens and the finish chunk");
+    let (code, v, _) = up.post("/v1/completions", &body("fine", 3));
+    assert_eq!(
+        (code, v["usage"]["completion_tokens"].as_u64()),
+        (200, Some(3))
+    );
+}
+
+#[test]
+fn invalid_manifest_fields_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (yaml, needle) in [
+        (
+            "name: x\nmode: disaggregated\nroles:\n  prefill: { replicas: 0 }\n  decode: { replicas: 1 }\n",
+            "roles.prefill.replicas",
+        ),
+        (
+            "name: x\nmode: single\nroles:\n  combined: { replicas: 1, thread: 2 }\n",
+            "thread",
+        ),
+        (
+            "name: x\nmode: disaggregated\nrouting: { decode: fastest }\nroles:\n  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+            "fastest",
+        ),
+    ] {
+        let f = dir.path().join("bad.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let out = common::xpyd().args(["up", "-f"]).arg(&f).output().unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+}
+
+fn pids_of(manifest: &Path, role: &str) -> Vec<i32> {
+    let out = std::process::Command::new("pgrep")
+        .args([
+            "-f",
+            &format!("worker -f {} --role {role}", manifest.display()),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "restart",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 2 }\n",
+        ),
+        &model,
+    );
+    let manifest = up.manifest.clone();
+    let victim = pids_of(&manifest, "decode");
+    assert_eq!(victim.len(), 2, "{victim:?}");
+    // Which worker the first pid is, and where it serves.
+    let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", victim[0])).unwrap();
+    let index = cmd
+        .split('\0')
+        .skip_while(|a| *a != "--index")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let id = format!("decode-{index}");
+    let url = |up: &Up| {
+        up.workers("decode")
+            .iter()
+            .find(|w| w["worker_id"] == id.as_str() && w["state"] == "ready")
+            .map(|w| w["grpc_url"].as_str().unwrap().to_string())
+    };
+    let old_url = url(&up).unwrap();
+    let t0 = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // It leaves routing within the lease TTL (2 s) plus one renewal (0.5 s) and a margin
+    // (its replacement, once registered, has a new address).
+    eventually(
+        Duration::from_secs(10),
+        "killed worker left routing",
+        || url(&up).as_deref() != Some(old_url.as_str()),
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(3500),
+        "left routing only after {:?}",
+        t0.elapsed()
+    );
+    // …requests keep working meanwhile, and the supervisor brings it back.
+    assert_eq!(up.post("/v1/completions", &body("during", 2)).0, 200);
+    eventually(
+        Duration::from_secs(60),
+        "restarted worker back in routing",
+        || {
+            let pids = pids_of(&manifest, "decode");
+            pids.len() == 2
+                && !pids.contains(&victim[0])
+                && up
+                    .workers("decode")
+                    .iter()
+                    .filter(|w| w["state"] == "ready")
+                    .count()
+                    == 2
+        },
+    );
+    let http_port: u16 = up.http.rsplit(':').next().unwrap().parse().unwrap();
+    let st = up.stop();
+    assert!(st.success(), "xpyd up exited with {st}");
+    // No child process and no bound port left behind.
+    let left = std::process::Command::new("pgrep")
+        .args(["-f", &manifest.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    std::net::TcpListener::bind(("127.0.0.1", http_port))
+        .expect("the coordinator's port is free again");
+}
