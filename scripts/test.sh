@@ -15,11 +15,21 @@ command -v cc >/dev/null || missing+=(gcc)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
 command -v python3 >/dev/null || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# etcd for the multi-host membership tests.
+command -v etcd >/dev/null || missing+=(etcd-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   as_root apt-get update -qq
   as_root apt-get install -y -qq "${missing[@]}"
 fi
+
+# An OpenAI client library we did not write, for the compatibility test (kept in target/).
+PYDEPS="$PWD/target/pydeps"
+if ! PYTHONPATH="$PYDEPS" python3 -c "import openai" 2>/dev/null; then
+  python3 -m pip install -q --target "$PYDEPS" openai \
+    || python3 -m pip install -q --break-system-packages --target "$PYDEPS" openai
+fi
+export PYTHONPATH="$PYDEPS${PYTHONPATH:+:$PYTHONPATH}"
 
 log "format"
 cargo fmt --all -- --check
@@ -37,7 +47,11 @@ export XPYD_MODEL
 echo "XPYD_MODEL=$XPYD_MODEL"
 
 log "tests"
-cargo test --release --workspace
+cargo test --release --workspace --exclude xpyd
+cargo test --release -p xpyd --bins --test cli --test kv_processes
+log "tests: clusters of real processes (one at a time: they time routing and leases)"
+cargo test --release -p xpyd --test cluster_tiny -- --test-threads=1
+cargo test --release -p xpyd --test cluster_real -- --test-threads=1
 
 log "tests: kv-transfer with the nccl feature (no GPU here: the clean-failure path)"
 cargo test --release -p xpyd-kv-transfer --features nccl
@@ -47,6 +61,7 @@ UCX_TLS=tcp cargo test --release -p xpyd-kv-transfer --features ucx
 UCX_TLS=sm,self cargo test --release -p xpyd-kv-transfer --features ucx --test transfer
 UCX_TLS=tcp cargo test --release -p xpyd --features ucx --test kv_processes
 UCX_TLS=sm,self cargo test --release -p xpyd --features ucx --test kv_processes
+UCX_TLS=tcp cargo test --release -p xpyd --features ucx --test cluster_real -- --test-threads=1 disaggregated_equals
 
 log "benches compile"
 cargo bench --workspace --no-run

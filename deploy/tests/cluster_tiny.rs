@@ -601,6 +601,36 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
                     == 2
         },
     );
+    // A silent (frozen) worker leaves routing when its lease lapses: TTL 2 s + renewal.
+    let other = if index == "0" { "decode-1" } else { "decode-0" };
+    let pid = pids_of(&manifest, "decode")
+        .into_iter()
+        .find(|p| {
+            let c = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
+            c.split('\0').skip_while(|a| *a != "--index").nth(1) == other.strip_prefix("decode-")
+        })
+        .unwrap();
+    let ready = |up: &Up| {
+        up.workers("decode")
+            .iter()
+            .any(|w| w["worker_id"] == other && w["state"] == "ready")
+    };
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let t0 = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "frozen worker left routing",
+        || !ready(&up),
+    );
+    let gone = t0.elapsed();
+    assert!(
+        gone > Duration::from_millis(1500) && gone < Duration::from_millis(3500),
+        "left after {gone:?}"
+    );
+    assert_eq!(up.post("/v1/completions", &body("while frozen", 2)).0, 200);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    eventually(Duration::from_secs(10), "thawed worker back", || ready(&up));
     let http_port: u16 = up.http.rsplit(':').next().unwrap().parse().unwrap();
     let st = up.stop();
     assert!(st.success(), "xpyd up exited with {st}");
@@ -616,4 +646,137 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
     );
     std::net::TcpListener::bind(("127.0.0.1", http_port))
         .expect("the coordinator's port is free again");
+}
+
+/// A private etcd (Debian `etcd-server`) on free ports, with short heartbeat/election
+/// settings so leases expire on time; killed on drop.
+struct Etcd {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Option<Etcd> {
+        if std::process::Command::new("etcd")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var("CI").is_err(),
+                "etcd is missing; ./scripts/test.sh installs etcd-server"
+            );
+            eprintln!("SKIPPED: etcd not installed");
+            return None;
+        }
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let (client, peer) = (free(), free());
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("http://127.0.0.1:{client}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("test=http://127.0.0.1:{peer}"),
+            ])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let e = Etcd {
+            child,
+            url,
+            _dir: dir,
+        };
+        eventually(Duration::from_secs(20), "etcd healthy", || {
+            ureq::get(&format!("{}/health", e.url)).call().is_ok()
+        });
+        Some(e)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn etcd_membership_a_silent_worker_leaves_routing_within_its_lease() {
+    let Some(etcd) = Etcd::start() else { return };
+    let (_d, model) = tiny_model();
+    let yaml = manifest(
+        "etcdtest",
+        &format!(
+            "registry: {{ backend: etcd, endpoints: [\"{}\"], lease_ttl_ms: 2000, renew_interval_ms: 500 }}\n",
+            etcd.url
+        ),
+        "  prefill: { replicas: 1 }\n  decode: { replicas: 2 }\n",
+    );
+    let up = Up::start(&yaml, &model);
+    assert_eq!(up.workers("decode").len(), 2);
+    assert_eq!(up.post("/v1/completions", &body("via etcd", 3)).0, 200);
+    let pids = pids_of(&up.manifest, "decode");
+    let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", pids[0])).unwrap();
+    let index = cmd
+        .split('\0')
+        .skip_while(|a| *a != "--index")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let id = format!("decode-{index}");
+    let url_of = |up: &Up| {
+        up.workers("decode")
+            .iter()
+            .find(|w| w["worker_id"] == id.as_str())
+            .map(|w| w["grpc_url"].as_str().unwrap().to_string())
+    };
+    assert!(url_of(&up).is_some());
+    // Freeze it (SIGSTOP): alive, so the supervisor does not replace it, but silent.
+    let pid = nix::unistd::Pid::from_raw(pids[0]);
+    let t0 = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "frozen worker left routing (etcd lease)",
+        || url_of(&up).is_none(),
+    );
+    let gone = t0.elapsed();
+    // etcd expires a 2 s lease after 2–3 s (its lease checks run on the leader's tick).
+    assert!(
+        gone > Duration::from_millis(1500) && gone < Duration::from_millis(4500),
+        "left routing after {gone:?}"
+    );
+    assert_eq!(
+        up.post("/v1/completions", &body("still via etcd", 3)).0,
+        200
+    );
+    // Thawed, it finds its lease gone and registers again.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "thawed worker registered again",
+        || url_of(&up).is_some(),
+    );
 }

@@ -171,9 +171,13 @@ async fn embedded(
             worker: Some(cfg.info.clone()),
             ttl_ms: cfg.ttl.as_millis() as u32,
         };
+        // Ready as the registration goes out: the registry may route to us as soon as it
+        // records it, before its answer arrives here.
+        let _ = ready.send(true);
         let lease = match client.register(req).await {
             Ok(r) => r.into_inner(),
             Err(e) => {
+                let _ = ready.send(false);
                 tracing::debug!(error = %e, "registry not reachable yet");
                 if !pause(cfg.renew, shutdown).await {
                     return;
