@@ -97,12 +97,16 @@ struct Slot {
     attached: bool,
 }
 
+/// Epochs are unique across every receiver of the process, not just per receiver: UCX
+/// tags (`epoch << 24 | index`) are matched by the process's one UCX worker, so two
+/// receivers handing out the same epoch would let their transfers take each other's data.
+static EPOCHS: AtomicU64 = AtomicU64::new(1);
+
 struct Inner {
     cfg: ReceiverConfig,
     host_id: String,
     addr: SocketAddr,
     slots: Mutex<HashMap<u64, Slot>>,
-    epochs: AtomicU64,
     buffers: Arc<BufPool>,
     arena: Mutex<Option<Arc<Arena>>>,
 }
@@ -137,7 +141,6 @@ impl Receiver {
             host_id: host_id(),
             addr,
             slots: Mutex::new(HashMap::new()),
-            epochs: AtomicU64::new(1),
             buffers: BufPool::new(),
             arena: Mutex::new(None),
         });
@@ -197,7 +200,7 @@ impl Receiver {
     /// Reserves room for one transfer and returns the target to hand to the sender plus
     /// the stream of what arrives. Dropping the `Incoming` releases the reservation.
     pub fn reserve(&self, spec: ReserveSpec) -> Result<(TransferTarget, Incoming)> {
-        let epoch = self.inner.epochs.fetch_add(1, Ordering::Relaxed);
+        let epoch = EPOCHS.fetch_add(1, Ordering::Relaxed);
         let nccl = match spec.backend {
             Backend::Nccl => Some(crate::nccl::new_id()?),
             _ => None,

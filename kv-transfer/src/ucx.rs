@@ -94,7 +94,9 @@ struct InFlight {
     buf: Vec<u8>,
     deadline: Instant,
     cancelled: bool,
-    reply: Reply,
+    /// Taken when the caller has been answered (a cancelled request is answered at its
+    /// deadline; its buffer stays here until UCX lets go of it).
+    reply: Option<Reply>,
 }
 
 /// A process's UCX worker, driven by its own thread.
@@ -301,7 +303,7 @@ impl Owner {
                         buf: data,
                         deadline,
                         cancelled: false,
-                        reply: Reply::Sent(reply),
+                        reply: Some(Reply::Sent(reply)),
                     }),
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -336,7 +338,7 @@ impl Owner {
                         buf,
                         deadline,
                         cancelled: false,
-                        reply: Reply::Received(reply),
+                        reply: Some(Reply::Received(reply)),
                     }),
                     Err(e) => {
                         let _ = reply.send(Err(e));
@@ -389,9 +391,17 @@ impl Owner {
             let s = unsafe { sys::ucp_request_check_status(f.req) };
             if s == sys::ucs_status_t::UCS_INPROGRESS {
                 if now > f.deadline && !f.cancelled {
-                    // SAFETY: cancelling a live request; it then completes with CANCELED.
+                    // SAFETY: cancelling a live request; it completes with CANCELED when
+                    // the transport supports cancelling it (tag receives), else later.
                     unsafe { sys::ucp_request_cancel(self.worker, f.req) };
                     f.cancelled = true;
+                    // Answer now: a send UCX cannot cancel may stay pending until its
+                    // endpoint closes, and the caller's deadline is now.
+                    answer(
+                        f.reply.take(),
+                        Err(TransferError::DeadlineExceeded("UCX transfer".into())),
+                        Vec::new(),
+                    );
                 }
                 i += 1;
                 continue;
@@ -399,19 +409,20 @@ impl Owner {
             let f = self.inflight.swap_remove(i);
             // SAFETY: the request completed; freeing it is the caller's duty.
             unsafe { sys::ucp_request_free(f.req) };
-            let res = if f.cancelled {
-                Err(TransferError::DeadlineExceeded("UCX transfer".into()))
-            } else {
-                completion("ucx request", s)
-            };
-            match f.reply {
-                Reply::Sent(r) => {
-                    let _ = r.send(res);
-                }
-                Reply::Received(r) => {
-                    let _ = r.send(res.map(|()| f.buf));
-                }
-            }
+            answer(f.reply, completion("ucx request", s), f.buf);
+        }
+    }
+}
+
+/// Delivers a request's outcome (no-op when it was answered already).
+fn answer(reply: Option<Reply>, res: Result<()>, buf: Vec<u8>) {
+    match reply {
+        None => {}
+        Some(Reply::Sent(r)) => {
+            let _ = r.send(res);
+        }
+        Some(Reply::Received(r)) => {
+            let _ = r.send(res.map(|()| buf));
         }
     }
 }

@@ -363,3 +363,20 @@ async fn corrupted_shared_memory_is_detected_by_the_reader() {
     partial.copy_to(0, &mut dst[..5]).unwrap();
     assert!(partial.finish().is_err(), "a partial read is not accepted");
 }
+
+/// Regression: two receivers in one process used to hand out the same epochs, so their
+/// concurrent UCX transfers (tags `epoch << 24 | index`, matched by the process's single
+/// UCX worker) could take each other's data and stall.
+#[tokio::test]
+async fn receivers_in_one_process_never_share_an_epoch() {
+    let (a, b) = (receiver().await, receiver().await);
+    let mut seen = std::collections::HashSet::new();
+    for id in 0..4 {
+        for r in [&a, &b] {
+            let (t, _inc) = r
+                .reserve(spec(id, Backend::Tcp, 0, Duration::from_secs(5)))
+                .unwrap();
+            assert!(seen.insert(t.epoch), "epoch {} handed out twice", t.epoch);
+        }
+    }
+}
