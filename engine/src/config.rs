@@ -156,6 +156,9 @@ pub struct EngineConfig {
     pub num_blocks: Option<usize>,
     /// Prompt tokens computed per prefill chunk [16–8192], default 512.
     pub prefill_chunk: usize,
+    /// Full prompt blocks kept for reuse by later prompts with the same prefix; 0 = off
+    /// (default).
+    pub prefix_cache_blocks: usize,
 }
 
 /// Tokens the KV pool holds when `num_blocks` is not given.
@@ -170,6 +173,7 @@ impl EngineConfig {
             block_size: 16,
             num_blocks: None,
             prefill_chunk: 512,
+            prefix_cache_blocks: 0,
         }
     }
 

@@ -1,8 +1,9 @@
 //! The Llama forward pass with an explicit, paged KV cache.
 //!
 //! Weights stay quantized for decode (Q4_1 is re-quantized to Q8_0 at load, since
-//! candle has SIMD dot products for Q8_0 but not Q4_1); prefill chunks of many tokens
-//! use dense f32 copies of the projection weights and a GEMM. Attention reads the cache
+//! candle has SIMD dot products for Q8_0 but not Q4_1); every prefill chunk uses dense f32
+//! copies of the projection weights and a GEMM, so a prompt's KV does not depend on how it
+//! was split into chunks (which the prefix cache relies on). Attention reads the cache
 //! in place for decode and through a gathered copy for prefill.
 
 use crate::config::ModelConfig;
@@ -12,9 +13,6 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 use std::io::{Read, Seek};
-
-/// Prefill chunks with at least this many tokens use the dense weights.
-pub const DENSE_MIN_TOKENS: usize = 16;
 
 /// A projection `y = x Wᵀ`.
 struct Linear {
@@ -272,8 +270,7 @@ impl Model {
                 max: cfg.context_length,
             });
         }
-        let dense = std::env::var("XPYD_DENSE_ALL").is_ok()
-            || (matches!(pass, Pass::Prefill { .. }) && n >= DENSE_MIN_TOKENS);
+        let dense = std::env::var("XPYD_DENSE_ALL").is_ok() || matches!(pass, Pass::Prefill { .. });
         let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
         let ids = Tensor::new(tokens.as_slice(), &dev)?;
         let mut x = self.embed.index_select(&ids, 0)?;

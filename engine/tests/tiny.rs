@@ -435,3 +435,81 @@ fn finish_reasons_and_stop_strings() {
         assert_eq!(streamed, g2.text);
     }
 }
+
+#[test]
+fn prefix_cache_reuses_blocks_and_changes_nothing() {
+    let f = tiny(5);
+    let mut plain = engine(&f, |_| {});
+    let mut cached = engine(&f, |c| c.prefix_cache_blocks = 64);
+    let mut b = engine(&f, |_| {});
+    let base = prompt(70, 1);
+    let with = |salt: u32, n: usize| {
+        let mut p = base.clone();
+        p.extend(prompt(n, salt));
+        p
+    };
+    // A first prompt warms the cache with its 4 full leading blocks.
+    let _ = run_single(&mut cached, with(2, 5), SamplingParams::greedy(4));
+    assert_eq!(cached.prefix_stats().cached_blocks, 4);
+    assert_eq!(
+        cached.kv_usage().used_blocks,
+        4,
+        "only the cache holds blocks"
+    );
+    for (id, salt, params) in [(9, 3, SamplingParams::greedy(12)), (10, 4, sampled())] {
+        let p = with(salt, 9);
+        let want = run_single(&mut plain, p.clone(), params.clone());
+        // Streamed through the prefill hook (cached rows first) into another engine.
+        cached.add_sequence(id, p.clone(), params.clone()).unwrap();
+        assert_eq!(cached.reused_tokens(id), 64);
+        let header = cached.export_header(id).unwrap();
+        let mut chunks = vec![];
+        let first = cached.prefill(id, &mut |c| chunks.push(c)).unwrap();
+        let resume = cached.resume_state(id).unwrap();
+        cached.remove(id);
+        let rows: u32 = chunks
+            .iter()
+            .filter(|c| c.layer == 0)
+            .map(|c| c.count)
+            .sum();
+        assert_eq!(
+            rows as usize,
+            p.len(),
+            "every row of layer 0 was handed out"
+        );
+        b.begin_import(id, &header).unwrap();
+        for c in &chunks {
+            b.import_chunk(id, c).unwrap();
+        }
+        b.import_resume(id, resume).unwrap();
+        b.finish_import(id).unwrap();
+        let mut got = vec![first.token];
+        if first.finish.is_none() {
+            b.run_to_end(id, &mut |ev| got.push(ev.token)).unwrap();
+        }
+        b.remove(id);
+        assert_eq!(got, want, "prefix-cache hit changed the output");
+    }
+    let st = cached.prefix_stats();
+    assert_eq!(st.hit_tokens, 128);
+    assert_eq!(st.lookup_tokens, 75 + 79 + 79);
+}
+
+#[test]
+fn prefix_cache_gives_way_when_the_pool_is_short() {
+    let f = tiny(6);
+    let mut e = engine(&f, |c| {
+        c.num_blocks = Some(16);
+        c.prefix_cache_blocks = 64;
+    });
+    let _ = run_single(&mut e, prompt(100, 1), SamplingParams::greedy(2));
+    assert_eq!(e.prefix_stats().cached_blocks, 6);
+    // 13 blocks needed, 10 free: cache entries are dropped to make room.
+    let out = run_single(&mut e, prompt(200, 2), SamplingParams::greedy(2));
+    assert_eq!(out.len(), 2);
+    // Three of the first prompt's blocks went (its deepest first); its first three stay.
+    assert_eq!(e.prefix_stats().cached_blocks, 3 + 12);
+    e.add_sequence(7, prompt(100, 1), SamplingParams::greedy(2))
+        .unwrap();
+    assert_eq!(e.reused_tokens(7), 48);
+}

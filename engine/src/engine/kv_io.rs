@@ -26,7 +26,7 @@ impl Engine {
             Phase::Prefill => s.state.prompt_len,
             _ => s.cached,
         };
-        let m = self.model.config();
+        let m = self.model.config().clone();
         Ok(KvHeader {
             version: format::VERSION,
             fingerprint: self.fingerprint.clone(),
@@ -87,7 +87,7 @@ impl Engine {
             }
             .into());
         }
-        let m = self.model.config();
+        let m = self.model.config().clone();
         if header.n_layer as usize != m.n_layer || header.kv_dim as usize != m.kv_dim() {
             return Err(KvFormatError::Geometry(format!(
                 "{} layers × {} wide, engine has {} × {}",
@@ -114,12 +114,14 @@ impl Engine {
             .into());
         }
         self.check_prompt(&r.tokens[..count], &r.params)?;
-        let table = self.blocks.alloc(blocks_for(count, self.cfg.block_size))?;
+        let table = self.alloc(blocks_for(count, self.cfg.block_size))?;
         self.seqs.insert(
             id,
             Sequence {
                 table,
                 cached: count,
+                reused: 0,
+                reused_pending: false,
                 state: r.clone(),
                 phase: Phase::Importing(vec![0; m.n_layer]),
             },

@@ -7,7 +7,8 @@ mod kv_io;
 use crate::config::{DEFAULT_KV_TOKENS, EngineConfig, KvDtype, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kv::format::LayerChunk;
-use crate::kv::{BlockAllocator, CacheShape, KvStore, blocks_for};
+use crate::kv::prefix::chain_hashes;
+use crate::kv::{BlockAllocator, CacheShape, KvStore, PrefixCache, PrefixStats, blocks_for};
 use crate::model::{DecodeItem, Model, Pass};
 use crate::sampling::{SamplingParams, sample};
 use crate::sequence::{FinishReason, ResumeState, TokenEvent};
@@ -45,6 +46,10 @@ struct Sequence {
     table: Vec<u32>,
     /// Tokens whose KV is in the cache.
     cached: usize,
+    /// Leading tokens whose KV came from the prefix cache.
+    reused: usize,
+    /// Reused tokens not yet handed to a prefill hook (sent with the first chunk).
+    reused_pending: bool,
     state: ResumeState,
     phase: Phase,
 }
@@ -82,6 +87,8 @@ pub struct Engine {
     blocks: BlockAllocator,
     seqs: HashMap<u64, Sequence>,
     fingerprint: String,
+    prefix: PrefixCache,
+    prefix_stats: PrefixStats,
 }
 
 impl std::fmt::Debug for Engine {
@@ -183,12 +190,14 @@ impl Engine {
         );
         Ok(Engine {
             blocks: BlockAllocator::new(num_blocks),
-            cfg,
             model,
             tokenizer,
             kv,
             seqs: HashMap::new(),
             fingerprint,
+            prefix: PrefixCache::new(cfg.prefix_cache_blocks),
+            prefix_stats: PrefixStats::default(),
+            cfg,
         })
     }
 
@@ -256,14 +265,36 @@ impl Engine {
             return Err(EngineError::DuplicateSequence(id));
         }
         self.check_prompt(&prompt, &params)?;
-        let table = self
-            .blocks
-            .alloc(blocks_for(prompt.len(), self.cfg.block_size))?;
+        let bs = self.cfg.block_size;
+        // Reuse cached leading blocks, leaving at least one token to compute (its logits
+        // give the first token).
+        let mut table = if self.cfg.prefix_cache_blocks > 0 {
+            let hashes = chain_hashes(&prompt, bs, (prompt.len() - 1) / bs);
+            self.prefix.lookup(&hashes)
+        } else {
+            Vec::new()
+        };
+        self.blocks.retain(&table);
+        let reused = table.len() * bs;
+        let need = blocks_for(prompt.len(), bs) - table.len();
+        match self.alloc(need) {
+            Ok(fresh) => table.extend(fresh),
+            Err(e) => {
+                self.blocks.release(&table);
+                return Err(e);
+            }
+        }
+        if self.cfg.prefix_cache_blocks > 0 {
+            self.prefix_stats.lookup_tokens += prompt.len() as u64;
+            self.prefix_stats.hit_tokens += reused as u64;
+        }
         self.seqs.insert(
             id,
             Sequence {
                 table,
-                cached: 0,
+                cached: reused,
+                reused,
+                reused_pending: reused > 0,
                 state: ResumeState::new(prompt, params),
                 phase: Phase::Prefill,
             },
@@ -271,9 +302,36 @@ impl Engine {
         Ok(())
     }
 
+    /// Takes `n` blocks, dropping prefix-cache entries first when the pool is short.
+    fn alloc(&mut self, n: usize) -> Result<Vec<u32>> {
+        self.prefix.make_room(n, &mut self.blocks);
+        self.blocks.alloc(n)
+    }
+
+    /// Prompt tokens of sequence `id` whose KV came from the prefix cache.
+    pub fn reused_tokens(&self, id: u64) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.reused)
+    }
+
+    /// Prefix-cache counters.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        PrefixStats {
+            cached_blocks: self.prefix.len(),
+            ..self.prefix_stats
+        }
+    }
+
     /// Drops a sequence and frees its blocks; returns its state if it existed.
+    /// With the prefix cache on, the sequence's full computed prompt blocks stay cached.
     pub fn remove(&mut self, id: u64) -> Option<ResumeState> {
         let seq = self.seqs.remove(&id)?;
+        let bs = self.cfg.block_size;
+        if self.cfg.prefix_cache_blocks > 0 && !matches!(seq.phase, Phase::Importing(_)) {
+            let full = seq.cached.min(seq.state.prompt_len) / bs;
+            let hashes = chain_hashes(&seq.state.tokens[..full * bs], bs, full);
+            self.prefix
+                .insert(&hashes, &seq.table[..full], &mut self.blocks);
+        }
         self.blocks.release(&seq.table);
         Some(seq.state)
     }
@@ -299,6 +357,24 @@ impl Engine {
                 expected: "prefilling",
             });
         }
+        if seq.reused_pending {
+            // The cached prefix goes out first, layer by layer, like computed chunks.
+            let (table, n) = (seq.table.clone(), seq.reused);
+            for layer in 0..self.model.config().n_layer {
+                let mut payload = Vec::new();
+                self.kv.read_rows_bytes(layer, &table, 0, n, &mut payload);
+                on_chunk(LayerChunk {
+                    layer: layer as u32,
+                    start: 0,
+                    count: n as u32,
+                    payload,
+                });
+            }
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.reused_pending = false;
+            }
+        }
+        let seq = &self.seqs[&id];
         let start = seq.cached;
         let end = (start + chunk).min(seq.state.prompt_len);
         let pass = Pass::Prefill {
@@ -362,7 +438,7 @@ impl Engine {
             }
             need += blocks_for(s.cached + 1, bs).saturating_sub(s.table.len());
         }
-        let mut fresh = self.blocks.alloc(need)?;
+        let mut fresh = self.alloc(need)?;
         for id in ids {
             let s = self.seqs.get_mut(id).expect("checked above");
             let more = blocks_for(s.cached + 1, bs).saturating_sub(s.table.len());

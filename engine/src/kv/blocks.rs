@@ -3,11 +3,15 @@
 use crate::error::{EngineError, Result};
 
 /// Hands out block ids from a fixed pool. Allocation is all-or-nothing: a request that
-/// cannot be met changes nothing and returns [`EngineError::OutOfBlocks`].
+/// cannot be met changes nothing and returns [`EngineError::OutOfBlocks`]. Blocks are
+/// reference counted so full prompt blocks can be shared (prefix cache and the sequences
+/// reusing them); a block returns to the pool when its last holder releases it.
 #[derive(Debug, Clone)]
 pub struct BlockAllocator {
     /// Free ids, popped from the end (lowest ids are handed out first).
     free: Vec<u32>,
+    /// Holders per block (0 = free).
+    refs: Vec<u32>,
     total: usize,
 }
 
@@ -16,8 +20,22 @@ impl BlockAllocator {
     pub fn new(total: usize) -> Self {
         BlockAllocator {
             free: (0..total as u32).rev().collect(),
+            refs: vec![0; total],
             total,
         }
+    }
+
+    /// Adds a holder to blocks already allocated.
+    pub fn retain(&mut self, blocks: &[u32]) {
+        for b in blocks {
+            debug_assert!(self.refs[*b as usize] > 0, "retain of a free block");
+            self.refs[*b as usize] += 1;
+        }
+    }
+
+    /// Holders of a block.
+    pub fn holders(&self, block: u32) -> u32 {
+        self.refs[block as usize]
     }
 
     /// Takes `n` blocks, or none at all when fewer than `n` are free.
@@ -32,14 +50,22 @@ impl BlockAllocator {
         let at = self.free.len() - n;
         let mut taken = self.free.split_off(at);
         taken.reverse();
+        for b in &taken {
+            self.refs[*b as usize] = 1;
+        }
         Ok(taken)
     }
 
-    /// Returns blocks to the pool.
+    /// Drops one holder of each block; blocks without holders return to the pool.
     pub fn release(&mut self, blocks: &[u32]) {
-        debug_assert!(blocks.iter().all(|b| (*b as usize) < self.total));
-        self.free.extend(blocks.iter().rev().copied());
-        debug_assert!(self.free.len() <= self.total, "double free of KV blocks");
+        for b in blocks.iter().rev() {
+            let r = &mut self.refs[*b as usize];
+            debug_assert!(*r > 0, "double free of KV block {b}");
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.free.push(*b);
+            }
+        }
     }
 
     /// Blocks free now.
@@ -107,5 +133,16 @@ mod tests {
                 prop_assert_eq!(a.used_blocks(), count);
             }
         }
+    }
+
+    #[test]
+    fn shared_blocks_free_with_their_last_holder() {
+        let mut a = BlockAllocator::new(4);
+        let x = a.alloc(2).unwrap();
+        a.retain(&x[..1]);
+        a.release(&x);
+        assert_eq!((a.free_blocks(), a.holders(x[0])), (3, 1));
+        a.release(&x[..1]);
+        assert_eq!(a.free_blocks(), 4);
     }
 }

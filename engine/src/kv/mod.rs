@@ -3,7 +3,9 @@
 pub mod blocks;
 pub mod cache;
 pub mod format;
+pub mod prefix;
 
 pub use blocks::{BlockAllocator, blocks_for};
 pub use cache::{AttnQuery, CacheShape, KvStore};
 pub use format::{KvFormatError, KvHeader, LayerChunk};
+pub use prefix::{PrefixCache, PrefixStats};
