@@ -72,7 +72,7 @@ impl InferenceService {
     }
 }
 
-type GenStream = xpyd_runtime::worker::GuardedStream<Result<pb::GenerateResponse, Status>>;
+type GenStream = tokio_stream::wrappers::ReceiverStream<Result<pb::GenerateResponse, Status>>;
 
 #[tonic::async_trait]
 impl pb::inference_server::Inference for InferenceService {
@@ -107,9 +107,8 @@ impl pb::inference_server::Inference for InferenceService {
                 }
             }
         });
-        Ok(Response::new(xpyd_runtime::worker::GuardedStream::new(
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             out,
-            xpyd_runtime::worker::DropGuard::new(|| {}),
         )))
     }
 

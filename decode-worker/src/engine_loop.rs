@@ -389,7 +389,10 @@ impl EngineLoop {
             (b.running(), b.promised_blocks())
         };
         let (ttft, tpot) = (self.ttft.get(), self.tpot.get());
+        let prefix = self.engine.prefix_stats();
         self.stats_mut(|s| {
+            s.prefix_lookup_tokens = prefix.lookup_tokens;
+            s.prefix_hit_tokens = prefix.hit_tokens;
             s.running = running as u32;
             s.queued = self.local.len() as u32;
             s.kv_blocks_used = kv.used_blocks as u32;

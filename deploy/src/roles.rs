@@ -174,6 +174,10 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     if spec.kv_blocks > 0 {
         engine.num_blocks = Some(spec.kv_blocks as usize);
     }
+    // Prefix caching pays where prompts are computed; a plain decode worker only imports.
+    if role != Role::Decode {
+        engine.prefix_cache_blocks = spec.prefix_cache_blocks as usize;
+    }
     let registry = match m.registry.backend {
         manifest::RegistryBackend::Embedded => RegistryBackend::Embedded {
             url: a

@@ -125,6 +125,23 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
     assert_eq!(ids, ref_ids, "{backend}: gRPC token ids");
     assert_eq!(last.finish_reason, pb::FinishReason::Length as i32);
     assert_eq!(last.usage.unwrap().completion_tokens, n);
+    // Calls after the first reused the prompt's cached prefix blocks, with equal output.
+    let p = &up.workers("prefill")[0];
+    let url = p["grpc_url"].as_str().unwrap().to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let st = rt.block_on(async {
+        let mut c = pb::prefill_worker_client::PrefillWorkerClient::connect(url)
+            .await
+            .unwrap();
+        c.stats(pb::StatsRequest {}).await.unwrap().into_inner()
+    });
+    assert!(
+        st.prefix_hit_tokens >= 3 * 32,
+        "{backend}: prefix cache unused: {st:?}"
+    );
     // The KV really went over this backend (the decode worker's transfer metrics).
     let d = &up.workers("decode")[0];
     let metrics = common::cluster::get(&format!("{}/metrics", d["http_url"].as_str().unwrap())).1;

@@ -780,3 +780,202 @@ fn etcd_membership_a_silent_worker_leaves_routing_within_its_lease() {
         || url_of(&up).is_some(),
     );
 }
+
+/// Prefix-cache hit ratio over the prefill workers after a run of repeated prefixes.
+fn prefix_run(policy: &str, model: &Path) -> (f64, Vec<u64>) {
+    let up = Up::start(
+        &manifest(
+            &format!("prefix-{}", policy.replace('_', "-")),
+            &format!("routing: {{ prefill: {policy} }}\n"),
+            "  prefill: { replicas: 2 }\n  decode: { replicas: 1 }\n",
+        ),
+        model,
+    );
+    // Three 160-token prefixes, four rounds, a fresh suffix each time.
+    for round in 0..4 {
+        for p in 0..3 {
+            let prefix: String = (0..160)
+                .map(|i| (b'a' + ((i * 7 + p * 5) % 26) as u8) as char)
+                .collect();
+            let (code, v, _) = up.post(
+                "/v1/completions",
+                &body(&format!("{prefix} round {round}"), 2),
+            );
+            assert_eq!(code, 200, "{v}");
+        }
+    }
+    let (mut hit, mut looked) = (0, 0);
+    let mut per_worker = vec![];
+    for w in up.workers("prefill") {
+        let s = stats(&w);
+        hit += s.prefix_hit_tokens;
+        looked += s.prefix_lookup_tokens;
+        per_worker.push(s.prefix_hit_tokens);
+    }
+    (hit as f64 / looked as f64, per_worker)
+}
+
+#[test]
+fn prefix_aware_routing_hits_the_prefix_cache_more_than_round_robin() {
+    let (_d, model) = tiny_model();
+    let (aware, aware_w) = prefix_run("prefix_aware", &model);
+    let (rr, rr_w) = prefix_run("round_robin", &model);
+    // Each prefix after its first request is 160 of ~169 tokens cached (9 of 12 requests).
+    assert!(
+        aware > 0.6,
+        "prefix_aware hit ratio {aware:.2} ({aware_w:?})"
+    );
+    assert!(
+        aware > rr + 0.15,
+        "prefix_aware {aware:.2} vs round_robin {rr:.2} ({aware_w:?} / {rr_w:?})"
+    );
+}
+
+#[test]
+fn a_dead_prefill_worker_costs_a_retry_not_a_failed_request() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "retry",
+            "routing: { prefill: round_robin }\n",
+            "  prefill: { replicas: 2 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let pid = pids_of(&up.manifest, "prefill")[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Until its lease lapses the dead worker is still routed to: those requests fail over.
+    for i in 0..6 {
+        let (code, v, _) = up.post("/v1/completions", &body(&format!("after the crash {i}"), 3));
+        assert_eq!(code, 200, "request {i}: {v}");
+    }
+    let metrics = common::cluster::get(&format!("{}/metrics", up.http)).1;
+    let metrics = metrics.as_str().unwrap().to_string();
+    let retries: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("xpyd_coordinator_retries_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(retries >= 1.0, "no retry recorded:\n{metrics}");
+}
+
+#[test]
+fn grpc_health_reflection_status_and_chat_cli() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "meta",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut urls = vec![up.grpc.clone()];
+    urls.extend(
+        up.cluster()["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["grpc_url"].as_str().unwrap().to_string()),
+    );
+    for url in urls {
+        rt.block_on(async {
+            let ch = tonic::transport::Endpoint::from_shared(url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut h = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+            let st = h
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(
+                st.status,
+                tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+                "{url}"
+            );
+            use tonic_reflection::pb::v1::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let mut r = ServerReflectionClient::new(ch);
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut resp = r
+                .server_reflection_info(tokio_stream::iter(vec![req]))
+                .await
+                .unwrap()
+                .into_inner();
+            let msg = resp.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(l)) = msg.message_response else {
+                panic!("{url}: no service list")
+            };
+            let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                names.iter().any(|n| n.starts_with("xpyd.v1.")),
+                "{url}: {names:?}"
+            );
+            assert!(
+                names.iter().any(|n| n == "grpc.health.v1.Health"),
+                "{url}: {names:?}"
+            );
+        });
+    }
+    // `xpyd status` shows the topology; `xpyd chat` streams an answer.
+    let out = common::xpyd()
+        .args(["status", "--url", &up.http])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("prefill-0")
+            && text.contains("decode-0")
+            && text.contains("ready"),
+        "{text}"
+    );
+    let out = common::xpyd()
+        .args([
+            "chat",
+            "--url",
+            &up.http,
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "3",
+            "--temperature",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, v, _) = up.post("/v1/chat/completions", &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}));
+    assert_eq!(code, 200);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!(
+            "{}\n",
+            v["choices"][0]["message"]["content"].as_str().unwrap()
+        )
+    );
+}

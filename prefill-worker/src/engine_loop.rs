@@ -34,8 +34,8 @@ pub struct Job {
     pub out: mpsc::Sender<Outgoing>,
     /// Set when the caller gave up.
     pub cancel: CancellationToken,
-    /// The first token, or why not.
-    pub reply: oneshot::Sender<Result<TokenEvent, Status>>,
+    /// The first token and the prompt tokens reused from the prefix cache, or why not.
+    pub reply: oneshot::Sender<Result<(TokenEvent, usize), Status>>,
 }
 
 /// The prefill engine thread.
@@ -116,10 +116,6 @@ impl EngineLoop {
                         self.finish(job, Err(Status::unavailable("KV transfer closed")));
                         continue;
                     }
-                    {
-                        let mut s = self.stats.lock().unwrap_or_else(|e| e.into_inner());
-                        s.prefix_lookup_tokens += job.tokens.len() as u64;
-                    }
                     self.current = Some((job, Instant::now()));
                     return;
                 }
@@ -133,7 +129,10 @@ impl EngineLoop {
 
     /// Frees the sequence and answers the caller.
     fn finish(&mut self, job: Job, res: Result<TokenEvent, Status>) {
+        let reused = self.engine.reused_tokens(job.id);
+        // With the prefix cache on, its full prompt blocks stay cached.
         self.engine.remove(job.id);
+        let res = res.map(|first| (first, reused));
         let outcome = match &res {
             Ok(_) => "ok",
             Err(_) if job.cancel.is_cancelled() => "cancelled",
@@ -202,6 +201,13 @@ impl EngineLoop {
         s.kv_blocks_used = kv.used_blocks as u32;
         s.kv_blocks_free = kv.free_blocks as u32;
         s.ttft_ms = self.ttft.get();
+        let p = self.engine.prefix_stats();
+        s.prefix_lookup_tokens = p.lookup_tokens;
+        s.prefix_hit_tokens = p.hit_tokens;
+        if p.lookup_tokens > 0 {
+            metrics::gauge!(m::WORKER_PREFIX_CACHE_HIT_RATIO)
+                .set(p.hit_tokens as f64 / p.lookup_tokens as f64);
+        }
         metrics::gauge!(m::WORKER_QUEUE_DEPTH, "role" => "prefill").set(s.queued as f64);
         metrics::gauge!(m::WORKER_RUNNING, "role" => "prefill").set(running as f64);
         metrics::gauge!(m::WORKER_KV_BLOCKS_USED).set(kv.used_blocks as f64);

@@ -107,11 +107,11 @@ impl pb::prefill_worker_server::PrefillWorker for PrefillService {
         let committed = streamer
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        let first = first?;
+        let (first, reused) = first?;
         let stats = committed.map_err(|e| transfer_status(&e))?;
         Ok(Response::new(pb::PrefillResponse {
             first: Some(token_to_pb(&first)),
-            cached_tokens: 0,
+            cached_tokens: reused as u32,
             kv_bytes: stats.bytes,
             backend: backend.name().into(),
         }))

@@ -1,4 +1,5 @@
-//! Exponential moving average used for per-worker TTFT / prefill-time estimates.
+//! Exponential moving average, for TTFT / TPOT / prefill-time estimates (workers report
+//! them; the coordinator's router ranks workers by them).
 
 /// Exponential moving average: `value = alpha * x + (1 - alpha) * value`, seeded by the
 /// first observation.

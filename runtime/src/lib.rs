@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod ema;
 pub mod grpc;
 pub mod http;
 pub mod lease;

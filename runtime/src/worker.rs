@@ -3,6 +3,8 @@
 //! of engine and transfer errors to gRPC status codes, and a response stream that cancels
 //! its request when the client drops it.
 
+pub use crate::ema::Ema;
+
 use crate::lease::{LeaseConfig, RegistryBackend, keep_lease};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -226,31 +228,6 @@ impl<T> tokio_stream::Stream for GuardedStream<T> {
     }
 }
 
-/// Exponential moving average (weight of the newest sample).
-#[derive(Debug, Clone, Copy)]
-pub struct Ema {
-    alpha: f64,
-    value: Option<f64>,
-}
-
-impl Ema {
-    /// EMA with weight `alpha` for new samples.
-    pub fn new(alpha: f64) -> Self {
-        Ema { alpha, value: None }
-    }
-    /// Adds a sample.
-    pub fn observe(&mut self, x: f64) {
-        self.value = Some(match self.value {
-            None => x,
-            Some(v) => v + self.alpha * (x - v),
-        });
-    }
-    /// The average; 0 before the first sample.
-    pub fn get(&self) -> f64 {
-        self.value.unwrap_or(0.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,10 +264,5 @@ mod tests {
             transfer_status(&TransferError::PeerGone("x".into())).code(),
             Code::Unavailable
         );
-        let mut e = Ema::new(0.5);
-        assert_eq!(e.get(), 0.0);
-        e.observe(10.0);
-        e.observe(20.0);
-        assert_eq!(e.get(), 15.0);
     }
 }

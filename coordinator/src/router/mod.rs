@@ -7,15 +7,14 @@
 
 pub mod admission;
 pub mod config;
-pub mod ema;
 pub mod hash;
 pub mod policy;
 pub mod prefix;
 
 pub use admission::{AdmissionQueue, Pushed, Ticket};
 pub use config::{ConfigError, LoadWeights, ParsePolicyError, PolicyKind, RouterConfig};
-pub use ema::Ema;
 pub use policy::{Candidate, RouteInput};
+pub use xpyd_runtime::ema::Ema;
 
 use hash::block_hashes;
 use policy::Rotor;
