@@ -153,6 +153,7 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn disaggregated_equals_single_process_on_every_api_and_transport() {
     let Some(model) = real_model() else { return };
     let (ref_text, ref_ids) = reference(&model, PROMPT, &["--max-tokens", "24"]);
@@ -163,6 +164,7 @@ fn disaggregated_equals_single_process_on_every_api_and_transport() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn sampled_output_finish_reasons_and_usage() {
     let Some(model) = real_model() else { return };
     let up = Up::start(&manifest("disaggregated", "auto", 1), &model);
@@ -250,6 +252,7 @@ fn sampled_output_finish_reasons_and_usage() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn sixteen_concurrent_streams_over_1p2d_match_their_references() {
     let Some(model) = real_model() else { return };
     let prompts: Vec<String> = (0..16)
@@ -303,6 +306,7 @@ fn sixteen_concurrent_streams_over_1p2d_match_their_references() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn an_openai_client_library_streams_a_chat_completion() {
     let Some(model) = real_model() else { return };
     let python = std::env::var("XPYD_PYTHON").unwrap_or_else(|_| "python3".into());

@@ -90,6 +90,7 @@ fn post_from(src: &str, http: &str, path: &str, body: &Value) -> u16 {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn source_ip_hash_is_sticky_and_spreads() {
     let (_d, model) = tiny_model();
     let up = Up::start(
@@ -121,6 +122,7 @@ fn source_ip_hash_is_sticky_and_spreads() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn least_connections_spreads_concurrent_requests() {
     let (_d, model) = tiny_model();
     let up = Up::start_env(
@@ -157,6 +159,7 @@ fn least_connections_spreads_concurrent_requests() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn min_ttft_avoids_a_slow_prefill_worker() {
     let (_d, model) = tiny_model();
     let up = Up::start_env(
@@ -183,6 +186,7 @@ fn min_ttft_avoids_a_slow_prefill_worker() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn overall_load_avoids_a_slow_decode_worker() {
     let (_d, model) = tiny_model();
     let up = Up::start_env(
@@ -214,6 +218,7 @@ fn overall_load_avoids_a_slow_decode_worker() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn slo_priority_serves_class_0_before_class_3_when_saturated() {
     let (_d, model) = tiny_model();
     let up = Up::start_env(
@@ -258,6 +263,7 @@ fn slo_priority_serves_class_0_before_class_3_when_saturated() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn overload_gets_429_with_retry_after_and_the_rest_complete() {
     let (_d, model) = tiny_model();
     let up = Up::start_env(
@@ -302,6 +308,7 @@ fn overload_gets_429_with_retry_after_and_the_rest_complete() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn a_client_that_leaves_or_times_out_frees_every_leg() {
     let (_d, model) = tiny_model();
     let up = Up::start_env(
@@ -380,6 +387,7 @@ fn a_client_that_leaves_or_times_out_frees_every_leg() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn bad_inputs_get_clear_errors_and_the_cluster_keeps_serving() {
     let (_d, model) = tiny_model();
     let up = Up::start(
@@ -497,6 +505,7 @@ fn bad_inputs_get_clear_errors_and_the_cluster_keeps_serving() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn invalid_manifest_fields_are_named() {
     let dir = tempfile::tempdir().unwrap();
     for (yaml, needle) in [
@@ -537,6 +546,7 @@ fn pids_of(manifest: &Path, role: &str) -> Vec<i32> {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() {
     let (_d, model) = tiny_model();
     let up = Up::start(
@@ -723,6 +733,7 @@ impl Drop for Etcd {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn etcd_membership_a_silent_worker_leaves_routing_within_its_lease() {
     let Some(etcd) = Etcd::start() else { return };
     let (_d, model) = tiny_model();
@@ -816,6 +827,7 @@ fn prefix_run(policy: &str, model: &Path) -> (f64, Vec<u64>) {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn prefix_aware_routing_hits_the_prefix_cache_more_than_round_robin() {
     let (_d, model) = tiny_model();
     let (aware, aware_w) = prefix_run("prefix_aware", &model);
@@ -832,6 +844,7 @@ fn prefix_aware_routing_hits_the_prefix_cache_more_than_round_robin() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn a_dead_prefill_worker_costs_a_retry_not_a_failed_request() {
     let (_d, model) = tiny_model();
     let up = Up::start(
@@ -865,6 +878,7 @@ fn a_dead_prefill_worker_costs_a_retry_not_a_failed_request() {
 }
 
 #[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn grpc_health_reflection_status_and_chat_cli() {
     let (_d, model) = tiny_model();
     let up = Up::start(
@@ -978,4 +992,103 @@ fn grpc_health_reflection_status_and_chat_cli() {
             v["choices"][0]["message"]["content"].as_str().unwrap()
         )
     );
+}
+
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn worker_cancel_rpcs_stop_a_prefill_and_free_a_decode_reservation() {
+    let (_d, model) = tiny_model();
+    let up = Up::start_env(
+        &manifest(
+            "cancelrpc",
+            "",
+            "  prefill: { replicas: 1, prefill_chunk: 16 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+        "prefill-0=100",
+    );
+    let (p, d) = (
+        up.workers("prefill")[0].clone(),
+        up.workers("decode")[0].clone(),
+    );
+    let (purl, durl) = (
+        p["grpc_url"].as_str().unwrap().to_string(),
+        d["grpc_url"].as_str().unwrap().to_string(),
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use pb::decode_worker_client::DecodeWorkerClient;
+        use pb::prefill_worker_client::PrefillWorkerClient;
+        let mut dc = DecodeWorkerClient::connect(durl).await.unwrap();
+        let mut pc = PrefillWorkerClient::connect(purl).await.unwrap();
+        // Acting as the coordinator: reserve on the decode worker, prefill against it.
+        let req = pb::DecodeRequest {
+            request_id: 4242,
+            prompt_tokens: 320,
+            max_tokens: 4,
+            backend: "tcp".into(),
+            transfer_deadline_ms: 30_000,
+        };
+        let mut stream = dc.decode(req).await.unwrap().into_inner();
+        let Some(pb::decode_event::Event::Reserved(r)) =
+            stream.message().await.unwrap().unwrap().event
+        else {
+            panic!("no reservation")
+        };
+        let preq = pb::PrefillRequest {
+            request_id: 4242,
+            tokens: (0..320).map(|i| 3 + i % 200).collect(),
+            sampling: Some(pb::EngineSampling {
+                top_p: 1.0,
+                max_tokens: 4,
+                ..Default::default()
+            }),
+            target_json: r.target_json,
+        };
+        let mut pc2 = pc.clone();
+        let prefill = tokio::spawn(async move { pc2.prefill(preq).await });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let found = pc
+            .cancel(pb::CancelRequest { request_id: 4242 })
+            .await
+            .unwrap()
+            .into_inner()
+            .found;
+        assert!(found, "the prefill was not running");
+        let err = prefill.await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Cancelled, "{err}");
+        let st = pc.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+        assert!(st.prefill_chunks_total < 20, "prefill ran on: {st:?}");
+        // The decode side saw the transfer end and failed the request; Cancel finds nothing left.
+        assert!(stream.message().await.is_err());
+        let again = pc
+            .cancel(pb::CancelRequest { request_id: 4242 })
+            .await
+            .unwrap()
+            .into_inner()
+            .found;
+        assert!(!again);
+        let t0 = std::time::Instant::now();
+        loop {
+            let ds = dc.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+            if (ds.kv_blocks_used, ds.kv_blocks_reserved) == (0, 0) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(5),
+                "decode KV still held: {ds:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let found = dc
+            .cancel(pb::CancelRequest { request_id: 4242 })
+            .await
+            .unwrap()
+            .into_inner()
+            .found;
+        assert!(!found, "the decode reservation was still held");
+    });
 }

@@ -124,6 +124,7 @@ pub async fn run(
         sender: Sender::new(fingerprint),
         stats,
         ready,
+        running: Default::default(),
     };
     let mut server = tonic::transport::Server::builder();
     let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)

@@ -4,13 +4,15 @@
 //! cancels the prefill (checked between chunks) and aborts the transfer.
 
 use crate::engine_loop::{Job, Outgoing};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use xpyd_kv_transfer::{Sender, Stats, Transfer, TransferTarget};
 use xpyd_proto as pb;
 use xpyd_runtime::worker::{
-    SharedStats, check_ready, sampling_from_pb, token_to_pb, transfer_status,
+    DropGuard, SharedStats, check_ready, sampling_from_pb, token_to_pb, transfer_status,
 };
 
 /// The service state.
@@ -19,6 +21,8 @@ pub struct PrefillService {
     pub(crate) sender: Sender,
     pub(crate) stats: SharedStats,
     pub(crate) ready: watch::Receiver<bool>,
+    /// Prefills in progress, by request id, for `Cancel`.
+    pub(crate) running: Arc<Mutex<HashMap<u64, CancellationToken>>>,
 }
 
 /// Tag of an engine chunk: first position and token count.
@@ -88,6 +92,18 @@ impl pb::prefill_worker_server::PrefillWorker for PrefillService {
         let cancel = CancellationToken::new();
         // Dropping this future (the caller left) cancels the prefill.
         let _cancel_on_drop = cancel.clone().drop_guard();
+        let id = r.request_id;
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, cancel.clone());
+        let running = self.running.clone();
+        let _forget = DropGuard::new(move || {
+            running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
         let (reply, answer) = oneshot::channel();
         let job = Job {
             id: r.request_id,
@@ -119,10 +135,22 @@ impl pb::prefill_worker_server::PrefillWorker for PrefillService {
 
     async fn cancel(
         &self,
-        _req: Request<pb::CancelRequest>,
+        req: Request<pb::CancelRequest>,
     ) -> Result<Response<pb::CancelResponse>, Status> {
-        // Prefills are cancelled by ending their call; nothing is held afterwards.
-        Ok(Response::new(pb::CancelResponse { found: false }))
+        let id = req.into_inner().request_id;
+        let token = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned();
+        // The engine thread sees it before its next chunk; the call then fails CANCELLED.
+        if let Some(t) = &token {
+            t.cancel();
+        }
+        Ok(Response::new(pb::CancelResponse {
+            found: token.is_some(),
+        }))
     }
 
     async fn stats(
