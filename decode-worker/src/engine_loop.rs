@@ -88,6 +88,19 @@ struct Active {
     tokens: usize,
 }
 
+impl Active {
+    /// A request that is importing or prefilling: not decoding yet, no tokens out.
+    fn new(out: EventTx) -> Self {
+        Active {
+            out,
+            decoding: false,
+            last_token: None,
+            gaps: 0.0,
+            tokens: 0,
+        }
+    }
+}
+
 /// The engine thread's state.
 pub struct EngineLoop {
     engine: Engine,
@@ -152,16 +165,7 @@ impl EngineLoop {
         match cmd {
             Cmd::Begin { id, header, out } => {
                 self.started.insert(id, Instant::now());
-                self.active.insert(
-                    id,
-                    Active {
-                        out,
-                        decoding: false,
-                        last_token: None,
-                        gaps: 0.0,
-                        tokens: 0,
-                    },
-                );
+                self.active.insert(id, Active::new(out));
                 if let Err(e) = self.engine.begin_import(id, &header) {
                     self.fail(id, engine_status(&e));
                 }
@@ -228,16 +232,7 @@ impl EngineLoop {
                 out,
             } => {
                 self.started.insert(id, Instant::now());
-                self.active.insert(
-                    id,
-                    Active {
-                        out,
-                        decoding: false,
-                        last_token: None,
-                        gaps: 0.0,
-                        tokens: 0,
-                    },
-                );
+                self.active.insert(id, Active::new(out));
                 match self.engine.add_sequence(id, tokens, params) {
                     Ok(()) => self.local.push_back(id),
                     Err(e) => self.fail(id, engine_status(&e)),

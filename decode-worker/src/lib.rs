@@ -135,22 +135,17 @@ pub async fn run(
         .spawn(move || lp.run(cmd_rx))
         .map_err(|e| WorkerError::Serve(e.to_string()))?;
 
-    let grpc_addr = listeners
-        .grpc
-        .local_addr()
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let http_addr = listeners
-        .http
-        .local_addr()
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let info = pb::WorkerInfo {
-        worker_id: cfg.worker_id.clone(),
-        role: role.into(),
-        grpc_url: format!("http://{}:{}", cfg.advertise_host, grpc_addr.port()),
-        http_url: format!("http://{}:{}", cfg.advertise_host, http_addr.port()),
-        model_fingerprint: fingerprint,
-        max_running: cfg.max_running as u32,
-    };
+    let info = xpyd_runtime::worker::worker_info(
+        &cfg.worker_id,
+        role,
+        &cfg.advertise_host,
+        &listeners.grpc,
+        &listeners.http,
+        &fingerprint,
+        cfg.max_running,
+    )
+    .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let (grpc_url, http_url) = (info.grpc_url.clone(), info.http_url.clone());
     let ready = start_membership(&cfg.membership, info, stats.clone(), shutdown.clone());
     let metrics = xpyd_runtime::metrics::install();
     let http = tokio::spawn(xpyd_runtime::http::serve(
@@ -176,7 +171,7 @@ pub async fn run(
         .set_serving::<pb::decode_worker_server::DecodeWorkerServer<DecodeService>>()
         .await;
     let router = router.add_service(pb::decode_worker_server::DecodeWorkerServer::new(svc));
-    tracing::info!(worker_id = %cfg.worker_id, %grpc_addr, %http_addr, role, "decode worker serving");
+    tracing::info!(worker_id = %cfg.worker_id, %grpc_url, %http_url, role, "decode worker serving");
     let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
     let _ = http.await;
     // The service (and its command sender) is gone: the engine thread drains and exits.

@@ -96,22 +96,17 @@ pub async fn run(
         .name("engine".into())
         .spawn(move || lp.run(job_rx))
         .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let grpc_addr = listeners
-        .grpc
-        .local_addr()
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let http_addr = listeners
-        .http
-        .local_addr()
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let info = pb::WorkerInfo {
-        worker_id: cfg.worker_id.clone(),
-        role: "prefill".into(),
-        grpc_url: format!("http://{}:{}", cfg.advertise_host, grpc_addr.port()),
-        http_url: format!("http://{}:{}", cfg.advertise_host, http_addr.port()),
-        model_fingerprint: fingerprint.clone(),
-        max_running: cfg.max_queue as u32,
-    };
+    let info = xpyd_runtime::worker::worker_info(
+        &cfg.worker_id,
+        "prefill",
+        &cfg.advertise_host,
+        &listeners.grpc,
+        &listeners.http,
+        &fingerprint,
+        cfg.max_queue,
+    )
+    .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let (grpc_url, http_url) = (info.grpc_url.clone(), info.http_url.clone());
     let ready = start_membership(&cfg.membership, info, stats.clone(), shutdown.clone());
     let metrics = xpyd_runtime::metrics::install();
     let http = tokio::spawn(xpyd_runtime::http::serve(
@@ -134,7 +129,7 @@ pub async fn run(
         .set_serving::<pb::prefill_worker_server::PrefillWorkerServer<PrefillService>>()
         .await;
     let router = router.add_service(pb::prefill_worker_server::PrefillWorkerServer::new(svc));
-    tracing::info!(worker_id = %cfg.worker_id, %grpc_addr, %http_addr, "prefill worker serving");
+    tracing::info!(worker_id = %cfg.worker_id, %grpc_url, %http_url, "prefill worker serving");
     let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
     let _ = http.await;
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;

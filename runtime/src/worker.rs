@@ -101,6 +101,30 @@ pub fn start_membership(
     rx
 }
 
+/// The identity a worker registers: its id and role, and the URLs its bound gRPC and HTTP
+/// listeners are reached at on `host`.
+///
+/// # Errors
+/// A listener without a local address.
+pub fn worker_info(
+    worker_id: &str,
+    role: &str,
+    host: &str,
+    grpc: &tokio::net::TcpListener,
+    http: &tokio::net::TcpListener,
+    fingerprint: &str,
+    max_running: usize,
+) -> std::io::Result<pb::WorkerInfo> {
+    Ok(pb::WorkerInfo {
+        worker_id: worker_id.into(),
+        role: role.into(),
+        grpc_url: format!("http://{host}:{}", grpc.local_addr()?.port()),
+        http_url: format!("http://{host}:{}", http.local_addr()?.port()),
+        model_fingerprint: fingerprint.into(),
+        max_running: max_running as u32,
+    })
+}
+
 /// `UNAVAILABLE` unless the worker holds its lease.
 pub fn check_ready(ready: &watch::Receiver<bool>) -> Result<(), Status> {
     if *ready.borrow() {
