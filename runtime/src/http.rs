@@ -36,12 +36,19 @@ async fn render(State(s): State<HealthState>) -> String {
     s.metrics.render()
 }
 
-/// Serves `router` on `listener` until `shutdown`.
+/// Serves `router` on `listener` until `shutdown`, with `TCP_NODELAY` on every accepted
+/// connection (SSE events are small writes that must not wait for a delayed ACK).
 pub async fn serve(
     router: Router,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY on an accepted connection: {e}");
+        }
+    });
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
