@@ -84,11 +84,7 @@ pub fn worker_compute(a: &WorkerArgs) -> Result<xpyd_engine::compute::ComputeCon
     let spec = role_spec(&m, parse_role(&a.role)?)?;
     Ok(xpyd_engine::compute::ComputeConfig {
         threads: Some(spec.threads as usize),
-        cpus: spec
-            .cpus
-            .as_deref()
-            .map(xpyd_engine::compute::parse_cpu_list)
-            .transpose()?,
+        cpus: spec.cpus_of(a.index)?,
     })
 }
 
@@ -159,13 +155,11 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     let m = Manifest::load(&a.file)?;
     let role = parse_role(&a.role)?;
     let spec = role_spec(&m, role)?;
-    if spec.engine == manifest::EngineKind::Mock {
-        bail!(
-            "roles.{}.engine: the mock engine is not available in this build",
-            role.name()
-        );
-    }
     let mut engine = xpyd_engine::EngineConfig::new(model_path(&m, &a.model)?);
+    // The mock computes nothing but still uses the model file's tokenizer and geometry.
+    if spec.engine == manifest::EngineKind::Mock {
+        engine.mock = Some(spec.mock_latency.unwrap_or_default());
+    }
     engine.prefill_chunk = spec.prefill_chunk as usize;
     engine.kv_dtype = match spec.kv_dtype {
         manifest::KvDtype::F32 => xpyd_engine::KvDtype::F32,

@@ -504,6 +504,68 @@ fn bad_inputs_get_clear_errors_and_the_cluster_keeps_serving() {
     );
 }
 
+/// What one mock engine in this process answers to `prompt` (greedy).
+fn mock_reference(model: &Path, prompt: &str, max_tokens: usize) -> String {
+    let mut cfg = xpyd_engine::EngineConfig::new(model);
+    cfg.num_blocks = Some(64);
+    cfg.mock = Some(xpyd_engine::MockLatency::default());
+    let mut e = xpyd_engine::Engine::load(cfg).unwrap();
+    let p = e.tokenizer().encode(prompt).unwrap();
+    let params = xpyd_engine::SamplingParams::greedy(max_tokens);
+    e.generate(1, p, params, &mut |_| {}).unwrap().text
+}
+
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn mock_engine_clusters_answer_deterministically_in_both_modes() {
+    let (_d, model) = tiny_model();
+    // 68 byte tokens: four full blocks for the prefill worker's prefix cache.
+    let prompt = "The mock engine computes nothing, yet its KV still crosses the wire.";
+    let want = mock_reference(&model, prompt, 8);
+    let complete = |up: &Up, sampling: Value| -> String {
+        let mut b = json!({"prompt": prompt, "max_tokens": 8});
+        b.as_object_mut()
+            .unwrap()
+            .extend(sampling.as_object().unwrap().clone());
+        let (code, v, _) = up.post("/v1/completions", &b);
+        assert_eq!(code, 200, "{v}");
+        assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let pd = Up::start(
+        &manifest(
+            "mock-pd",
+            "",
+            "  prefill: { replicas: 1, engine: mock }\n  decode: { replicas: 1, engine: mock, mock_latency: { decode_base_us: 300, decode_per_seq_us: 100 } }\n",
+        ),
+        &model,
+    );
+    let first = complete(&pd, json!({"temperature": 0}));
+    assert_eq!(
+        first, want,
+        "prefill → KV transfer → decode equals one mock engine"
+    );
+    assert_eq!(complete(&pd, json!({"temperature": 0})), first);
+    assert_eq!(
+        complete(&pd, json!({"temperature": 1.2, "top_p": 0.9, "seed": 7})),
+        first,
+        "sampling cannot leave the mock's token"
+    );
+    let p = stats(&pd.workers("prefill")[0]);
+    assert_eq!(
+        p.prefix_hit_tokens, 128,
+        "the repeats hit the prefix cache: {p:?}"
+    );
+    pd.stop();
+    let single = Up::start(
+        "name: mock-single\nmode: single\ncoordinator: { http_port: 0, grpc_port: 0 }\nroles:\n  combined: { replicas: 1, engine: mock }\n",
+        &model,
+    );
+    assert_eq!(complete(&single, json!({"temperature": 0})), want);
+    assert_eq!(complete(&single, json!({"temperature": 0})), want);
+}
+
 #[test]
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn invalid_manifest_fields_are_named() {

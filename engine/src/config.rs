@@ -1,6 +1,7 @@
 //! Model geometry read from GGUF metadata, and the engine's own runtime configuration.
 
 use crate::error::{EngineError, Result};
+use crate::mock::MockLatency;
 use candle_core::quantized::gguf_file;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -159,6 +160,9 @@ pub struct EngineConfig {
     /// Full prompt blocks kept for reuse by later prompts with the same prefix; 0 = off
     /// (default).
     pub prefix_cache_blocks: usize,
+    /// `Some` runs the mock backend instead of the model (deterministic tokens, this
+    /// simulated latency, no weights loaded); `None` (default) runs the real model.
+    pub mock: Option<MockLatency>,
 }
 
 /// Tokens the KV pool holds when `num_blocks` is not given.
@@ -174,6 +178,7 @@ impl EngineConfig {
             num_blocks: None,
             prefill_chunk: 512,
             prefix_cache_blocks: 0,
+            mock: None,
         }
     }
 
@@ -190,6 +195,9 @@ impl EngineConfig {
                 field: "prefill_chunk",
                 reason: format!("{} is outside 16..=8192", self.prefill_chunk),
             });
+        }
+        if let Some(m) = &self.mock {
+            m.validate()?;
         }
         if self.num_blocks == Some(0) {
             return Err(EngineError::InvalidParam {

@@ -160,6 +160,15 @@ impl Tokenizer {
         &self.eos
     }
 
+    /// The id of `text` when it is exactly one ordinary token (not special, not
+    /// end-of-generation) that decodes back to `text`.
+    pub(crate) fn single_token(&self, text: &str) -> Option<u32> {
+        let enc = self.inner.encode(text, false).ok()?;
+        let [id] = enc.get_ids() else { return None };
+        let back = self.inner.decode(&[*id], true).ok()?;
+        (back == text && !self.eos.contains(id)).then_some(*id)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

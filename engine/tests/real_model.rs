@@ -236,3 +236,31 @@ fn multibyte_text_streams_whole_characters() {
     assert_eq!(pieces.concat(), g.text);
     assert!(!g.text.is_ascii(), "expected accented output: {:?}", g.text);
 }
+
+#[test]
+fn the_mock_on_the_real_vocabulary_writes_words() {
+    let Some(path) = model() else { return };
+    let mut cfg = EngineConfig::new(&path);
+    cfg.num_blocks = Some(64);
+    cfg.mock = Some(xpyd_engine::MockLatency::default());
+    let mut m = Engine::load(cfg).unwrap();
+    let p = m.tokenizer().encode("Once upon a time,").unwrap();
+    let g = m
+        .generate(1, p.clone(), SamplingParams::greedy(24), &mut |_| {})
+        .unwrap();
+    assert_eq!(g.tokens.len(), 24, "no EOS: max_tokens governs");
+    // Whole common words, each with its leading space.
+    let words: Vec<&str> = g.text.split(' ').skip(1).collect();
+    assert_eq!(words.len(), 24, "{:?}", g.text);
+    assert!(
+        words
+            .iter()
+            .all(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase())),
+        "{:?}",
+        g.text
+    );
+    let again = m
+        .generate(1, p, SamplingParams::greedy(24), &mut |_| {})
+        .unwrap();
+    assert_eq!(again, g);
+}

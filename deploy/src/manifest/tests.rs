@@ -264,6 +264,54 @@ fn role_ranges_name_their_fields() {
 }
 
 #[test]
+fn mock_latency_needs_engine_mock_and_names_its_fields() {
+    let role = |spec: &str| {
+        Manifest::from_yaml(&format!(
+            "name: s\nmode: single\nroles:\n  combined: {{ replicas: 1, {spec} }}\n"
+        ))
+    };
+    let m = role("engine: mock, mock_latency: { prefill_per_token_us: 40, decode_base_us: 9000 }")
+        .unwrap();
+    let c = m.roles.combined.unwrap();
+    assert_eq!(c.engine, EngineKind::Mock);
+    assert_eq!(
+        c.mock_latency,
+        Some(xpyd_engine::MockLatency {
+            prefill_base_us: 0,
+            prefill_per_token_us: 40,
+            decode_base_us: 9000,
+            decode_per_seq_us: 0,
+        })
+    );
+    let bare = role("engine: mock").unwrap().roles.combined.unwrap();
+    assert_eq!(bare.mock_latency, None, "zero latency unless given");
+    assert!(role("engine: mock, mock_latency: { decode_per_seq_us: 10000000 }").is_ok());
+    assert_invalid(
+        role("mock_latency: { decode_base_us: 5 }"),
+        "roles.combined.mock_latency",
+        "only used with engine: mock (this role has engine: real)",
+    );
+    assert_invalid(
+        role("engine: real, mock_latency: {}"),
+        "roles.combined.mock_latency",
+        "engine: mock",
+    );
+    assert_invalid(
+        role("engine: mock, mock_latency: { prefill_base_us: 10000001 }"),
+        "roles.combined.mock_latency.prefill_base_us",
+        "10000001 is out of range 0..=10000000",
+    );
+    assert_parse_err(
+        role("engine: mock, mock_latency: { decode_us: 1 }"),
+        &["unknown field `decode_us`", "decode_base_us"],
+    );
+    assert_parse_err(
+        role("engine: mock, mock_latency: { decode_base_us: -1 }"),
+        &["roles.combined.mock_latency"],
+    );
+}
+
+#[test]
 fn cpu_lists_are_checked() {
     let role = |cpus: &str| {
         Manifest::from_yaml(&format!(
@@ -487,5 +535,35 @@ fn other_top_level_fields_are_checked() {
     assert_parse_err(
         with("kv: { backend: rdma }\n"),
         &["kv.backend", "`tcp`", "`shm`", "`ucx`", "`nccl`"],
+    );
+}
+
+#[test]
+fn replicas_get_their_own_cores_with_pin_replica() {
+    let parse = |extra: &str| {
+        Manifest::from_yaml(&format!(
+            "name: s\nmode: single\nroles:\n  combined: {{ replicas: 3, cpus: \"0-1\"{extra} }}\n"
+        ))
+        .unwrap()
+        .roles
+        .combined
+        .unwrap()
+    };
+    let shared = parse("");
+    assert_eq!(shared.cpus_of(2).unwrap(), Some(vec![0, 1]));
+    let own = parse(", pin: replica");
+    let got: Vec<_> = (0..3).map(|i| own.cpus_of(i).unwrap().unwrap()).collect();
+    assert_eq!(got, [vec![0], vec![1], vec![0]]);
+    assert_eq!(
+        parse(", pin: replica, threads: 2").cpus_of(1).unwrap(),
+        Some(vec![0, 1])
+    );
+    assert!(
+        Manifest::from_yaml(
+            "name: s\nmode: single\nroles:\n  combined: { replicas: 1, pin: core }\n"
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("`replica`")
     );
 }

@@ -244,6 +244,39 @@ pub enum KvDtype {
     F16,
 }
 
+/// How the replicas of a role share its `cpus` list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PinScope {
+    /// Every replica may run on every listed core (default).
+    #[default]
+    Role,
+    /// Each replica gets `threads` cores of its own from the list.
+    Replica,
+}
+
+impl RoleSpec {
+    /// The cores replica `index` is pinned to, if the role is pinned.
+    ///
+    /// # Errors
+    /// When `cpus` is not a CPU list (validated manifests never fail here).
+    pub fn cpus_of(&self, index: u32) -> xpyd_engine::Result<Option<Vec<usize>>> {
+        let Some(list) = self.cpus.as_deref() else {
+            return Ok(None);
+        };
+        let all = xpyd_engine::compute::parse_cpu_list(list)?;
+        Ok(Some(match self.pin {
+            PinScope::Role => all,
+            PinScope::Replica => {
+                let t = self.threads as usize;
+                (0..t)
+                    .map(|k| all[(index as usize * t + k) % all.len()])
+                    .collect()
+            }
+        }))
+    }
+}
+
 /// What executes the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -253,6 +286,16 @@ pub enum EngineKind {
     Real,
     /// Deterministic tokens without a model, for scale tests.
     Mock,
+}
+
+impl EngineKind {
+    /// The manifest spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineKind::Real => "real",
+            EngineKind::Mock => "mock",
+        }
+    }
 }
 
 /// One role's workers; every replica gets the same settings.
@@ -272,6 +315,11 @@ pub struct RoleSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub cpus: Option<String>,
+    /// How replicas share `cpus`: `role` (default; every replica may use the whole
+    /// list) or `replica` (replica `i` gets its own `threads` cores, the list's entries
+    /// `i*threads ..`, wrapping around).
+    #[serde(default)]
+    pub pin: PinScope,
     /// Requests a worker runs at once, `1..=1024`; absent = the role's default
     /// (see [`RoleSpec::max_running_for`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -292,6 +340,11 @@ pub struct RoleSpec {
     /// `real` (default) or `mock`.
     #[serde(default)]
     pub engine: EngineKind,
+    /// Simulated compute time of the mock engine, each field `0..=10000000` µs
+    /// (default all 0 = none): `prefill_base_us`, `prefill_per_token_us`,
+    /// `decode_base_us`, `decode_per_seq_us`. Only with `engine: mock`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock_latency: Option<xpyd_engine::MockLatency>,
 }
 
 fn default_threads() -> u32 {
@@ -312,12 +365,14 @@ impl RoleSpec {
             replicas,
             threads: default_threads(),
             cpus: None,
+            pin: PinScope::Role,
             max_running: None,
             kv_blocks: 0,
             prefill_chunk: default_prefill_chunk(),
             kv_dtype: KvDtype::F32,
             prefix_cache_blocks: default_prefix_cache_blocks(),
             engine: EngineKind::Real,
+            mock_latency: None,
         }
     }
 

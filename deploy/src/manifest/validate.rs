@@ -1,8 +1,8 @@
 //! Range and consistency checks for a parsed manifest; each error names its field path.
 
 use super::{
-    CoordinatorSpec, KvSpec, Manifest, ManifestError, Mode, RegistryBackend, RegistrySpec, Role,
-    RoleSpec, RoutingSpec,
+    CoordinatorSpec, EngineKind, KvSpec, Manifest, ManifestError, Mode, RegistryBackend,
+    RegistrySpec, Role, RoleSpec, RoutingSpec,
 };
 use std::fmt::Display;
 
@@ -271,5 +271,31 @@ fn role_spec(role: Role, s: &RoleSpec) -> Result {
         s.prefix_cache_blocks,
         0,
         10_000_000,
-    )
+    )?;
+    mock_latency(role, s)
+}
+
+fn mock_latency(role: Role, s: &RoleSpec) -> Result {
+    let Some(l) = &s.mock_latency else {
+        return Ok(());
+    };
+    if s.engine != EngineKind::Mock {
+        return Err(ManifestError::invalid(
+            format!("roles.{role}.mock_latency"),
+            format!(
+                "is only used with engine: mock (this role has engine: {}); remove it or set engine: mock",
+                s.engine.name()
+            ),
+        ));
+    }
+    let max = xpyd_engine::mock::MAX_MOCK_LATENCY_US;
+    for (name, v) in [
+        ("prefill_base_us", l.prefill_base_us),
+        ("prefill_per_token_us", l.prefill_per_token_us),
+        ("decode_base_us", l.decode_base_us),
+        ("decode_per_seq_us", l.decode_per_seq_us),
+    ] {
+        range(format!("roles.{role}.mock_latency.{name}"), v, 0, max)?;
+    }
+    Ok(())
 }

@@ -26,7 +26,7 @@ impl Engine {
             Phase::Prefill => s.state.prompt_len,
             _ => s.cached,
         };
-        let m = self.model.config().clone();
+        let m = self.backend.config().clone();
         Ok(KvHeader {
             version: format::VERSION,
             fingerprint: self.fingerprint.clone(),
@@ -87,7 +87,7 @@ impl Engine {
             }
             .into());
         }
-        let m = self.model.config().clone();
+        let m = self.backend.config().clone();
         if header.n_layer as usize != m.n_layer || header.kv_dim as usize != m.kv_dim() {
             return Err(KvFormatError::Geometry(format!(
                 "{} layers × {} wide, engine has {} × {}",
@@ -201,7 +201,7 @@ impl Engine {
         len: usize,
         fill: &mut RowFill<'_>,
     ) -> Result<()> {
-        let row_bytes = self.model.config().kv_dim() * self.cfg.kv_dtype.size();
+        let row_bytes = self.backend.config().kv_dim() * self.cfg.kv_dtype.size();
         let s = self
             .seqs
             .get_mut(&id)
@@ -255,7 +255,7 @@ impl Engine {
     /// Sets the state decode resumes from (sent after a streamed prefill). It must extend
     /// the announced tokens by exactly the first sampled token.
     pub fn import_resume(&mut self, id: u64, state: ResumeState) -> Result<()> {
-        let vocab = self.model.config().vocab;
+        let vocab = self.backend.config().vocab;
         let s = self
             .seqs
             .get_mut(&id)

@@ -2,13 +2,17 @@
 //! chunked prefill, batched decode steps, and KV export/import between instances
 //! (`kv_io`).
 
+mod backend;
 mod kv_io;
+
+use backend::Backend;
 
 use crate::config::{DEFAULT_KV_TOKENS, EngineConfig, KvDtype, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kv::format::LayerChunk;
 use crate::kv::prefix::chain_hashes;
 use crate::kv::{BlockAllocator, CacheShape, KvStore, PrefixCache, PrefixStats, blocks_for};
+use crate::mock::MockModel;
 use crate::model::{DecodeItem, Model, Pass};
 use crate::sampling::{SamplingParams, sample};
 use crate::sequence::{FinishReason, ResumeState, TokenEvent};
@@ -81,7 +85,7 @@ pub struct Generation {
 /// A CPU inference engine over one model.
 pub struct Engine {
     cfg: EngineConfig,
-    model: Model,
+    backend: Backend,
     tokenizer: Tokenizer,
     kv: KvStore,
     blocks: BlockAllocator,
@@ -96,6 +100,7 @@ impl std::fmt::Debug for Engine {
         f.debug_struct("Engine")
             .field("model", &self.cfg.model_path)
             .field("fingerprint", &self.fingerprint)
+            .field("mock", &matches!(self.backend, Backend::Mock(_)))
             .field("sequences", &self.seqs.len())
             .finish_non_exhaustive()
     }
@@ -155,7 +160,13 @@ impl ModelInfo {
 }
 
 impl Engine {
-    /// Loads the model and tokenizer and allocates the KV pool.
+    /// Loads the model and tokenizer and allocates the KV pool. With `cfg.mock` set, only
+    /// the GGUF metadata is read (no weights): the mock backend computes, and the
+    /// fingerprint is `mock:` + the real one, so real and mock engines refuse each
+    /// other's KV.
+    ///
+    /// # Errors
+    /// `InvalidParam` for a bad config; `Model` for a missing or unsupported file.
     pub fn load(cfg: EngineConfig) -> Result<Self> {
         cfg.validate()?;
         let path = &cfg.model_path;
@@ -165,7 +176,16 @@ impl Engine {
             .map_err(|e| EngineError::Model(format!("{}: not a GGUF file: {e}", path.display())))?;
         let mcfg = ModelConfig::from_gguf(&ct)?;
         let tokenizer = Tokenizer::from_gguf(&ct)?;
-        let model = Model::load(&ct, &mut file, mcfg.clone())?;
+        let (backend, fingerprint) = match cfg.mock {
+            Some(latency) => (
+                Backend::Mock(MockModel::new(mcfg.clone(), &tokenizer, latency)?),
+                format!("mock:{}", fingerprint(path)?),
+            ),
+            None => (
+                Backend::Real(Model::load(&ct, &mut file, mcfg.clone())?),
+                fingerprint(path)?,
+            ),
+        };
         let num_blocks = cfg.num_blocks.unwrap_or_else(|| {
             blocks_for(
                 DEFAULT_KV_TOKENS.min(mcfg.context_length * 4),
@@ -179,18 +199,18 @@ impl Engine {
             num_blocks,
             dtype: cfg.kv_dtype,
         });
-        let fingerprint = fingerprint(path)?;
         tracing::info!(
             model = %path.display(),
             layers = mcfg.n_layer,
             hidden = mcfg.hidden,
             kv_blocks = num_blocks,
             kv_dtype = ?cfg.kv_dtype,
+            mock = ?cfg.mock,
             "engine loaded"
         );
         Ok(Engine {
             blocks: BlockAllocator::new(num_blocks),
-            model,
+            backend,
             tokenizer,
             kv,
             seqs: HashMap::new(),
@@ -203,7 +223,7 @@ impl Engine {
 
     /// Model geometry.
     pub fn model_config(&self) -> &ModelConfig {
-        self.model.config()
+        self.backend.config()
     }
 
     /// The tokenizer.
@@ -240,14 +260,14 @@ impl Engine {
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        let ctx = self.model.config().context_length;
+        let ctx = self.backend.config().context_length;
         if prompt.len() >= ctx {
             return Err(EngineError::ContextOverflow {
                 tokens: prompt.len(),
                 max: ctx,
             });
         }
-        let vocab = self.model.config().vocab;
+        let vocab = self.backend.config().vocab;
         if let Some(t) = prompt.iter().find(|t| **t as usize >= vocab) {
             return Err(EngineError::BadToken { id: *t, vocab });
         }
@@ -360,7 +380,7 @@ impl Engine {
         if seq.reused_pending {
             // The cached prefix goes out first, layer by layer, like computed chunks.
             let (table, n) = (seq.table.clone(), seq.reused);
-            for layer in 0..self.model.config().n_layer {
+            for layer in 0..self.backend.config().n_layer {
                 let mut payload = Vec::new();
                 self.kv.read_rows_bytes(layer, &table, 0, n, &mut payload);
                 on_chunk(LayerChunk {
@@ -384,17 +404,19 @@ impl Engine {
         };
         let n = (end - start) as u32;
         let table = seq.table.clone();
-        let logits = self.model.forward(&pass, &mut self.kv, &mut |layer, kv| {
-            let mut payload = Vec::new();
-            kv.read_rows_bytes(layer, &table, start, n as usize, &mut payload);
-            on_chunk(LayerChunk {
-                layer: layer as u32,
-                start: start as u32,
-                count: n,
-                payload,
-            });
-        })?;
-        let ctx = self.model.config().context_length;
+        let logits = self
+            .backend
+            .forward(&pass, &mut self.kv, &mut |layer, kv| {
+                let mut payload = Vec::new();
+                kv.read_rows_bytes(layer, &table, start, n as usize, &mut payload);
+                on_chunk(LayerChunk {
+                    layer: layer as u32,
+                    start: start as u32,
+                    count: n,
+                    payload,
+                });
+            })?;
+        let ctx = self.backend.config().context_length;
         let seq = self.seqs.get_mut(&id).expect("checked above");
         seq.cached = end;
         if end < seq.state.prompt_len {
@@ -460,10 +482,10 @@ impl Engine {
             })
             .collect();
         let logits = self
-            .model
+            .backend
             .forward(&Pass::Decode(&items), &mut self.kv, &mut |_, _| {})?;
         drop(items);
-        let ctx = self.model.config().context_length;
+        let ctx = self.backend.config().context_length;
         let mut events = Vec::with_capacity(ids.len());
         for (id, row) in ids.iter().zip(&logits) {
             let s = self.seqs.get_mut(id).expect("checked above");

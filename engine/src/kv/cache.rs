@@ -186,6 +186,20 @@ impl KvStore {
         }
     }
 
+    /// Copies the K and V rows (`kv_dim` each, as f32) of position `pos` of one layer.
+    pub fn read_row_f32(
+        &self,
+        layer: usize,
+        table: &[u32],
+        pos: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+    ) {
+        let at = self.row_offset(table, pos);
+        self.k[layer].read_f32(at, k);
+        self.v[layer].read_f32(at, v);
+    }
+
     /// Copies positions `0..len` of one layer into contiguous f32 `K` and `V` (`len × kv_dim`).
     pub fn gather(&self, layer: usize, table: &[u32], len: usize) -> (Vec<f32>, Vec<f32>) {
         let d = self.shape.kv_dim;
