@@ -53,6 +53,7 @@ cargo test --release --workspace
 log "tests: clusters of real processes (one at a time: they time routing and leases)"
 cargo test --release --workspace --test cluster_tiny -- --ignored --test-threads=1
 cargo test --release --workspace --test cluster_real -- --ignored --test-threads=1
+cargo test --release --workspace --test cluster_bench -- --ignored --test-threads=1
 
 log "tests: kv-transfer with the nccl feature (no GPU here: the clean-failure path)"
 cargo test --release -p xpyd-kv-transfer --features nccl

@@ -190,7 +190,7 @@ struct LlamaPrompts {
     decode_steps: usize,
 }
 
-fn cpu_name() -> String {
+pub(crate) fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {

@@ -99,6 +99,17 @@ fn ns(v: &Value, key: &str) -> Result<u64> {
     v[key].as_u64().with_context(|| format!("no {key} in {v}"))
 }
 
+/// GB/s of each of `rounds` transfers of `bytes` (in chunks of up to 4 MiB) over
+/// `backend` between two harness processes, after a warm-up round.
+pub(crate) fn transfer_rounds(backend: &str, bytes: usize, rounds: usize) -> Result<Vec<f64>> {
+    let p = Payload {
+        name: "profile",
+        bytes,
+        chunk: bytes.min(4 << 20),
+    };
+    transfer(backend, &p, rounds)
+}
+
 /// GB/s of each round of one backend between two harness processes.
 fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
     let s = |x: usize| x.to_string();

@@ -1,7 +1,10 @@
 //! Command-line interface.
 
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{bench_engine, bench_kv, client, generate, kv_harness, roles, up};
+use crate::{
+    bench_engine, bench_kv, bench_load, bench_overhead, bench_profile, client, generate,
+    kv_harness, roles, up,
+};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -66,6 +69,14 @@ enum BenchCmd {
     Engine(bench_engine::BenchEngineArgs),
     /// KV transfer throughput per backend between two processes, and streaming overlap.
     Kv(bench_kv::BenchKvArgs),
+    /// Open- or closed-loop load against a running coordinator (optionally a goodput search).
+    Load(bench_load::LoadArgs),
+    /// The same workload against an aggregated and a disaggregated cluster, side by side.
+    Compare(bench_load::CompareArgs),
+    /// Per-role performance profiles of the real engine, with fitted models (JSON).
+    Profile(bench_profile::ProfileArgs),
+    /// Latency the serving path adds, against zero-latency mock workers.
+    Overhead(bench_overhead::OverheadArgs),
 }
 
 /// Options shared by every command that runs the engine.
@@ -126,7 +137,11 @@ impl Cli {
                 cmd: BenchCmd::Engine(b),
             } => &b.engine,
             Cmd::Bench {
-                cmd: BenchCmd::Kv(_),
+                cmd: BenchCmd::Profile(b),
+            } => &b.engine,
+            Cmd::Bench {
+                cmd:
+                    BenchCmd::Kv(_) | BenchCmd::Load(_) | BenchCmd::Compare(_) | BenchCmd::Overhead(_),
             } => return Ok(()),
             Cmd::KvHarness {
                 cmd: kv_harness::HarnessCmd::Recv(r),
@@ -174,6 +189,18 @@ impl Cli {
             Cmd::Bench {
                 cmd: BenchCmd::Kv(args),
             } => bench_kv::run(&args),
+            Cmd::Bench {
+                cmd: BenchCmd::Load(args),
+            } => bench_load::load(&args),
+            Cmd::Bench {
+                cmd: BenchCmd::Compare(args),
+            } => bench_load::compare(&args),
+            Cmd::Bench {
+                cmd: BenchCmd::Profile(args),
+            } => bench_profile::run(&args),
+            Cmd::Bench {
+                cmd: BenchCmd::Overhead(args),
+            } => bench_overhead::run(&args),
             Cmd::KvHarness { cmd } => kv_harness::run(cmd),
             Cmd::Up(a) => up::run(&a),
             Cmd::Status(t) => client::status(&t),

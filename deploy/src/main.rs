@@ -1,8 +1,12 @@
 //! The `xpyd` binary: parses flags and hands off to the command modules.
 #![forbid(unsafe_code)]
 
+mod bench_cluster;
 mod bench_engine;
 mod bench_kv;
+mod bench_load;
+mod bench_overhead;
+mod bench_profile;
 mod cli;
 mod client;
 mod env;

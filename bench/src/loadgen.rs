@@ -1,0 +1,302 @@
+//! The load generator: sends a planned set of requests to a coordinator's gRPC
+//! `Inference` service (`Generate`, streamed, or `Complete`), open loop (each request at its planned time, whatever
+//! the server does) or closed loop (N clients, each sending its next request when the
+//! previous one ends), and records what every request saw.
+
+use crate::stats::RequestRecord;
+use crate::workload::{Planned, Rng};
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+use xpyd_engine::Tokenizer;
+use xpyd_proto::inference_client::InferenceClient;
+use xpyd_proto::{GenerateRequest, Sampling, generate_request};
+
+/// Text the prompts are cut from: the project's own documentation, so the model sees
+/// real English and real tokens.
+const CORPUS: &[&str] = &[
+    include_str!("../../docs/ARCHITECTURE.md"),
+    include_str!("../../README.md"),
+];
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The target URL is not usable.
+    #[error("target `{0}`: {1}")]
+    Target(String, String),
+    /// Prompt text could not be made.
+    #[error("prompts: {0}")]
+    Prompt(String),
+}
+
+/// Makes prompt text of a wanted token count from the corpus.
+#[derive(Debug)]
+pub struct Prompts {
+    tokenizer: Tokenizer,
+    corpus: Vec<u32>,
+}
+
+impl Prompts {
+    /// Tokenizes the corpus with the cluster's tokenizer.
+    pub fn new(tokenizer: Tokenizer) -> Result<Self, LoadError> {
+        let corpus = tokenizer
+            .encode(&CORPUS.join("\n\n"))
+            .map_err(|e| LoadError::Prompt(e.to_string()))?;
+        Ok(Prompts { tokenizer, corpus })
+    }
+
+    /// The text of request `index`: a unique header (so no two requests share a cached
+    /// prefix) followed by corpus text from a seeded offset, about `tokens` tokens long
+    /// once the server tokenizes it.
+    pub fn text(&self, index: usize, tokens: usize, seed: u64) -> Result<String, LoadError> {
+        let header = format!("Request {index} of run {seed:x}. ");
+        let head = self
+            .tokenizer
+            .encode(&header)
+            .map_err(|e| LoadError::Prompt(e.to_string()))?
+            .len();
+        let body = tokens.saturating_sub(head).max(1);
+        let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(index as u64));
+        let start = rng.range(0, self.corpus.len() - 1);
+        let ids: Vec<u32> = self
+            .corpus
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(body)
+            .copied()
+            .collect();
+        let text = self
+            .tokenizer
+            .decode(&ids)
+            .map_err(|e| LoadError::Prompt(e.to_string()))?;
+        Ok(header + &text)
+    }
+}
+
+/// A request ready to send.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The plan it came from.
+    pub plan: Planned,
+    /// Its prompt text.
+    pub prompt: String,
+}
+
+/// Builds the prompt text of every planned request.
+pub fn prepare(prompts: &Prompts, plan: &[Planned], seed: u64) -> Result<Vec<Prepared>, LoadError> {
+    plan.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            Ok(Prepared {
+                prompt: prompts.text(i, p.input_tokens, seed)?,
+                plan: p.clone(),
+            })
+        })
+        .collect()
+}
+
+/// How requests are released.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arrival {
+    /// Each request at its planned time (`Planned::at`).
+    Open,
+    /// `n` clients, each with one request in flight.
+    Closed(usize),
+}
+
+/// Options of one run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Coordinator gRPC URL, e.g. `http://127.0.0.1:8001`.
+    pub target: String,
+    /// How requests are released.
+    pub arrival: Arrival,
+    /// Per-request deadline; a request still running then is recorded as an error.
+    pub timeout: Duration,
+    /// `Generate` (streamed tokens) when true, else `Complete` (one answer; its TTFT is
+    /// its end-to-end time).
+    pub stream: bool,
+    /// Draw a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+    /// Label of the progress bar.
+    pub label: String,
+}
+
+/// Records of one run and how long it took (first send to last completion).
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// One per request, in plan order.
+    pub records: Vec<RequestRecord>,
+    /// Seconds from the start to the last completion.
+    pub duration: f64,
+}
+
+/// Connects to the target (lazily: the first request dials).
+pub fn connect(target: &str) -> Result<InferenceClient<Channel>, LoadError> {
+    let ep = Endpoint::from_shared(target.to_string())
+        .map_err(|e| LoadError::Target(target.to_string(), e.to_string()))?
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true);
+    Ok(InferenceClient::new(ep.connect_lazy()))
+}
+
+/// Sends every request and waits for all of them.
+pub async fn run(reqs: &[Prepared], opts: &RunOptions) -> Result<RunResult, LoadError> {
+    let client = connect(&opts.target)?;
+    let done = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let bar = (opts.progress && std::io::stderr().is_terminal()).then(|| {
+        let (done, errors, n, label) =
+            (done.clone(), errors.clone(), reqs.len(), opts.label.clone());
+        tokio::spawn(async move {
+            loop {
+                let d = done.load(Ordering::Relaxed);
+                draw_bar(&label, d, errors.load(Ordering::Relaxed), n, t0.elapsed());
+                if d >= n {
+                    eprintln!();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    let gate = match opts.arrival {
+        Arrival::Open => None,
+        Arrival::Closed(n) => Some(Arc::new(Semaphore::new(n.max(1)))),
+    };
+    let mut tasks = Vec::with_capacity(reqs.len());
+    for req in reqs {
+        let permit = match &gate {
+            Some(g) => Some(g.clone().acquire_owned().await.expect("never closed")),
+            None => {
+                let at = t0 + Duration::from_secs_f64(req.plan.at);
+                tokio::time::sleep_until(at.into()).await;
+                None
+            }
+        };
+        let (client, req, timeout, stream) =
+            (client.clone(), req.clone(), opts.timeout, opts.stream);
+        let (done, errors) = (done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let rec = one(client, &req, t0, timeout, stream).await;
+            drop(permit);
+            if rec.error.is_some() {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+            rec
+        }));
+    }
+    let mut records = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        records.push(t.await.expect("request task never panics"));
+    }
+    let duration = records
+        .iter()
+        .map(|r| r.sent_at + r.e2e)
+        .fold(0.0, f64::max);
+    if let Some(b) = bar {
+        let _ = b.await;
+    }
+    Ok(RunResult { records, duration })
+}
+
+fn draw_bar(label: &str, done: usize, errors: usize, n: usize, elapsed: Duration) {
+    const W: usize = 30;
+    let fill = (done * W).checked_div(n).unwrap_or(W);
+    let mut err = std::io::stderr().lock();
+    let _ = write!(
+        err,
+        "\r{label} [{}{}] {done}/{n} errors {errors} {:.0}s ",
+        "#".repeat(fill),
+        ".".repeat(W - fill),
+        elapsed.as_secs_f64()
+    );
+    let _ = err.flush();
+}
+
+/// One request: the time of every token as it arrives.
+async fn one(
+    mut client: InferenceClient<Channel>,
+    req: &Prepared,
+    t0: Instant,
+    timeout: Duration,
+    stream: bool,
+) -> RequestRecord {
+    let sent = Instant::now();
+    let mut rec = RequestRecord {
+        sent_at: sent.duration_since(t0).as_secs_f64(),
+        prompt_tokens: req.plan.input_tokens,
+        output_tokens: 0,
+        ttft: None,
+        gaps: Vec::new(),
+        e2e: 0.0,
+        error: None,
+    };
+    let body = GenerateRequest {
+        model: String::new(),
+        input: Some(generate_request::Input::Prompt(req.prompt.clone())),
+        sampling: Some(Sampling {
+            max_tokens: Some(req.plan.output_tokens as u32),
+            temperature: Some(0.0),
+            ignore_eos: true,
+            ..Default::default()
+        }),
+        priority: None,
+    };
+    let streamed = async {
+        if !stream {
+            let resp = client.complete(body).await?.into_inner();
+            rec.ttft = Some(sent.elapsed().as_secs_f64());
+            rec.output_tokens = resp.token_ids.len();
+            if let Some(u) = resp.usage {
+                rec.prompt_tokens = u.prompt_tokens as usize;
+            }
+            return Ok(());
+        }
+        let mut stream = client.generate(body).await?.into_inner();
+        let mut last = sent;
+        while let Some(msg) = stream.message().await? {
+            let now = Instant::now();
+            for (i, _) in msg.token_ids.iter().enumerate() {
+                if rec.ttft.is_none() {
+                    rec.ttft = Some(now.duration_since(sent).as_secs_f64());
+                } else {
+                    // Tokens that arrive in one message arrived together.
+                    rec.gaps.push(if i == 0 {
+                        now.duration_since(last).as_secs_f64()
+                    } else {
+                        0.0
+                    });
+                }
+                rec.output_tokens += 1;
+            }
+            if !msg.token_ids.is_empty() {
+                last = now;
+            }
+            if let Some(u) = msg.usage {
+                rec.prompt_tokens = u.prompt_tokens as usize;
+            }
+        }
+        Ok::<(), tonic::Status>(())
+    };
+    match tokio::time::timeout(timeout, streamed).await {
+        Ok(Ok(())) if rec.output_tokens == req.plan.output_tokens => {}
+        Ok(Ok(())) => {
+            rec.error = Some(format!(
+                "got {} of {} tokens",
+                rec.output_tokens, req.plan.output_tokens
+            ))
+        }
+        Ok(Err(s)) => rec.error = Some(format!("{:?}: {}", s.code(), s.message())),
+        Err(_) => rec.error = Some(format!("no answer within {timeout:?}")),
+    }
+    rec.e2e = sent.elapsed().as_secs_f64();
+    rec
+}

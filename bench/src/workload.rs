@@ -1,0 +1,273 @@
+//! Workloads: input/output length distributions, seeded arrivals, and the plan of
+//! requests a run sends. Everything here is deterministic given the seed.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A small, fast, seedable generator (SplitMix64): runs are reproducible across
+/// platforms and dependency versions.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+
+    /// Exponentially distributed with mean `1 / rate` (Poisson inter-arrival times).
+    pub fn exp(&mut self, rate: f64) -> f64 {
+        -(1.0 - self.unit()).ln() / rate
+    }
+
+    /// Standard normal (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.unit();
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// A distribution of token counts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LengthDist {
+    /// Always `n`.
+    Fixed {
+        /// The length.
+        n: usize,
+    },
+    /// Uniform in `lo..=hi`.
+    Uniform {
+        /// Smallest.
+        lo: usize,
+        /// Largest.
+        hi: usize,
+    },
+    /// Chat-like long tail: log-normal with median `median` (σ = 1), clamped to
+    /// `lo..=hi`. Most requests are short, a few are many times longer.
+    LongTail {
+        /// Smallest.
+        lo: usize,
+        /// Median before clamping.
+        median: usize,
+        /// Largest.
+        hi: usize,
+    },
+}
+
+impl LengthDist {
+    /// One draw.
+    pub fn sample(&self, rng: &mut Rng) -> usize {
+        match *self {
+            LengthDist::Fixed { n } => n,
+            LengthDist::Uniform { lo, hi } => rng.range(lo, hi),
+            LengthDist::LongTail { lo, median, hi } => {
+                let x = median as f64 * rng.normal().exp();
+                (x.round() as usize).clamp(lo, hi)
+            }
+        }
+    }
+
+    /// The largest value a draw can take.
+    pub fn max(&self) -> usize {
+        match *self {
+            LengthDist::Fixed { n } => n,
+            LengthDist::Uniform { hi, .. } | LengthDist::LongTail { hi, .. } => hi,
+        }
+    }
+}
+
+impl fmt::Display for LengthDist {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LengthDist::Fixed { n } => write!(f, "{n}"),
+            LengthDist::Uniform { lo, hi } => write!(f, "uniform:{lo}-{hi}"),
+            LengthDist::LongTail { lo, median, hi } => write!(f, "longtail:{lo}-{median}-{hi}"),
+        }
+    }
+}
+
+/// Why a length distribution did not parse.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error(
+    "`{0}` is not a length distribution: expected `N`, `uniform:LO-HI` or \
+     `longtail:LO-MEDIAN-HI` with 1 <= LO <= (MEDIAN <=) HI"
+)]
+pub struct BadLength(String);
+
+impl FromStr for LengthDist {
+    type Err = BadLength;
+
+    fn from_str(s: &str) -> Result<Self, BadLength> {
+        let bad = || BadLength(s.to_string());
+        let nums = |t: &str| -> Result<Vec<usize>, BadLength> {
+            t.split('-')
+                .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
+                .collect()
+        };
+        let d = match s.split_once(':') {
+            None => LengthDist::Fixed { n: nums(s)?[0] },
+            Some(("uniform", r)) => match nums(r)?[..] {
+                [lo, hi] => LengthDist::Uniform { lo, hi },
+                _ => return Err(bad()),
+            },
+            Some(("longtail", r)) => match nums(r)?[..] {
+                [lo, median, hi] if median >= lo && median <= hi => {
+                    LengthDist::LongTail { lo, median, hi }
+                }
+                _ => return Err(bad()),
+            },
+            _ => return Err(bad()),
+        };
+        let (lo, hi) = match d {
+            LengthDist::Fixed { n } => (n, n),
+            LengthDist::Uniform { lo, hi } | LengthDist::LongTail { lo, hi, .. } => (lo, hi),
+        };
+        if lo == 0 || lo > hi {
+            return Err(bad());
+        }
+        Ok(d)
+    }
+}
+
+/// What a run sends: lengths and seed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Prompt tokens.
+    pub input: LengthDist,
+    /// Output tokens (enforced with `max_tokens` and `ignore_eos`).
+    pub output: LengthDist,
+    /// Makes the plan reproducible.
+    pub seed: u64,
+}
+
+/// One planned request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    /// Send time, seconds after the run starts (open loop; ignored in closed loop).
+    pub at: f64,
+    /// Prompt tokens wanted.
+    pub input_tokens: usize,
+    /// Output tokens to generate.
+    pub output_tokens: usize,
+}
+
+impl Workload {
+    /// `n` requests; with `rate` (requests/s) their send times form a Poisson process,
+    /// without it they all have `at = 0` (closed loop). The lengths depend only on the
+    /// seed and `n`, not on the rate, so every rate of a sweep sends the same requests.
+    pub fn plan(&self, n: usize, rate: Option<f64>) -> Vec<Planned> {
+        let mut lengths = Rng::new(self.seed);
+        let mut arrivals = Rng::new(self.seed ^ 0xA5A5_A5A5_5A5A_5A5A);
+        let mut t = 0.0;
+        (0..n)
+            .map(|_| {
+                let at = match rate {
+                    Some(r) => {
+                        t += arrivals.exp(r);
+                        t
+                    }
+                    None => 0.0,
+                };
+                Planned {
+                    at,
+                    input_tokens: self.input.sample(&mut lengths),
+                    output_tokens: self.output.sample(&mut lengths),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_parse_and_print() {
+        for s in ["7", "uniform:3-9", "longtail:16-128-2048"] {
+            let d: LengthDist = s.parse().unwrap();
+            assert_eq!(d.to_string(), s);
+        }
+        for s in [
+            "",
+            "0",
+            "uniform:9-3",
+            "uniform:3",
+            "longtail:5-1-9",
+            "normal:1-2",
+            "x",
+        ] {
+            assert!(s.parse::<LengthDist>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn draws_stay_in_range_and_long_tail_is_skewed() {
+        let mut rng = Rng::new(1);
+        let u = LengthDist::Uniform { lo: 3, hi: 9 };
+        let draws: Vec<usize> = (0..2000).map(|_| u.sample(&mut rng)).collect();
+        assert!(draws.iter().all(|d| (3..=9).contains(d)));
+        assert!(draws.contains(&3) && draws.contains(&9));
+        let t = LengthDist::LongTail {
+            lo: 8,
+            median: 100,
+            hi: 4000,
+        };
+        let mut draws: Vec<usize> = (0..4001).map(|_| t.sample(&mut rng)).collect();
+        draws.sort_unstable();
+        let median = draws[2000];
+        let mean = draws.iter().sum::<usize>() as f64 / draws.len() as f64;
+        assert!((80..=125).contains(&median), "median {median}");
+        assert!(mean > 1.3 * median as f64, "mean {mean} median {median}");
+        assert!(draws.iter().all(|d| (8..=4000).contains(d)));
+    }
+
+    #[test]
+    fn plans_are_reproducible_and_rate_independent() {
+        let w = Workload {
+            input: "uniform:10-500".parse().unwrap(),
+            output: "longtail:4-32-256".parse().unwrap(),
+            seed: 42,
+        };
+        let a = w.plan(200, Some(2.0));
+        assert_eq!(a, w.plan(200, Some(2.0)));
+        let b = w.plan(200, Some(8.0));
+        let lens = |p: &[Planned]| {
+            p.iter()
+                .map(|r| (r.input_tokens, r.output_tokens))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(lens(&a), lens(&b));
+        assert_ne!(
+            lens(&a),
+            lens(&Workload { seed: 43, ..w }.plan(200, Some(2.0)))
+        );
+        // Poisson arrivals: increasing, mean gap ≈ 1/rate.
+        assert!(a.windows(2).all(|p| p[1].at >= p[0].at));
+        let mean_gap = a.last().unwrap().at / a.len() as f64;
+        assert!((0.4..0.6).contains(&mean_gap), "{mean_gap}");
+        assert!(w.plan(5, None).iter().all(|p| p.at == 0.0));
+    }
+}

@@ -1,0 +1,168 @@
+//! `xpyd bench overhead`: the latency the serving path adds, measured against workers
+//! running the zero-latency mock engine, so nearly all of what remains is the
+//! coordinator, the gRPC hops and (disaggregated) the KV hand-off. Scenarios: aggregated
+//! and 1P1D × sequential and 64-way concurrent × streamed and not × 1 and 16 output
+//! tokens.
+
+use crate::bench_cluster::Cluster;
+use crate::model_fetch::{self, DEFAULT_MODEL};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::Duration;
+use xpyd_bench::loadgen::{self, Arrival, Prompts, RunOptions};
+use xpyd_bench::stats;
+use xpyd_bench::workload::{LengthDist, Workload};
+
+/// Flags of `xpyd bench overhead`.
+#[derive(Debug, Args)]
+pub struct OverheadArgs {
+    /// Requests per sequential scenario.
+    #[arg(long, default_value_t = 200)]
+    pub sequential: usize,
+    /// Concurrent clients of the concurrent scenarios.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Requests per concurrent scenario.
+    #[arg(long, default_value_t = 640)]
+    pub concurrent_requests: usize,
+    /// Prompt tokens of every request.
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// Model file for the tokenizer and KV geometry (weights are not loaded).
+    #[arg(long, env = "XPYD_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON result to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+const AGGREGATED: &str = "name: overhead-single
+mode: single
+coordinator: { http_port: 0, grpc_port: 0 }
+roles:
+  combined: { replicas: 1, engine: mock, max_running: 128, prefix_cache_blocks: 0 }
+";
+
+const DISAGGREGATED: &str = "name: overhead-1p1d
+mode: disaggregated
+coordinator: { http_port: 0, grpc_port: 0 }
+kv: { backend: auto }
+roles:
+  prefill: { replicas: 1, engine: mock, max_running: 128, prefix_cache_blocks: 0 }
+  decode: { replicas: 1, engine: mock, max_running: 128 }
+";
+
+/// Runs every scenario.
+pub fn run(a: &OverheadArgs) -> Result<()> {
+    if a.sequential == 0 || a.concurrency == 0 || a.concurrent_requests < a.concurrency {
+        bail!("--sequential and --concurrency must be > 0, --concurrent-requests >= --concurrency");
+    }
+    let model = match &a.model {
+        Some(p) => p.clone(),
+        None => model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir())?,
+    };
+    let prompts = Prompts::new(xpyd_engine::ModelInfo::load(&model)?.tokenizer)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let dir = tempfile_dir()?;
+    let mut rows = Vec::new();
+    for (mode, yaml) in [("aggregated", AGGREGATED), ("1p1d", DISAGGREGATED)] {
+        let manifest = dir.join(format!("{mode}.yaml"));
+        std::fs::write(&manifest, yaml).with_context(|| format!("{}", manifest.display()))?;
+        eprintln!("== {mode}");
+        let cluster = Cluster::start(&manifest, &model, Duration::from_secs(300))?;
+        for (concurrency, n) in [(1, a.sequential), (a.concurrency, a.concurrent_requests)] {
+            for stream in [true, false] {
+                for out in [1usize, 16] {
+                    let wl = Workload {
+                        input: LengthDist::Fixed { n: a.prompt_tokens },
+                        output: LengthDist::Fixed { n: out },
+                        seed: 7,
+                    };
+                    let reqs = loadgen::prepare(&prompts, &wl.plan(n + concurrency, None), 7)?;
+                    let opts = RunOptions {
+                        target: cluster.grpc.clone(),
+                        arrival: Arrival::Closed(concurrency),
+                        timeout: Duration::from_secs(60),
+                        stream,
+                        progress: true,
+                        label: format!("{mode} c={concurrency} stream={stream} out={out}"),
+                    };
+                    // The first `concurrency` requests warm connections and are dropped.
+                    let res = rt.block_on(loadgen::run(&reqs, &opts))?;
+                    let kept = &res.records[concurrency..];
+                    let errors = kept.iter().filter(|r| !r.ok()).count();
+                    if errors > 0 {
+                        bail!(
+                            "{}: {errors} requests failed: {:?}",
+                            opts.label,
+                            kept.iter().find_map(|r| r.error.clone())
+                        );
+                    }
+                    let e2e: Vec<f64> = kept.iter().map(|r| r.e2e).collect();
+                    let ttft: Vec<f64> = kept.iter().filter_map(|r| r.ttft).collect();
+                    let (d, t) = (stats::dist(&e2e), stats::dist(&ttft));
+                    rows.push(json!({
+                        "mode": mode, "concurrency": concurrency, "stream": stream,
+                        "output_tokens": out, "requests": kept.len(),
+                        "e2e_ms": {"mean": d.mean * 1e3, "p50": d.p50 * 1e3, "p99": d.p99 * 1e3},
+                        "ttft_ms": {"mean": t.mean * 1e3, "p50": t.p50 * 1e3, "p99": t.p99 * 1e3},
+                    }));
+                }
+            }
+        }
+        drop(cluster);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    print_rows(&rows);
+    let out = json!({
+        "engine": "mock (zero latency)",
+        "prompt_tokens": a.prompt_tokens,
+        "client": "gRPC Inference (Generate streamed, Complete not), 127.0.0.1",
+        "anchor": "NVIDIA Dynamo 1.6 frontend + mocker, 1-token: ~1.0-1.3 ms mean / 3.7-4.7 ms p99 aggregated, 3-5 ms mean / 11-14 ms p99 1P1D",
+        "scenarios": rows,
+    });
+    let text = serde_json::to_string_pretty(&out)?;
+    if let Some(p) = &a.out {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if a.json {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("xpyd-overhead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+fn print_rows(rows: &[Value]) {
+    eprintln!(
+        "{:<11} {:>5} {:>7} {:>4} {:>6} {:>9} {:>9} {:>9}",
+        "mode", "conc", "stream", "out", "reqs", "mean ms", "p50 ms", "p99 ms"
+    );
+    for r in rows {
+        let e = &r["e2e_ms"];
+        eprintln!(
+            "{:<11} {:>5} {:>7} {:>4} {:>6} {:>9.2} {:>9.2} {:>9.2}",
+            r["mode"].as_str().unwrap_or(""),
+            r["concurrency"].to_string(),
+            r["stream"].to_string(),
+            r["output_tokens"].to_string(),
+            r["requests"].to_string(),
+            e["mean"].as_f64().unwrap_or(f64::NAN),
+            e["p50"].as_f64().unwrap_or(f64::NAN),
+            e["p99"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    eprintln!("(end-to-end latency as the client sees it; the mock engine computes nothing)");
+}

@@ -1,0 +1,238 @@
+//! `xpyd bench profile`: per-role performance profiles measured on the real engine —
+//! prefill time by prompt tokens and chunk (batch) tokens, decode step time by batch
+//! size and context length, KV transfer time by bytes for one backend — with fitted
+//! models and their fit error, written as a versioned JSON the ratio advisor loads.
+
+use crate::bench_engine::{cpu_name, prompt_tokens};
+use crate::bench_kv;
+use crate::cli::EngineArgs;
+use anyhow::{Result, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::Instant;
+use xpyd_bench::fit::{self, FitError, Model};
+use xpyd_engine::{Engine, SamplingParams};
+
+/// Version of the profile JSON layout; bump it when fields change meaning.
+pub const PROFILE_VERSION: u32 = 1;
+
+/// Flags of `xpyd bench profile`.
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Prompt lengths (tokens) of the prefill profile.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64,128,256,512,1024,2048"
+    )]
+    pub prompts: Vec<usize>,
+    /// Prefill chunk sizes (tokens computed per forward pass).
+    #[arg(long, value_delimiter = ',', default_value = "128,256,512")]
+    pub chunks: Vec<usize>,
+    /// Decode batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    pub batches: Vec<usize>,
+    /// Decode context lengths (tokens already in each sequence's KV).
+    #[arg(long, value_delimiter = ',', default_value = "128,512,1024")]
+    pub contexts: Vec<usize>,
+    /// Decode steps timed per (batch, context) point (the median is kept).
+    #[arg(long, default_value_t = 8)]
+    pub steps: usize,
+    /// KV transfer backend to profile (tcp, shm, ucx), or `none`.
+    #[arg(long, default_value = "shm")]
+    pub kv_backend: String,
+    /// KV transfer sizes in KiB.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "64,1024,4096,16384,65536"
+    )]
+    pub kv_kib: Vec<usize>,
+    /// Where to write the profile.
+    #[arg(long, default_value = "bench-out/profile.json")]
+    pub out: PathBuf,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Seconds to prefill `n` tokens with chunk `chunk` (best of two, after the caller's
+/// warm-up).
+fn prefill_secs(engine: &mut Engine, n: usize, salt: usize) -> Result<f64> {
+    let prompt = prompt_tokens(engine, n, salt)?;
+    let mut best = f64::MAX;
+    for _ in 0..2 {
+        engine.add_sequence(1, prompt.clone(), SamplingParams::greedy(1))?;
+        let t = Instant::now();
+        engine.prefill(1, &mut |_| {})?;
+        best = best.min(t.elapsed().as_secs_f64());
+        engine.remove(1);
+    }
+    Ok(best)
+}
+
+/// Median seconds of one decode step of `batch` sequences at context `ctx`. The
+/// sequences share one prompt through the prefix cache, so the prompt is computed once.
+fn decode_step_secs(engine: &mut Engine, batch: usize, ctx: usize, steps: usize) -> Result<f64> {
+    let prompt = prompt_tokens(engine, ctx, ctx)?;
+    let ids: Vec<u64> = (100..100 + batch as u64).collect();
+    for id in &ids {
+        let params = SamplingParams {
+            ignore_eos: true,
+            max_tokens: steps + 4,
+            ..Default::default()
+        };
+        engine.add_sequence(*id, prompt.clone(), params)?;
+        engine.prefill(*id, &mut |_| {})?;
+    }
+    engine.decode_step(&ids)?; // warm-up
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        engine.decode_step(&ids)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    for id in &ids {
+        engine.remove(*id);
+    }
+    Ok(median(times))
+}
+
+fn fitted(model: Model, err: FitError) -> Value {
+    json!({"model": model, "fit_error": err})
+}
+
+/// Runs the profile.
+pub fn run(a: &ProfileArgs) -> Result<()> {
+    if a.prompts.len() < 3 || a.batches.len() < 2 || a.contexts.len() < 2 {
+        bail!("--prompts needs at least 3 lengths, --batches and --contexts at least 2 values");
+    }
+    let mut cfg = a.engine.engine_config()?;
+    // Room for the largest decode batch at the largest context, plus the prompt cache.
+    let max_ctx = a.contexts.iter().max().copied().unwrap_or(0);
+    let max_batch = a.batches.iter().max().copied().unwrap_or(1);
+    cfg.prefix_cache_blocks = max_ctx / cfg.block_size + 8;
+    cfg.num_blocks = Some(
+        (max_batch * (max_ctx + a.steps + 8) + a.prompts.iter().max().copied().unwrap_or(0))
+            / cfg.block_size
+            + cfg.prefix_cache_blocks
+            + 64,
+    );
+    let threads = xpyd_engine::compute::available();
+    eprintln!(
+        "profiling prefill: prompts {:?} × chunks {:?}",
+        a.prompts, a.chunks
+    );
+    let mut prefill_points = Vec::new();
+    let mut prefill_models = serde_json::Map::new();
+    for &chunk in &a.chunks {
+        let mut c = cfg.clone();
+        c.prefill_chunk = chunk;
+        c.prefix_cache_blocks = 0;
+        let mut engine = Engine::load(c)?;
+        prefill_secs(&mut engine, a.prompts[0], 0)?; // warm-up
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
+        for (i, &n) in a.prompts.iter().enumerate() {
+            let s = prefill_secs(&mut engine, n, i + 1)?;
+            eprintln!("  chunk {chunk:>4} prompt {n:>5}: {:.1} ms", s * 1e3);
+            prefill_points.push(json!({"prompt_tokens": n, "chunk_tokens": chunk, "seconds": s}));
+            xs.push(n as f64);
+            ys.push(s);
+        }
+        let (m, e) = fit::fit_polynomial(&xs, &ys, 2)?;
+        prefill_models.insert(chunk.to_string(), fitted(m, e));
+    }
+    let mut engine = Engine::load(cfg.clone())?;
+    eprintln!(
+        "profiling decode: batches {:?} × contexts {:?}",
+        a.batches, a.contexts
+    );
+    let (mut b, mut l, mut ys, mut decode_points) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &ctx in &a.contexts {
+        for &batch in &a.batches {
+            let s = decode_step_secs(&mut engine, batch, ctx, a.steps)?;
+            eprintln!(
+                "  batch {batch:>3} context {ctx:>5}: {:.2} ms/step",
+                s * 1e3
+            );
+            decode_points.push(json!({"batch": batch, "context": ctx, "seconds": s}));
+            b.push(batch as f64);
+            l.push(ctx as f64);
+            ys.push(s);
+        }
+    }
+    let (dm, de) = fit::fit_bilinear(&b, &l, &ys)?;
+    let kv = if a.kv_backend == "none" {
+        Value::Null
+    } else {
+        eprintln!(
+            "profiling kv transfer over {}: {:?} KiB",
+            a.kv_backend, a.kv_kib
+        );
+        let (mut xs, mut ys, mut pts) = (Vec::new(), Vec::new(), Vec::new());
+        for &kib in &a.kv_kib {
+            let bytes = kib << 10;
+            let gbps = median(bench_kv::transfer_rounds(&a.kv_backend, bytes, 3)?);
+            let s = bytes as f64 / (gbps * 1e9);
+            eprintln!("  {kib:>6} KiB: {:.3} ms ({gbps:.2} GB/s)", s * 1e3);
+            pts.push(json!({"bytes": bytes, "seconds": s}));
+            xs.push(bytes as f64);
+            ys.push(s);
+        }
+        let (m, e) = fit::fit_polynomial(&xs, &ys, 1)?;
+        json!({"backend": a.kv_backend, "points": pts, "fit": fitted(m, e)})
+    };
+    let profile = json!({
+        "version": PROFILE_VERSION,
+        "kind": "xpyd-performance-profile",
+        "hardware": {"cpu": cpu_name(), "logical_cpus": std::thread::available_parallelism().map_or(0, |n| n.get())},
+        "threads": threads,
+        "cpus": a.engine.cpus,
+        "model": {"path": cfg.model_path, "fingerprint": engine.fingerprint(), "kv_dtype": cfg.kv_dtype},
+        "block_size": cfg.block_size,
+        "prefill": {"points": prefill_points, "fit_by_chunk": prefill_models,
+                    "fit_note": "seconds = c0 + c1·prompt_tokens + c2·prompt_tokens², one fit per chunk size"},
+        "decode_step": {"points": decode_points, "fit": fitted(dm, de),
+                        "fit_note": "seconds = c0 + c1·batch + c2·context + c3·batch·context"},
+        "kv_transfer": kv,
+    });
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&a.out, serde_json::to_string_pretty(&profile)?)?;
+    print_fits(&profile);
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn print_fits(p: &Value) {
+    println!(
+        "{:<28} {:>8} {:>14} {:>14}",
+        "model", "R²", "mean |rel err|", "max |rel err|"
+    );
+    let row = |name: &str, f: &Value| {
+        let e = &f["fit_error"];
+        println!(
+            "{:<28} {:>8.4} {:>13.1}% {:>13.1}%",
+            name,
+            e["r2"].as_f64().unwrap_or(f64::NAN),
+            100.0 * e["mean_abs_rel"].as_f64().unwrap_or(f64::NAN),
+            100.0 * e["max_abs_rel"].as_f64().unwrap_or(f64::NAN)
+        );
+    };
+    if let Some(m) = p["prefill"]["fit_by_chunk"].as_object() {
+        for (chunk, f) in m {
+            row(&format!("prefill (chunk {chunk})"), f);
+        }
+    }
+    row("decode step", &p["decode_step"]["fit"]);
+    if !p["kv_transfer"].is_null() {
+        row("kv transfer", &p["kv_transfer"]["fit"]);
+    }
+}
