@@ -49,6 +49,13 @@ impl Prompts {
         Ok(Prompts { tokenizer, corpus })
     }
 
+    /// The token ids of request `index` (its text, tokenized as the server would).
+    pub fn tokens(&self, index: usize, tokens: usize, seed: u64) -> Result<Vec<u32>, LoadError> {
+        self.tokenizer
+            .encode(&self.text(index, tokens, seed)?)
+            .map_err(|e| LoadError::Prompt(e.to_string()))
+    }
+
     /// The text of request `index`: a unique header (so no two requests share a cached
     /// prefix) followed by corpus text from a seeded offset, about `tokens` tokens long
     /// once the server tokenizes it.

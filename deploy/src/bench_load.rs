@@ -33,10 +33,10 @@ pub struct WorkloadArgs {
     #[arg(long, default_value_t = 100)]
     pub requests: usize,
     /// Prompt tokens: `N`, `uniform:LO-HI` or `longtail:LO-MEDIAN-HI`.
-    #[arg(long, default_value = "uniform:128-512")]
+    #[arg(long, default_value = "uniform:32-256")]
     pub input: LengthDist,
     /// Output tokens (enforced with max_tokens and ignore_eos), same syntax.
-    #[arg(long, default_value = "uniform:32-64")]
+    #[arg(long, default_value = "uniform:24-96")]
     pub output: LengthDist,
     /// Seed of lengths, prompt text and arrival times.
     #[arg(long, default_value_t = 1)]
@@ -277,7 +277,7 @@ pub struct CompareArgs {
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<f64>,
     /// Rate multipliers of the derived rates.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,1,1.5,2")]
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,1.5")]
     pub rate_factors: Vec<f64>,
     /// Workload.
     #[command(flatten)]
@@ -430,15 +430,26 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
                    "aggregated": ga, "disaggregated": gd, "ratio": finite(ratio(gd, ga))})
         })
         .collect();
-    // Headline: the tightest TPOT SLO with the looser TTFT, and latency ratios at the
-    // highest rate both modes served without errors.
-    let (head_name, head_slo) = grid
+    // Headline: the tightest TPOT SLO (with the looser TTFT) at which either mode has
+    // a goodput, and latency ratios at the highest rate both served without errors.
+    let loose_ttft = base.ttft * TTFT_FACTORS[TTFT_FACTORS.len() - 1];
+    let candidates: Vec<&(String, Slo)> =
+        grid.iter().filter(|(_, s)| s.ttft == loose_ttft).collect();
+    let (head_name, head_slo) = candidates
         .iter()
-        .find(|(_, s)| {
-            s.ttft == base.ttft * TTFT_FACTORS[1] && s.tpot == base.tpot * TPOT_FACTORS[0]
-        })
-        .expect("the grid holds every factor pair")
-        .clone();
+        .find(|(_, s)| goodput(&agg, s) > 0.0 || goodput(&dis, s) > 0.0)
+        .or(candidates.first())
+        .map(|c| (*c).clone())
+        .expect("the grid holds every factor pair");
+    let (ga, gd) = (goodput(&agg, &head_slo), goodput(&dis, &head_slo));
+    // A mode that met the SLO at no measured rate has a goodput below the lowest rate:
+    // the ratio is then only bounded.
+    let lowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    let (goodput_ratio, bound) = match (ga > 0.0, gd > 0.0) {
+        (true, _) => (finite(gd / ga), "exact"),
+        (false, true) => (finite(gd / lowest), "lower_bound"),
+        (false, false) => (None, "none"),
+    };
     let common = (0..rates.len())
         .rev()
         .find(|&i| agg.points[i].summary.errors == 0 && dis.points[i].summary.errors == 0);
@@ -453,7 +464,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         "slo": {"name": head_name, "ttft_s": head_slo.ttft, "tpot_s": head_slo.tpot,
                 "derived_from": base, "attainment": GOODPUT_ATTAINMENT},
         "modes": modes_json,
-        "goodput_ratio": finite(ratio(goodput(&dis, &head_slo), goodput(&agg, &head_slo))),
+        "goodput_ratio": goodput_ratio,
+        "goodput_ratio_kind": bound,
+        "goodput": {"aggregated": ga, "disaggregated": gd},
         "tpot_p99_ratio": at(|s| s.tpot.p99),
         "ttft_p90_ratio": at(|s| s.ttft.p90),
         "ratios_at_rate": common.map(|i| rates[i]),
@@ -621,8 +634,9 @@ fn print_compare(modes: &[&Mode], r: &Value) {
         );
     }
     eprintln!(
-        "\ngoodput_ratio {} at {}; tpot_p99_ratio {} and ttft_p90_ratio {} at {} requests/s",
+        "\ngoodput_ratio {} ({}) at {}; tpot_p99_ratio {} and ttft_p90_ratio {} at {} requests/s",
         r["goodput_ratio"],
+        r["goodput_ratio_kind"],
         r["slo"]["name"],
         r["tpot_p99_ratio"],
         r["ttft_p90_ratio"],

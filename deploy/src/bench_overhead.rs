@@ -2,7 +2,9 @@
 //! running the zero-latency mock engine, so nearly all of what remains is the
 //! coordinator, the gRPC hops and (disaggregated) the KV hand-off. Scenarios: aggregated
 //! and 1P1D × sequential and 64-way concurrent × streamed and not × 1 and 16 output
-//! tokens.
+//! tokens. The aggregated mode is also measured straight against the worker's own
+//! `DecodeWorker.Generate` (token ids in, no coordinator), so the coordinator's share is
+//! the difference.
 
 use crate::bench_cluster::Cluster;
 use crate::model_fetch::{self, DEFAULT_MODEL};
@@ -118,7 +120,37 @@ pub fn run(a: &OverheadArgs) -> Result<()> {
                 }
             }
         }
+        if mode == "aggregated" {
+            for out in [1usize, 16] {
+                let d = rt.block_on(direct(&cluster, &prompts, a, out))?;
+                rows.push(json!({
+                    "mode": "worker-direct", "concurrency": 1, "stream": true,
+                    "output_tokens": out, "requests": d.n,
+                    "e2e_ms": {"mean": d.mean * 1e3, "p50": d.p50 * 1e3, "p99": d.p99 * 1e3},
+                }));
+            }
+        }
         drop(cluster);
+    }
+    // What the coordinator adds: through it minus straight to the worker, same requests.
+    let find = |mode: &str, out: u64| {
+        rows.iter()
+            .find(|r| {
+                r["mode"] == mode
+                    && r["concurrency"] == 1
+                    && r["stream"] == true
+                    && r["output_tokens"] == out
+            })
+            .map(|r| r["e2e_ms"].clone())
+    };
+    let mut added = Vec::new();
+    for out in [1u64, 16] {
+        if let (Some(via), Some(direct)) = (find("aggregated", out), find("worker-direct", out)) {
+            let diff = |k: &str| {
+                via[k].as_f64().unwrap_or(f64::NAN) - direct[k].as_f64().unwrap_or(f64::NAN)
+            };
+            added.push(json!({"output_tokens": out, "mean_ms": diff("mean"), "p50_ms": diff("p50"), "p99_ms": diff("p99")}));
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     print_rows(&rows);
@@ -128,6 +160,7 @@ pub fn run(a: &OverheadArgs) -> Result<()> {
         "client": "gRPC Inference (Generate streamed, Complete not), 127.0.0.1",
         "anchor": "NVIDIA Dynamo 1.6 frontend + mocker, 1-token: ~1.0-1.3 ms mean / 3.7-4.7 ms p99 aggregated, 3-5 ms mean / 11-14 ms p99 1P1D",
         "scenarios": rows,
+        "coordinator_added_sequential_streamed": added,
     });
     let text = serde_json::to_string_pretty(&out)?;
     if let Some(p) = &a.out {
@@ -137,6 +170,59 @@ pub fn run(a: &OverheadArgs) -> Result<()> {
         println!("{text}");
     }
     Ok(())
+}
+
+/// Sequential streamed requests straight to the combined worker of `cluster`.
+async fn direct(
+    cluster: &Cluster,
+    prompts: &Prompts,
+    a: &OverheadArgs,
+    out: usize,
+) -> Result<stats::Dist> {
+    use xpyd_proto::decode_worker_client::DecodeWorkerClient;
+    let url = format!("{}/v1/cluster", cluster.http);
+    let v: Value = serde_json::from_str(&ureq::get(&url).call()?.into_body().read_to_string()?)?;
+    let worker = v["workers"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["role"] == "combined"))
+        .and_then(|w| w["grpc_url"].as_str())
+        .context("no combined worker in /v1/cluster")?
+        .to_string();
+    let ch = tonic::transport::Endpoint::from_shared(worker)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = DecodeWorkerClient::new(ch);
+    let tokens = prompts.tokens(0, a.prompt_tokens, 7)?;
+    let mut e2e = Vec::with_capacity(a.sequential);
+    for i in 0..a.sequential + 1 {
+        let req = xpyd_proto::LocalGenerateRequest {
+            request_id: 1 << 40 | i as u64,
+            tokens: tokens.clone(),
+            sampling: Some(xpyd_proto::EngineSampling {
+                temperature: 0.0,
+                top_p: 1.0,
+                max_tokens: out as u32,
+                ignore_eos: true,
+                ..Default::default()
+            }),
+        };
+        let t = std::time::Instant::now();
+        let mut s = client.generate(req).await?.into_inner();
+        let mut got = 0;
+        while let Some(ev) = s.message().await? {
+            if matches!(ev.event, Some(xpyd_proto::decode_event::Event::Token(_))) {
+                got += 1;
+            }
+        }
+        if got != out {
+            bail!("worker-direct: {got} of {out} tokens");
+        }
+        if i > 0 {
+            e2e.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok(stats::dist(&e2e))
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

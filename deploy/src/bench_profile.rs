@@ -103,6 +103,13 @@ fn decode_step_secs(engine: &mut Engine, batch: usize, ctx: usize, steps: usize)
     Ok(median(times))
 }
 
+/// Logical CPUs of the machine (not just those this process may use).
+fn logical_cpus() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0)
+}
+
 fn fitted(model: Model, err: FitError) -> Value {
     json!({"model": model, "fit_error": err})
 }
@@ -130,6 +137,7 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
     );
     let mut prefill_points = Vec::new();
     let mut prefill_models = serde_json::Map::new();
+    let mut prefill_linear = None;
     for &chunk in &a.chunks {
         let mut c = cfg.clone();
         c.prefill_chunk = chunk;
@@ -146,6 +154,9 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
         }
         let (m, e) = fit::fit_polynomial(&xs, &ys, 2)?;
         prefill_models.insert(chunk.to_string(), fitted(m, e));
+        if chunk == a.chunks[a.chunks.len() / 2] {
+            prefill_linear = Some(fit::fit_polynomial(&xs, &ys, 1)?.0);
+        }
     }
     let mut engine = Engine::load(cfg.clone())?;
     eprintln!(
@@ -168,6 +179,8 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
         }
     }
     let (dm, de) = fit::fit_bilinear(&b, &l, &ys)?;
+    let ctx = a.contexts[a.contexts.len() / 2] as f64;
+    let mock = mock_latency(prefill_linear.as_ref(), &dm, ctx);
     let kv = if a.kv_backend == "none" {
         Value::Null
     } else {
@@ -191,7 +204,8 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
     let profile = json!({
         "version": PROFILE_VERSION,
         "kind": "xpyd-performance-profile",
-        "hardware": {"cpu": cpu_name(), "logical_cpus": std::thread::available_parallelism().map_or(0, |n| n.get())},
+        "hardware": {"cpu": cpu_name(), "logical_cpus": logical_cpus(),
+                     "usable_cpus": std::thread::available_parallelism().map_or(0, |n| n.get())},
         "threads": threads,
         "cpus": a.engine.cpus,
         "model": {"path": cfg.model_path, "fingerprint": engine.fingerprint(), "kv_dtype": cfg.kv_dtype},
@@ -201,6 +215,11 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
         "decode_step": {"points": decode_points, "fit": fitted(dm, de),
                         "fit_note": "seconds = c0 + c1·batch + c2·context + c3·batch·context"},
         "kv_transfer": kv,
+        "mock_latency": mock,
+        "mock_latency_note": format!(
+            "for `mock_profile:` in a manifest: linear prefill fit at chunk {}, decode step at context {ctx}",
+            a.chunks[a.chunks.len() / 2]
+        ),
     });
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -209,6 +228,26 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
     print_fits(&profile);
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// The mock engine's latency that mimics this profile: prefill linear in prompt tokens,
+/// a decode step linear in batch size at context `ctx`.
+fn mock_latency(prefill: Option<&Model>, decode: &Model, ctx: f64) -> xpyd_engine::MockLatency {
+    let us = |s: f64| (s * 1e6).clamp(0.0, xpyd_engine::mock::MAX_MOCK_LATENCY_US as f64) as u64;
+    let (pb, pt) = match prefill {
+        Some(Model::Polynomial { coeffs }) if coeffs.len() == 2 => (coeffs[0], coeffs[1]),
+        _ => (0.0, 0.0),
+    };
+    let (db, ds) = match decode {
+        Model::Bilinear { coeffs: c } => (c[0] + c[2] * ctx, c[1] + c[3] * ctx),
+        _ => (0.0, 0.0),
+    };
+    xpyd_engine::MockLatency {
+        prefill_base_us: us(pb),
+        prefill_per_token_us: us(pt),
+        decode_base_us: us(db),
+        decode_per_seq_us: us(ds),
+    }
 }
 
 fn print_fits(p: &Value) {

@@ -150,6 +150,18 @@ fn etcd_prefix(m: &Manifest) -> String {
     format!("{}{}/", m.registry.prefix, m.name)
 }
 
+/// The `mock_latency` section of a profile written by `xpyd bench profile`.
+pub fn mock_latency_of_profile(path: &Path) -> Result<xpyd_engine::MockLatency> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let l: xpyd_engine::MockLatency = serde_json::from_value(v["mock_latency"].clone())
+        .with_context(|| format!("{}: no valid `mock_latency` section", path.display()))?;
+    l.validate()?;
+    Ok(l)
+}
+
 /// `xpyd worker`.
 pub fn worker(a: &WorkerArgs) -> Result<()> {
     let m = Manifest::load(&a.file)?;
@@ -158,7 +170,11 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     let mut engine = xpyd_engine::EngineConfig::new(model_path(&m, &a.model)?);
     // The mock computes nothing but still uses the model file's tokenizer and geometry.
     if spec.engine == manifest::EngineKind::Mock {
-        engine.mock = Some(spec.mock_latency.unwrap_or_default());
+        engine.mock = Some(match &spec.mock_profile {
+            Some(p) => mock_latency_of_profile(&a.file.parent().unwrap_or(Path::new(".")).join(p))
+                .with_context(|| format!("roles.{}.mock_profile", role.name()))?,
+            None => spec.mock_latency.unwrap_or_default(),
+        });
     }
     engine.prefill_chunk = spec.prefill_chunk as usize;
     engine.kv_dtype = match spec.kv_dtype {
@@ -235,4 +251,29 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
 /// True when `path` names a manifest that loads and validates (for `up`'s early check).
 pub fn check(path: &Path) -> Result<Manifest> {
     Ok(Manifest::load(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mock_latency_comes_from_a_profiles_section() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("profile.json");
+        std::fs::write(
+            &p,
+            r#"{"version":1,"mock_latency":{"prefill_base_us":12,"prefill_per_token_us":3,"decode_base_us":4000,"decode_per_seq_us":70}}"#,
+        )
+        .unwrap();
+        let l = mock_latency_of_profile(&p).unwrap();
+        assert_eq!((l.prefill_base_us, l.prefill_per_token_us), (12, 3));
+        assert_eq!((l.decode_base_us, l.decode_per_seq_us), (4000, 70));
+        std::fs::write(&p, r#"{"version":1}"#).unwrap();
+        let e = format!("{:#}", mock_latency_of_profile(&p).unwrap_err());
+        assert!(e.contains("mock_latency"), "{e}");
+        std::fs::write(&p, r#"{"mock_latency":{"decode_base_us":99999999999}}"#).unwrap();
+        assert!(mock_latency_of_profile(&p).is_err());
+        assert!(mock_latency_of_profile(&dir.path().join("missing.json")).is_err());
+    }
 }

@@ -567,3 +567,28 @@ fn replicas_get_their_own_cores_with_pin_replica() {
         .contains("`replica`")
     );
 }
+
+#[test]
+fn mock_profile_needs_engine_mock_and_excludes_mock_latency() {
+    let role = |spec: &str| {
+        Manifest::from_yaml(&format!(
+            "name: s\nmode: single\nroles:\n  combined: {{ replicas: 1, {spec} }}\n"
+        ))
+    };
+    let c = role("engine: mock, mock_profile: prof.json")
+        .unwrap()
+        .roles
+        .combined
+        .unwrap();
+    assert_eq!(c.mock_profile.as_deref(), Some(Path::new("prof.json")));
+    assert_invalid(
+        role("mock_profile: prof.json"),
+        "roles.combined.mock_profile",
+        "engine: mock",
+    );
+    assert_invalid(
+        role("engine: mock, mock_profile: p.json, mock_latency: { decode_base_us: 1 }"),
+        "roles.combined.mock_profile",
+        "not both",
+    );
+}

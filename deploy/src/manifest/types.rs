@@ -345,6 +345,11 @@ pub struct RoleSpec {
     /// `decode_base_us`, `decode_per_seq_us`. Only with `engine: mock`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock_latency: Option<xpyd_engine::MockLatency>,
+    /// Take the mock engine's latency from a profile written by `xpyd bench profile`
+    /// (its `mock_latency` section); a relative path is relative to the manifest.
+    /// Only with `engine: mock`, and not together with `mock_latency`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mock_profile: Option<std::path::PathBuf>,
 }
 
 fn default_threads() -> u32 {
@@ -373,6 +378,7 @@ impl RoleSpec {
             prefix_cache_blocks: default_prefix_cache_blocks(),
             engine: EngineKind::Real,
             mock_latency: None,
+            mock_profile: None,
         }
     }
 

@@ -276,6 +276,20 @@ fn role_spec(role: Role, s: &RoleSpec) -> Result {
 }
 
 fn mock_latency(role: Role, s: &RoleSpec) -> Result {
+    if s.mock_profile.is_some() {
+        if s.engine != EngineKind::Mock {
+            return Err(ManifestError::invalid(
+                format!("roles.{role}.mock_profile"),
+                "is only used with engine: mock",
+            ));
+        }
+        if s.mock_latency.is_some() {
+            return Err(ManifestError::invalid(
+                format!("roles.{role}.mock_profile"),
+                "give either mock_profile or mock_latency, not both",
+            ));
+        }
+    }
     let Some(l) = &s.mock_latency else {
         return Ok(());
     };
