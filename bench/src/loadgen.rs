@@ -46,6 +46,9 @@ impl Prompts {
         let corpus = tokenizer
             .encode(&CORPUS.join("\n\n"))
             .map_err(|e| LoadError::Prompt(e.to_string()))?;
+        if corpus.is_empty() {
+            return Err(LoadError::Prompt("the corpus tokenizes to nothing".into()));
+        }
         Ok(Prompts { tokenizer, corpus })
     }
 
@@ -56,8 +59,8 @@ impl Prompts {
             .map_err(|e| LoadError::Prompt(e.to_string()))
     }
 
-    /// The text of request `index`: a unique header (so no two requests share a cached
-    /// prefix) followed by corpus text from a seeded offset, about `tokens` tokens long
+    /// The text of request `index`: a header unique to `index` and `seed` (so no two
+    /// requests of a run share a cached prefix) followed by corpus text from a seeded offset, about `tokens` tokens long
     /// once the server tokenizes it.
     pub fn text(&self, index: usize, tokens: usize, seed: u64) -> Result<String, LoadError> {
         let header = format!("Request {index} of run {seed:x}. ");
@@ -94,13 +97,22 @@ pub struct Prepared {
     pub prompt: String,
 }
 
-/// Builds the prompt text of every planned request.
-pub fn prepare(prompts: &Prompts, plan: &[Planned], seed: u64) -> Result<Vec<Prepared>, LoadError> {
+/// Builds the prompt text of every planned request. `point` tells the runs of one
+/// session apart (e.g. the rate points of a sweep): the same seed and point give the
+/// same prompts, another point gives other prompts of the same lengths, so no run can
+/// hit the prefix cache entries an earlier run left.
+pub fn prepare(
+    prompts: &Prompts,
+    plan: &[Planned],
+    seed: u64,
+    point: u64,
+) -> Result<Vec<Prepared>, LoadError> {
+    let key = seed ^ point.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     plan.iter()
         .enumerate()
         .map(|(i, p)| {
             Ok(Prepared {
-                prompt: prompts.text(i, p.input_tokens, seed)?,
+                prompt: prompts.text(i, p.input_tokens, key)?,
                 plan: p.clone(),
             })
         })
@@ -134,12 +146,13 @@ pub struct RunOptions {
     pub label: String,
 }
 
-/// Records of one run and how long it took (first send to last completion).
+/// Records of one run and how long it took (run start to last completion; in open loop
+/// the start is one planned inter-arrival gap before the first send).
 #[derive(Debug, Clone)]
 pub struct RunResult {
     /// One per request, in plan order.
     pub records: Vec<RequestRecord>,
-    /// Seconds from the start to the last completion.
+    /// Seconds from the run start to the last completion.
     pub duration: f64,
 }
 

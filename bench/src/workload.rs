@@ -30,12 +30,17 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// Uniform in `lo..=hi`.
+    /// Uniform in `lo..=hi` (the bounds in either order).
     pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+        let (lo, hi) = (lo.min(hi), lo.max(hi));
+        match (hi - lo).checked_add(1) {
+            Some(span) => lo + (self.next_u64() % span as u64) as usize,
+            None => self.next_u64() as usize,
+        }
     }
 
-    /// Exponentially distributed with mean `1 / rate` (Poisson inter-arrival times).
+    /// Exponentially distributed with mean `1 / rate` (Poisson inter-arrival times);
+    /// `rate` must be positive and finite (see [`parse_rate`]).
     pub fn exp(&mut self, rate: f64) -> f64 {
         -(1.0 - self.unit()).ln() / rate
     }
@@ -127,7 +132,10 @@ impl FromStr for LengthDist {
                 .collect()
         };
         let d = match s.split_once(':') {
-            None => LengthDist::Fixed { n: nums(s)?[0] },
+            None => match nums(s)?[..] {
+                [n] => LengthDist::Fixed { n },
+                _ => return Err(bad()),
+            },
             Some(("uniform", r)) => match nums(r)?[..] {
                 [lo, hi] => LengthDist::Uniform { lo, hi },
                 _ => return Err(bad()),
@@ -148,6 +156,16 @@ impl FromStr for LengthDist {
             return Err(bad());
         }
         Ok(d)
+    }
+}
+
+/// Parses a request rate: a finite number of requests per second above zero.
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!(
+            "`{s}` is not a rate: expected requests/s > 0, e.g. `0.5`"
+        )),
     }
 }
 
@@ -203,6 +221,17 @@ impl Workload {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_must_be_positive_and_finite() {
+        assert_eq!(parse_rate("0.5"), Ok(0.5));
+        for bad in ["0", "-1", "inf", "NaN", "x", ""] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
+        }
+        let mut rng = Rng::new(3);
+        assert!((0..100).all(|_| (2..=5).contains(&rng.range(5, 2))));
+        rng.range(0, usize::MAX);
+    }
 
     #[test]
     fn lengths_parse_and_print() {

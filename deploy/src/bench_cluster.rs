@@ -61,10 +61,17 @@ impl Cluster {
                         c.grpc = u.to_string();
                     }
                 }
-                Err(_) => bail!(
+                Err(mpsc::RecvTimeoutError::Timeout) => bail!(
                     "{}: the cluster did not become ready within {ready_timeout:?}",
                     manifest.display()
                 ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = c.child.wait().map(|s| s.to_string()).unwrap_or_default();
+                    bail!(
+                        "{}: `xpyd up` ended before the cluster was ready ({status}; its errors are above)",
+                        manifest.display()
+                    )
+                }
             }
         }
         Ok(c)

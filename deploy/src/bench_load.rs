@@ -3,6 +3,7 @@
 //! from manifests, side by side, with SLOs derived from each mode's unloaded latency).
 
 use crate::bench_cluster::{Cluster, scrape};
+use crate::client;
 use crate::model_fetch::{self, DEFAULT_MODEL};
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -14,7 +15,7 @@ use xpyd_bench::loadgen::{self, Arrival, Prepared, Prompts, RunOptions};
 use xpyd_bench::plot::{Chart, Series};
 use xpyd_bench::prom;
 use xpyd_bench::stats::{self, GoodputSearch, RequestRecord, Slo, Summary};
-use xpyd_bench::workload::{LengthDist, Workload};
+use xpyd_bench::workload::{LengthDist, Workload, parse_rate};
 use xpyd_runtime::metrics as m;
 
 /// SLO attainment that counts as "meeting the SLO" for goodput.
@@ -25,6 +26,8 @@ const TTFT_FACTORS: [f64; 2] = [3.0, 5.0];
 const TPOT_FACTORS: [f64; 3] = [1.5, 2.0, 3.0];
 /// Requests of the unloaded (one at a time) measurement.
 const UNLOADED_REQUESTS: usize = 8;
+/// Prompt set of the unloaded measurement (rate points use their index).
+const UNLOADED_POINT: u64 = 1 << 20;
 
 /// The workload and its pacing, shared by `load` and `compare`.
 #[derive(Debug, Clone, Args)]
@@ -81,14 +84,14 @@ pub struct LoadArgs {
     #[arg(long)]
     pub http: Option<String>,
     /// Open loop: Poisson arrivals at this many requests/s.
-    #[arg(long, conflicts_with = "clients")]
+    #[arg(long, conflicts_with = "clients", value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// Closed loop: this many clients, each with one request in flight (default 1).
-    #[arg(long)]
-    pub clients: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: Option<u32>,
     /// Search the goodput (highest rate with 90% of requests within this TTFT and
     /// TPOT, in seconds, e.g. `2.0,0.1`), starting at `--rate` (default 1).
-    #[arg(long, value_parser = parse_slo)]
+    #[arg(long, value_parser = parse_slo, conflicts_with = "clients")]
     pub goodput: Option<Slo>,
     /// Rate points the goodput search may use.
     #[arg(long, default_value_t = 6)]
@@ -102,6 +105,10 @@ pub struct LoadArgs {
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Write every request's record (TTFT, gaps, E2E, error) to this file, one JSON
+    /// object per line.
+    #[arg(long)]
+    pub records: Option<PathBuf>,
 }
 
 fn parse_slo(s: &str) -> Result<Slo, String> {
@@ -141,12 +148,12 @@ fn measure_at(
     work: &WorkloadArgs,
     (grpc, http): (&str, Option<&str>),
     (arrival, rate): (Arrival, Option<f64>),
-    n: usize,
+    (n, point): (usize, u64),
     label: &str,
 ) -> Result<Point> {
     let wl = work.workload();
     let plan = wl.plan(n, rate);
-    let reqs: Vec<Prepared> = loadgen::prepare(prompts, &plan, wl.seed)?;
+    let reqs: Vec<Prepared> = loadgen::prepare(prompts, &plan, wl.seed, point)?;
     let before = http.map(scrape).transpose()?;
     let opts = RunOptions {
         target: grpc.to_string(),
@@ -189,19 +196,25 @@ fn prom_check(before: &str, after: &str, s: &Summary) -> Value {
             None => a,
         };
         let prom_p50 = window.quantile(0.5);
-        // The +Inf bucket (None) counts as one past the last bound.
-        let last = window.buckets.len();
-        let (bb, pb) = (
-            window.bucket_of(bench_p50).unwrap_or(last),
-            window.bucket_of(prom_p50).unwrap_or(last),
-        );
+        // No p50 on either side (no samples): nothing to compare.
+        let (Some(bb), Some(pb)) = (window.bucket_of(bench_p50), window.bucket_of(prom_p50)) else {
+            return json!({"bench_p50": finite(bench_p50), "prometheus_p50": finite(prom_p50),
+                          "count": window.count, "agree": null});
+        };
+        let agree = bb.abs_diff(pb) <= 1;
+        if !agree {
+            eprintln!(
+                "warning: {name}: bench p50 {bench_p50:.4}s and Prometheus p50 {prom_p50:.4}s \
+                 are more than one bucket apart"
+            );
+        }
         json!({
             "bench_p50": bench_p50,
             "prometheus_p50": prom_p50,
-            "bench_bucket_le": window.buckets.get(bb).map(|x| x.0),
-            "prometheus_bucket_le": window.buckets.get(pb).map(|x| x.0),
+            "bench_bucket_le": window.buckets[bb].0,
+            "prometheus_bucket_le": window.buckets[pb].0,
             "count": window.count,
-            "agree": bb.abs_diff(pb) <= 1,
+            "agree": agree,
         })
     };
     json!({
@@ -220,6 +233,7 @@ pub fn load(a: &LoadArgs) -> Result<()> {
         let mut search =
             GoodputSearch::new(a.rate.unwrap_or(1.0), GOODPUT_ATTAINMENT, 0.1, a.max_points);
         let mut points = Vec::new();
+        let mut all = Vec::new();
         while let Some(rate) = search.next_rate() {
             let label = format!("rate {rate:.2}/s");
             let p = measure_at(
@@ -228,9 +242,10 @@ pub fn load(a: &LoadArgs) -> Result<()> {
                 &a.work,
                 target,
                 (Arrival::Open, Some(rate)),
-                a.work.requests,
+                (a.work.requests, points.len() as u64),
                 &label,
             )?;
+            all.push((label, p.records.clone()));
             let att = stats::attainment(&p.records, &slo);
             eprintln!("rate {rate:.3}/s: attainment {:.1}%", att * 100.0);
             search.record(rate, att);
@@ -240,11 +255,12 @@ pub fn load(a: &LoadArgs) -> Result<()> {
         out["points"] = json!(points);
         out["goodput"] = json!(search.goodput());
         eprintln!("goodput {:.3} requests/s at {slo:?}", search.goodput());
+        write_records(a.records.as_deref(), &all)?;
     } else {
         let (arrival, label) = match a.rate {
             Some(r) => (Arrival::Open, format!("rate {r}/s")),
             None => {
-                let c = a.clients.unwrap_or(1);
+                let c = a.clients.unwrap_or(1) as usize;
                 (Arrival::Closed(c), format!("{c} clients"))
             }
         };
@@ -254,9 +270,10 @@ pub fn load(a: &LoadArgs) -> Result<()> {
             &a.work,
             target,
             (arrival, a.rate),
-            a.work.requests,
+            (a.work.requests, 0),
             &label,
         )?;
+        write_records(a.records.as_deref(), &[(label.clone(), p.records.clone())])?;
         print_table(&[(&label, &p)]);
         out["point"] = json!(p);
     }
@@ -274,10 +291,10 @@ pub struct CompareArgs {
     pub disaggregated: PathBuf,
     /// Open-loop rates (requests/s) to measure both modes at; default: derived from
     /// the aggregated mode's unloaded latency.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
     pub rates: Vec<f64>,
     /// Rate multipliers of the derived rates.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,1,1.5")]
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,1.5", value_parser = parse_rate)]
     pub rate_factors: Vec<f64>,
     /// Workload.
     #[command(flatten)]
@@ -323,7 +340,7 @@ fn run_mode(
         &a.work,
         target,
         (Arrival::Closed(1), None),
-        UNLOADED_REQUESTS,
+        (UNLOADED_REQUESTS, UNLOADED_POINT),
         &format!("{name} unloaded"),
     )?;
     if unloaded.summary.errors > 0 {
@@ -337,18 +354,18 @@ fn run_mode(
         // sustains, to scale the sweep from.
         let workers = count_workers(&cluster.http)?.max(1) as f64;
         let base = workers / unloaded.summary.e2e.mean;
-        rates.extend(a.rate_factors.iter().map(|f| round3(base * f)));
+        rates.extend(a.rate_factors.iter().map(|f| round3(base * f).max(0.001)));
         eprintln!("rates derived from {name}: {rates:?} requests/s");
     }
     let mut points = Vec::new();
-    for &rate in rates.iter() {
+    for (i, &rate) in rates.iter().enumerate() {
         let p = measure_at(
             rt,
             prompts,
             &a.work,
             target,
             (Arrival::Open, Some(rate)),
-            a.work.requests,
+            (a.work.requests, i as u64),
             &format!("{name} {rate}/s"),
         )?;
         points.push(p);
@@ -368,12 +385,12 @@ fn round3(x: f64) -> f64 {
 
 /// Workers that compute (prefill, decode or combined) in a cluster's `/v1/cluster`.
 fn count_workers(http: &str) -> Result<usize> {
-    let url = format!("{http}/v1/cluster");
-    let v: Value = serde_json::from_str(&ureq::get(&url).call()?.into_body().read_to_string()?)?;
+    let v = client::get_json(&format!("{http}/v1/cluster"))?;
     let roles: Vec<&str> = v["workers"]
         .as_array()
         .context("/v1/cluster has no workers")?
         .iter()
+        .filter(|w| w["state"] == "ready")
         .filter_map(|w| w["role"].as_str())
         .collect();
     // Prefill and decode workers share requests; count the larger pool.
@@ -426,8 +443,10 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         .iter()
         .map(|(name, slo)| {
             let (ga, gd) = (goodput(&agg, slo), goodput(&dis, slo));
+            let r = GoodputRatio::of(bracket(&rates, ga), bracket(&rates, gd));
             json!({"slo": name, "ttft_s": slo.ttft, "tpot_s": slo.tpot,
-                   "aggregated": ga, "disaggregated": gd, "ratio": finite(ratio(gd, ga))})
+                   "aggregated": ga, "disaggregated": gd, "ratio": r.value,
+                   "ratio_kind": r.kind, "ratio_range": r.range})
         })
         .collect();
     // Headline: the tightest TPOT SLO (with the looser TTFT) at which either mode has
@@ -442,15 +461,11 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         .map(|c| (*c).clone())
         .expect("the grid holds every factor pair");
     let (ga, gd) = (goodput(&agg, &head_slo), goodput(&dis, &head_slo));
-    // A mode that met the SLO at no measured rate has a goodput below the lowest rate:
-    // the ratio is then only bounded.
-    let lowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
-    let (goodput_ratio, bound) = match (ga > 0.0, gd > 0.0) {
-        (true, _) => (finite(gd / ga), "exact"),
-        (false, true) => (finite(gd / lowest), "lower_bound"),
-        (false, false) => (None, "none"),
-    };
-    let common = (0..rates.len())
+    let head = GoodputRatio::of(bracket(&rates, ga), bracket(&rates, gd));
+    let mut by_rate: Vec<usize> = (0..rates.len()).collect();
+    by_rate.sort_by(|&i, &j| rates[i].total_cmp(&rates[j]));
+    let common = by_rate
+        .into_iter()
         .rev()
         .find(|&i| agg.points[i].summary.errors == 0 && dis.points[i].summary.errors == 0);
     let at = |f: fn(&Summary) -> f64| {
@@ -464,8 +479,9 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
         "slo": {"name": head_name, "ttft_s": head_slo.ttft, "tpot_s": head_slo.tpot,
                 "derived_from": base, "attainment": GOODPUT_ATTAINMENT},
         "modes": modes_json,
-        "goodput_ratio": goodput_ratio,
-        "goodput_ratio_kind": bound,
+        "goodput_ratio": head.value,
+        "goodput_ratio_kind": head.kind,
+        "goodput_ratio_range": head.range,
         "goodput": {"aggregated": ga, "disaggregated": gd},
         "tpot_p99_ratio": at(|s| s.tpot.p99),
         "ttft_p90_ratio": at(|s| s.ttft.p90),
@@ -475,8 +491,58 @@ pub fn compare(a: &CompareArgs) -> Result<()> {
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
     write_plots(&a.out_dir, &[&agg, &dis], &head_slo, &head_name)?;
+    let runs: Vec<(String, Vec<RequestRecord>)> = [&agg, &dis]
+        .iter()
+        .flat_map(|md| {
+            std::iter::once((format!("{} unloaded", md.name), md.unloaded.records.clone())).chain(
+                md.points.iter().map(|p| {
+                    (
+                        format!("{} {}/s", md.name, p.rate.unwrap_or(0.0)),
+                        p.records.clone(),
+                    )
+                }),
+            )
+        })
+        .collect();
+    write_records(Some(&a.out_dir.join("records.jsonl")), &runs)?;
     print_compare(&[&agg, &dis], &result);
     emit(&result, a.json, Some(&a.out_dir.join("compare.json")))
+}
+
+/// Where a goodput measured on a rate sweep really lies: at or above the highest rate
+/// that met the SLO (`lo`, 0 if none did) and below the next measured rate (`hi`, or
+/// unbounded when the highest rate met it).
+fn bracket(rates: &[f64], goodput: f64) -> (f64, f64) {
+    let hi = rates
+        .iter()
+        .copied()
+        .filter(|r| *r > goodput)
+        .fold(f64::INFINITY, f64::min);
+    (goodput, hi)
+}
+
+/// Disaggregated / aggregated goodput from two brackets.
+struct GoodputRatio {
+    /// The point estimate (both goodputs measured), or the bound `kind` names.
+    value: Option<f64>,
+    /// `estimate` (both modes met the SLO at some rate; the truth lies in `range`),
+    /// `lower_bound` / `upper_bound` (one mode met it at no measured rate), or `none`.
+    kind: &'static str,
+    /// What the sweep allows: `[low, high]`, `null` for unbounded.
+    range: [Option<f64>; 2],
+}
+
+impl GoodputRatio {
+    fn of((a_lo, a_hi): (f64, f64), (d_lo, d_hi): (f64, f64)) -> Self {
+        let range = [finite(d_lo / a_hi), finite(d_hi / a_lo)];
+        let (value, kind) = match (a_lo > 0.0, d_lo > 0.0) {
+            (true, true) => (finite(d_lo / a_lo), "estimate"),
+            (false, true) => (finite(d_lo / a_hi), "lower_bound"),
+            (true, false) => (finite(d_hi / a_lo), "upper_bound"),
+            (false, false) => (None, "none"),
+        };
+        GoodputRatio { value, kind, range }
+    }
 }
 
 /// NaN and infinities as JSON null.
@@ -642,6 +708,19 @@ fn print_compare(modes: &[&Mode], r: &Value) {
         r["ttft_p90_ratio"],
         r["ratios_at_rate"]
     );
+}
+
+/// Writes every record as one JSON line, tagged with the run it belongs to.
+fn write_records(path: Option<&Path>, runs: &[(String, Vec<RequestRecord>)]) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let mut text = String::new();
+    for (run, records) in runs {
+        for r in records {
+            text.push_str(&json!({"run": run, "record": r}).to_string());
+            text.push('\n');
+        }
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 fn emit(v: &Value, json: bool, out: Option<&Path>) -> Result<()> {

@@ -88,7 +88,7 @@ pub fn run(a: &OverheadArgs) -> Result<()> {
                         output: LengthDist::Fixed { n: out },
                         seed: 7,
                     };
-                    let reqs = loadgen::prepare(&prompts, &wl.plan(n + concurrency, None), 7)?;
+                    let reqs = loadgen::prepare(&prompts, &wl.plan(n + concurrency, None), 7, 0)?;
                     let opts = RunOptions {
                         target: cluster.grpc.clone(),
                         arrival: Arrival::Closed(concurrency),
@@ -180,8 +180,7 @@ async fn direct(
     out: usize,
 ) -> Result<stats::Dist> {
     use xpyd_proto::decode_worker_client::DecodeWorkerClient;
-    let url = format!("{}/v1/cluster", cluster.http);
-    let v: Value = serde_json::from_str(&ureq::get(&url).call()?.into_body().read_to_string()?)?;
+    let v = crate::client::get_json(&format!("{}/v1/cluster", cluster.http))?;
     let worker = v["workers"]
         .as_array()
         .and_then(|w| w.iter().find(|w| w["role"] == "combined"))
@@ -193,7 +192,7 @@ async fn direct(
         .connect()
         .await?;
     let mut client = DecodeWorkerClient::new(ch);
-    let tokens = prompts.tokens(0, a.prompt_tokens, 7)?;
+    let tokens = prompts.tokens(0, a.prompt_tokens, 7)?; // fixed: the engine caches nothing
     let mut e2e = Vec::with_capacity(a.sequential);
     for i in 0..a.sequential + 1 {
         let req = xpyd_proto::LocalGenerateRequest {

@@ -56,7 +56,8 @@ impl Target {
     }
 }
 
-fn get_json(url: &str) -> Result<Value> {
+/// `GET url` as JSON.
+pub(crate) fn get_json(url: &str) -> Result<Value> {
     let body = ureq::get(url)
         .call()
         .with_context(|| format!("GET {url}"))?

@@ -183,9 +183,18 @@ fn compare_reports_both_modes_ratios_and_plots() {
         }
         assert!(m["unloaded"]["summary"]["ttft"]["p50"].as_f64().unwrap() > 0.0);
     }
-    for key in ["goodput_ratio", "tpot_p99_ratio", "ttft_p90_ratio"] {
-        assert!(v.get(key).is_some(), "{key} missing: {v}");
+    // Latency ratios are numbers (both modes served every request at 8/s).
+    for key in ["tpot_p99_ratio", "ttft_p90_ratio"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {v}");
     }
+    assert_eq!(v["ratios_at_rate"], 8.0);
+    // The goodput ratio is a number exactly when its kind says a mode met the SLO.
+    let kind = v["goodput_ratio_kind"].as_str().unwrap();
+    assert!(
+        ["estimate", "lower_bound", "upper_bound", "none"].contains(&kind),
+        "{kind}"
+    );
+    assert_eq!(v["goodput_ratio"].is_number(), kind != "none", "{v}");
     assert!(v["slo"]["ttft_s"].as_f64().unwrap() > 0.0);
     assert!(v["slo"]["tpot_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["goodput_by_slo"].as_array().unwrap().len(), 6);
@@ -194,5 +203,11 @@ fn compare_reports_both_modes_ratios_and_plots() {
         assert!(!text.is_empty(), "{f}");
     }
     let svg = std::fs::read_to_string(out.path().join("attainment.svg")).unwrap();
-    assert!(svg.contains("aggregated") && svg.contains("disaggregated"));
+    assert!(
+        svg.contains(">aggregated<") && svg.contains(">disaggregated<"),
+        "{svg}"
+    );
+    let records = std::fs::read_to_string(out.path().join("records.jsonl")).unwrap();
+    // 8 unloaded + 2 × 12 per mode.
+    assert_eq!(records.lines().count(), 2 * (8 + 24));
 }

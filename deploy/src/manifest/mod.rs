@@ -12,8 +12,8 @@ mod validate;
 mod tests;
 
 pub use types::{
-    CoordinatorSpec, EngineKind, KvDtype, KvSpec, RegistryBackend, RegistrySpec, RoleSpec,
-    RolesSpec, RoutingPolicy, RoutingSpec,
+    CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RegistryBackend, RegistrySpec,
+    RoleSpec, RolesSpec, RoutingPolicy, RoutingSpec,
 };
 
 use serde::{Deserialize, Serialize};

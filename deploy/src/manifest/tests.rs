@@ -542,30 +542,28 @@ fn other_top_level_fields_are_checked() {
 fn replicas_get_their_own_cores_with_pin_replica() {
     let parse = |extra: &str| {
         Manifest::from_yaml(&format!(
-            "name: s\nmode: single\nroles:\n  combined: {{ replicas: 3, cpus: \"0-1\"{extra} }}\n"
+            "name: s\nmode: single\nroles:\n  combined: {{ {extra} }}\n"
         ))
-        .unwrap()
-        .roles
-        .combined
-        .unwrap()
     };
-    let shared = parse("");
+    let role = |extra: &str| parse(extra).unwrap().roles.combined.unwrap();
+    let shared = role("replicas: 3, cpus: \"0-1\"");
     assert_eq!(shared.cpus_of(2).unwrap(), Some(vec![0, 1]));
-    let own = parse(", pin: replica");
-    let got: Vec<_> = (0..3).map(|i| own.cpus_of(i).unwrap().unwrap()).collect();
-    assert_eq!(got, [vec![0], vec![1], vec![0]]);
-    assert_eq!(
-        parse(", pin: replica, threads: 2").cpus_of(1).unwrap(),
-        Some(vec![0, 1])
+    let own = role("replicas: 2, cpus: \"0-1\", pin: replica");
+    assert_eq!(own.cpus_of(0).unwrap(), Some(vec![0]));
+    assert_eq!(own.cpus_of(1).unwrap(), Some(vec![1]));
+    let two = role("replicas: 2, threads: 2, cpus: \"0-3\", pin: replica");
+    assert_eq!(two.cpus_of(1).unwrap(), Some(vec![2, 3]));
+    assert_invalid(
+        parse("replicas: 3, cpus: \"0-1\", pin: replica"),
+        "roles.combined.pin",
+        "needs 3 cores",
     );
-    assert!(
-        Manifest::from_yaml(
-            "name: s\nmode: single\nroles:\n  combined: { replicas: 1, pin: core }\n"
-        )
-        .unwrap_err()
-        .to_string()
-        .contains("`replica`")
+    assert_invalid(
+        parse("replicas: 1, pin: replica"),
+        "roles.combined.pin",
+        "needs a `cpus` list",
     );
+    assert_parse_err(parse("replicas: 1, pin: core"), &["`replica`"]);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Range and consistency checks for a parsed manifest; each error names its field path.
 
 use super::{
-    CoordinatorSpec, EngineKind, KvSpec, Manifest, ManifestError, Mode, RegistryBackend,
+    CoordinatorSpec, EngineKind, KvSpec, Manifest, ManifestError, Mode, PinScope, RegistryBackend,
     RegistrySpec, Role, RoleSpec, RoutingSpec,
 };
 use std::fmt::Display;
@@ -251,8 +251,25 @@ fn role_spec(role: Role, s: &RoleSpec) -> Result {
     range(f("replicas"), s.replicas, 1, 64)?;
     range(f("threads"), s.threads, 1, 256)?;
     if let Some(cpus) = &s.cpus {
-        xpyd_engine::compute::parse_cpu_list(cpus)
+        let list = xpyd_engine::compute::parse_cpu_list(cpus)
             .map_err(|e| ManifestError::invalid(f("cpus"), e.to_string()))?;
+        let need = s.replicas as usize * s.threads as usize;
+        if s.pin == PinScope::Replica && list.len() < need {
+            return Err(ManifestError::invalid(
+                f("pin"),
+                format!(
+                    "`replica` gives each of {} replicas {} core(s) of its own: needs {need} cores, `cpus` lists {}",
+                    s.replicas,
+                    s.threads,
+                    list.len()
+                ),
+            ));
+        }
+    } else if s.pin == PinScope::Replica {
+        return Err(ManifestError::invalid(
+            f("pin"),
+            "`replica` needs a `cpus` list to divide among the replicas",
+        ));
     }
     if let Some(n) = s.max_running {
         range(f("max_running"), n, 1, 1024)?;
