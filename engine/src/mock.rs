@@ -165,28 +165,10 @@ impl MockModel {
     ) -> Result<Vec<Vec<f32>>> {
         let started = Instant::now();
         let cfg = &self.cfg;
-        let (tokens, positions): (Vec<u32>, Vec<usize>) = match pass {
-            Pass::Prefill { start, tokens, .. } => {
-                (tokens.to_vec(), (*start..*start + tokens.len()).collect())
-            }
-            Pass::Decode(items) => items.iter().map(|it| (it.token, it.pos)).unzip(),
+        let Some((tokens, positions)) = pass.inputs(cfg)? else {
+            return Ok(Vec::new());
         };
         let n = tokens.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        if let Some(t) = tokens.iter().find(|t| **t as usize >= cfg.vocab) {
-            return Err(EngineError::BadToken {
-                id: *t,
-                vocab: cfg.vocab,
-            });
-        }
-        if let Some(p) = positions.iter().find(|p| **p >= cfg.context_length) {
-            return Err(EngineError::ContextOverflow {
-                tokens: p + 1,
-                max: cfg.context_length,
-            });
-        }
         let total = self.latency.of(pass);
         let d = cfg.kv_dim();
         let (mut k, mut v) = (vec![0f32; n * d], vec![0f32; n * d]);

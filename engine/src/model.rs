@@ -140,6 +140,35 @@ pub enum Pass<'a> {
     Decode(&'a [DecodeItem<'a>]),
 }
 
+impl Pass<'_> {
+    /// The pass's tokens and their positions, checked against the model: `None` for an
+    /// empty pass, `BadToken` / `ContextOverflow` for ids or positions out of range.
+    pub fn inputs(&self, cfg: &ModelConfig) -> Result<Option<(Vec<u32>, Vec<usize>)>> {
+        let (tokens, positions): (Vec<u32>, Vec<usize>) = match self {
+            Pass::Prefill { start, tokens, .. } => {
+                (tokens.to_vec(), (*start..*start + tokens.len()).collect())
+            }
+            Pass::Decode(items) => items.iter().map(|it| (it.token, it.pos)).unzip(),
+        };
+        if tokens.is_empty() {
+            return Ok(None);
+        }
+        if let Some(t) = tokens.iter().find(|t| **t as usize >= cfg.vocab) {
+            return Err(EngineError::BadToken {
+                id: *t,
+                vocab: cfg.vocab,
+            });
+        }
+        if let Some(p) = positions.iter().find(|p| **p >= cfg.context_length) {
+            return Err(EngineError::ContextOverflow {
+                tokens: p + 1,
+                max: cfg.context_length,
+            });
+        }
+        Ok(Some((tokens, positions)))
+    }
+}
+
 /// The loaded model.
 pub struct Model {
     cfg: ModelConfig,
@@ -248,28 +277,10 @@ impl Model {
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let dev = Device::Cpu;
-        let (tokens, positions): (Vec<u32>, Vec<usize>) = match pass {
-            Pass::Prefill { start, tokens, .. } => {
-                (tokens.to_vec(), (*start..*start + tokens.len()).collect())
-            }
-            Pass::Decode(items) => items.iter().map(|it| (it.token, it.pos)).unzip(),
+        let Some((tokens, positions)) = pass.inputs(cfg)? else {
+            return Ok(Vec::new());
         };
         let n = tokens.len();
-        if n == 0 {
-            return Ok(Vec::new());
-        }
-        if let Some(t) = tokens.iter().find(|t| **t as usize >= cfg.vocab) {
-            return Err(EngineError::BadToken {
-                id: *t,
-                vocab: cfg.vocab,
-            });
-        }
-        if let Some(p) = positions.iter().find(|p| **p >= cfg.context_length) {
-            return Err(EngineError::ContextOverflow {
-                tokens: p + 1,
-                max: cfg.context_length,
-            });
-        }
         let dense = std::env::var("XPYD_DENSE_ALL").is_ok() || matches!(pass, Pass::Prefill { .. });
         let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
         let ids = Tensor::new(tokens.as_slice(), &dev)?;
