@@ -73,22 +73,33 @@ pub enum Frame {
     Abort,
 }
 
-/// Checksum of a data chunk: CRC-32C (hardware-accelerated, chosen at run time) over
-/// layer, tag and payload. It is cheaper than the copy it guards, which matters because
-/// every byte is checksummed on both sides.
+/// Checksum of a data chunk: CRC-32C over layer, tag and payload, computed with the
+/// widest carry-less-multiply kernel the CPU has (chosen at run time; ~70 GB/s on data in
+/// cache with AVX-512 here, against ~16 GB/s for the `crc32` instruction alone). Every
+/// byte is checksummed on both sides, folded into a copy, so the kernel's speed decides
+/// how close a transfer gets to a plain memcpy.
 pub fn checksum(layer: u32, tag: u64, payload: &[u8]) -> u64 {
     checksum_update(checksum_start(layer, tag), payload) as u64
 }
 
 /// Starts a chunk checksum (covers layer and tag).
 pub fn checksum_start(layer: u32, tag: u64) -> u32 {
-    let crc = crc32c::crc32c(&layer.to_le_bytes());
-    crc32c::crc32c_append(crc, &tag.to_le_bytes())
+    let mut head = [0u8; 12];
+    head[..4].copy_from_slice(&layer.to_le_bytes());
+    head[4..].copy_from_slice(&tag.to_le_bytes());
+    checksum_update(0, &head)
 }
 
-/// Continues a chunk checksum over more payload bytes.
+/// Continues a chunk checksum over more payload bytes: `crc` is the CRC-32C of the bytes
+/// so far (0 for none), the result that of those bytes followed by `bytes`.
 pub fn checksum_update(crc: u32, bytes: &[u8]) -> u32 {
-    crc32c::crc32c_append(crc, bytes)
+    const XOROUT: u32 = 0xffff_ffff;
+    let mut d = crc_fast::Digest::new_with_init_state(
+        crc_fast::CrcAlgorithm::Crc32Iscsi,
+        (crc ^ XOROUT).into(),
+    );
+    d.update(bytes);
+    d.finalize() as u32
 }
 
 /// Writes an `Open`.
@@ -355,6 +366,53 @@ async fn read_payload<R: AsyncRead + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// Bit-at-a-time CRC-32C (reflected polynomial 0x82F63B78), the reference.
+    fn crc32c_reference(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for b in bytes {
+            crc ^= u32::from(*b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn checksum_is_crc32c() {
+        assert_eq!(checksum_update(0, b"123456789"), 0xE306_9283);
+        // Lengths around every kernel's block size, continued from a non-zero state.
+        let data: Vec<u8> = (0..70_000u32).map(|i| (i * 2_654_435_761) as u8).collect();
+        for len in (0..600).chain([4095, 4096, 4097, 65_536, 70_000]) {
+            let want = crc32c_reference(&data[..len]);
+            assert_eq!(checksum_update(0, &data[..len]), want, "length {len}");
+            let cut = len / 3;
+            let split = checksum_update(checksum_update(0, &data[..cut]), &data[cut..len]);
+            assert_eq!(split, want, "length {len} split at {cut}");
+        }
+        let mut head = 7u32.to_le_bytes().to_vec();
+        head.extend_from_slice(&9u64.to_le_bytes());
+        head.extend_from_slice(&data[..100]);
+        assert_eq!(
+            checksum(7, 9, &data[..100]),
+            u64::from(crc32c_reference(&head))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn checksum_continues_across_any_split(data in proptest::collection::vec(any::<u8>(), 0..5000), cut in any::<prop::sample::Index>()) {
+            let at = cut.index(data.len() + 1);
+            let whole = checksum(3, 5, &data);
+            let parts = checksum_update(checksum_update(checksum_start(3, 5), &data[..at]), &data[at..]);
+            prop_assert_eq!(whole, u64::from(parts));
+        }
+    }
 
     async fn round_trip(frames: Vec<Frame>) -> Vec<Frame> {
         let mut buf = Vec::new();
