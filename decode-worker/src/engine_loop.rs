@@ -21,6 +21,16 @@ pub type EventTx = mpsc::Sender<Result<pb::DecodeEvent, Status>>;
 
 /// Work for the engine thread.
 pub enum Cmd {
+    /// Reserve blocks for a placed import of `tokens` tokens (before its header arrives);
+    /// the reply carries the block table the sender writes into.
+    Reserve {
+        /// Request id (= sequence id).
+        id: u64,
+        /// Prompt tokens whose KV will arrive.
+        tokens: usize,
+        /// The block table, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<Vec<u32>, Status>>,
+    },
     /// The KV header arrived: reserve blocks for the import.
     Begin {
         /// Request id (= sequence id).
@@ -38,7 +48,8 @@ pub enum Cmd {
         layer: u32,
         /// Chunk tag (`start << 32 | count`).
         tag: u64,
-        /// The bytes, verified while copied into the KV blocks.
+        /// The bytes, verified while copied into the KV blocks (or, placed, where the
+        /// sender wrote them).
         data: Payload,
     },
     /// The resume state (first token, sampler position) arrived.
@@ -113,7 +124,15 @@ pub struct EngineLoop {
     started: HashMap<u64, Instant>,
     role: &'static str,
     delay: Option<std::time::Duration>,
+    /// Failed placed imports whose blocks stay out of use until then (their sender may
+    /// still be finishing a write into them).
+    held: Vec<(Instant, u64)>,
 }
+
+/// How long the blocks of a failed placed import stay out of use: far longer than a
+/// sender takes to notice the failure and stop (it checks its deadline before every
+/// write, and its next notice on the connection fails).
+pub const HOLD_AFTER_FAILED_IMPORT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl EngineLoop {
     /// A loop around a loaded engine.
@@ -135,6 +154,50 @@ impl EngineLoop {
             started: HashMap::new(),
             role,
             delay,
+            held: Vec::new(),
+        }
+    }
+
+    /// Removes a sequence from the engine; a placed import's blocks are held for
+    /// [`HOLD_AFTER_FAILED_IMPORT`] before they can be reused.
+    fn remove(&mut self, id: u64) {
+        self.engine.remove(id);
+        if self.engine.holds(id) {
+            self.held
+                .push((Instant::now() + HOLD_AFTER_FAILED_IMPORT, id));
+        }
+    }
+
+    /// Frees held blocks whose time has come (and publishes the freed room).
+    fn release_due(&mut self) {
+        let now = Instant::now();
+        let engine = &mut self.engine;
+        let before = self.held.len();
+        self.held.retain(|(at, id)| {
+            if *at > now {
+                return true;
+            }
+            engine.release_held(*id);
+            false
+        });
+        if self.held.len() < before {
+            self.publish();
+        }
+    }
+
+    /// Waits for a command while blocks are held, releasing them when due.
+    fn recv_releasing(&mut self, rx: &mut mpsc::Receiver<Cmd>) -> Option<Cmd> {
+        loop {
+            match rx.try_recv() {
+                Ok(c) => return Some(c),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            self.release_due();
+            if self.held.is_empty() {
+                return rx.blocking_recv();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
@@ -144,11 +207,12 @@ impl EngineLoop {
             let idle = self.local.is_empty() && !self.active.values().any(|a| a.decoding);
             if idle {
                 self.publish();
-                match rx.blocking_recv() {
+                match self.recv_releasing(&mut rx) {
                     Some(c) => self.handle(c),
                     None => return,
                 }
             }
+            self.release_due();
             while let Ok(c) = rx.try_recv() {
                 self.handle(c);
             }
@@ -163,6 +227,16 @@ impl EngineLoop {
 
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
+            Cmd::Reserve { id, tokens, reply } => {
+                let res = self
+                    .engine
+                    .reserve_import(id, tokens)
+                    .map_err(|e| engine_status(&e));
+                if reply.send(res).is_err() {
+                    // The request went away while waiting.
+                    self.remove(id);
+                }
+            }
             Cmd::Begin { id, header, out } => {
                 self.started.insert(id, Instant::now());
                 self.active.insert(id, Active::new(out));
@@ -181,14 +255,27 @@ impl EngineLoop {
                 }
                 let (start, count) = ((tag >> 32) as u32, tag as u32);
                 let mut reader = data.reader();
-                let res = self.engine.import_rows_with(
-                    id,
-                    layer,
-                    start,
-                    count,
-                    data.len(),
-                    &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
-                );
+                let res = if data.is_placed() {
+                    self.engine.import_rows_in_place(
+                        id,
+                        layer,
+                        start,
+                        count,
+                        data.len(),
+                        &mut |off, bytes| {
+                            reader.check_in_place(off, bytes).map_err(|e| e.to_string())
+                        },
+                    )
+                } else {
+                    self.engine.import_rows_with(
+                        id,
+                        layer,
+                        start,
+                        count,
+                        data.len(),
+                        &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
+                    )
+                };
                 match res {
                     Err(e) => self.fail(id, engine_status(&e)),
                     Ok(()) => {
@@ -242,6 +329,8 @@ impl EngineLoop {
                 if self.active.contains_key(&id) {
                     self.end(id, client_gone);
                 } else {
+                    // Possibly blocks reserved for an import whose header never came.
+                    self.remove(id);
                     self.budget_release(id);
                 }
             }
@@ -258,7 +347,7 @@ impl EngineLoop {
 
     /// Frees the request's KV and promise; the stream ends when its sender drops.
     fn end(&mut self, id: u64, cancelled: bool) {
-        self.engine.remove(id);
+        self.remove(id);
         self.local.retain(|x| *x != id);
         self.started.remove(&id);
         if let Some(a) = self.active.remove(&id)
@@ -283,7 +372,7 @@ impl EngineLoop {
         }
         metrics::counter!(m::WORKER_REQUESTS_TOTAL, "role" => self.role, "outcome" => "error")
             .increment(1);
-        self.engine.remove(id);
+        self.remove(id);
         self.local.retain(|x| *x != id);
         self.started.remove(&id);
         self.active.remove(&id);

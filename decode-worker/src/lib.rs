@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use xpyd_engine::{Engine, EngineConfig};
+use xpyd_engine::{Engine, EngineConfig, KvMemoryFactory};
 use xpyd_kv_transfer::{Backend, Receiver, ReceiverConfig};
 use xpyd_proto as pb;
 use xpyd_runtime::worker::{Membership, SharedStats, start_membership};
@@ -98,9 +98,21 @@ pub async fn run(
     cfg.validate().map_err(WorkerError::Config)?;
     let role = if cfg.combined { "combined" } else { "decode" };
     let engine_cfg = cfg.engine.clone();
-    let engine = tokio::task::spawn_blocking(move || Engine::load(engine_cfg))
-        .await
-        .map_err(|e| WorkerError::Serve(e.to_string()))??;
+    // A worker that receives KV keeps its pools in shared memory, so same-host senders
+    // write rows straight into the blocks (placed transfers).
+    let shared = !cfg.combined;
+    let (engine, kv_pool) = tokio::task::spawn_blocking(move || {
+        let mut pool = None;
+        let make: Box<KvMemoryFactory<'_>> = Box::new(|bytes| {
+            let (mem, p) = xpyd_runtime::kv_pool::kv_memory(bytes);
+            pool = p;
+            Ok(mem)
+        });
+        Engine::load_with_kv_memory(engine_cfg, shared.then_some(make)).map(|e| (e, pool))
+    })
+    .await
+    .map_err(|e| WorkerError::Serve(e.to_string()))??;
+    let kv_pool = kv_pool.map(|p| (p, engine.kv_layout()));
     let mc = engine.model_config().clone();
     let kv = engine.kv_usage();
     let geometry = Geometry {
@@ -162,6 +174,7 @@ pub async fn run(
         geometry,
         default_backend: cfg.kv_backend,
         combined: cfg.combined,
+        kv_pool,
     };
     let mut server = tonic::transport::Server::builder();
     let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)

@@ -5,12 +5,13 @@ use crate::budget::{Budget, Refusal};
 use crate::engine_loop::{Cmd, EventTx};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use xpyd_engine::KvHeader;
+use xpyd_engine::{KvHeader, KvLayout};
 use xpyd_kv_transfer::{Backend, Event, Incoming, Receiver, ReserveSpec};
 use xpyd_proto as pb;
+use xpyd_runtime::kv_pool::SharedPool;
 use xpyd_runtime::worker::{
     DropGuard, GuardedStream, SharedStats, check_ready, sampling_from_pb, transfer_status,
 };
@@ -36,6 +37,8 @@ pub struct DecodeService {
     pub(crate) geometry: Geometry,
     pub(crate) default_backend: Backend,
     pub(crate) combined: bool,
+    /// The engine's KV pools in shared memory (for placed transfers), when they are.
+    pub(crate) kv_pool: Option<(SharedPool, KvLayout)>,
 }
 
 fn blocks_for(tokens: usize, block: usize) -> usize {
@@ -193,20 +196,54 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
             r.prompt_tokens as usize,
             r.max_tokens as usize,
         )?;
+        let release = |status: Status| {
+            self.budget
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release(r.request_id);
+            status
+        };
+        // Shared-memory transfers write straight into blocks reserved now.
+        let placement = match (&self.kv_pool, backend) {
+            (Some((pool, layout)), Backend::Shm | Backend::Auto) => {
+                let (reply, table) = oneshot::channel();
+                let cmd = Cmd::Reserve {
+                    id: r.request_id,
+                    tokens: r.prompt_tokens as usize,
+                    reply,
+                };
+                if self.cmds.send(cmd).await.is_err() {
+                    return Err(release(Status::unavailable("engine stopped")));
+                }
+                match table.await {
+                    Ok(Ok(table)) => Some(pool.placement(layout, table)),
+                    Ok(Err(status)) => return Err(release(status)),
+                    Err(_) => return Err(release(Status::unavailable("engine stopped"))),
+                }
+            }
+            _ => None,
+        };
+        let placed = placement.is_some();
         let spec = ReserveSpec {
             transfer_id: r.request_id,
             backend,
             bytes: self.geometry.kv_bytes_per_token * r.prompt_tokens as u64,
             deadline: Duration::from_millis(r.transfer_deadline_ms.max(1) as u64),
+            placement,
         };
         let (target, incoming) = match receiver.reserve(spec) {
             Ok(x) => x,
             Err(e) => {
-                self.budget
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .release(r.request_id);
-                return Err(transfer_status(&e));
+                if placed {
+                    let _ = self
+                        .cmds
+                        .send(Cmd::Cancel {
+                            id: r.request_id,
+                            client_gone: false,
+                        })
+                        .await;
+                }
+                return Err(release(transfer_status(&e)));
             }
         };
         let target_json = serde_json::to_vec(&target)

@@ -16,7 +16,8 @@ pub struct BenchKvArgs {
     /// Timed rounds per measurement (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Backends to measure (default: tcp, shm, and ucx when built).
+    /// Backends to measure (default: tcp, shm, and ucx when built); `shm-staged` is shm
+    /// through a staging region copied into the KV blocks, the path before placement.
     #[arg(long, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,shm,ucx" } else { "tcp,shm" })]
     pub backends: Vec<String>,
     /// Skip the real-model streaming measurement.
@@ -107,25 +108,18 @@ pub(crate) fn transfer_rounds(backend: &str, bytes: usize, rounds: usize) -> Res
         bytes,
         chunk: bytes.min(4 << 20),
     };
-    transfer(backend, &p, rounds)
+    Ok(transfer(backend, &p, rounds)?.0)
 }
 
-/// GB/s of each round of one backend between two harness processes.
-fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
+/// GB/s of each round of one backend between two harness processes, and the
+/// milliseconds the receiving thread spent taking the chunks in (copy or verification).
+fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let s = |x: usize| x.to_string();
-    let mut recv = spawn(
-        &[
-            "kv-harness",
-            "recv",
-            "--backend",
-            backend,
-            "--bytes",
-            &s(p.bytes),
-            "--repeat",
-            &s(rounds + 1),
-        ],
-        false,
-    )?;
+    let (chunk, bytes, repeat) = (s(p.chunk), s(p.bytes), s(rounds + 1));
+    let mut args = vec!["kv-harness", "recv", "--bytes", &bytes, "--chunk", &chunk];
+    args.extend(["--repeat", &repeat]);
+    args.extend(backend_args(backend));
+    let mut recv = spawn(&args, false)?;
     let mut send = spawn(
         &[
             "kv-harness",
@@ -142,7 +136,7 @@ fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
     let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
     let mut sout = BufReader::new(send.stdout.take().context("send stdout")?);
     let mut sin = send.stdin.take().context("send stdin")?;
-    let mut out = Vec::new();
+    let (mut out, mut busy) = (Vec::new(), Vec::new());
     for round in 0..=rounds {
         let target = line(&mut rout)?;
         writeln!(sin, "{target}")?;
@@ -154,12 +148,21 @@ fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
         }
         if round > 0 {
             out.push(p.bytes as f64 / (ns(&rr, "end_ns")? - ns(&sr, "start_ns")?) as f64);
+            busy.push(ns(&rr, "consume_us")? as f64 / 1e3);
         }
     }
     drop(sin);
     send.wait()?;
     recv.wait()?;
-    Ok(out)
+    Ok((out, busy))
+}
+
+/// `recv` flags for a backend name (`shm-staged`: shm without placement).
+fn backend_args(name: &str) -> Vec<&str> {
+    match name {
+        "shm-staged" => vec!["--backend", "shm", "--staged"],
+        b => vec!["--backend", b],
+    }
 }
 
 /// GB/s of raw TCP rounds between two processes (no framing, no checksums).
@@ -231,18 +234,19 @@ fn exposed(backend: &str, model: &str) -> Result<Value> {
         let n = PROMPT.to_string();
         let mut recv = spawn(
             &[
-                "kv-harness",
-                "recv",
-                "--backend",
-                backend,
-                "--decode",
-                "--prompt-tokens",
-                &n,
-                "--model",
-                model,
-                "--threads",
-                "1",
-            ],
+                &["kv-harness", "recv"],
+                backend_args(backend).as_slice(),
+                &[
+                    "--decode",
+                    "--prompt-tokens",
+                    &n,
+                    "--model",
+                    model,
+                    "--threads",
+                    "1",
+                ],
+            ]
+            .concat(),
             false,
         )?;
         let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
@@ -288,14 +292,15 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
         let mc = median(memcpy(&p, rounds));
         let raw = median(raw_tcp(&p, rounds)?);
         for b in &args.backends {
-            let g = median(transfer(b, &p, rounds)?);
-            let (base, base_g) = if b == "shm" {
+            let (g, busy) = transfer(b, &p, rounds)?;
+            let (g, busy) = (median(g), median(busy));
+            let (base, base_g) = if b.starts_with("shm") {
                 ("memcpy", mc)
             } else {
                 ("raw_tcp", raw)
             };
             eprintln!(
-                "{:<10} {:<4} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}",
+                "{:<10} {:<10} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}  receiver busy {busy:.2} ms",
                 p.name,
                 b,
                 g,
@@ -305,12 +310,13 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
             results.push(
                 json!({"backend": b, "payload": p.name, "bytes": p.bytes, "gbps": g,
                 "baseline": base, "baseline_gbps": base_g, "ratio": g / base_g,
-                "memcpy_gbps": mc, "raw_tcp_gbps": raw}),
+                "memcpy_gbps": mc, "raw_tcp_gbps": raw, "receiver_busy_ms": busy}),
             );
         }
     }
     let mut report = json!({"results": results, "rounds": rounds, "statistic": "median",
-        "timed": "sender's private memory → receiver's destination buffer, checksums verified"});
+        "timed": "sender's private memory → receiver's KV blocks (shm: written there by the sender; others: copied in), checksums verified",
+        "receiver_busy": "time the receiving thread spends copying or verifying chunks (decode-step time on a decode worker)"});
     if !args.no_model {
         let model = args.engine.model_path()?;
         let model = model.to_str().context("model path is not UTF-8")?;
@@ -339,18 +345,19 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{:<12} {:<5} {:>9} {:>10} {:>12} {:>7}",
-            "payload", "back", "GB/s", "baseline", "base GB/s", "ratio"
+            "{:<12} {:<10} {:>9} {:>10} {:>12} {:>7} {:>9}",
+            "payload", "back", "GB/s", "baseline", "base GB/s", "ratio", "recv ms"
         );
         for r in report["results"].as_array().into_iter().flatten() {
             println!(
-                "{:<12} {:<5} {:>9.2} {:>10} {:>12.2} {:>7.2}",
+                "{:<12} {:<10} {:>9.2} {:>10} {:>12.2} {:>7.2} {:>9.2}",
                 r["payload"].as_str().unwrap_or(""),
                 r["backend"].as_str().unwrap_or(""),
                 r["gbps"].as_f64().unwrap_or(0.0),
                 r["baseline"].as_str().unwrap_or(""),
                 r["baseline_gbps"].as_f64().unwrap_or(0.0),
-                r["ratio"].as_f64().unwrap_or(0.0)
+                r["ratio"].as_f64().unwrap_or(0.0),
+                r["receiver_busy_ms"].as_f64().unwrap_or(0.0)
             );
         }
         if let Some(f) = report["exposed_fraction"].as_f64() {

@@ -69,6 +69,13 @@ pub struct RecvArgs {
     /// Import into an engine and decode to the end.
     #[arg(long)]
     pub decode: bool,
+    /// Synthetic chunk size the sender uses (each chunk is one layer's K and V rows).
+    #[arg(long, default_value_t = 1 << 20)]
+    pub chunk: usize,
+    /// Stage shm transfers through a region and copy them into the KV blocks, instead of
+    /// having the sender write the blocks themselves (the placed default).
+    #[arg(long)]
+    pub staged: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -150,9 +157,75 @@ fn tag(start: u32, count: u32) -> u64 {
     ((start as u64) << 32) | count as u64
 }
 
+/// Synthetic rows: 512-byte K and V rows in blocks of 16, as in an engine's pools.
+const SYNTH_ROW: usize = 512;
+const SYNTH_BLOCK: usize = 16;
+
+/// A synthetic receiver's KV pool in shared memory: one layer per chunk, each with K and
+/// V pools of twice the blocks a chunk needs, and a shuffled block table so rows scatter
+/// over the pool as they do in a running engine.
+struct SynthPool {
+    mem: Box<dyn xpyd_engine::KvMemory>,
+    placement: xpyd_kv_transfer::Placement,
+}
+
+impl SynthPool {
+    fn new(bytes: usize, chunk: usize) -> Result<Self> {
+        let row_pair = 2 * SYNTH_ROW;
+        if !bytes.is_multiple_of(row_pair) || !chunk.is_multiple_of(row_pair) || chunk == 0 {
+            bail!("placed synthetic transfers need sizes in multiples of {row_pair} bytes");
+        }
+        let layers = bytes.div_ceil(chunk).max(1);
+        let need = (chunk / row_pair).div_ceil(SYNTH_BLOCK);
+        let blocks = 2 * need;
+        let pool_bytes = blocks * SYNTH_BLOCK * SYNTH_ROW;
+        let (mem, shared) = xpyd_runtime::kv_pool::kv_memory(2 * layers * pool_bytes);
+        let shared = shared.context("the synthetic KV pool needs shared memory")?;
+        let mut ids: Vec<u32> = (0..blocks as u32).collect();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for i in (1..ids.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ids.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        let layout = xpyd_engine::KvLayout {
+            block_size: SYNTH_BLOCK,
+            row_bytes: SYNTH_ROW,
+            pools: (0..layers)
+                .map(|l| [2 * l * pool_bytes, (2 * l + 1) * pool_bytes])
+                .collect(),
+            memory_bytes: mem.bytes().len(),
+        };
+        let placement = shared.placement(&layout, ids[..need].to_vec());
+        Ok(SynthPool { mem, placement })
+    }
+}
+
+/// Where the receiver puts what arrives.
+enum Sink<'a> {
+    /// Import into the engine as sequence `id`.
+    Engine(&'a mut Engine, u64),
+    /// Synthetic: copy into a buffer standing in for KV blocks (tcp, staged shm, UCX).
+    Buffer(&'a mut [u8], usize),
+    /// Synthetic placed: verify rows where the sender wrote them; the ranges, in order.
+    Placed(&'a SynthPool, Vec<std::ops::Range<usize>>),
+}
+
 async fn recv(a: RecvArgs) -> Result<()> {
+    let shm_capable = matches!(a.backend, Backend::Shm | Backend::Auto) && !a.staged;
+    // With a model, the engine's pools go in shared memory for placed transfers.
+    let mut engine_pool = None;
     let mut engine = if a.decode {
-        Some(Engine::load(a.engine.engine_config()?)?)
+        let cfg = a.engine.engine_config()?;
+        let make: Option<Box<xpyd_engine::KvMemoryFactory<'_>>> = shm_capable.then(|| {
+            Box::new(|bytes| {
+                let (mem, pool) = xpyd_runtime::kv_pool::kv_memory(bytes);
+                engine_pool = pool;
+                Ok(mem)
+            }) as Box<xpyd_engine::KvMemoryFactory<'_>>
+        });
+        Some(Engine::load_with_kv_memory(cfg, make)?)
     } else {
         None
     };
@@ -169,20 +242,45 @@ async fn recv(a: RecvArgs) -> Result<()> {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let receiver = Receiver::start(ReceiverConfig::new(fingerprint), listener)?;
-    // Synthetic mode copies every chunk into this buffer, standing in for KV blocks; it is
-    // touched once up front, as a running engine's KV pool is.
-    let mut dest = vec![1u8; if engine.is_some() { 0 } else { bytes as usize }];
+    let synth_pool = match (&engine, shm_capable) {
+        (None, true) => Some(SynthPool::new(bytes as usize, a.chunk)?),
+        _ => None,
+    };
+    // Other synthetic transfers copy every chunk into this buffer, standing in for KV
+    // blocks; it is touched once up front, as a running engine's KV pool is.
+    let mut dest = vec![
+        1u8;
+        if engine.is_some() || synth_pool.is_some() {
+            0
+        } else {
+            bytes as usize
+        }
+    ];
     for round in 1..=a.repeat.max(1) {
+        let placement = match (engine.as_mut(), &engine_pool, &synth_pool) {
+            (Some(e), Some(pool), _) => {
+                let table = e.reserve_import(round, a.prompt_tokens as usize)?;
+                Some(pool.placement(&e.kv_layout(), table))
+            }
+            (None, _, Some(p)) => Some(p.placement.clone()),
+            _ => None,
+        };
         let spec = ReserveSpec {
             transfer_id: round,
             backend: a.backend,
             bytes,
             deadline: Duration::from_millis(a.deadline_ms),
+            placement,
         };
         let (target, incoming) = receiver.reserve(spec)?;
         print(serde_json::to_value(&target)?);
         let t0 = now_ns();
-        let outcome = receive_one(incoming, engine.as_mut(), round, &mut dest).await;
+        let sink = match (engine.as_mut(), &synth_pool) {
+            (Some(e), _) => Sink::Engine(e, round),
+            (None, Some(p)) => Sink::Placed(p, Vec::new()),
+            (None, None) => Sink::Buffer(&mut dest, 0),
+        };
+        let outcome = receive_one(incoming, sink).await;
         let end_ns = now_ns();
         let mut result = match outcome {
             Ok(r) => r,
@@ -212,16 +310,16 @@ async fn recv(a: RecvArgs) -> Result<()> {
     Ok(())
 }
 
-/// Receives one transfer: synthetic chunks are copied into `dest`, engine chunks are
-/// imported as sequence `id`.
+/// Receives one transfer into `sink`; returns the result line.
 async fn receive_one(
     mut incoming: xpyd_kv_transfer::Incoming,
-    mut engine: Option<&mut Engine>,
-    id: u64,
-    dest: &mut [u8],
+    mut sink: Sink<'_>,
 ) -> Result<serde_json::Value> {
-    let (mut at, mut metas, mut chunks) = (0usize, 0usize, 0u64);
+    let (mut metas, mut chunks) = (0usize, 0u64);
     let mut meta = String::new();
+    // Time the receiving thread spends taking chunks in (copying or verifying them): on
+    // a decode worker this is engine-thread time taken from decode steps.
+    let mut consume = Duration::ZERO;
     loop {
         let Some(ev) = incoming.next().await else {
             bail!("transfer ended without outcome")
@@ -229,54 +327,95 @@ async fn receive_one(
         match ev? {
             Event::Meta(m) => {
                 let m = m.verified()?;
-                match engine.as_deref_mut() {
-                    Some(e) if metas == 0 => {
+                match &mut sink {
+                    Sink::Engine(e, id) if metas == 0 => {
                         let (h, _) = KvHeader::decode(m).map_err(|e| anyhow::anyhow!("{e}"))?;
-                        e.begin_import(id, &h)?;
+                        e.begin_import(*id, &h)?;
                     }
-                    Some(e) => e.import_resume(id, serde_json::from_slice::<ResumeState>(m)?)?,
-                    None => meta = String::from_utf8_lossy(m).into_owned(),
+                    Sink::Engine(e, id) => {
+                        e.import_resume(*id, serde_json::from_slice::<ResumeState>(m)?)?
+                    }
+                    _ => meta = String::from_utf8_lossy(m).into_owned(),
                 }
                 metas += 1;
             }
             Event::Chunk { layer, tag, data } => {
                 chunks += 1;
-                match engine.as_deref_mut() {
-                    // Straight into the KV blocks, verified while copying.
-                    Some(e) => {
-                        let mut reader = data.reader();
+                let took = std::time::Instant::now();
+                let mut reader = data.reader();
+                match &mut sink {
+                    // Straight into the KV blocks, verified while copying, or (placed)
+                    // verified where the sender wrote them.
+                    Sink::Engine(e, id) => {
                         let (start, count) = ((tag >> 32) as u32, tag as u32);
-                        e.import_rows_with(
-                            id,
-                            layer,
-                            start,
-                            count,
-                            data.len(),
-                            &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
-                        )?;
+                        let res = if data.is_placed() {
+                            e.import_rows_in_place(
+                                *id,
+                                layer,
+                                start,
+                                count,
+                                data.len(),
+                                &mut |off, b| {
+                                    reader.check_in_place(off, b).map_err(|e| e.to_string())
+                                },
+                            )
+                        } else {
+                            e.import_rows_with(
+                                *id,
+                                layer,
+                                start,
+                                count,
+                                data.len(),
+                                &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
+                            )
+                        };
+                        res?;
                         if let Err(err) = reader.finish() {
-                            e.remove(id);
+                            e.remove(*id);
                             return Err(err.into());
                         }
                     }
-                    None => {
-                        let end = at + data.len();
+                    Sink::Buffer(dest, at) => {
+                        let end = *at + data.len();
                         if end > dest.len() {
                             bail!("received more than the {} bytes reserved", dest.len());
                         }
-                        let mut reader = data.reader();
-                        reader.copy_to(0, &mut dest[at..end])?;
+                        reader.copy_to(0, &mut dest[*at..end])?;
                         reader.finish()?;
-                        at = end;
+                        *at = end;
+                    }
+                    Sink::Placed(pool, seen) => {
+                        let mem = pool.mem.bytes();
+                        let mut off = 0;
+                        for r in pool.placement.runs(layer, tag, data.len())? {
+                            reader.check_in_place(off, &mem[r.clone()])?;
+                            off += r.len();
+                            seen.push(r);
+                        }
+                        reader.finish()?;
                     }
                 }
+                consume += took.elapsed();
             }
             Event::Complete(stats) => {
                 // The transfer is complete here; the digest below is for checking only.
                 let end_ns = now_ns();
-                let mut r = json!({"ok": true, "backend": stats.backend.name(), "bytes": stats.bytes, "chunks": chunks, "end_ns": end_ns});
-                if engine.is_none() {
-                    r["xxh3"] = json!(xxhash_rust::xxh3::xxh3_64(&dest[..at]));
+                let mut r = json!({"ok": true, "backend": stats.backend.name(), "bytes": stats.bytes, "chunks": chunks, "end_ns": end_ns,
+                    "consume_us": consume.as_micros() as u64});
+                match &sink {
+                    Sink::Buffer(dest, at) => {
+                        r["xxh3"] = json!(xxhash_rust::xxh3::xxh3_64(&dest[..*at]));
+                    }
+                    Sink::Placed(pool, seen) => {
+                        let mem = pool.mem.bytes();
+                        let mut h = xxhash_rust::xxh3::Xxh3::new();
+                        seen.iter().for_each(|r| h.update(&mem[r.clone()]));
+                        r["xxh3"] = json!(h.digest());
+                        r["placed"] = json!(true);
+                    }
+                    Sink::Engine(..) => {}
+                }
+                if !matches!(sink, Sink::Engine(..)) {
                     r["meta"] = json!(meta);
                 }
                 return Ok(r);
@@ -329,8 +468,10 @@ async fn send(a: SendArgs) -> Result<()> {
         let res = async {
             let mut t = sender.open(&target).await?;
             t.send_meta(start_ns.to_string().as_bytes()).await?;
+            // Each chunk is one layer's K and V rows (placed transfers need row tags).
             for (i, c) in src.chunks(a.chunk.max(1)).enumerate() {
-                t.send((i % 30) as u32, i as u64, c).await?;
+                t.send(i as u32, tag(0, (c.len() / (2 * SYNTH_ROW)) as u32), c)
+                    .await?;
                 t.flush().await?;
                 if a.pace_ms > 0 {
                     tokio::time::sleep(Duration::from_millis(a.pace_ms)).await;

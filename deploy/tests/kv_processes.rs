@@ -72,9 +72,30 @@ fn output(child: Child) -> (bool, Value) {
 
 #[test]
 fn synthetic_transfer_between_processes_is_byte_exact() {
-    for backend in backends() {
-        let r = Recv::start(&["--backend", backend, "--bytes", "3000000"]);
-        let (ok, s) = output(send(&r.target, &["--bytes", "3000000", "--chunk", "65536"]));
+    // shm writes straight into the receiver's (scattered) KV blocks; `--staged` is the
+    // copy through a staging region.
+    let mut cases: Vec<(&str, bool)> = backends().into_iter().map(|b| (b, false)).collect();
+    cases.push(("shm", true));
+    for (backend, staged) in cases {
+        let mut args = vec![
+            "--backend",
+            backend,
+            "--bytes",
+            "3072000",
+            "--chunk",
+            "65536",
+        ];
+        if staged {
+            args.push("--staged");
+        }
+        let r = Recv::start(&args);
+        let target: Value = serde_json::from_str(&r.target).unwrap();
+        assert_eq!(
+            target["placement"].is_object(),
+            backend == "shm" && !staged,
+            "{backend}: {target}"
+        );
+        let (ok, s) = output(send(&r.target, &["--bytes", "3072000", "--chunk", "65536"]));
         let res = r.result();
         assert!(ok && res["ok"] == true, "{backend}: {s} / {res}");
         assert_eq!(res["backend"], backend);
@@ -93,7 +114,9 @@ fn killed_sender_fails_the_receiver_within_the_deadline_and_frees() {
             "--backend",
             backend,
             "--bytes",
-            "10000000",
+            "10240000",
+            "--chunk",
+            "102400",
             "--deadline-ms",
             "8000",
         ]);
@@ -101,9 +124,9 @@ fn killed_sender_fails_the_receiver_within_the_deadline_and_frees() {
             &r.target,
             &[
                 "--bytes",
-                "10000000",
+                "10240000",
                 "--chunk",
-                "100000",
+                "102400",
                 "--pace-ms",
                 "20",
             ],
@@ -234,6 +257,13 @@ fn disaggregated_equals_single(
                 "--threads",
                 "1",
             ]);
+            // Over shm the sender writes straight into the decode engine's KV blocks.
+            let target: Value = serde_json::from_str(&r.target).unwrap();
+            assert_eq!(
+                target["placement"]["blocks"].is_array(),
+                *backend == "shm",
+                "{backend}: {target}"
+            );
             let mut args = vec![
                 "--prompt",
                 prompt,

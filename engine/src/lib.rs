@@ -17,9 +17,9 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use config::{EngineConfig, KvDtype, ModelConfig};
-pub use engine::{Engine, Generation, KvUsage, ModelInfo};
+pub use engine::{Engine, Generation, KvMemoryFactory, KvUsage, ModelInfo};
 pub use error::{EngineError, Result};
-pub use kv::{KvFormatError, KvHeader, LayerChunk};
+pub use kv::{KvFormatError, KvHeader, KvLayout, KvMemory, LayerChunk};
 pub use mock::{MockLatency, MockModel};
 pub use sampling::SamplingParams;
 pub use sequence::{FinishReason, ResumeState, TokenEvent};

@@ -513,3 +513,136 @@ fn prefix_cache_gives_way_when_the_pool_is_short() {
         .unwrap();
     assert_eq!(e.reused_tokens(7), 48);
 }
+
+/// KV pools in a file mapping that the test also maps, as a same-host sender does.
+#[derive(Debug)]
+struct Mapped(memmap2::MmapMut);
+
+impl xpyd_engine::KvMemory for Mapped {
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+}
+
+#[allow(unsafe_code)]
+fn map(file: &std::fs::File) -> memmap2::MmapMut {
+    // SAFETY: the file belongs to this test and is never truncated while mapped.
+    unsafe { memmap2::MmapMut::map_mut(file) }.unwrap()
+}
+
+/// Writes a layer chunk where the layout says its rows go (K rows, then V rows).
+fn place(mem: &mut [u8], layout: &xpyd_engine::KvLayout, table: &[u32], c: &LayerChunk) {
+    let (bs, row) = (layout.block_size, layout.row_bytes);
+    let n = c.count as usize;
+    for (kv, rows) in c.payload.chunks(n * row).enumerate() {
+        for (i, src) in rows.chunks(row).enumerate() {
+            let pos = c.start as usize + i;
+            let at = layout.pools[c.layer as usize][kv]
+                + (table[pos / bs] as usize * bs + pos % bs) * row;
+            mem[at..at + row].copy_from_slice(src);
+        }
+    }
+}
+
+#[test]
+fn placed_import_checks_rows_a_peer_wrote_into_the_pools() {
+    let f = tiny(9);
+    let mut a = engine(&f, |c| c.prefill_chunk = 16);
+    let file = tempfile::tempfile().unwrap();
+    let mut cfg = EngineConfig::new(&f.path);
+    cfg.num_blocks = Some(64);
+    let make: Box<xpyd_engine::KvMemoryFactory<'_>> = Box::new(|bytes| {
+        file.set_len(bytes as u64).map_err(|e| e.to_string())?;
+        Ok(Box::new(Mapped(map(&file))))
+    });
+    let mut b = Engine::load_with_kv_memory(cfg, Some(make)).unwrap();
+    let layout = b.kv_layout();
+    assert_eq!(layout.memory_bytes as u64, file.metadata().unwrap().len());
+    let mut peer = map(&file);
+    let params = SamplingParams {
+        ignore_eos: true,
+        ..SamplingParams::greedy(8)
+    };
+    let p = prompt(40, 5);
+    let reference = run_single(&mut a, p.clone(), params.clone());
+
+    a.add_sequence(1, p.clone(), params.clone()).unwrap();
+    let header = a.export_header(1).unwrap();
+    // A reservation that the header does not match is refused, and its blocks held.
+    b.reserve_import(3, 39).unwrap();
+    assert!(matches!(
+        b.begin_import(3, &header),
+        Err(EngineError::KvImport(KvFormatError::Geometry(_)))
+    ));
+    assert!(b.kv_usage().used_blocks > 0, "held, not freed");
+    assert!(matches!(
+        b.reserve_import(3, 40),
+        Err(EngineError::DuplicateSequence(3))
+    ));
+    assert_eq!(b.release_held(3), 3);
+    assert_eq!(b.kv_usage().used_blocks, 0);
+
+    let table = b.reserve_import(7, 40).unwrap();
+    b.begin_import(7, &header).unwrap();
+    let mut chunks = Vec::new();
+    let first = a.prefill(1, &mut |c| chunks.push(c)).unwrap();
+    for c in &chunks {
+        place(&mut peer, &layout, &table, c);
+        let mut seen = 0;
+        b.import_rows_in_place(
+            7,
+            c.layer,
+            c.start,
+            c.count,
+            c.payload.len(),
+            &mut |off, bytes| {
+                assert_eq!(off, seen, "runs come in payload order");
+                assert_eq!(bytes, &c.payload[off..off + bytes.len()]);
+                seen += bytes.len();
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(seen, c.payload.len());
+    }
+    b.import_resume(7, a.resume_state(1).unwrap()).unwrap();
+    b.finish_import(7).unwrap();
+    let mut out = vec![first.token];
+    b.run_to_end(7, &mut |ev| out.push(ev.token)).unwrap();
+    assert_eq!(out, reference);
+    // Completed imports free their blocks normally.
+    b.remove(7);
+    assert_eq!(b.kv_usage().used_blocks, 0);
+
+    // A failed check fails the import; the blocks stay held until released.
+    let table = b.reserve_import(8, 40).unwrap();
+    b.begin_import(8, &header).unwrap();
+    let c = &chunks[0];
+    place(&mut peer, &layout, &table, c);
+    let err = b
+        .import_rows_in_place(
+            8,
+            c.layer,
+            c.start,
+            c.count,
+            c.payload.len(),
+            &mut |_, _| Err("checksum mismatch".into()),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, EngineError::KvImport(KvFormatError::Checksum { .. })),
+        "{err}"
+    );
+    assert!(b.sequences() == 0 && b.kv_usage().used_blocks == table.len());
+    assert_eq!(b.release_held(8), table.len());
+
+    // Rows in place are refused for an import that was not reserved (nothing wrote them).
+    b.begin_import(9, &header).unwrap();
+    assert!(matches!(
+        b.import_rows_in_place(9, 0, 0, 16, c.payload.len(), &mut |_, _| Ok(())),
+        Err(EngineError::WrongState { .. })
+    ));
+}

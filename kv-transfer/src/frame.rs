@@ -5,6 +5,7 @@
 //! 'D' layer u32 | tag u64 | len u64 | payload | crc u64             data frame
 //! 'S' layer u32 | tag u64 | offset u64 | len u64 | crc u64          data already in shm
 //! 'N' layer u32 | tag u64 | len u64 | crc u64                      data follows over NCCL/UCX
+//! 'P' layer u32 | tag u64 | len u64 | crc u64                      data placed in the KV blocks
 //! 'M' len u64 | payload | crc u64                                   opaque metadata
 //! 'C' frames u64                                                    commit → reply
 //! 'A'                                                               abort
@@ -49,6 +50,18 @@ pub enum Frame {
         tag: u64,
         /// Offset in the segment.
         offset: u64,
+        /// Length.
+        len: u64,
+        /// Checksum of layer, tag and the bytes.
+        checksum: u64,
+    },
+    /// A chunk the sender wrote straight into the receiver's KV blocks (a placed
+    /// transfer: the tag is `start << 32 | count` and the target's placement says where).
+    Placed {
+        /// Layer index.
+        layer: u32,
+        /// First token row and row count.
+        tag: u64,
         /// Length.
         len: u64,
         /// Checksum of layer, tag and the bytes.
@@ -166,8 +179,31 @@ pub async fn write_oob<W: AsyncWrite + Unpin>(
     len: u64,
     sum: u64,
 ) -> Result<()> {
+    write_notice(w, b'N', layer, tag, len, sum).await
+}
+
+/// Writes a placed-data notice.
+pub async fn write_placed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    layer: u32,
+    tag: u64,
+    len: u64,
+    sum: u64,
+) -> Result<()> {
+    write_notice(w, b'P', layer, tag, len, sum).await
+}
+
+/// A chunk notice whose bytes travel elsewhere.
+async fn write_notice<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: u8,
+    layer: u32,
+    tag: u64,
+    len: u64,
+    sum: u64,
+) -> Result<()> {
     let mut b = [0u8; 29];
-    b[0] = b'N';
+    b[0] = kind;
     b[1..5].copy_from_slice(&layer.to_le_bytes());
     b[5..13].copy_from_slice(&tag.to_le_bytes());
     b[13..21].copy_from_slice(&len.to_le_bytes());
@@ -321,6 +357,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             len: r.read_u64_le().await?,
             checksum: r.read_u64_le().await?,
         },
+        b'P' => Frame::Placed {
+            layer: r.read_u32_le().await?,
+            tag: r.read_u64_le().await?,
+            len: r.read_u64_le().await?,
+            checksum: r.read_u64_le().await?,
+        },
         b'M' => {
             let (payload, crc) = read_payload(r, pool, checksum_start(u32::MAX, u64::MAX)).await?;
             let sum = r.read_u64_le().await?;
@@ -447,6 +489,14 @@ mod tests {
                 } => write_oob(&mut buf, *layer, *tag, *len, *checksum)
                     .await
                     .unwrap(),
+                Frame::Placed {
+                    layer,
+                    tag,
+                    len,
+                    checksum,
+                } => write_placed(&mut buf, *layer, *tag, *len, *checksum)
+                    .await
+                    .unwrap(),
                 Frame::Meta(p) => write_meta(&mut buf, p).await.unwrap(),
                 Frame::Commit(n) => write_commit(&mut buf, *n).await.unwrap(),
                 Frame::Abort => write_abort(&mut buf).await.unwrap(),
@@ -492,6 +542,14 @@ mod tests {
                     len: n,
                     checksum: c
                 }),
+            (any::<u32>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(l, t, n, c)| {
+                Frame::Placed {
+                    layer: l,
+                    tag: t,
+                    len: n,
+                    checksum: c,
+                }
+            }),
             proptest::collection::vec(any::<u8>(), 0..500).prop_map(Frame::Meta),
             any::<u64>().prop_map(Frame::Commit),
             Just(Frame::Abort),

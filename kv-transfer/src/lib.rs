@@ -6,7 +6,8 @@
 //! chunk as it lands, then `Complete` — or a typed failure within the deadline.
 //! Backends: TCP (checksummed frames, pooled connections) and same-host shared memory
 //! (the sender writes straight into the receiver's segment; only small notices cross the
-//! socket), and NCCL behind the `nccl` feature. Reservations are epoch-fenced: a released and reused reservation refuses
+//! socket; with a [`Placement`] it writes straight into the receiver's KV blocks), and
+//! NCCL behind the `nccl` feature. Reservations are epoch-fenced: a released and reused reservation refuses
 //! senders holding the old epoch.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -32,4 +33,4 @@ pub use error::{Result, TransferError};
 pub use receiver::{Event, Incoming, Receiver, ReceiverConfig, ReserveSpec, Stats};
 pub use sender::{Sender, Transfer};
 pub use shm::{Payload, PayloadReader};
-pub use target::{Backend, ShmDesc, TransferTarget};
+pub use target::{Backend, Placement, ShmDesc, TransferTarget};

@@ -6,7 +6,7 @@ use crate::frame::{self, Frame};
 use crate::metrics as m;
 use crate::oob::RecvLink;
 use crate::shm::{Arena, Expect, Payload, Region};
-use crate::target::{Backend, ShmDesc, TransferTarget, deadline_ms, host_id};
+use crate::target::{Backend, Placement, ShmDesc, TransferTarget, deadline_ms, host_id};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,6 +54,9 @@ pub struct ReserveSpec {
     pub bytes: u64,
     /// Time allowed from now to completion.
     pub deadline: Duration,
+    /// Where the rows go in this receiver's KV pool segment: with `shm` or `auto`, a
+    /// same-host sender writes straight into the blocks instead of a staging region.
+    pub placement: Option<Placement>,
 }
 
 /// What a transfer delivers, in order.
@@ -92,6 +95,7 @@ struct Slot {
     deadline: Instant,
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
+    placed: bool,
     nccl: Option<String>,
     ucx: bool,
     attached: bool,
@@ -211,7 +215,12 @@ impl Receiver {
             Backend::Auto => crate::oob::ucx_address().ok(),
             _ => None,
         };
+        let placement = match spec.backend {
+            Backend::Shm | Backend::Auto => spec.placement,
+            Backend::Tcp | Backend::Nccl | Backend::Ucx => None,
+        };
         let shm = match spec.backend {
+            _ if placement.is_some() => None,
             Backend::Shm | Backend::Auto => match self.region(spec.bytes) {
                 Ok(r) => Some(Arc::new(r)),
                 Err(e) if spec.backend == Backend::Auto => {
@@ -236,6 +245,7 @@ impl Receiver {
                 offset: r.offset() as u64,
                 size: r.len() as u64,
             }),
+            placement: placement.clone(),
             ucx_addr: ucx_addr.clone(),
             nccl_id: nccl.clone(),
             deadline_unix_ms: deadline_ms(spec.deadline),
@@ -248,6 +258,7 @@ impl Receiver {
                 deadline,
                 tx,
                 shm,
+                placed: placement.is_some(),
                 nccl,
                 ucx: ucx_addr.is_some(),
                 attached: false,
@@ -349,6 +360,7 @@ async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
 struct Attached {
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
+    placed: bool,
     nccl: Option<String>,
     /// The reservation's epoch when UCX was offered (it scopes the UCX tags).
     ucx_epoch: Option<u64>,
@@ -369,6 +381,7 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
             Ok(Attached {
                 tx: s.tx.clone(),
                 shm: s.shm.clone(),
+                placed: s.placed,
                 nccl: s.nccl.clone(),
                 ucx_epoch: s.ucx.then_some(epoch),
                 deadline: s.deadline,
@@ -461,6 +474,35 @@ async fn receive(
                     data: Payload::Mapped(
                         seg.clone(),
                         range,
+                        Expect {
+                            layer,
+                            tag,
+                            checksum,
+                        },
+                    ),
+                }
+            }
+            Frame::Placed {
+                layer,
+                tag,
+                len,
+                checksum,
+            } => {
+                if !att.placed {
+                    return Err(TransferError::Protocol(
+                        "placed frame for a reservation without a placement".into(),
+                    ));
+                }
+                let len = usize::try_from(len)
+                    .map_err(|_| TransferError::Protocol("chunk too large".into()))?;
+                // Verified by the consumer where the sender wrote it (its KV blocks).
+                backend = Backend::Shm;
+                bytes += len as u64;
+                Event::Chunk {
+                    layer,
+                    tag,
+                    data: Payload::Placed(
+                        len,
                         Expect {
                             layer,
                             tag,

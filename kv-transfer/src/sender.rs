@@ -43,7 +43,8 @@ impl Sender {
 
     /// The backend `open` would use for this target.
     pub fn choose(&self, target: &TransferTarget) -> Result<Backend> {
-        let same_host = target.host_id == self.host_id && target.shm.is_some();
+        let same_host =
+            target.host_id == self.host_id && (target.shm.is_some() || target.placement.is_some());
         match target.backend {
             Backend::Tcp => Ok(Backend::Tcp),
             Backend::Shm if same_host => Ok(Backend::Shm),
@@ -81,8 +82,12 @@ impl Sender {
     pub async fn open(&self, target: &TransferTarget) -> Result<Transfer> {
         let deadline = Instant::now() + target.remaining();
         let backend = self.choose(target)?;
-        let shm = match (backend, &target.shm) {
-            (Backend::Shm, Some(d)) => Some(ShmTarget {
+        let shm = match (backend, &target.placement, &target.shm) {
+            (Backend::Shm, Some(p), _) => Some(ShmTarget::Placed {
+                seg: self.map(&p.path, p.len)?,
+                placement: p.clone(),
+            }),
+            (Backend::Shm, None, Some(d)) => Some(ShmTarget::Region {
                 seg: self.map(&d.path, d.len)?,
                 offset: d.offset as usize,
                 size: d.size as usize,
@@ -194,23 +199,30 @@ fn classify_rejection(
     }
 }
 
-/// The receiver's region this transfer writes into.
-struct ShmTarget {
-    seg: Arc<Mutex<Segment>>,
-    offset: usize,
-    size: usize,
+/// Where in the receiver's shared memory this transfer writes.
+enum ShmTarget {
+    /// A staging region, filled in order; the receiver copies chunks out of it.
+    Region {
+        seg: Arc<Mutex<Segment>>,
+        offset: usize,
+        size: usize,
+    },
+    /// The receiver's KV blocks themselves.
+    Placed {
+        seg: Arc<Mutex<Segment>>,
+        placement: crate::target::Placement,
+    },
 }
 
-/// Copies `data` to `dst` while hashing it in cache-sized pieces (one pass over memory),
-/// returning the chunk checksum.
-fn copy_and_checksum(layer: u32, tag: u64, data: &[u8], dst: &mut [u8]) -> u64 {
+/// Copies `data` to `dst` while continuing checksum `crc` over it in cache-sized pieces
+/// (one pass over memory).
+fn copy_and_checksum(mut crc: u32, data: &[u8], dst: &mut [u8]) -> u32 {
     const PIECE: usize = 64 * 1024;
-    let mut crc = frame::checksum_start(layer, tag);
     for (src, out) in data.chunks(PIECE).zip(dst.chunks_mut(PIECE)) {
         out.copy_from_slice(src);
         crc = frame::checksum_update(crc, src);
     }
-    crc as u64
+    crc
 }
 
 /// One open transfer. Dropping it without `commit` aborts it.
@@ -278,32 +290,63 @@ impl Transfer {
             self.bytes += data.len() as u64;
             return Ok(());
         }
-        let res = if let Some(shm) = self.shm.as_ref() {
-            let (start, end) = (self.cursor, self.cursor + data.len());
-            if end > shm.size {
-                return Err(TransferError::Protocol(format!(
-                    "{end} bytes exceed the {}-byte region",
-                    shm.size
-                )));
+        let res = match self.shm.as_ref() {
+            Some(ShmTarget::Region { seg, offset, size }) => {
+                let (start, end) = (self.cursor, self.cursor + data.len());
+                if end > *size {
+                    return Err(TransferError::Protocol(format!(
+                        "{end} bytes exceed the {size}-byte region"
+                    )));
+                }
+                let sum = {
+                    let mut seg = seg.lock().expect("segment lock");
+                    let dst = &mut seg.bytes_mut()[offset + start..offset + end];
+                    copy_and_checksum(frame::checksum_start(layer, tag), data, dst)
+                };
+                self.cursor = end;
+                let conn = self.conn()?;
+                timeout_at(
+                    deadline,
+                    frame::write_shm(
+                        conn,
+                        layer,
+                        tag,
+                        start as u64,
+                        data.len() as u64,
+                        sum as u64,
+                    ),
+                )
+                .await
             }
-            let sum = {
-                let mut seg = shm.seg.lock().expect("segment lock");
-                let dst = &mut seg.bytes_mut()[shm.offset + start..shm.offset + end];
-                copy_and_checksum(layer, tag, data, dst)
-            };
-            self.cursor = end;
-            let conn = self
-                .conn
-                .as_mut()
-                .ok_or_else(|| TransferError::Protocol("finished".into()))?;
-            timeout_at(
-                deadline,
-                frame::write_shm(conn, layer, tag, start as u64, data.len() as u64, sum),
-            )
-            .await
-        } else {
-            let conn = self.conn()?;
-            timeout_at(deadline, frame::write_data(conn, layer, tag, data)).await
+            Some(ShmTarget::Placed { seg, placement }) => {
+                let runs = placement.runs(layer, tag, data.len())?;
+                // Past the deadline the receiver may have given these blocks to another
+                // sequence: never write then.
+                if Instant::now() >= deadline {
+                    return Err(TransferError::DeadlineExceeded("send".into()));
+                }
+                let sum = {
+                    let mut seg = seg.lock().expect("segment lock");
+                    let mem = seg.bytes_mut();
+                    let (mut crc, mut at) = (frame::checksum_start(layer, tag), 0);
+                    for r in runs {
+                        let n = r.len();
+                        crc = copy_and_checksum(crc, &data[at..at + n], &mut mem[r]);
+                        at += n;
+                    }
+                    crc
+                };
+                let conn = self.conn()?;
+                timeout_at(
+                    deadline,
+                    frame::write_placed(conn, layer, tag, data.len() as u64, sum as u64),
+                )
+                .await
+            }
+            None => {
+                let conn = self.conn()?;
+                timeout_at(deadline, frame::write_data(conn, layer, tag, data)).await
+            }
         };
         res.map_err(|_| TransferError::DeadlineExceeded("send".into()))??;
         self.frames += 1;

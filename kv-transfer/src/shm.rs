@@ -22,8 +22,20 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Creates and maps a new segment of `len` bytes (receiver side).
+    /// Creates and maps a new segment of `len` bytes (receiver side). Its pages are
+    /// committed on first touch, so a full /dev/shm surfaces later as a fault: use
+    /// [`Segment::create_committed`] for memory that must be there (KV pools).
     pub fn create(dir: &Path, name: &str, len: u64) -> Result<Self> {
+        Self::create_with(dir, name, len, false)
+    }
+
+    /// Like [`Segment::create`], with every page allocated up front: a /dev/shm too small
+    /// is an error now rather than a bus error on some later write.
+    pub fn create_committed(dir: &Path, name: &str, len: u64) -> Result<Self> {
+        Self::create_with(dir, name, len, true)
+    }
+
+    fn create_with(dir: &Path, name: &str, len: u64, commit: bool) -> Result<Self> {
         let path = dir.join(name);
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -33,6 +45,19 @@ impl Segment {
             .map_err(|e| TransferError::Io(format!("create {}: {e}", path.display())))?;
         f.set_len(len.max(1))
             .map_err(|e| TransferError::Io(format!("size {}: {e}", path.display())))?;
+        if commit {
+            let n = i64::try_from(len.max(1)).map_err(|_| TransferError::Io("segment size".into()));
+            if let Err(e) = n.and_then(|n| {
+                nix::fcntl::posix_fallocate(&f, 0, n)
+                    .map_err(|e| TransferError::Io(format!("allocate {len} bytes: {e}")))
+            }) {
+                let _ = std::fs::remove_file(&path);
+                return Err(TransferError::Unavailable(format!(
+                    "{}: {e}",
+                    path.display()
+                )));
+            }
+        }
         // SAFETY: we just created the file; only its owner (this receiver) sizes or removes it.
         let map = unsafe { MmapMut::map_mut(&f) }
             .map_err(|e| TransferError::Io(format!("mmap {}: {e}", path.display())))?;
@@ -231,28 +256,52 @@ pub enum Payload {
     Owned(Arc<PooledBuf>),
     /// A range of a shared region (relative to the region), with its checksum.
     Mapped(Arc<Region>, std::ops::Range<usize>, Expect),
+    /// `len` bytes the sender wrote straight into the receiver's KV blocks (a placed
+    /// transfer): nothing to copy, only to verify where they are, through
+    /// [`PayloadReader::check_in_place`].
+    Placed(usize, Expect),
 }
 
 impl Payload {
+    /// The bytes to copy out (none for a placed payload).
     fn raw(&self) -> &[u8] {
         match self {
             Payload::Owned(v) => v,
             Payload::Mapped(s, r, _) => &s.bytes()[r.clone()],
+            Payload::Placed(..) => &[],
         }
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.raw().len()
+        match self {
+            Payload::Placed(n, _) => *n,
+            _ => self.raw().len(),
+        }
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.raw().is_empty()
+        self.len() == 0
+    }
+
+    /// True for rows already in the receiver's KV blocks.
+    pub fn is_placed(&self) -> bool {
+        matches!(self, Payload::Placed(..))
+    }
+
+    fn not_placed(&self) -> Result<()> {
+        if self.is_placed() {
+            return Err(TransferError::Protocol(
+                "placed rows are in the KV blocks already: check them in place".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The bytes, after verifying them (a read pass for shared ranges).
     pub fn verified(&self) -> Result<&[u8]> {
+        self.not_placed()?;
         let mut r = self.reader();
         r.check(self.raw())?;
         Ok(self.raw())
@@ -260,6 +309,7 @@ impl Payload {
 
     /// A verified copy.
     pub fn to_vec(&self) -> Result<Vec<u8>> {
+        self.not_placed()?;
         let mut out = vec![0u8; self.len()];
         let mut r = self.reader();
         r.copy_to(0, &mut out)?;
@@ -267,14 +317,19 @@ impl Payload {
         Ok(out)
     }
 
-    /// Copies the bytes out in order, verifying as it goes; see [`PayloadReader`].
+    /// Copies the bytes out in order, verifying as it goes, or (placed) verifies them
+    /// where they are; see [`PayloadReader`].
     pub fn reader(&self) -> PayloadReader<'_> {
         let expect = match self {
             Payload::Owned(_) => None,
-            Payload::Mapped(_, _, e) => Some((crate::frame::checksum_start(e.layer, e.tag), *e)),
+            Payload::Mapped(_, _, e) | Payload::Placed(_, e) => {
+                Some((crate::frame::checksum_start(e.layer, e.tag), *e))
+            }
         };
         PayloadReader {
             src: self.raw(),
+            len: self.len(),
+            placed: self.is_placed(),
             next: 0,
             expect,
         }
@@ -282,30 +337,57 @@ impl Payload {
 }
 
 /// Copies a payload into destinations in order, continuing its checksum over each piece
-/// while the piece is in cache. Data is only accepted once [`PayloadReader::finish`]
-/// returns `Ok`: a destination filled from a corrupt payload must be discarded.
+/// while the piece is in cache, or (placed payloads) continues the checksum over the
+/// bytes where the sender put them. Data is only accepted once
+/// [`PayloadReader::finish`] returns `Ok`: a destination filled from a corrupt payload
+/// must be discarded.
 pub struct PayloadReader<'a> {
     src: &'a [u8],
+    len: usize,
+    placed: bool,
     next: usize,
     expect: Option<(u32, Expect)>,
 }
 
 impl PayloadReader<'_> {
+    fn at(&self, offset: usize, n: usize) -> Result<usize> {
+        offset
+            .checked_add(n)
+            .filter(|e| *e <= self.len && offset == self.next)
+            .ok_or_else(|| {
+                TransferError::Protocol(format!(
+                    "payload read at {offset}+{n} (next {}, length {})",
+                    self.next, self.len
+                ))
+            })
+    }
+
+    /// Continues the checksum over payload bytes `offset..offset + bytes.len()` of a
+    /// placed payload, read where the sender wrote them (the receiver's KV blocks).
+    /// Offsets must follow each other without gaps.
+    pub fn check_in_place(&mut self, offset: usize, bytes: &[u8]) -> Result<()> {
+        if !self.placed {
+            return Err(TransferError::Protocol(
+                "only placed payloads are checked in place".into(),
+            ));
+        }
+        self.next = self.at(offset, bytes.len())?;
+        if let Some((crc, _)) = self.expect.as_mut() {
+            *crc = crate::frame::checksum_update(*crc, bytes);
+        }
+        Ok(())
+    }
+
     /// Copies payload bytes `offset..offset + dst.len()` into `dst`. Offsets must follow
     /// each other without gaps.
     pub fn copy_to(&mut self, offset: usize, dst: &mut [u8]) -> Result<()> {
         const PIECE: usize = 64 * 1024;
-        let end = offset
-            .checked_add(dst.len())
-            .filter(|e| *e <= self.src.len());
-        let Some(end) = end.filter(|_| offset == self.next) else {
-            return Err(TransferError::Protocol(format!(
-                "payload read at {offset}+{} (next {}, length {})",
-                dst.len(),
-                self.next,
-                self.src.len()
-            )));
-        };
+        if self.placed {
+            return Err(TransferError::Protocol(
+                "placed rows are in the KV blocks already: check them in place".into(),
+            ));
+        }
+        let end = self.at(offset, dst.len())?;
         for (s, d) in self.src[offset..end]
             .chunks(PIECE)
             .zip(dst.chunks_mut(PIECE))
@@ -328,17 +410,18 @@ impl PayloadReader<'_> {
     }
 
     fn finish_ref(&self) -> Result<()> {
-        if self.next != self.src.len() {
+        if self.next != self.len {
             return Err(TransferError::Protocol(format!(
                 "payload read {} of {} bytes",
-                self.next,
-                self.src.len()
+                self.next, self.len
             )));
         }
         match self.expect {
             Some((crc, e)) if crc as u64 != e.checksum => Err(TransferError::Checksum(format!(
-                "layer {} chunk {:#x} in shared memory",
-                e.layer, e.tag
+                "layer {} chunk {:#x} in shared memory{}",
+                e.layer,
+                e.tag,
+                if self.placed { " (placed)" } else { "" }
             ))),
             _ => Ok(()),
         }

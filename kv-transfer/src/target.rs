@@ -1,6 +1,7 @@
 //! What a receiver hands out and a sender opens: the serializable transfer target.
 
 use serde::{Deserialize, Serialize};
+use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// A transport.
@@ -62,6 +63,71 @@ pub struct ShmDesc {
     pub size: u64,
 }
 
+/// Where a receiver's KV rows live in its shared-memory KV pool, so that a same-host
+/// sender writes each chunk straight into the blocks (a *placed* transfer) and the
+/// receiver only verifies them. Chunks of a placed transfer are tagged
+/// `start << 32 | count` and carry rows `start..start+count` of one layer, all K rows
+/// then all V rows; row `p` of a layer's K (V) pool lives at
+/// `pools[layer][0 (1)] + (blocks[p / block_size] * block_size + p % block_size) * row_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// Path of the KV pool segment (under /dev/shm).
+    pub path: String,
+    /// The segment's size in bytes.
+    pub len: u64,
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Bytes of one K or V row.
+    pub row_bytes: u64,
+    /// Byte offsets of each layer's K and V pools in the segment.
+    pub pools: Vec<[u64; 2]>,
+    /// The sequence's block table.
+    pub blocks: Vec<u32>,
+}
+
+impl Placement {
+    /// The byte ranges of the segment a chunk of `len` bytes tagged `tag` of `layer`
+    /// goes to, in payload order, adjacent ranges merged. Errors name what does not fit.
+    pub fn runs(&self, layer: u32, tag: u64, len: usize) -> crate::Result<Vec<Range<usize>>> {
+        let bad = |what: String| crate::TransferError::Protocol(format!("placed chunk: {what}"));
+        let (start, count) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);
+        let (bs, row) = (self.block_size as usize, self.row_bytes as usize);
+        let pools = self
+            .pools
+            .get(layer as usize)
+            .ok_or_else(|| bad(format!("layer {layer} of {}", self.pools.len())))?;
+        if bs == 0 || start + count > self.blocks.len() * bs {
+            return Err(bad(format!(
+                "rows {start}+{count} beyond {} blocks of {bs}",
+                self.blocks.len()
+            )));
+        }
+        if Some(len) != count.checked_mul(2 * row) {
+            return Err(bad(format!(
+                "{len} bytes for {count} K and V rows of {row}"
+            )));
+        }
+        let mut out: Vec<Range<usize>> = Vec::with_capacity(2 * (count / bs.max(1) + 2));
+        for pool in pools {
+            let mut pos = start;
+            while pos < start + count {
+                let rows = (bs - pos % bs).min(start + count - pos);
+                let at = *pool as usize + (self.blocks[pos / bs] as usize * bs + pos % bs) * row;
+                let end = at + rows * row;
+                if end as u64 > self.len {
+                    return Err(bad(format!("ends at {end}, segment has {}", self.len)));
+                }
+                match out.last_mut() {
+                    Some(last) if last.end == at => last.end = end,
+                    _ => out.push(at..end),
+                }
+                pos += rows;
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// What a sender needs to write one transfer into a receiver's reservation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransferTarget {
@@ -77,6 +143,10 @@ pub struct TransferTarget {
     pub epoch: u64,
     /// Shared-memory segment, when offered.
     pub shm: Option<ShmDesc>,
+    /// Where the rows go in the receiver's KV pool, when it offers placed transfers
+    /// (same-host shm only; takes the place of `shm`).
+    #[serde(default)]
+    pub placement: Option<Placement>,
     /// The receiver's UCX worker address (hex), when UCX is offered.
     #[serde(default)]
     pub ucx_addr: Option<String>,

@@ -1,12 +1,13 @@
 //! Process glue shared by xpyd's roles: shutdown, gRPC health and reflection, the metrics
 //! exporter and every cluster metric name, and the worker side of membership (a lease in
-//! the embedded registry or in etcd).
+//! the embedded registry or in etcd), and KV pools in shared memory for placed transfers.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod ema;
 pub mod grpc;
 pub mod http;
+pub mod kv_pool;
 pub mod lease;
 pub mod metrics;
 pub mod shutdown;

@@ -4,7 +4,7 @@
 use super::{Engine, Phase, Sequence};
 use crate::error::{EngineError, Result};
 use crate::kv::blocks_for;
-use crate::kv::cache::RowFill;
+use crate::kv::cache::{RowCheck, RowFill};
 use crate::kv::format::{self, KvFormatError, KvHeader, LayerChunk};
 use crate::sequence::ResumeState;
 
@@ -15,7 +15,7 @@ impl Engine {
     /// computed, and the final [`ResumeState`] after the prefill.
     pub fn export_header(&self, id: u64) -> Result<KvHeader> {
         let s = self.seq(id)?;
-        if matches!(s.phase, Phase::Importing(_)) {
+        if matches!(s.phase, Phase::Importing(_) | Phase::Reserved) {
             return Err(EngineError::WrongState {
                 id,
                 state: s.phase.name(),
@@ -67,11 +67,66 @@ impl Engine {
         Ok(format::encode_all(&header, &chunks))
     }
 
-    /// Starts importing a sequence: validates the header against this engine and
-    /// reserves blocks. Layers then arrive through [`Engine::import_chunk`].
-    pub fn begin_import(&mut self, id: u64, header: &KvHeader) -> Result<()> {
-        if self.seqs.contains_key(&id) {
+    /// Reserves blocks for an import of `tokens` tokens before its header arrives, so a
+    /// same-host sender can be told where to write the rows (the sequence's block table,
+    /// returned, within [`Engine::kv_layout`]). The import then goes on as usual with
+    /// [`Engine::begin_import`], whose header must announce exactly `tokens` tokens, and
+    /// its rows are checked in place with [`Engine::import_rows_in_place`]. Until the
+    /// import completes, removing the sequence holds its blocks (see [`Engine::remove`]).
+    pub fn reserve_import(&mut self, id: u64, tokens: usize) -> Result<Vec<u32>> {
+        if self.seqs.contains_key(&id) || self.held.contains_key(&id) {
             return Err(EngineError::DuplicateSequence(id));
+        }
+        let ctx = self.backend.config().context_length;
+        if tokens == 0 || tokens >= ctx {
+            return Err(EngineError::ContextOverflow { tokens, max: ctx });
+        }
+        let table = self.alloc(blocks_for(tokens, self.cfg.block_size))?;
+        self.seqs.insert(
+            id,
+            Sequence {
+                table: table.clone(),
+                cached: tokens,
+                reused: 0,
+                reused_pending: false,
+                state: ResumeState::new(Vec::new(), crate::SamplingParams::default()),
+                phase: Phase::Reserved,
+                placed: true,
+            },
+        );
+        Ok(table)
+    }
+
+    /// Starts importing a sequence: validates the header against this engine and
+    /// reserves blocks (or takes those of [`Engine::reserve_import`]). Layers then arrive
+    /// through [`Engine::import_chunk`].
+    pub fn begin_import(&mut self, id: u64, header: &KvHeader) -> Result<()> {
+        let res = self.try_begin_import(id, header);
+        if res.is_err()
+            && self
+                .seqs
+                .get(&id)
+                .is_some_and(|s| s.phase == Phase::Reserved)
+        {
+            self.remove(id);
+        }
+        res
+    }
+
+    fn try_begin_import(&mut self, id: u64, header: &KvHeader) -> Result<()> {
+        let reserved = match self.seqs.get(&id) {
+            Some(s) if s.phase == Phase::Reserved => Some(s.cached),
+            Some(_) => return Err(EngineError::DuplicateSequence(id)),
+            None => None,
+        };
+        if let Some(tokens) = reserved
+            && tokens != header.token_count as usize
+        {
+            return Err(KvFormatError::Geometry(format!(
+                "header announces {} tokens, {tokens} were reserved",
+                header.token_count
+            ))
+            .into());
         }
         if header.fingerprint != self.fingerprint {
             return Err(KvFormatError::ModelMismatch {
@@ -114,6 +169,11 @@ impl Engine {
             .into());
         }
         self.check_prompt(&r.tokens[..count], &r.params)?;
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.state = r.clone();
+            s.phase = Phase::Importing(vec![0; m.n_layer]);
+            return Ok(());
+        }
         let table = self.alloc(blocks_for(count, self.cfg.block_size))?;
         self.seqs.insert(
             id,
@@ -124,6 +184,7 @@ impl Engine {
                 reused_pending: false,
                 state: r.clone(),
                 phase: Phase::Importing(vec![0; m.n_layer]),
+                placed: false,
             },
         );
         Ok(())
@@ -170,7 +231,27 @@ impl Engine {
         len: usize,
         fill: &mut RowFill<'_>,
     ) -> Result<()> {
-        let res = self.try_import_rows(id, layer, start, count, len, fill);
+        let res = self.try_import_rows(id, layer, start, count, len, Rows::Copy(fill));
+        if matches!(res, Err(EngineError::KvImport(_))) {
+            self.remove(id);
+        }
+        res
+    }
+
+    /// Accepts rows a peer wrote straight into this sequence's blocks (a placed import,
+    /// see [`Engine::reserve_import`]): `check(offset, bytes)` sees the cache's bytes of
+    /// each contiguous run in payload order, so the transport can verify its checksum
+    /// without a copy. Same checks and failure handling as [`Engine::import_rows_with`].
+    pub fn import_rows_in_place(
+        &mut self,
+        id: u64,
+        layer: u32,
+        start: u32,
+        count: u32,
+        len: usize,
+        check: &mut RowCheck<'_>,
+    ) -> Result<()> {
+        let res = self.try_import_rows(id, layer, start, count, len, Rows::InPlace(check));
         if matches!(res, Err(EngineError::KvImport(_))) {
             self.remove(id);
         }
@@ -185,10 +266,10 @@ impl Engine {
             chunk.start,
             chunk.count,
             payload.len(),
-            &mut |off, dst| {
+            Rows::Copy(&mut |off, dst| {
                 dst.copy_from_slice(&payload[off..off + dst.len()]);
                 Ok(())
-            },
+            }),
         )
     }
 
@@ -199,7 +280,7 @@ impl Engine {
         start: u32,
         n: u32,
         len: usize,
-        fill: &mut RowFill<'_>,
+        rows: Rows<'_, '_>,
     ) -> Result<()> {
         let row_bytes = self.backend.config().kv_dim() * self.cfg.kv_dtype.size();
         let s = self
@@ -213,6 +294,13 @@ impl Engine {
                 expected: "importing",
             });
         };
+        if matches!(rows, Rows::InPlace(_)) && !s.placed {
+            return Err(EngineError::WrongState {
+                id,
+                state: "importing by copy",
+                expected: "a placed import",
+            });
+        }
         let layer = layer_idx as usize;
         let Some(have) = filled.get(layer).copied() else {
             return Err(
@@ -243,11 +331,18 @@ impl Engine {
             ))
             .into());
         }
-        self.kv
-            .fill_rows(layer, &s.table, start as usize, count, fill)
-            .map_err(|e| KvFormatError::Checksum {
-                what: format!("layer {layer_idx} chunk at {start}: {e}"),
-            })?;
+        let res = match rows {
+            Rows::Copy(fill) => self
+                .kv
+                .fill_rows(layer, &s.table, start as usize, count, fill),
+            Rows::InPlace(check) => {
+                self.kv
+                    .check_rows(layer, &s.table, start as usize, count, check)
+            }
+        };
+        res.map_err(|e| KvFormatError::Checksum {
+            what: format!("layer {layer_idx} chunk at {start}: {e}"),
+        })?;
         filled[layer] += n;
         Ok(())
     }
@@ -323,6 +418,8 @@ impl Engine {
             Some(f) => Phase::Finished(f),
             None => Phase::Decode,
         };
+        // The sender committed: nothing writes into these blocks any more.
+        s.placed = false;
         Ok(())
     }
 
@@ -335,4 +432,12 @@ impl Engine {
         }
         self.finish_import(id)
     }
+}
+
+/// How an import's rows reach the cache.
+enum Rows<'a, 'b> {
+    /// Copied in from a transport's buffer.
+    Copy(&'a mut RowFill<'b>),
+    /// Already written into the blocks by the peer; only checked.
+    InPlace(&'a mut RowCheck<'b>),
 }

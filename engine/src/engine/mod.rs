@@ -9,6 +9,7 @@ use backend::Backend;
 
 use crate::config::{DEFAULT_KV_TOKENS, EngineConfig, KvDtype, ModelConfig};
 use crate::error::{EngineError, Result};
+use crate::kv::cache::{KvLayout, KvMemory};
 use crate::kv::format::LayerChunk;
 use crate::kv::prefix::chain_hashes;
 use crate::kv::{BlockAllocator, CacheShape, KvStore, PrefixCache, PrefixStats, blocks_for};
@@ -24,6 +25,8 @@ use std::io::Read;
 /// Where a sequence is in its life.
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
+    /// Blocks reserved for an import whose header has not arrived yet.
+    Reserved,
     /// Prompt being computed; `cached` tokens done.
     Prefill,
     /// KV arriving from another engine; rows received per layer.
@@ -37,6 +40,7 @@ enum Phase {
 impl Phase {
     fn name(&self) -> &'static str {
         match self {
+            Phase::Reserved => "reserved",
             Phase::Prefill => "prefilling",
             Phase::Importing(_) => "importing",
             Phase::Decode => "decoding",
@@ -56,6 +60,9 @@ struct Sequence {
     reused_pending: bool,
     state: ResumeState,
     phase: Phase,
+    /// A peer writes this import's rows straight into the blocks: until the import
+    /// completes, removing the sequence holds its blocks instead of freeing them.
+    placed: bool,
 }
 
 /// KV pool occupancy.
@@ -93,7 +100,13 @@ pub struct Engine {
     fingerprint: String,
     prefix: PrefixCache,
     prefix_stats: PrefixStats,
+    /// Blocks of failed placed imports, kept from reuse until [`Engine::release_held`].
+    held: HashMap<u64, Vec<u32>>,
 }
+
+/// Makes the memory for a KV pool of the given size (see [`Engine::load_with_kv_memory`]).
+pub type KvMemoryFactory<'a> =
+    dyn FnOnce(usize) -> std::result::Result<Box<dyn KvMemory>, String> + 'a;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -168,6 +181,18 @@ impl Engine {
     /// # Errors
     /// `InvalidParam` for a bad config; `Model` for a missing or unsupported file.
     pub fn load(cfg: EngineConfig) -> Result<Self> {
+        Self::load_with_kv_memory(cfg, None)
+    }
+
+    /// Like [`Engine::load`], with the KV pools in memory from `make(bytes)` when given
+    /// (e.g. a shared-memory mapping a same-host sender writes rows into), else the heap.
+    ///
+    /// # Errors
+    /// As [`Engine::load`]; `InvalidParam` when the memory cannot be made or is too small.
+    pub fn load_with_kv_memory(
+        cfg: EngineConfig,
+        make: Option<Box<KvMemoryFactory<'_>>>,
+    ) -> Result<Self> {
         cfg.validate()?;
         let path = &cfg.model_path;
         let mut file = std::fs::File::open(path)
@@ -192,13 +217,23 @@ impl Engine {
                 cfg.block_size,
             )
         });
-        let kv = KvStore::new(CacheShape {
+        let shape = CacheShape {
             n_layer: mcfg.n_layer,
             kv_dim: mcfg.kv_dim(),
             block_size: cfg.block_size,
             num_blocks,
             dtype: cfg.kv_dtype,
-        });
+        };
+        let kv = match make {
+            None => Ok(KvStore::new(shape)),
+            Some(make) => {
+                make(KvStore::bytes_needed(shape)).and_then(|mem| KvStore::with_memory(shape, mem))
+            }
+        }
+        .map_err(|reason| EngineError::InvalidParam {
+            field: "kv_memory",
+            reason,
+        })?;
         tracing::info!(
             model = %path.display(),
             layers = mcfg.n_layer,
@@ -217,8 +252,14 @@ impl Engine {
             fingerprint,
             prefix: PrefixCache::new(cfg.prefix_cache_blocks),
             prefix_stats: PrefixStats::default(),
+            held: HashMap::new(),
             cfg,
         })
+    }
+
+    /// Where the KV pools are in their memory.
+    pub fn kv_layout(&self) -> KvLayout {
+        self.kv.layout()
     }
 
     /// Model geometry.
@@ -317,6 +358,7 @@ impl Engine {
                 reused_pending: reused > 0,
                 state: ResumeState::new(prompt, params),
                 phase: Phase::Prefill,
+                placed: false,
             },
         );
         Ok(())
@@ -343,10 +385,18 @@ impl Engine {
 
     /// Drops a sequence and frees its blocks; returns its state if it existed.
     /// With the prefix cache on, the sequence's full computed prompt blocks stay cached.
+    /// A placed import that had not completed keeps its blocks from reuse (a late write
+    /// from its sender must not land in another sequence) until [`Engine::release_held`].
     pub fn remove(&mut self, id: u64) -> Option<ResumeState> {
         let seq = self.seqs.remove(&id)?;
+        if seq.placed {
+            self.held.entry(id).or_default().extend(&seq.table);
+            return Some(seq.state);
+        }
         let bs = self.cfg.block_size;
-        if self.cfg.prefix_cache_blocks > 0 && !matches!(seq.phase, Phase::Importing(_)) {
+        if self.cfg.prefix_cache_blocks > 0
+            && !matches!(seq.phase, Phase::Importing(_) | Phase::Reserved)
+        {
             let full = seq.cached.min(seq.state.prompt_len) / bs;
             let hashes = chain_hashes(&seq.state.tokens[..full * bs], bs, full);
             self.prefix
@@ -354,6 +404,18 @@ impl Engine {
         }
         self.blocks.release(&seq.table);
         Some(seq.state)
+    }
+
+    /// True while a failed placed import `id` holds blocks.
+    pub fn holds(&self, id: u64) -> bool {
+        self.held.contains_key(&id)
+    }
+
+    /// Frees the blocks a failed placed import `id` held; returns how many.
+    pub fn release_held(&mut self, id: u64) -> usize {
+        let table = self.held.remove(&id).unwrap_or_default();
+        self.blocks.release(&table);
+        table.len()
     }
 
     fn seq(&self, id: u64) -> Result<&Sequence> {

@@ -11,28 +11,53 @@ use half::f16;
 compile_error!("the KV export layout is little endian; cache memory is used as such");
 use half::slice::HalfFloatSliceExt;
 
-/// One layer's K or V pool.
-#[derive(Debug)]
-enum Pool {
-    F32(Vec<f32>),
-    F16(Vec<f16>),
+/// Memory the KV pools live in. The default is the process heap; a decode worker can
+/// put its pools in a shared-memory mapping instead, so that a same-host sender writes
+/// received rows straight into the blocks (see [`KvStore::with_memory`]).
+pub trait KvMemory: Send + Sync + std::fmt::Debug {
+    /// The whole memory.
+    fn bytes(&self) -> &[u8];
+    /// The whole memory, writable.
+    fn bytes_mut(&mut self) -> &mut [u8];
 }
 
-impl Pool {
-    fn new(dtype: KvDtype, elems: usize) -> Self {
-        match dtype {
-            KvDtype::F32 => Pool::F32(vec![0.0; elems]),
-            KvDtype::F16 => Pool::F16(vec![f16::ZERO; elems]),
-        }
+/// Heap memory for the pools (8-byte aligned, zeroed; the OS commits pages on first touch).
+#[derive(Debug)]
+pub struct HeapMemory(Vec<u64>);
+
+impl HeapMemory {
+    /// At least `bytes` bytes.
+    pub fn new(bytes: usize) -> Self {
+        HeapMemory(vec![0; bytes.div_ceil(8)])
+    }
+}
+
+impl KvMemory for HeapMemory {
+    fn bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
     }
 
-    fn write_f32(&mut self, at: usize, src: &[f32]) {
-        match self {
-            Pool::F32(p) => p[at..at + src.len()].copy_from_slice(src),
-            Pool::F16(p) => p[at..at + src.len()].convert_from_f32_slice(src),
-        }
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        bytemuck::cast_slice_mut(&mut self.0)
     }
+}
 
+/// Pools start at multiples of this within the memory.
+const POOL_ALIGN: usize = 4096;
+
+/// One layer's K or V pool, borrowed from the memory.
+enum Pool<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+}
+
+/// One layer's K or V pool, borrowed writable.
+enum PoolMut<'a> {
+    F32(&'a mut [f32]),
+    F16(&'a mut [f16]),
+}
+
+impl Pool<'_> {
     fn read_f32(&self, at: usize, dst: &mut [f32]) {
         match self {
             Pool::F32(p) => dst.copy_from_slice(&p[at..at + dst.len()]),
@@ -41,24 +66,50 @@ impl Pool {
     }
 
     /// `elems` elements at `at` as their in-memory bytes (little endian: the export layout).
-    fn bytes_mut(&mut self, at: usize, elems: usize) -> &mut [u8] {
+    fn bytes(&self, at: usize, elems: usize) -> &[u8] {
         match self {
-            Pool::F32(p) => bytemuck::cast_slice_mut(&mut p[at..at + elems]),
-            Pool::F16(p) => bytemuck::cast_slice_mut(&mut p[at..at + elems]),
-        }
-    }
-
-    fn read_le_bytes(&self, at: usize, elems: usize, out: &mut Vec<u8>) {
-        match self {
-            Pool::F32(p) => p[at..at + elems]
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-            Pool::F16(p) => p[at..at + elems]
-                .iter()
-                .for_each(|x| out.extend_from_slice(&x.to_bits().to_le_bytes())),
+            Pool::F32(p) => bytemuck::cast_slice(&p[at..at + elems]),
+            Pool::F16(p) => bytemuck::cast_slice(&p[at..at + elems]),
         }
     }
 }
+
+impl PoolMut<'_> {
+    fn write_f32(&mut self, at: usize, src: &[f32]) {
+        match self {
+            PoolMut::F32(p) => p[at..at + src.len()].copy_from_slice(src),
+            PoolMut::F16(p) => p[at..at + src.len()].convert_from_f32_slice(src),
+        }
+    }
+
+    /// `elems` elements at `at` as their in-memory bytes.
+    fn bytes_mut(&mut self, at: usize, elems: usize) -> &mut [u8] {
+        match self {
+            PoolMut::F32(p) => bytemuck::cast_slice_mut(&mut p[at..at + elems]),
+            PoolMut::F16(p) => bytemuck::cast_slice_mut(&mut p[at..at + elems]),
+        }
+    }
+}
+
+/// Where the pools are in the memory, for a peer that writes rows into it: pool
+/// `(layer, V?)` starts at `pools[layer][V as usize]`, and position `p` of a sequence
+/// with block table `t` is the row at `(t[p / block_size] * block_size + p % block_size)
+/// * row_bytes` within its pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvLayout {
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Bytes of one K or V row.
+    pub row_bytes: usize,
+    /// Byte offsets of each layer's K and V pools.
+    pub pools: Vec<[usize; 2]>,
+    /// Size of the memory.
+    pub memory_bytes: usize,
+}
+
+/// Checks payload bytes `offset..offset + bytes.len()` already in the cache (see
+/// [`KvStore::check_rows`]); an `Err` fails the import.
+pub type RowCheck<'a> = dyn FnMut(usize, &[u8]) -> Result<(), String> + 'a;
 
 /// Supplies payload bytes `offset..offset + dst.len()` into `dst` (see
 /// [`KvStore::fill_rows`]); an `Err` aborts the fill.
@@ -83,8 +134,9 @@ pub struct CacheShape {
 #[derive(Debug)]
 pub struct KvStore {
     shape: CacheShape,
-    k: Vec<Pool>,
-    v: Vec<Pool>,
+    mem: Box<dyn KvMemory>,
+    /// Bytes from one pool's start to the next.
+    stride: usize,
 }
 
 /// Where attention for one query token looks.
@@ -98,17 +150,82 @@ pub struct AttnQuery<'a> {
 }
 
 impl KvStore {
-    /// Allocates the pools (zeroed; the OS commits pages on first touch).
+    /// Allocates the pools on the heap (zeroed; the OS commits pages on first touch).
     pub fn new(shape: CacheShape) -> Self {
-        let elems = shape.num_blocks * shape.block_size * shape.kv_dim;
-        KvStore {
+        Self::with_memory(shape, Box::new(HeapMemory::new(Self::bytes_needed(shape))))
+            .expect("heap memory is sized and aligned for the shape")
+    }
+
+    /// Bytes of memory the pools of `shape` take.
+    pub fn bytes_needed(shape: CacheShape) -> usize {
+        2 * shape.n_layer * Self::stride_of(shape)
+    }
+
+    fn stride_of(shape: CacheShape) -> usize {
+        (shape.num_blocks * shape.block_size * shape.kv_dim * shape.dtype.size())
+            .next_multiple_of(POOL_ALIGN)
+    }
+
+    /// Puts the pools in `mem`, which must hold [`KvStore::bytes_needed`] bytes and be
+    /// aligned for the element type (a mapping is page-aligned).
+    pub fn with_memory(shape: CacheShape, mem: Box<dyn KvMemory>) -> Result<Self, String> {
+        let need = Self::bytes_needed(shape);
+        let have = mem.bytes();
+        if have.len() < need {
+            return Err(format!(
+                "KV memory has {} bytes, the pools need {need}",
+                have.len()
+            ));
+        }
+        if have.as_ptr().align_offset(std::mem::align_of::<f32>()) != 0 {
+            return Err("KV memory is not 4-byte aligned".into());
+        }
+        Ok(KvStore {
             shape,
-            k: (0..shape.n_layer)
-                .map(|_| Pool::new(shape.dtype, elems))
+            mem,
+            stride: Self::stride_of(shape),
+        })
+    }
+
+    /// Where the pools are in the memory.
+    pub fn layout(&self) -> KvLayout {
+        KvLayout {
+            block_size: self.shape.block_size,
+            row_bytes: self.shape.kv_dim * self.shape.dtype.size(),
+            pools: (0..self.shape.n_layer)
+                .map(|l| [self.pool_offset(l, false), self.pool_offset(l, true)])
                 .collect(),
-            v: (0..shape.n_layer)
-                .map(|_| Pool::new(shape.dtype, elems))
-                .collect(),
+            memory_bytes: self.mem.bytes().len(),
+        }
+    }
+
+    fn pool_offset(&self, layer: usize, v: bool) -> usize {
+        (2 * layer + usize::from(v)) * self.stride
+    }
+
+    fn pool_len(&self) -> usize {
+        self.shape.num_blocks * self.shape.block_size * self.shape.kv_dim * self.shape.dtype.size()
+    }
+
+    fn pool(&self, layer: usize, v: bool) -> Pool<'_> {
+        let at = self.pool_offset(layer, v);
+        let bytes = &self.mem.bytes()[at..at + self.pool_len()];
+        match self.shape.dtype {
+            KvDtype::F32 => Pool::F32(bytemuck::cast_slice(bytes)),
+            KvDtype::F16 => Pool::F16(bytemuck::cast_slice(bytes)),
+        }
+    }
+
+    fn pool_mut(&mut self, layer: usize, v: bool) -> PoolMut<'_> {
+        let (at, len, dtype) = (
+            self.pool_offset(layer, v),
+            self.pool_len(),
+            self.shape.dtype,
+        );
+        let bytes = &mut self.mem.bytes_mut()[at..at + len];
+        match dtype {
+            KvDtype::F32 => PoolMut::F32(bytemuck::cast_slice_mut(bytes)),
+            KvDtype::F16 => PoolMut::F16(bytemuck::cast_slice_mut(bytes)),
         }
     }
 
@@ -127,9 +244,26 @@ impl KvStore {
         let d = self.shape.kv_dim;
         for (i, (kr, vr)) in k.chunks_exact(d).zip(v.chunks_exact(d)).enumerate() {
             let at = self.row_offset(table, start + i);
-            self.k[layer].write_f32(at, kr);
-            self.v[layer].write_f32(at, vr);
+            self.pool_mut(layer, false).write_f32(at, kr);
+            self.pool_mut(layer, true).write_f32(at, vr);
         }
+    }
+
+    /// The runs of positions `start..start+n` that are contiguous in the cache, in the
+    /// export layout's order (all K rows, then all V rows): `(V?, element offset in the
+    /// pool, rows)`.
+    fn runs(&self, table: &[u32], start: usize, n: usize) -> Vec<(bool, usize, usize)> {
+        let bs = self.shape.block_size;
+        let mut out = Vec::with_capacity(2 * (n / bs + 2));
+        for v in [false, true] {
+            let mut pos = start;
+            while pos < start + n {
+                let run = (bs - pos % bs).min(start + n - pos);
+                out.push((v, self.row_offset(table, pos), run));
+                pos += run;
+            }
+        }
+        out
     }
 
     /// Fills positions `start..start+n` of one layer from bytes in the export layout (all K
@@ -144,26 +278,31 @@ impl KvStore {
         n: usize,
         fill: &mut RowFill<'_>,
     ) -> Result<(), String> {
-        let (d, bs, esz) = (
-            self.shape.kv_dim,
-            self.shape.block_size,
-            self.shape.dtype.size(),
-        );
+        let d = self.shape.kv_dim;
+        let row = d * self.shape.dtype.size();
         let mut off = 0;
-        for v in [false, true] {
-            let mut pos = start;
-            while pos < start + n {
-                let run = (bs - pos % bs).min(start + n - pos);
-                let at = self.row_offset(table, pos);
-                let pool = if v {
-                    &mut self.v[layer]
-                } else {
-                    &mut self.k[layer]
-                };
-                fill(off, pool.bytes_mut(at, run * d))?;
-                off += run * d * esz;
-                pos += run;
-            }
+        for (v, at, rows) in self.runs(table, start, n) {
+            fill(off, self.pool_mut(layer, v).bytes_mut(at, rows * d))?;
+            off += rows * row;
+        }
+        Ok(())
+    }
+
+    /// Like [`KvStore::fill_rows`] for rows a peer already wrote into the cache memory:
+    /// `check(offset, bytes)` sees the cache's bytes of each run, in payload order.
+    pub fn check_rows(
+        &self,
+        layer: usize,
+        table: &[u32],
+        start: usize,
+        n: usize,
+        check: &mut RowCheck<'_>,
+    ) -> Result<(), String> {
+        let row = self.shape.kv_dim * self.shape.dtype.size();
+        let mut off = 0;
+        for (v, at, rows) in self.runs(table, start, n) {
+            check(off, self.pool(layer, v).bytes(at, rows * self.shape.kv_dim))?;
+            off += rows * row;
         }
         Ok(())
     }
@@ -179,9 +318,10 @@ impl KvStore {
         out: &mut Vec<u8>,
     ) {
         let d = self.shape.kv_dim;
-        for pool in [&self.k[layer], &self.v[layer]] {
+        for v in [false, true] {
+            let pool = self.pool(layer, v);
             for pos in start..start + n {
-                pool.read_le_bytes(self.row_offset(table, pos), d, out);
+                out.extend_from_slice(pool.bytes(self.row_offset(table, pos), d));
             }
         }
     }
@@ -196,8 +336,8 @@ impl KvStore {
         v: &mut [f32],
     ) {
         let at = self.row_offset(table, pos);
-        self.k[layer].read_f32(at, k);
-        self.v[layer].read_f32(at, v);
+        self.pool(layer, false).read_f32(at, k);
+        self.pool(layer, true).read_f32(at, v);
     }
 
     /// Copies positions `0..len` of one layer into contiguous f32 `K` and `V` (`len × kv_dim`).
@@ -205,10 +345,11 @@ impl KvStore {
         let d = self.shape.kv_dim;
         let mut k = vec![0f32; len * d];
         let mut v = vec![0f32; len * d];
+        let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
         for pos in 0..len {
             let at = self.row_offset(table, pos);
-            self.k[layer].read_f32(at, &mut k[pos * d..(pos + 1) * d]);
-            self.v[layer].read_f32(at, &mut v[pos * d..(pos + 1) * d]);
+            kp.read_f32(at, &mut k[pos * d..(pos + 1) * d]);
+            vp.read_f32(at, &mut v[pos * d..(pos + 1) * d]);
         }
         (k, v)
     }
@@ -223,9 +364,10 @@ impl KvStore {
         let len = query.len;
         let mut scores = vec![0f32; n_head * len];
         let mut row = vec![0f32; d];
+        let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
         // Pass 1: scores. Each K row is read once for all heads.
         for pos in 0..len {
-            let krow = self.row_f32(&self.k[layer], query.table, pos, &mut row);
+            let krow = self.row_f32(&kp, query.table, pos, &mut row);
             for h in 0..n_head {
                 let g = h / group;
                 let qh = &query.q[h * head_dim..(h + 1) * head_dim];
@@ -238,7 +380,7 @@ impl KvStore {
         // Pass 2: weighted sum of V rows.
         out.fill(0.0);
         for pos in 0..len {
-            let vrow = self.row_f32(&self.v[layer], query.table, pos, &mut row);
+            let vrow = self.row_f32(&vp, query.table, pos, &mut row);
             for h in 0..n_head {
                 let g = h / group;
                 axpy(
@@ -253,7 +395,7 @@ impl KvStore {
     /// One row as f32: borrowed from an f32 pool, converted into `scratch` otherwise.
     fn row_f32<'a>(
         &self,
-        pool: &'a Pool,
+        pool: &'a Pool<'_>,
         table: &[u32],
         pos: usize,
         scratch: &'a mut [f32],
