@@ -11,8 +11,9 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
 use xpyd_engine::{Engine, EngineError, KvHeader, ResumeState, SamplingParams};
-use xpyd_kv_transfer::Payload;
+use xpyd_kv_transfer::{Payload, TransferFence};
 use xpyd_proto as pb;
+use xpyd_runtime::kv_pool::ChunkError;
 use xpyd_runtime::metrics as m;
 use xpyd_runtime::worker::{Ema, SharedStats, engine_status, token_to_pb};
 
@@ -21,6 +22,16 @@ pub type EventTx = mpsc::Sender<Result<pb::DecodeEvent, Status>>;
 
 /// Work for the engine thread.
 pub enum Cmd {
+    /// A placed import's reservation exists: the fence that tells whether a sender
+    /// attached (see [`HOLD_AFTER_FAILED_IMPORT`]).
+    Watch {
+        /// Request id.
+        id: u64,
+        /// Closes the reservation; says whether a sender attached.
+        fence: TransferFence,
+    },
+    /// A hold may have ended.
+    Wake,
     /// Reserve blocks for a placed import of `tokens` tokens (before its header arrives);
     /// the reply carries the block table the sender writes into.
     Reserve {
@@ -124,24 +135,30 @@ pub struct EngineLoop {
     started: HashMap<u64, Instant>,
     role: &'static str,
     delay: Option<std::time::Duration>,
-    /// Failed placed imports whose blocks stay out of use until then (their sender may
-    /// still be finishing a write into them).
-    held: Vec<(Instant, u64)>,
+    /// Placed imports in flight: their transfer's fence.
+    placed: HashMap<u64, TransferFence>,
+    /// Failed placed imports whose blocks (and budget promise) stay out of use until
+    /// then: their sender may still write into them.
+    held: HashMap<u64, Instant>,
+    /// Wakes the loop when a hold ends (weak: it must not keep the channel open).
+    wake: mpsc::WeakSender<Cmd>,
 }
 
-/// How long the blocks of a failed placed import stay out of use: far longer than a
-/// sender takes to notice the failure and stop (it checks its deadline before every
-/// write, and its next notice on the connection fails).
+/// How long a failed placed import keeps its blocks after the failure. The receiver
+/// closes the transfer's connection as soon as the import is dropped, and a sender checks
+/// for that (and its deadline) before every write into the blocks: only a sender stalled
+/// this long in the middle of one chunk's copy could still land a write.
 pub const HOLD_AFTER_FAILED_IMPORT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl EngineLoop {
-    /// A loop around a loaded engine.
+    /// A loop around a loaded engine; `wake` is a weak handle on its own command channel.
     pub fn new(
         engine: Engine,
         budget: Arc<Mutex<Budget>>,
         stats: SharedStats,
         role: &'static str,
         delay: Option<std::time::Duration>,
+        wake: mpsc::WeakSender<Cmd>,
     ) -> Self {
         EngineLoop {
             engine,
@@ -154,50 +171,64 @@ impl EngineLoop {
             started: HashMap::new(),
             role,
             delay,
-            held: Vec::new(),
+            placed: HashMap::new(),
+            held: HashMap::new(),
+            wake,
         }
     }
 
-    /// Removes a sequence from the engine; a placed import's blocks are held for
-    /// [`HOLD_AFTER_FAILED_IMPORT`] before they can be reused.
+    /// Removes a request's sequence from the engine and frees its budget promise. A
+    /// placed import that had not completed keeps both: if no sender ever attached (the
+    /// fence closes the reservation first), they are freed at once; otherwise after
+    /// [`HOLD_AFTER_FAILED_IMPORT`].
     fn remove(&mut self, id: u64) {
+        if self.held.contains_key(&id) {
+            return; // Already held (e.g. a cancel after the failure): the hold stands.
+        }
         self.engine.remove(id);
-        if self.engine.holds(id) {
-            self.held
-                .push((Instant::now() + HOLD_AFTER_FAILED_IMPORT, id));
+        let fence = self.placed.remove(&id);
+        if !self.engine.holds(id) {
+            self.budget_release(id);
+            return;
+        }
+        match fence {
+            Some(fence) if fence.close() => {
+                let until = Instant::now() + HOLD_AFTER_FAILED_IMPORT;
+                if self.held.insert(id, until).is_none() {
+                    let wake = self.wake.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                        if let Some(tx) = wake.upgrade() {
+                            let _ = tx.blocking_send(Cmd::Wake);
+                        }
+                    });
+                }
+            }
+            // No sender can write: the target never left, or nobody attached before the
+            // reservation closed.
+            _ => {
+                self.engine.release_held(id);
+                self.budget_release(id);
+            }
         }
     }
 
     /// Frees held blocks whose time has come (and publishes the freed room).
     fn release_due(&mut self) {
         let now = Instant::now();
-        let engine = &mut self.engine;
-        let before = self.held.len();
-        self.held.retain(|(at, id)| {
-            if *at > now {
-                return true;
-            }
-            engine.release_held(*id);
-            false
-        });
-        if self.held.len() < before {
-            self.publish();
+        let due: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &due {
+            self.held.remove(id);
+            self.engine.release_held(*id);
+            self.budget_release(*id);
         }
-    }
-
-    /// Waits for a command while blocks are held, releasing them when due.
-    fn recv_releasing(&mut self, rx: &mut mpsc::Receiver<Cmd>) -> Option<Cmd> {
-        loop {
-            match rx.try_recv() {
-                Ok(c) => return Some(c),
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-            self.release_due();
-            if self.held.is_empty() {
-                return rx.blocking_recv();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        if !due.is_empty() {
+            self.publish();
         }
     }
 
@@ -207,7 +238,7 @@ impl EngineLoop {
             let idle = self.local.is_empty() && !self.active.values().any(|a| a.decoding);
             if idle {
                 self.publish();
-                match self.recv_releasing(&mut rx) {
+                match rx.blocking_recv() {
                     Some(c) => self.handle(c),
                     None => return,
                 }
@@ -232,11 +263,16 @@ impl EngineLoop {
                     .engine
                     .reserve_import(id, tokens)
                     .map_err(|e| engine_status(&e));
-                if reply.send(res).is_err() {
-                    // The request went away while waiting.
+                let reserved = res.is_ok();
+                if reply.send(res).is_err() && reserved {
+                    // The request went away while waiting: nothing was handed out.
                     self.remove(id);
                 }
             }
+            Cmd::Watch { id, fence } => {
+                self.placed.insert(id, fence);
+            }
+            Cmd::Wake => {}
             Cmd::Begin { id, header, out } => {
                 self.started.insert(id, Instant::now());
                 self.active.insert(id, Active::new(out));
@@ -253,35 +289,11 @@ impl EngineLoop {
                 if !self.active.contains_key(&id) {
                     return;
                 }
-                let (start, count) = ((tag >> 32) as u32, tag as u32);
-                let mut reader = data.reader();
-                let res = if data.is_placed() {
-                    self.engine.import_rows_in_place(
-                        id,
-                        layer,
-                        start,
-                        count,
-                        data.len(),
-                        &mut |off, bytes| {
-                            reader.check_in_place(off, bytes).map_err(|e| e.to_string())
-                        },
-                    )
-                } else {
-                    self.engine.import_rows_with(
-                        id,
-                        layer,
-                        start,
-                        count,
-                        data.len(),
-                        &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
-                    )
-                };
-                match res {
-                    Err(e) => self.fail(id, engine_status(&e)),
-                    Ok(()) => {
-                        if let Err(e) = reader.finish() {
-                            self.fail(id, xpyd_runtime::worker::transfer_status(&e));
-                        }
+                match xpyd_runtime::kv_pool::import_chunk(&mut self.engine, id, layer, tag, &data) {
+                    Ok(()) => {}
+                    Err(ChunkError::Engine(e)) => self.fail(id, engine_status(&e)),
+                    Err(ChunkError::Transfer(e)) => {
+                        self.fail(id, xpyd_runtime::worker::transfer_status(&e))
                     }
                 }
             }
@@ -331,7 +343,6 @@ impl EngineLoop {
                 } else {
                     // Possibly blocks reserved for an import whose header never came.
                     self.remove(id);
-                    self.budget_release(id);
                 }
             }
             Cmd::Fail { id, status } => self.fail(id, status),
@@ -345,7 +356,8 @@ impl EngineLoop {
             .release(id);
     }
 
-    /// Frees the request's KV and promise; the stream ends when its sender drops.
+    /// Frees the request's KV and promise (see [`EngineLoop::remove`]); the stream ends
+    /// when its sender drops.
     fn end(&mut self, id: u64, cancelled: bool) {
         self.remove(id);
         self.local.retain(|x| *x != id);
@@ -355,7 +367,6 @@ impl EngineLoop {
         {
             self.tpot.observe(a.gaps / (a.tokens - 1) as f64 * 1e3);
         }
-        self.budget_release(id);
         let outcome = if cancelled { "cancelled" } else { "ok" };
         metrics::counter!(m::WORKER_REQUESTS_TOTAL, "role" => self.role, "outcome" => outcome)
             .increment(1);
@@ -376,7 +387,6 @@ impl EngineLoop {
         self.local.retain(|x| *x != id);
         self.started.remove(&id);
         self.active.remove(&id);
-        self.budget_release(id);
     }
 
     /// Sends one token; false when the client is gone.

@@ -141,7 +141,14 @@ pub async fn run(
     }));
     let (cmd_tx, cmd_rx) = mpsc::channel(4096);
     let delay = xpyd_runtime::worker::debug_delay(&cfg.worker_id);
-    let lp = EngineLoop::new(engine, budget.clone(), stats.clone(), role, delay);
+    let lp = EngineLoop::new(
+        engine,
+        budget.clone(),
+        stats.clone(),
+        role,
+        delay,
+        cmd_tx.downgrade(),
+    );
     let engine_thread = std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || lp.run(cmd_rx))

@@ -41,6 +41,39 @@ pub struct DecodeService {
     pub(crate) kv_pool: Option<(SharedPool, KvLayout)>,
 }
 
+/// Tells the engine thread to drop request `id`, without waiting.
+fn cancel_soon(cmds: &mpsc::Sender<Cmd>, id: u64, client_gone: bool) {
+    let cmd = Cmd::Cancel { id, client_gone };
+    if let Err(mpsc::error::TrySendError::Full(cmd)) = cmds.try_send(cmd) {
+        let cmds = cmds.clone();
+        tokio::spawn(async move {
+            let _ = cmds.send(cmd).await;
+        });
+    }
+}
+
+/// Undoes an admitted `Decode` (its budget promise and any reserved blocks, through the
+/// engine thread) when dropped armed.
+struct Undo {
+    cmds: mpsc::Sender<Cmd>,
+    id: u64,
+    armed: bool,
+}
+
+impl Undo {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if self.armed {
+            cancel_soon(&self.cmds, self.id, false);
+        }
+    }
+}
+
 fn blocks_for(tokens: usize, block: usize) -> usize {
     tokens.div_ceil(block)
 }
@@ -81,15 +114,7 @@ impl DecodeService {
             rx,
             DropGuard::new(move || {
                 import.cancel();
-                let cmd = Cmd::Cancel {
-                    id,
-                    client_gone: true,
-                };
-                if let Err(mpsc::error::TrySendError::Full(cmd)) = cmds.try_send(cmd) {
-                    tokio::spawn(async move {
-                        let _ = cmds.send(cmd).await;
-                    });
-                }
+                cancel_soon(&cmds, id, true);
             }),
         )
     }
@@ -196,13 +221,14 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
             r.prompt_tokens as usize,
             r.max_tokens as usize,
         )?;
-        let release = |status: Status| {
-            self.budget
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .release(r.request_id);
-            status
+        // The handler can be dropped at any await below (the caller went away): until the
+        // response stream exists, that undoes the admission and any reserved blocks.
+        let undo = Undo {
+            cmds: self.cmds.clone(),
+            id: r.request_id,
+            armed: true,
         };
+        let deadline = Duration::from_millis(r.transfer_deadline_ms.max(1) as u64);
         // Shared-memory transfers write straight into blocks reserved now.
         let placement = match (&self.kv_pool, backend) {
             (Some((pool, layout)), Backend::Shm | Backend::Auto) => {
@@ -212,14 +238,9 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
                     tokens: r.prompt_tokens as usize,
                     reply,
                 };
-                if self.cmds.send(cmd).await.is_err() {
-                    return Err(release(Status::unavailable("engine stopped")));
-                }
-                match table.await {
-                    Ok(Ok(table)) => Some(pool.placement(layout, table)),
-                    Ok(Err(status)) => return Err(release(status)),
-                    Err(_) => return Err(release(Status::unavailable("engine stopped"))),
-                }
+                let stopped = || Status::unavailable("engine stopped");
+                self.cmds.send(cmd).await.map_err(|_| stopped())?;
+                Some(pool.placement(layout, table.await.map_err(|_| stopped())??))
             }
             _ => None,
         };
@@ -228,24 +249,20 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
             transfer_id: r.request_id,
             backend,
             bytes: self.geometry.kv_bytes_per_token * r.prompt_tokens as u64,
-            deadline: Duration::from_millis(r.transfer_deadline_ms.max(1) as u64),
+            deadline,
             placement,
         };
-        let (target, incoming) = match receiver.reserve(spec) {
-            Ok(x) => x,
-            Err(e) => {
-                if placed {
-                    let _ = self
-                        .cmds
-                        .send(Cmd::Cancel {
-                            id: r.request_id,
-                            client_gone: false,
-                        })
-                        .await;
-                }
-                return Err(release(transfer_status(&e)));
-            }
-        };
+        let (target, incoming) = receiver.reserve(spec).map_err(|e| transfer_status(&e))?;
+        if placed {
+            let watch = Cmd::Watch {
+                id: r.request_id,
+                fence: incoming.fence(),
+            };
+            self.cmds
+                .send(watch)
+                .await
+                .map_err(|_| Status::unavailable("engine stopped"))?;
+        }
         let target_json = serde_json::to_vec(&target)
             .map_err(|e| Status::internal(format!("target encoding: {e}")))?;
         // Room for every token plus the reservation and an error: sends never block.
@@ -264,7 +281,9 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
             tx,
             cancel.clone(),
         ));
-        Ok(Response::new(self.stream(r.request_id, rx, cancel)))
+        let stream = self.stream(r.request_id, rx, cancel);
+        undo.disarm();
+        Ok(Response::new(stream))
     }
 
     async fn generate(

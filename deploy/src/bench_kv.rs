@@ -16,8 +16,10 @@ pub struct BenchKvArgs {
     /// Timed rounds per measurement (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
-    /// Backends to measure (default: tcp, shm, and ucx when built); `shm-staged` is shm
-    /// through a staging region copied into the KV blocks, the path before placement.
+    /// Backends to measure (default: tcp, shm, and ucx when built). Variants of shm:
+    /// `shm-scattered` writes into a shuffled block table (8 KiB runs; plain `shm` uses
+    /// consecutive blocks, as the engine's allocator hands out), `shm-staged` goes
+    /// through a staging region copied into the KV blocks (the path without placement).
     #[arg(long, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,shm,ucx" } else { "tcp,shm" })]
     pub backends: Vec<String>,
     /// Skip the real-model streaming measurement.
@@ -83,12 +85,17 @@ fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: bool) -> Result<Child> {
         .spawn()?)
 }
 
+/// The harness's next JSON line (UCX logs to stdout too: other lines are skipped).
 fn line(r: &mut BufReader<ChildStdout>) -> Result<Value> {
-    let mut s = String::new();
-    if r.read_line(&mut s)? == 0 {
-        bail!("harness process ended early");
+    loop {
+        let mut s = String::new();
+        if r.read_line(&mut s)? == 0 {
+            bail!("harness process ended early");
+        }
+        if s.starts_with('{') {
+            return Ok(serde_json::from_str(s.trim())?);
+        }
     }
-    Ok(serde_json::from_str(s.trim())?)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -161,6 +168,7 @@ fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<(Vec<f64>, Vec<
 fn backend_args(name: &str) -> Vec<&str> {
     match name {
         "shm-staged" => vec!["--backend", "shm", "--staged"],
+        "shm-scattered" => vec!["--backend", "shm", "--scatter"],
         b => vec!["--backend", b],
     }
 }

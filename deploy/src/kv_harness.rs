@@ -57,7 +57,8 @@ pub struct RecvArgs {
     /// Payload bytes expected (synthetic; with a model it is computed from the prompt).
     #[arg(long, default_value_t = 0)]
     pub bytes: u64,
-    /// Prompt tokens expected (with --decode: sizes the segment).
+    /// Prompt tokens expected (with --decode: sizes the reservation; over shm the blocks
+    /// are reserved up front, so it must be the prompt's exact length).
     #[arg(long, default_value_t = 0)]
     pub prompt_tokens: u64,
     /// Deadline for each transfer.
@@ -76,6 +77,11 @@ pub struct RecvArgs {
     /// having the sender write the blocks themselves (the placed default).
     #[arg(long)]
     pub staged: bool,
+    /// Synthetic placed transfers: a shuffled block table (rows scattered in 8 KiB runs
+    /// over the pool, a long-running worker's worst case) instead of consecutive blocks
+    /// (what the engine's allocator hands out from a fresh or steadily reused pool).
+    #[arg(long)]
+    pub scatter: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -162,15 +168,15 @@ const SYNTH_ROW: usize = 512;
 const SYNTH_BLOCK: usize = 16;
 
 /// A synthetic receiver's KV pool in shared memory: one layer per chunk, each with K and
-/// V pools of twice the blocks a chunk needs, and a shuffled block table so rows scatter
-/// over the pool as they do in a running engine.
+/// V pools of twice the blocks a chunk needs, and a block table of consecutive blocks or
+/// (`scatter`) shuffled ones.
 struct SynthPool {
     mem: Box<dyn xpyd_engine::KvMemory>,
     placement: xpyd_kv_transfer::Placement,
 }
 
 impl SynthPool {
-    fn new(bytes: usize, chunk: usize) -> Result<Self> {
+    fn new(bytes: usize, chunk: usize, scatter: bool) -> Result<Self> {
         let row_pair = 2 * SYNTH_ROW;
         if !bytes.is_multiple_of(row_pair) || !chunk.is_multiple_of(row_pair) || chunk == 0 {
             bail!("placed synthetic transfers need sizes in multiples of {row_pair} bytes");
@@ -182,12 +188,14 @@ impl SynthPool {
         let (mem, shared) = xpyd_runtime::kv_pool::kv_memory(2 * layers * pool_bytes);
         let shared = shared.context("the synthetic KV pool needs shared memory")?;
         let mut ids: Vec<u32> = (0..blocks as u32).collect();
-        let mut x = 0x9E37_79B9_7F4A_7C15u64;
-        for i in (1..ids.len()).rev() {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ids.swap(i, (x % (i as u64 + 1)) as usize);
+        if scatter {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            for i in (1..ids.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ids.swap(i, (x % (i as u64 + 1)) as usize);
+            }
         }
         let layout = xpyd_engine::KvLayout {
             block_size: SYNTH_BLOCK,
@@ -243,7 +251,7 @@ async fn recv(a: RecvArgs) -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let receiver = Receiver::start(ReceiverConfig::new(fingerprint), listener)?;
     let synth_pool = match (&engine, shm_capable) {
-        (None, true) => Some(SynthPool::new(bytes as usize, a.chunk)?),
+        (None, true) => Some(SynthPool::new(bytes as usize, a.chunk, a.scatter)?),
         _ => None,
     };
     // Other synthetic transfers copy every chunk into this buffer, standing in for KV
@@ -342,40 +350,14 @@ async fn receive_one(
             Event::Chunk { layer, tag, data } => {
                 chunks += 1;
                 let took = std::time::Instant::now();
-                let mut reader = data.reader();
                 match &mut sink {
                     // Straight into the KV blocks, verified while copying, or (placed)
                     // verified where the sender wrote them.
                     Sink::Engine(e, id) => {
-                        let (start, count) = ((tag >> 32) as u32, tag as u32);
-                        let res = if data.is_placed() {
-                            e.import_rows_in_place(
-                                *id,
-                                layer,
-                                start,
-                                count,
-                                data.len(),
-                                &mut |off, b| {
-                                    reader.check_in_place(off, b).map_err(|e| e.to_string())
-                                },
-                            )
-                        } else {
-                            e.import_rows_with(
-                                *id,
-                                layer,
-                                start,
-                                count,
-                                data.len(),
-                                &mut |off, dst| reader.copy_to(off, dst).map_err(|e| e.to_string()),
-                            )
-                        };
-                        res?;
-                        if let Err(err) = reader.finish() {
-                            e.remove(*id);
-                            return Err(err.into());
-                        }
+                        xpyd_runtime::kv_pool::import_chunk(e, *id, layer, tag, &data)?;
                     }
                     Sink::Buffer(dest, at) => {
+                        let mut reader = data.reader();
                         let end = *at + data.len();
                         if end > dest.len() {
                             bail!("received more than the {} bytes reserved", dest.len());
@@ -385,6 +367,7 @@ async fn receive_one(
                         *at = end;
                     }
                     Sink::Placed(pool, seen) => {
+                        let mut reader = data.reader();
                         let mem = pool.mem.bytes();
                         let mut off = 0;
                         for r in pool.placement.runs(layer, tag, data.len())? {

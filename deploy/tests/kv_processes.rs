@@ -33,8 +33,7 @@ impl Recv {
             .spawn()
             .unwrap();
         let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut target = String::new();
-        out.read_line(&mut target).unwrap();
+        let target = json_line(&mut out);
         assert!(target.starts_with('{'), "recv printed {target:?}");
         Recv {
             child,
@@ -44,10 +43,19 @@ impl Recv {
     }
 
     fn result(mut self) -> Value {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
+        let line = json_line(&mut self.out);
         let _ = self.child.wait();
         serde_json::from_str(line.trim()).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    }
+}
+
+/// The next line that is JSON (UCX logs to stdout too), or "" at the end.
+fn json_line(out: &mut BufReader<ChildStdout>) -> String {
+    loop {
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap() == 0 || line.starts_with('{') {
+            return line;
+        }
     }
 }
 
@@ -63,7 +71,12 @@ fn send(target: &str, args: &[&str]) -> Child {
 fn output(child: Child) -> (bool, Value) {
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().last().unwrap_or("{}");
+    // UCX logs to stdout (e.g. an endpoint timeout at exit): take the last JSON line.
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or("{}");
     (
         out.status.success(),
         serde_json::from_str(line).unwrap_or(Value::Null),

@@ -30,7 +30,7 @@ pub mod target;
 pub mod ucx;
 
 pub use error::{Result, TransferError};
-pub use receiver::{Event, Incoming, Receiver, ReceiverConfig, ReserveSpec, Stats};
+pub use receiver::{Event, Incoming, Receiver, ReceiverConfig, ReserveSpec, Stats, TransferFence};
 pub use sender::{Sender, Transfer};
 pub use shm::{Payload, PayloadReader};
 pub use target::{Backend, Placement, ShmDesc, TransferTarget};

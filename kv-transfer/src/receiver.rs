@@ -98,7 +98,8 @@ struct Slot {
     placed: bool,
     nccl: Option<String>,
     ucx: bool,
-    attached: bool,
+    /// A sender attached (set under the slots lock, so final once the slot is gone).
+    attached: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Epochs are unique across every receiver of the process, not just per receiver: UCX
@@ -180,13 +181,8 @@ impl Receiver {
     fn region(&self, bytes: u64) -> Result<Region> {
         let mut arena = self.inner.arena.lock().expect("arena lock");
         if arena.is_none() {
-            // Unique per process (several receivers may share one): pid and a counter.
-            static ARENAS: AtomicU64 = AtomicU64::new(0);
-            let name = format!(
-                "xpyd-kv-{}-{}",
-                std::process::id(),
-                ARENAS.fetch_add(1, Ordering::Relaxed)
-            );
+            crate::shm::remove_orphans(&self.inner.cfg.shm_dir);
+            let name = crate::shm::segment_name("kv");
             *arena = Some(Arena::create(
                 &self.inner.cfg.shm_dir,
                 &name,
@@ -233,6 +229,7 @@ impl Receiver {
         };
         let (tx, rx) = mpsc::channel(self.inner.cfg.queue.max(1));
         let deadline = Instant::now() + spec.deadline;
+        let attached = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let target = TransferTarget {
             backend: spec.backend,
             addr: self.inner.addr.to_string(),
@@ -261,10 +258,11 @@ impl Receiver {
                 placed: placement.is_some(),
                 nccl,
                 ucx: ucx_addr.is_some(),
-                attached: false,
+                attached: attached.clone(),
             },
         );
         let incoming = Incoming {
+            attached,
             inner: self.inner.clone(),
             id: spec.transfer_id,
             epoch,
@@ -278,6 +276,7 @@ impl Receiver {
 
 /// The receiving end of one reservation.
 pub struct Incoming {
+    attached: Arc<std::sync::atomic::AtomicBool>,
     inner: Arc<Inner>,
     id: u64,
     epoch: u64,
@@ -286,7 +285,45 @@ pub struct Incoming {
     done: bool,
 }
 
+/// Closes a reservation to new senders and tells whether one ever attached: after
+/// [`TransferFence::close`] the answer is final. A receiver whose memory a sender writes
+/// directly (placed transfers) uses it to know whether a late write is possible at all.
+#[derive(Clone)]
+pub struct TransferFence {
+    inner: Arc<Inner>,
+    id: u64,
+    epoch: u64,
+    attached: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl TransferFence {
+    /// Releases the reservation (if still held) and returns whether a sender attached.
+    pub fn close(&self) -> bool {
+        self.inner.release(self.id, self.epoch);
+        self.attached.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for TransferFence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransferFence")
+            .field("id", &self.id)
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Incoming {
+    /// A handle that closes this reservation and tells whether a sender attached.
+    pub fn fence(&self) -> TransferFence {
+        TransferFence {
+            inner: self.inner.clone(),
+            id: self.id,
+            epoch: self.epoch,
+            attached: self.attached.clone(),
+        }
+    }
+
     /// The next event; `None` after completion or failure. Fails with `DeadlineExceeded`
     /// when nothing completes the transfer in time.
     pub async fn next(&mut self) -> Option<Result<Event>> {
@@ -376,8 +413,8 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
     }
     let mut slots = inner.slots.lock().expect("slots lock");
     match slots.get_mut(&id) {
-        Some(s) if s.epoch == epoch && !s.attached => {
-            s.attached = true;
+        Some(s) if s.epoch == epoch && !s.attached.load(std::sync::atomic::Ordering::SeqCst) => {
+            s.attached.store(true, std::sync::atomic::Ordering::SeqCst);
             Ok(Attached {
                 tx: s.tx.clone(),
                 shm: s.shm.clone(),
@@ -424,7 +461,13 @@ async fn receive(
     let mut backend = Backend::Tcp;
     let gone = || TransferError::PeerGone("receiver released the reservation".into());
     loop {
-        let f = match timeout_at(deadline, frame::read_frame(conn, buffers)).await {
+        // The consumer dropping its `Incoming` ends the transfer at once: the connection
+        // closes, which a placed sender checks before every write into the blocks.
+        let read = tokio::select! {
+            r = timeout_at(deadline, frame::read_frame(conn, buffers)) => r,
+            () = tx.closed() => return Err(gone()),
+        };
+        let f = match read {
             Err(_) => return Err(TransferError::DeadlineExceeded("sender too slow".into())),
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => {

@@ -62,12 +62,22 @@ impl Sender {
         }
     }
 
+    /// Maps a receiver's segment (kept for reuse while the path names the same file).
+    /// Only segments this project creates are accepted: a forged target cannot make a
+    /// sender write into an arbitrary file.
     fn map(&self, path: &str, len: u64) -> Result<Arc<Mutex<Segment>>> {
-        let mut maps = self.maps.lock().expect("maps lock");
-        if let Some(m) = maps.get(path)
-            && m.lock().expect("segment lock").len() as u64 == len
-        {
-            return Ok(m.clone());
+        if !crate::target::is_segment_path(path) {
+            return Err(TransferError::Protocol(format!(
+                "{path} is not a KV segment (want {}/xpyd-…)",
+                crate::shm::SHM_DIR
+            )));
+        }
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = maps.get(path) {
+            let seg = m.lock().unwrap_or_else(|e| e.into_inner());
+            if seg.len() as u64 == len && seg.is_current(Path::new(path)) {
+                return Ok(m.clone());
+            }
         }
         let seg = Arc::new(Mutex::new(Segment::open(Path::new(path), len)?));
         if maps.len() >= MAPS_KEPT {
@@ -225,6 +235,24 @@ fn copy_and_checksum(mut crc: u32, data: &[u8], dst: &mut [u8]) -> u32 {
     crc
 }
 
+/// True when the receiver has closed the connection (or sent anything: mid-transfer it
+/// only speaks to fail). A non-blocking peek, so a sender can check before every write
+/// into a receiver's memory.
+fn receiver_left(stream: &TcpStream) -> bool {
+    use nix::sys::socket::{MsgFlags, recv};
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    let peek = recv(
+        stream.as_raw_fd(),
+        &mut b,
+        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+    );
+    !matches!(
+        peek,
+        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR)
+    )
+}
+
 /// One open transfer. Dropping it without `commit` aborts it.
 pub struct Transfer {
     sender: Sender,
@@ -299,8 +327,13 @@ impl Transfer {
                     )));
                 }
                 let sum = {
-                    let mut seg = seg.lock().expect("segment lock");
-                    let dst = &mut seg.bytes_mut()[offset + start..offset + end];
+                    let mut seg = seg.lock().unwrap_or_else(|e| e.into_inner());
+                    let dst = seg
+                        .bytes_mut()
+                        .get_mut(offset + start..offset + end)
+                        .ok_or_else(|| {
+                            TransferError::Protocol("region outside its segment".into())
+                        })?;
                     copy_and_checksum(frame::checksum_start(layer, tag), data, dst)
                 };
                 self.cursor = end;
@@ -320,14 +353,27 @@ impl Transfer {
             }
             Some(ShmTarget::Placed { seg, placement }) => {
                 let runs = placement.runs(layer, tag, data.len())?;
-                // Past the deadline the receiver may have given these blocks to another
-                // sequence: never write then.
+                // Once the receiver has given up (deadline, failure: it closes the
+                // connection at once) these blocks may go to another sequence: never
+                // write then.
                 if Instant::now() >= deadline {
                     return Err(TransferError::DeadlineExceeded("send".into()));
                 }
+                if let Some(conn) = self.conn.as_ref()
+                    && receiver_left(conn.get_ref())
+                {
+                    return Err(TransferError::PeerGone(
+                        "receiver closed the transfer; nothing written".into(),
+                    ));
+                }
                 let sum = {
-                    let mut seg = seg.lock().expect("segment lock");
+                    let mut seg = seg.lock().unwrap_or_else(|e| e.into_inner());
                     let mem = seg.bytes_mut();
+                    if runs.iter().any(|r| r.end > mem.len()) {
+                        return Err(TransferError::Protocol(
+                            "placement outside its segment".into(),
+                        ));
+                    }
                     let (mut crc, mut at) = (frame::checksum_start(layer, tag), 0);
                     for r in runs {
                         let n = r.len();

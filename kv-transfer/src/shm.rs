@@ -19,6 +19,50 @@ pub struct Segment {
     map: MmapMut,
     path: PathBuf,
     owner: bool,
+    /// Device and inode of the mapped file: a path reused by a new segment is a new file.
+    id: (u64, u64),
+}
+
+/// A name for a new segment: `xpyd-<kind>-<pid>-<nonce>`, unique per process and run (a
+/// restarted worker with the same pid does not reuse a name a sender may have mapped).
+pub fn segment_name(kind: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    format!("xpyd-{kind}-{}-{:016x}", std::process::id(), h.finish())
+}
+
+/// Removes segments under `dir` left by processes that are gone (killed before they
+/// could unlink them: /dev/shm is memory). Names carry the creator's pid.
+pub fn remove_orphans(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("xpyd-")) else {
+            continue;
+        };
+        let pid = name
+            .split('-')
+            .find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+        if let Some(pid) = pid
+            && !Path::new("/proc").join(pid).exists()
+        {
+            tracing::info!(
+                segment = name,
+                "removing a shared-memory segment of a dead process"
+            );
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+fn file_id(f: &std::fs::File) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = f.metadata()?;
+    Ok((m.dev(), m.ino()))
 }
 
 impl Segment {
@@ -36,11 +80,14 @@ impl Segment {
     }
 
     fn create_with(dir: &Path, name: &str, len: u64, commit: bool) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = dir.join(name);
+        // Only this user's processes may read or write the KV.
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| TransferError::Io(format!("create {}: {e}", path.display())))?;
         f.set_len(len.max(1))
@@ -65,14 +112,18 @@ impl Segment {
             map,
             path,
             owner: true,
+            id: file_id(&f)?,
         })
     }
 
-    /// Maps an existing segment (sender side); its size must be `len`.
+    /// Maps an existing segment (sender side); its size must be `len`. Symbolic links
+    /// are not followed.
     pub fn open(path: &Path, len: u64) -> Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| TransferError::Unavailable(format!("open {}: {e}", path.display())))?;
         let actual = f.metadata()?.len();
@@ -90,7 +141,14 @@ impl Segment {
             map,
             path: path.to_path_buf(),
             owner: false,
+            id: file_id(&f)?,
         })
+    }
+
+    /// True when `path` still names the file this segment maps.
+    pub fn is_current(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == self.id)
     }
 
     /// The mapping.

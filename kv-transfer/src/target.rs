@@ -87,45 +87,78 @@ pub struct Placement {
 
 impl Placement {
     /// The byte ranges of the segment a chunk of `len` bytes tagged `tag` of `layer`
-    /// goes to, in payload order, adjacent ranges merged. Errors name what does not fit.
+    /// goes to, in payload order, adjacent ranges merged. Every value comes from a peer:
+    /// all arithmetic is checked, and errors name what does not fit.
     pub fn runs(&self, layer: u32, tag: u64, len: usize) -> crate::Result<Vec<Range<usize>>> {
         let bad = |what: String| crate::TransferError::Protocol(format!("placed chunk: {what}"));
-        let (start, count) = ((tag >> 32) as usize, (tag & 0xffff_ffff) as usize);
-        let (bs, row) = (self.block_size as usize, self.row_bytes as usize);
+        let overflow = || bad("sizes overflow".into());
+        let (start, count) = (tag >> 32, tag & 0xffff_ffff);
+        let (bs, row) = (u64::from(self.block_size), self.row_bytes);
         let pools = self
             .pools
             .get(layer as usize)
             .ok_or_else(|| bad(format!("layer {layer} of {}", self.pools.len())))?;
-        if bs == 0 || start + count > self.blocks.len() * bs {
+        if bs == 0 || row == 0 {
+            return Err(bad(format!("block size {bs}, row bytes {row}")));
+        }
+        let rows = (self.blocks.len() as u64)
+            .checked_mul(bs)
+            .ok_or_else(overflow)?;
+        let stop = start.checked_add(count).ok_or_else(overflow)?;
+        if stop > rows {
             return Err(bad(format!(
                 "rows {start}+{count} beyond {} blocks of {bs}",
                 self.blocks.len()
             )));
         }
-        if Some(len) != count.checked_mul(2 * row) {
+        if count.checked_mul(row).and_then(|b| b.checked_mul(2)) != Some(len as u64) {
             return Err(bad(format!(
                 "{len} bytes for {count} K and V rows of {row}"
             )));
         }
-        let mut out: Vec<Range<usize>> = Vec::with_capacity(2 * (count / bs.max(1) + 2));
+        let mut out: Vec<Range<usize>> = Vec::with_capacity(2 * (count / bs + 2) as usize);
         for pool in pools {
             let mut pos = start;
-            while pos < start + count {
-                let rows = (bs - pos % bs).min(start + count - pos);
-                let at = *pool as usize + (self.blocks[pos / bs] as usize * bs + pos % bs) * row;
-                let end = at + rows * row;
-                if end as u64 > self.len {
+            while pos < stop {
+                let n = (bs - pos % bs).min(stop - pos);
+                let block = u64::from(self.blocks[(pos / bs) as usize]);
+                let at = block
+                    .checked_mul(bs)
+                    .and_then(|r| r.checked_add(pos % bs))
+                    .and_then(|r| r.checked_mul(row))
+                    .and_then(|b| b.checked_add(*pool))
+                    .ok_or_else(overflow)?;
+                let end = n
+                    .checked_mul(row)
+                    .and_then(|b| b.checked_add(at))
+                    .ok_or_else(overflow)?;
+                if end > self.len {
                     return Err(bad(format!("ends at {end}, segment has {}", self.len)));
                 }
+                let (at, end) = (
+                    usize::try_from(at).map_err(|_| overflow())?,
+                    usize::try_from(end).map_err(|_| overflow())?,
+                );
                 match out.last_mut() {
                     Some(last) if last.end == at => last.end = end,
                     _ => out.push(at..end),
                 }
-                pos += rows;
+                pos += n;
             }
         }
         Ok(out)
     }
+}
+
+/// Whether `path` names a segment a receiver of this project made: directly under
+/// [`crate::shm::SHM_DIR`] and named `xpyd-…`. Senders map and write only such files, so
+/// a forged target cannot point them at an arbitrary file.
+pub fn is_segment_path(path: &str) -> bool {
+    let p = std::path::Path::new(path);
+    p.parent() == Some(std::path::Path::new(crate::shm::SHM_DIR))
+        && p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("xpyd-") && !n.contains(".."))
 }
 
 /// What a sender needs to write one transfer into a receiver's reservation.

@@ -504,7 +504,9 @@ proptest! {
             ids.swap(i, (x % (i as u64 + 1)) as usize);
         }
         let table = ids[..need as usize].to_vec();
-        let p = pool(layers, block_size, row, blocks, table.clone());
+        let mut p = pool(layers, block_size, row, blocks, table.clone());
+        // Bytes no chunk is meant for must keep this value.
+        p.seg.bytes_mut().fill(0xA5);
         let mut bounds: Vec<usize> = cuts.into_iter().filter(|c| *c < tokens).collect();
         bounds.push(0);
         bounds.push(tokens);
@@ -523,8 +525,16 @@ proptest! {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let used = rt.block_on(placed_round_trip(&p, &chunks, None)).unwrap();
         prop_assert_eq!(used, Backend::Shm);
-        // Read every row back through the engine's formula.
+        // Nothing outside the chunks' runs was written.
         let mem = p.seg.bytes();
+        let mut ours = vec![false; mem.len()];
+        for (l, start, n, d) in &chunks {
+            for r in p.placement.runs(*l, tag(*start, *n), d.len()).unwrap() {
+                ours[r].iter_mut().for_each(|b| *b = true);
+            }
+        }
+        prop_assert!(mem.iter().zip(&ours).all(|(b, o)| *o || *b == 0xA5));
+        // Read every row back through the engine's formula.
         let (bs, row) = (block_size as usize, row as usize);
         for (l, start, n, d) in &chunks {
             for (kv, half) in d.chunks(n * row).enumerate() {
@@ -595,4 +605,114 @@ async fn placement_is_ignored_for_tcp() {
     let (got, used) = got.unwrap();
     assert_eq!(used, Backend::Tcp);
     assert_eq!(got[0].2, vec![9; 2 * 16 * 64]);
+}
+
+proptest! {
+    /// Placements come from a peer: any values give ranges inside the segment that add up
+    /// to the chunk, or an error — never a panic.
+    #[test]
+    fn any_placement_and_tag_give_ranges_inside_the_segment_or_an_error(
+        len in any::<u64>(),
+        block_size in any::<u32>(),
+        row_bytes in prop_oneof![any::<u64>(), 1u64..4096],
+        pools in proptest::collection::vec((prop_oneof![any::<u64>(), 0u64..1 << 20], 0u64..1 << 20), 0..3),
+        blocks in proptest::collection::vec(prop_oneof![any::<u32>(), 0u32..64], 0..8),
+        layer in 0u32..4,
+        tag in prop_oneof![any::<u64>(), (0u64..64, 0u64..64).prop_map(|(s, c)| s << 32 | c)],
+        bytes in prop_oneof![any::<usize>(), 0usize..1 << 16],
+    ) {
+        let p = xpyd_kv_transfer::Placement {
+            path: "/dev/shm/xpyd-x".into(),
+            len,
+            block_size,
+            row_bytes,
+            pools: pools.iter().map(|(k, v)| [*k, *v]).collect(),
+            blocks,
+        };
+        if let Ok(runs) = p.runs(layer, tag, bytes) {
+            prop_assert!(runs.iter().all(|r| r.start <= r.end && r.end as u64 <= len));
+            prop_assert_eq!(runs.iter().map(|r| r.len()).sum::<usize>(), bytes);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placed_sender_never_writes_after_its_deadline() {
+    let mut p = pool(1, 16, 64, 4, vec![1, 2]);
+    p.seg.bytes_mut().fill(0x5A);
+    let r = receiver().await;
+    let mut sp = spec(1, Backend::Shm, 0, Duration::from_millis(300));
+    sp.placement = Some(p.placement.clone());
+    let (target, _inc) = r.reserve(sp).unwrap();
+    let mut t = Sender::new(FP).open(&target).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let err = t
+        .send(0, tag(0, 20), &vec![1; 2 * 20 * 64])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransferError::DeadlineExceeded(_)), "{err}");
+    assert!(p.seg.bytes().iter().all(|b| *b == 0x5A), "nothing written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_closes_the_reservation_and_tells_whether_a_sender_attached() {
+    let r = receiver().await;
+    let (target, inc) = r
+        .reserve(spec(1, Backend::Tcp, 10, Duration::from_secs(10)))
+        .unwrap();
+    assert!(!inc.fence().close(), "nobody attached");
+    let err = Sender::new(FP).open(&target).await.err().unwrap();
+    assert!(matches!(err, TransferError::StaleEpoch { .. }), "{err}");
+    let (target, inc) = r
+        .reserve(spec(2, Backend::Tcp, 10, Duration::from_secs(10)))
+        .unwrap();
+    let _t = Sender::new(FP).open(&target).await.unwrap();
+    assert!(inc.fence().close(), "a sender attached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn senders_write_only_into_this_projects_segments() {
+    assert!(xpyd_kv_transfer::target::is_segment_path(
+        "/dev/shm/xpyd-kvpool-1-ab"
+    ));
+    for bad in [
+        "/etc/passwd",
+        "/dev/shm/other",
+        "/dev/shm/sub/xpyd-x",
+        "/tmp/xpyd-x",
+        "/dev/shm/xpyd-..",
+    ] {
+        assert!(!xpyd_kv_transfer::target::is_segment_path(bad), "{bad}");
+    }
+    let p = pool(1, 16, 64, 4, vec![0]);
+    let r = receiver().await;
+    let mut sp = spec(1, Backend::Shm, 0, Duration::from_secs(10));
+    sp.placement = Some(p.placement.clone());
+    let (mut target, _inc) = r.reserve(sp).unwrap();
+    target.placement.as_mut().unwrap().path = "/tmp/not-a-segment".into();
+    let err = Sender::new(FP).open(&target).await.err().unwrap();
+    assert!(matches!(err, TransferError::Protocol(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placed_sender_writes_nothing_once_the_receiver_dropped_the_transfer() {
+    let mut p = pool(2, 16, 64, 4, vec![1, 2]);
+    let r = receiver().await;
+    let mut sp = spec(1, Backend::Shm, 0, Duration::from_secs(20));
+    sp.placement = Some(p.placement.clone());
+    let (target, mut inc) = r.reserve(sp).unwrap();
+    let mut t = Sender::new(FP).open(&target).await.unwrap();
+    t.send(0, tag(0, 20), &vec![1; 2 * 20 * 64]).await.unwrap();
+    t.flush().await.unwrap();
+    assert!(matches!(inc.next().await, Some(Ok(Event::Chunk { .. }))));
+    // The consumer gives up while the sender is between chunks (e.g. still computing).
+    drop(inc);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.seg.bytes_mut().fill(0x5A);
+    let err = t
+        .send(1, tag(0, 20), &vec![2; 2 * 20 * 64])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransferError::PeerGone(_)), "{err}");
+    assert!(p.seg.bytes().iter().all(|b| *b == 0x5A), "nothing written");
 }
