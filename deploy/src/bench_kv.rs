@@ -308,7 +308,7 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
                 ("raw_tcp", raw)
             };
             eprintln!(
-                "{:<10} {:<10} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}  receiver busy {busy:.2} ms",
+                "{:<10} {:<13} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}  receiver busy {busy:.2} ms",
                 p.name,
                 b,
                 g,
@@ -353,12 +353,12 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{:<12} {:<10} {:>9} {:>10} {:>12} {:>7} {:>9}",
+            "{:<12} {:<13} {:>9} {:>10} {:>12} {:>7} {:>9}",
             "payload", "back", "GB/s", "baseline", "base GB/s", "ratio", "recv ms"
         );
         for r in report["results"].as_array().into_iter().flatten() {
             println!(
-                "{:<12} {:<10} {:>9.2} {:>10} {:>12.2} {:>7.2} {:>9.2}",
+                "{:<12} {:<13} {:>9.2} {:>10} {:>12.2} {:>7.2} {:>9.2}",
                 r["payload"].as_str().unwrap_or(""),
                 r["backend"].as_str().unwrap_or(""),
                 r["gbps"].as_f64().unwrap_or(0.0),
