@@ -22,13 +22,17 @@ pub type EventTx = mpsc::Sender<Result<pb::DecodeEvent, Status>>;
 
 /// Work for the engine thread.
 pub enum Cmd {
-    /// A placed import's reservation exists: the fence that tells whether a sender
-    /// attached (see [`HOLD_AFTER_FAILED_IMPORT`]).
+    /// A placed import's reservation exists, before its target is handed out: the fence
+    /// that ends the transfer and tells whether a sender attached (see
+    /// [`HOLD_AFTER_FAILED_IMPORT`]). The reply is false (and the fence closed) when the
+    /// request was dropped meanwhile: the target must not be handed out.
     Watch {
         /// Request id.
         id: u64,
-        /// Closes the reservation; says whether a sender attached.
+        /// Ends the transfer; says whether a sender attached.
         fence: TransferFence,
+        /// Whether the import is still wanted.
+        reply: tokio::sync::oneshot::Sender<bool>,
     },
     /// A hold may have ended.
     Wake,
@@ -144,10 +148,10 @@ pub struct EngineLoop {
     wake: mpsc::WeakSender<Cmd>,
 }
 
-/// How long a failed placed import keeps its blocks after the failure. The receiver
-/// closes the transfer's connection as soon as the import is dropped, and a sender checks
-/// for that (and its deadline) before every write into the blocks: only a sender stalled
-/// this long in the middle of one chunk's copy could still land a write.
+/// How long a failed placed import keeps its blocks after the failure. Removing it closes
+/// the transfer's fence, which closes the connection at once, and a sender checks for
+/// that (and its deadline) right before every write into the blocks: only a sender
+/// stalled this long in the middle of one chunk's copy could still land a write.
 pub const HOLD_AFTER_FAILED_IMPORT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl EngineLoop {
@@ -195,13 +199,17 @@ impl EngineLoop {
             Some(fence) if fence.close() => {
                 let until = Instant::now() + HOLD_AFTER_FAILED_IMPORT;
                 if self.held.insert(id, until).is_none() {
+                    // Wakes an idle loop when the hold ends (without it, the next command
+                    // releases the blocks).
                     let wake = self.wake.clone();
-                    std::thread::spawn(move || {
-                        std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                        if let Some(tx) = wake.upgrade() {
-                            let _ = tx.blocking_send(Cmd::Wake);
-                        }
-                    });
+                    let _ = std::thread::Builder::new()
+                        .name("kv-hold".into())
+                        .spawn(move || {
+                            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                            if let Some(tx) = wake.upgrade() {
+                                let _ = tx.blocking_send(Cmd::Wake);
+                            }
+                        });
                 }
             }
             // No sender can write: the target never left, or nobody attached before the
@@ -259,20 +267,34 @@ impl EngineLoop {
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
             Cmd::Reserve { id, tokens, reply } => {
-                let res = self
-                    .engine
-                    .reserve_import(id, tokens)
-                    .map_err(|e| engine_status(&e));
+                let res = if self.budget_holds(id) {
+                    self.engine
+                        .reserve_import(id, tokens)
+                        .map_err(|e| engine_status(&e))
+                } else {
+                    Err(Status::cancelled("the request was cancelled"))
+                };
                 let reserved = res.is_ok();
                 if reply.send(res).is_err() && reserved {
                     // The request went away while waiting: nothing was handed out.
                     self.remove(id);
                 }
             }
-            Cmd::Watch { id, fence } => {
-                self.placed.insert(id, fence);
+            Cmd::Watch { id, fence, reply } => {
+                let wanted = self.engine.is_reserved(id) && !self.held.contains_key(&id);
+                if wanted {
+                    self.placed.insert(id, fence);
+                } else {
+                    fence.close();
+                }
+                if reply.send(wanted).is_err() && wanted {
+                    self.remove(id);
+                }
             }
             Cmd::Wake => {}
+            // A header for a request that ended (cancelled, failed, held) is dropped: it
+            // must not bring the request back.
+            Cmd::Begin { id, .. } if self.held.contains_key(&id) || !self.budget_holds(id) => {}
             Cmd::Begin { id, header, out } => {
                 self.started.insert(id, Instant::now());
                 self.active.insert(id, Active::new(out));
@@ -347,6 +369,13 @@ impl EngineLoop {
             }
             Cmd::Fail { id, status } => self.fail(id, status),
         }
+    }
+
+    fn budget_holds(&self, id: u64) -> bool {
+        self.budget
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .holds(id)
     }
 
     fn budget_release(&self, id: u64) {

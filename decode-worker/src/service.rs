@@ -132,6 +132,7 @@ async fn import(
     let mut metas = 0;
     loop {
         let ev = tokio::select! {
+            biased;
             _ = cancel.cancelled() => return,
             ev = incoming.next() => ev,
         };
@@ -254,14 +255,19 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
         };
         let (target, incoming) = receiver.reserve(spec).map_err(|e| transfer_status(&e))?;
         if placed {
+            // The engine thread must know the fence before the target leaves; it says no
+            // when the request was cancelled meanwhile.
+            let (reply, wanted) = oneshot::channel();
             let watch = Cmd::Watch {
                 id: r.request_id,
                 fence: incoming.fence(),
+                reply,
             };
-            self.cmds
-                .send(watch)
-                .await
-                .map_err(|_| Status::unavailable("engine stopped"))?;
+            let stopped = || Status::unavailable("engine stopped");
+            self.cmds.send(watch).await.map_err(|_| stopped())?;
+            if !wanted.await.map_err(|_| stopped())? {
+                return Err(Status::cancelled("the request was cancelled"));
+            }
         }
         let target_json = serde_json::to_vec(&target)
             .map_err(|e| Status::internal(format!("target encoding: {e}")))?;

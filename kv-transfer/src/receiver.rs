@@ -98,8 +98,18 @@ struct Slot {
     placed: bool,
     nccl: Option<String>,
     ucx: bool,
+    /// Whether a sender attached, and the receiver's order to stop.
+    fate: Arc<Fate>,
+}
+
+/// Shared by a reservation, its connection and its [`TransferFence`].
+#[derive(Default)]
+struct Fate {
     /// A sender attached (set under the slots lock, so final once the slot is gone).
-    attached: Arc<std::sync::atomic::AtomicBool>,
+    attached: std::sync::atomic::AtomicBool,
+    /// The receiver gave the transfer up: its connection must close now.
+    aborted: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 /// Epochs are unique across every receiver of the process, not just per receiver: UCX
@@ -229,7 +239,7 @@ impl Receiver {
         };
         let (tx, rx) = mpsc::channel(self.inner.cfg.queue.max(1));
         let deadline = Instant::now() + spec.deadline;
-        let attached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fate = Arc::new(Fate::default());
         let target = TransferTarget {
             backend: spec.backend,
             addr: self.inner.addr.to_string(),
@@ -258,11 +268,11 @@ impl Receiver {
                 placed: placement.is_some(),
                 nccl,
                 ucx: ucx_addr.is_some(),
-                attached: attached.clone(),
+                fate: fate.clone(),
             },
         );
         let incoming = Incoming {
-            attached,
+            fate,
             inner: self.inner.clone(),
             id: spec.transfer_id,
             epoch,
@@ -276,7 +286,7 @@ impl Receiver {
 
 /// The receiving end of one reservation.
 pub struct Incoming {
-    attached: Arc<std::sync::atomic::AtomicBool>,
+    fate: Arc<Fate>,
     inner: Arc<Inner>,
     id: u64,
     epoch: u64,
@@ -285,22 +295,26 @@ pub struct Incoming {
     done: bool,
 }
 
-/// Closes a reservation to new senders and tells whether one ever attached: after
-/// [`TransferFence::close`] the answer is final. A receiver whose memory a sender writes
-/// directly (placed transfers) uses it to know whether a late write is possible at all.
+/// Ends a transfer from the receiver's side, whoever holds its [`Incoming`]: a receiver
+/// whose memory a sender writes directly (placed transfers) uses it when it drops the
+/// import, so the sender sees the connection close before its next write.
 #[derive(Clone)]
 pub struct TransferFence {
     inner: Arc<Inner>,
     id: u64,
     epoch: u64,
-    attached: Arc<std::sync::atomic::AtomicBool>,
+    fate: Arc<Fate>,
 }
 
 impl TransferFence {
-    /// Releases the reservation (if still held) and returns whether a sender attached.
+    /// Releases the reservation (no sender can attach any more), closes the transfer's
+    /// connection if one is attached, and returns whether a sender ever attached.
     pub fn close(&self) -> bool {
+        use std::sync::atomic::Ordering::SeqCst;
         self.inner.release(self.id, self.epoch);
-        self.attached.load(std::sync::atomic::Ordering::SeqCst)
+        self.fate.aborted.store(true, SeqCst);
+        self.fate.wake.notify_one();
+        self.fate.attached.load(SeqCst)
     }
 }
 
@@ -320,7 +334,7 @@ impl Incoming {
             inner: self.inner.clone(),
             id: self.id,
             epoch: self.epoch,
-            attached: self.attached.clone(),
+            fate: self.fate.clone(),
         }
     }
 
@@ -398,6 +412,7 @@ struct Attached {
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
     placed: bool,
+    fate: Arc<Fate>,
     nccl: Option<String>,
     /// The reservation's epoch when UCX was offered (it scopes the UCX tags).
     ucx_epoch: Option<u64>,
@@ -413,12 +428,17 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
     }
     let mut slots = inner.slots.lock().expect("slots lock");
     match slots.get_mut(&id) {
-        Some(s) if s.epoch == epoch && !s.attached.load(std::sync::atomic::Ordering::SeqCst) => {
-            s.attached.store(true, std::sync::atomic::Ordering::SeqCst);
+        Some(s)
+            if s.epoch == epoch && !s.fate.attached.load(std::sync::atomic::Ordering::SeqCst) =>
+        {
+            s.fate
+                .attached
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             Ok(Attached {
                 tx: s.tx.clone(),
                 shm: s.shm.clone(),
                 placed: s.placed,
+                fate: s.fate.clone(),
                 nccl: s.nccl.clone(),
                 ucx_epoch: s.ucx.then_some(epoch),
                 deadline: s.deadline,
@@ -461,11 +481,15 @@ async fn receive(
     let mut backend = Backend::Tcp;
     let gone = || TransferError::PeerGone("receiver released the reservation".into());
     loop {
-        // The consumer dropping its `Incoming` ends the transfer at once: the connection
-        // closes, which a placed sender checks before every write into the blocks.
+        // The consumer dropping its `Incoming`, or closing its fence, ends the transfer at
+        // once: the connection closes, which a placed sender checks before every write.
+        if att.fate.aborted.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(gone());
+        }
         let read = tokio::select! {
             r = timeout_at(deadline, frame::read_frame(conn, buffers)) => r,
             () = tx.closed() => return Err(gone()),
+            () = att.fate.wake.notified() => return Err(gone()),
         };
         let f = match read {
             Err(_) => return Err(TransferError::DeadlineExceeded("sender too slow".into())),

@@ -291,6 +291,22 @@ impl Transfer {
         }
     }
 
+    /// Fails unless the receiver still wants this transfer: before its deadline, with the
+    /// connection open. Checked right before every write into the receiver's memory.
+    fn check_receiver(&self, deadline: Instant) -> Result<()> {
+        if Instant::now() >= deadline {
+            return Err(TransferError::DeadlineExceeded("send".into()));
+        }
+        if let Some(conn) = self.conn.as_ref()
+            && receiver_left(conn.get_ref())
+        {
+            return Err(TransferError::PeerGone(
+                "receiver closed the transfer; nothing written".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Sends one chunk of `layer`. Buffered: small chunks coalesce; call [`flush`] to
     /// push what is buffered (e.g. after each layer when streaming).
     ///
@@ -328,9 +344,12 @@ impl Transfer {
                 }
                 let sum = {
                     let mut seg = seg.lock().unwrap_or_else(|e| e.into_inner());
-                    let dst = seg
-                        .bytes_mut()
-                        .get_mut(offset + start..offset + end)
+                    // A given-up region may already belong to another transfer.
+                    self.check_receiver(deadline)?;
+                    let dst = offset
+                        .checked_add(start)
+                        .zip(offset.checked_add(end))
+                        .and_then(|(a, b)| seg.bytes_mut().get_mut(a..b))
                         .ok_or_else(|| {
                             TransferError::Protocol("region outside its segment".into())
                         })?;
@@ -353,21 +372,12 @@ impl Transfer {
             }
             Some(ShmTarget::Placed { seg, placement }) => {
                 let runs = placement.runs(layer, tag, data.len())?;
-                // Once the receiver has given up (deadline, failure: it closes the
-                // connection at once) these blocks may go to another sequence: never
-                // write then.
-                if Instant::now() >= deadline {
-                    return Err(TransferError::DeadlineExceeded("send".into()));
-                }
-                if let Some(conn) = self.conn.as_ref()
-                    && receiver_left(conn.get_ref())
-                {
-                    return Err(TransferError::PeerGone(
-                        "receiver closed the transfer; nothing written".into(),
-                    ));
-                }
                 let sum = {
                     let mut seg = seg.lock().unwrap_or_else(|e| e.into_inner());
+                    // Once the receiver has given up (deadline, failure: it closes the
+                    // connection at once) these blocks may go to another sequence: check
+                    // right before writing, with the segment in hand.
+                    self.check_receiver(deadline)?;
                     let mem = seg.bytes_mut();
                     if runs.iter().any(|r| r.end > mem.len()) {
                         return Err(TransferError::Protocol(

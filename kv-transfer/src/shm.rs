@@ -21,6 +21,9 @@ pub struct Segment {
     owner: bool,
     /// Device and inode of the mapped file: a path reused by a new segment is a new file.
     id: (u64, u64),
+    /// The creator's shared lock on the file while it lives: how [`remove_orphans`] tells
+    /// a live segment from one whose process died (across PID namespaces too).
+    _alive: Option<nix::fcntl::Flock<std::fs::File>>,
 }
 
 /// A name for a new segment: `xpyd-<kind>-<pid>-<nonce>`, unique per process and run (a
@@ -34,26 +37,34 @@ pub fn segment_name(kind: &str) -> String {
 }
 
 /// Removes segments under `dir` left by processes that are gone (killed before they
-/// could unlink them: /dev/shm is memory). Names carry the creator's pid.
+/// could unlink them: /dev/shm is memory). A live segment's creator holds a shared lock
+/// on it; a segment nobody locks, older than a minute, is an orphan. Only this user's
+/// segments can be opened (they are created 0600).
 pub fn remove_orphans(dir: &Path) {
+    use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::OpenOptionsExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(name) = name.to_str().filter(|n| n.starts_with("xpyd-")) else {
+        if !name.to_str().is_some_and(|n| n.starts_with("xpyd-")) {
             continue;
-        };
-        let pid = name
-            .split('-')
-            .find(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
-        if let Some(pid) = pid
-            && !Path::new("/proc").join(pid).exists()
+        }
+        let old = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(e.path());
+        if let (true, Ok(f)) = (old, file)
+            && Flock::lock(f, FlockArg::LockExclusiveNonblock).is_ok()
         {
-            tracing::info!(
-                segment = name,
-                "removing a shared-memory segment of a dead process"
-            );
+            tracing::info!(segment = ?name, "removing a shared-memory segment no process holds");
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -108,11 +119,13 @@ impl Segment {
         // SAFETY: we just created the file; only its owner (this receiver) sizes or removes it.
         let map = unsafe { MmapMut::map_mut(&f) }
             .map_err(|e| TransferError::Io(format!("mmap {}: {e}", path.display())))?;
+        let id = file_id(&f)?;
         Ok(Segment {
             map,
             path,
             owner: true,
-            id: file_id(&f)?,
+            id,
+            _alive: nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock).ok(),
         })
     }
 
@@ -142,6 +155,7 @@ impl Segment {
             path: path.to_path_buf(),
             owner: false,
             id: file_id(&f)?,
+            _alive: None,
         })
     }
 
@@ -494,6 +508,39 @@ impl PayloadReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_segments_nobody_holds_are_removed_as_orphans() {
+        let dir = tempfile_dir();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(120);
+        let live = Segment::create(&dir, "xpyd-live", 4096).unwrap();
+        let orphan = dir.join("xpyd-orphan");
+        std::fs::write(&orphan, b"left by a killed process").unwrap();
+        let young = dir.join("xpyd-young");
+        std::fs::write(&young, b"just created").unwrap();
+        let other = dir.join("not-ours");
+        std::fs::write(&other, b"x").unwrap();
+        for p in [live.path(), orphan.as_path(), other.as_path()] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        remove_orphans(&dir);
+        assert!(live.path().exists(), "its creator holds it");
+        assert!(!orphan.exists(), "nobody holds it");
+        assert!(young.exists(), "too young to judge");
+        assert!(other.exists(), "not a segment");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir() -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("xpyd-shm-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
 
     #[test]
     fn arena_regions_are_disjoint_and_coalesce() {

@@ -716,3 +716,30 @@ async fn a_placed_sender_writes_nothing_once_the_receiver_dropped_the_transfer()
     assert!(matches!(err, TransferError::PeerGone(_)), "{err}");
     assert!(p.seg.bytes().iter().all(|b| *b == 0x5A), "nothing written");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_the_fence_ends_an_attached_transfer_before_the_next_write() {
+    let mut p = pool(2, 16, 64, 4, vec![1, 2]);
+    let r = receiver().await;
+    let mut sp = spec(1, Backend::Shm, 0, Duration::from_secs(20));
+    sp.placement = Some(p.placement.clone());
+    let (target, mut inc) = r.reserve(sp).unwrap();
+    let mut t = Sender::new(FP).open(&target).await.unwrap();
+    t.send(0, tag(0, 20), &vec![1; 2 * 20 * 64]).await.unwrap();
+    t.flush().await.unwrap();
+    assert!(matches!(inc.next().await, Some(Ok(Event::Chunk { .. }))));
+    // The engine drops the import while whoever holds `inc` has not noticed yet.
+    assert!(inc.fence().close(), "a sender had attached");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    p.seg.bytes_mut().fill(0x5A);
+    let err = t
+        .send(1, tag(0, 20), &vec![2; 2 * 20 * 64])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransferError::PeerGone(_)), "{err}");
+    assert!(p.seg.bytes().iter().all(|b| *b == 0x5A), "nothing written");
+    assert!(
+        matches!(inc.next().await, Some(Err(_))),
+        "the consumer sees the end"
+    );
+}
