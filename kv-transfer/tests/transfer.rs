@@ -694,9 +694,10 @@ async fn senders_write_only_into_this_projects_segments() {
     assert!(matches!(err, TransferError::Protocol(_)), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_placed_sender_writes_nothing_once_the_receiver_dropped_the_transfer() {
-    let mut p = pool(2, 16, 64, 4, vec![1, 2]);
+/// A placed transfer whose first chunk arrived: the pool, the receiver (kept alive),
+/// the consumer's end and the sender's.
+async fn placed_after_one_chunk() -> (Pool, Receiver, Incoming, xpyd_kv_transfer::Transfer) {
+    let p = pool(2, 16, 64, 4, vec![1, 2]);
     let r = receiver().await;
     let mut sp = spec(1, Backend::Shm, 0, Duration::from_secs(20));
     sp.placement = Some(p.placement.clone());
@@ -705,8 +706,11 @@ async fn a_placed_sender_writes_nothing_once_the_receiver_dropped_the_transfer()
     t.send(0, tag(0, 20), &vec![1; 2 * 20 * 64]).await.unwrap();
     t.flush().await.unwrap();
     assert!(matches!(inc.next().await, Some(Ok(Event::Chunk { .. }))));
-    // The consumer gives up while the sender is between chunks (e.g. still computing).
-    drop(inc);
+    (p, r, inc, t)
+}
+
+/// Once the receiver has given up, the sender's next chunk fails and writes nothing.
+async fn next_write_is_refused(p: &mut Pool, t: &mut xpyd_kv_transfer::Transfer) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     p.seg.bytes_mut().fill(0x5A);
     let err = t
@@ -718,26 +722,19 @@ async fn a_placed_sender_writes_nothing_once_the_receiver_dropped_the_transfer()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placed_sender_writes_nothing_once_the_receiver_dropped_the_transfer() {
+    let (mut p, _r, inc, mut t) = placed_after_one_chunk().await;
+    // The consumer gives up while the sender is between chunks (e.g. still computing).
+    drop(inc);
+    next_write_is_refused(&mut p, &mut t).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closing_the_fence_ends_an_attached_transfer_before_the_next_write() {
-    let mut p = pool(2, 16, 64, 4, vec![1, 2]);
-    let r = receiver().await;
-    let mut sp = spec(1, Backend::Shm, 0, Duration::from_secs(20));
-    sp.placement = Some(p.placement.clone());
-    let (target, mut inc) = r.reserve(sp).unwrap();
-    let mut t = Sender::new(FP).open(&target).await.unwrap();
-    t.send(0, tag(0, 20), &vec![1; 2 * 20 * 64]).await.unwrap();
-    t.flush().await.unwrap();
-    assert!(matches!(inc.next().await, Some(Ok(Event::Chunk { .. }))));
+    let (mut p, _r, mut inc, mut t) = placed_after_one_chunk().await;
     // The engine drops the import while whoever holds `inc` has not noticed yet.
     assert!(inc.fence().close(), "a sender had attached");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    p.seg.bytes_mut().fill(0x5A);
-    let err = t
-        .send(1, tag(0, 20), &vec![2; 2 * 20 * 64])
-        .await
-        .unwrap_err();
-    assert!(matches!(err, TransferError::PeerGone(_)), "{err}");
-    assert!(p.seg.bytes().iter().all(|b| *b == 0x5A), "nothing written");
+    next_write_is_refused(&mut p, &mut t).await;
     assert!(
         matches!(inc.next().await, Some(Err(_))),
         "the consumer sees the end"

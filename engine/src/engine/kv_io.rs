@@ -193,11 +193,8 @@ impl Engine {
     /// Writes one received layer chunk. A bad chunk (wrong layer, gap, size) fails the
     /// import and frees its blocks.
     pub fn import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
-        let res = self.try_import_chunk(id, chunk);
-        if matches!(res, Err(EngineError::KvImport(_))) {
-            self.remove(id);
-        }
-        res
+        let c = chunk;
+        self.import_rows(id, c.layer, c.start, c.count, &c.payload)
     }
 
     /// Writes received rows straight from a transport's buffer: the K then V rows of
@@ -231,11 +228,7 @@ impl Engine {
         len: usize,
         fill: &mut RowFill<'_>,
     ) -> Result<()> {
-        let res = self.try_import_rows(id, layer, start, count, len, Rows::Copy(fill));
-        if matches!(res, Err(EngineError::KvImport(_))) {
-            self.remove(id);
-        }
-        res
+        self.rows_or_remove(id, layer, start, count, len, Rows::Copy(fill))
     }
 
     /// Accepts rows a peer wrote straight into this sequence's blocks (a placed import,
@@ -251,26 +244,24 @@ impl Engine {
         len: usize,
         check: &mut RowCheck<'_>,
     ) -> Result<()> {
-        let res = self.try_import_rows(id, layer, start, count, len, Rows::InPlace(check));
+        self.rows_or_remove(id, layer, start, count, len, Rows::InPlace(check))
+    }
+
+    /// Takes rows in; a bad chunk (`KvImport`) fails the import and frees its blocks.
+    fn rows_or_remove(
+        &mut self,
+        id: u64,
+        layer: u32,
+        start: u32,
+        count: u32,
+        len: usize,
+        rows: Rows<'_, '_>,
+    ) -> Result<()> {
+        let res = self.try_import_rows(id, layer, start, count, len, rows);
         if matches!(res, Err(EngineError::KvImport(_))) {
             self.remove(id);
         }
         res
-    }
-
-    fn try_import_chunk(&mut self, id: u64, chunk: &LayerChunk) -> Result<()> {
-        let payload = &chunk.payload;
-        self.try_import_rows(
-            id,
-            chunk.layer,
-            chunk.start,
-            chunk.count,
-            payload.len(),
-            Rows::Copy(&mut |off, dst| {
-                dst.copy_from_slice(&payload[off..off + dst.len()]);
-                Ok(())
-            }),
-        )
     }
 
     fn try_import_rows(
