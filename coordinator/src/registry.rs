@@ -120,7 +120,7 @@ pub async fn watch_etcd(
                     cluster.remove(&w.worker_id);
                 }
             }
-            let (_watcher, mut stream) = client
+            let mut stream = client
                 .watch(
                     key_prefix.clone(),
                     Some(

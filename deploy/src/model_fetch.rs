@@ -53,7 +53,7 @@ fn sha256_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(hex::encode(h.finalize()))
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// True when `path` has the spec's size (cheap check used on every start).

@@ -146,6 +146,32 @@ fn default_model() -> String {
     "default".into()
 }
 
+/// Deserializes YAML text into a manifest; an error names the field path (through
+/// `serde_path_to_error`) and the line and column of the problem.
+fn parse(text: &str) -> Result<Manifest, ManifestError> {
+    let mut path = None;
+    serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = Some(e.path().to_string());
+            e.into_inner()
+        })
+    })
+    .map_err(|e| {
+        let msg = e.without_snippet().to_string();
+        // The parser's message carries the position; add it where one does not.
+        let at = match e.location() {
+            Some(l) if !msg.contains(" line ") => {
+                format!(" at line {}, column {}", l.line(), l.column())
+            }
+            _ => String::new(),
+        };
+        ManifestError::Parse(match path.filter(|p| p != ".") {
+            Some(p) => format!("{p}: {msg}{at}"),
+            None => format!("{msg}{at}"),
+        })
+    })
+}
+
 impl Manifest {
     /// Parses YAML text and validates it.
     ///
@@ -154,8 +180,7 @@ impl Manifest {
     /// enum values (the message names the field); [`ManifestError::Invalid`] for
     /// values out of range.
     pub fn from_yaml(text: &str) -> Result<Manifest, ManifestError> {
-        let manifest: Manifest =
-            serde_yaml_ng::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        let manifest = parse(text)?;
         manifest.validate()?;
         Ok(manifest)
     }

@@ -165,7 +165,7 @@ fn worker_roles_follow_mode_and_start_order() {
 #[test]
 fn serialized_manifest_round_trips() {
     let m = with("routing: { prefill: prefix_aware }\n").unwrap();
-    let text = serde_yaml_ng::to_string(&m).unwrap();
+    let text = serde_saphyr::to_string(&m).unwrap();
     assert_eq!(Manifest::from_yaml(&text).unwrap(), m);
 }
 
@@ -196,7 +196,7 @@ fn load_names_the_file_and_the_field() {
     std::fs::write(&path, format!("{MINIMAL_PD}extra_knob: 1\n")).unwrap();
     let msg = Manifest::load(&path).unwrap_err().to_string();
     assert!(
-        msg.contains("bad.yaml") && msg.contains("extra_knob"),
+        msg.contains("bad.yaml") && msg.contains("extra_knob") && msg.contains("line "),
         "{msg}"
     );
 
@@ -258,9 +258,9 @@ fn role_ranges_name_their_fields() {
     assert!(role("kv_blocks: 16, max_running: 1024, prefill_chunk: 8192").is_ok());
     assert_parse_err(
         role("kv_dtype: bf16"),
-        &["roles.combined.kv_dtype", "`f32`", "`f16`"],
+        &["roles.combined.kv_dtype", "f32", "f16", "line 4"],
     );
-    assert_parse_err(role("engine: fake"), &["`real`", "`mock`"]);
+    assert_parse_err(role("engine: fake"), &["real", "mock"]);
 }
 
 #[test]
@@ -439,7 +439,7 @@ fn registry_rules_name_their_fields() {
     );
     assert_parse_err(
         r("backend: consul"),
-        &["registry.backend", "`embedded`", "`etcd`"],
+        &["registry.backend", "embedded", "etcd"],
     );
     assert!(
         r("backend: etcd, endpoints: [\"https://[::1]:2379\", \"http://etcd-0.etcd:2379\"]")
@@ -475,7 +475,7 @@ fn mode_decides_which_roles_are_allowed() {
     );
     assert_parse_err(
         Manifest::from_yaml("name: d\nmode: aggregated\nroles: {}\n"),
-        &["mode", "`disaggregated`", "`single`"],
+        &["mode", "disaggregated", "single"],
     );
     assert_parse_err(
         Manifest::from_yaml("name: d\nroles: {}\n"),
@@ -497,13 +497,14 @@ fn bad_routing_policy_lists_the_allowed_names() {
         &[
             "routing.prefill",
             "unknown variant `fastest`",
-            "`round_robin`",
-            "`source_ip_hash`",
-            "`least_connections`",
-            "`min_ttft`",
-            "`overall_load`",
-            "`slo_priority`",
-            "`prefix_aware`",
+            "line 7",
+            "round_robin",
+            "source_ip_hash",
+            "least_connections",
+            "min_ttft",
+            "overall_load",
+            "slo_priority",
+            "prefix_aware",
         ],
     );
     assert_invalid(
@@ -534,7 +535,7 @@ fn other_top_level_fields_are_checked() {
     );
     assert_parse_err(
         with("kv: { backend: rdma }\n"),
-        &["kv.backend", "`tcp`", "`shm`", "`ucx`", "`nccl`"],
+        &["kv.backend", "tcp", "shm", "ucx", "nccl"],
     );
 }
 
@@ -563,7 +564,7 @@ fn replicas_get_their_own_cores_with_pin_replica() {
         "roles.combined.pin",
         "needs a `cpus` list",
     );
-    assert_parse_err(parse("replicas: 1, pin: core"), &["`replica`"]);
+    assert_parse_err(parse("replicas: 1, pin: core"), &["replica"]);
 }
 
 #[test]
