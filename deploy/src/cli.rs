@@ -1,15 +1,18 @@
-//! Command-line interface.
+//! Command-line interface: parses the flags and calls into the crates — the role crates
+//! through `roles`, the supervisor (`up`), the small clients, and xpyd-bench for
+//! `xpyd bench …` and the hidden `xpyd kv-harness`. What only the binary knows (where
+//! it is, where the default model lives) is handed to the bench drivers as a [`Host`].
 
+use crate::exit::UsageError;
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{
-    bench_engine, bench_kv, bench_load, bench_overhead, bench_profile, client, generate,
-    kv_harness, roles, up,
-};
-use anyhow::Result;
-use clap::{Args, Parser, Subcommand};
+use crate::{client, generate, roles, up};
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
-use xpyd_engine::KvDtype;
-use xpyd_engine::compute::{self, ComputeConfig};
+use xpyd_bench::engine_args::EngineArgs;
+use xpyd_bench::host::Host;
+use xpyd_bench::{engine_bench, kv_bench, kv_harness, load_cmd, overhead, profile};
+use xpyd_engine::compute;
 
 /// xpyd: prefill/decode-disaggregated LLM serving.
 #[derive(Debug, Parser)]
@@ -22,7 +25,12 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Generate a completion for one prompt in this process.
-    Generate(generate::GenerateArgs),
+    Generate {
+        #[command(flatten)]
+        args: generate::GenerateArgs,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
     /// Manage model files.
     Model {
         #[command(subcommand)]
@@ -66,83 +74,46 @@ enum ModelCmd {
 #[derive(Debug, Subcommand)]
 enum BenchCmd {
     /// Prefill and decode throughput of the engine on the real model.
-    Engine(bench_engine::BenchEngineArgs),
+    Engine(engine_bench::BenchEngineArgs),
     /// KV transfer throughput per backend between two processes, and streaming overlap.
-    Kv(bench_kv::BenchKvArgs),
+    Kv(kv_bench::BenchKvArgs),
     /// Open- or closed-loop load against a running coordinator (optionally a goodput search).
-    Load(bench_load::LoadArgs),
+    Load(load_cmd::LoadArgs),
     /// The same workload against an aggregated and a disaggregated cluster, side by side.
-    Compare(bench_load::CompareArgs),
+    Compare(load_cmd::CompareArgs),
     /// Per-role performance profiles of the real engine, with fitted models (JSON).
-    Profile(bench_profile::ProfileArgs),
+    Profile(profile::ProfileArgs),
     /// Latency the serving path adds, against zero-latency mock workers.
-    Overhead(bench_overhead::OverheadArgs),
+    Overhead(overhead::OverheadArgs),
 }
 
-/// Options shared by every command that runs the engine.
-#[derive(Debug, Clone, Args)]
-pub struct EngineArgs {
-    /// GGUF model file (default: the fetched default model).
-    #[arg(long, env = "XPYD_MODEL")]
-    pub model: Option<PathBuf>,
-    /// Compute threads (default: one per core).
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Pin compute threads to these cores, e.g. `0` or `0-1`.
-    #[arg(long)]
-    pub cpus: Option<String>,
-    /// KV cache element type.
-    #[arg(long, default_value = "f32")]
-    pub kv_dtype: KvDtype,
-    /// Prompt tokens per prefill chunk.
-    #[arg(long, default_value_t = 512)]
-    pub prefill_chunk: usize,
+/// The default model, fetched into the models directory when missing.
+fn default_model() -> Result<PathBuf> {
+    model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir())
 }
 
-impl EngineArgs {
-    /// The model path, fetching the default model when none is given.
-    pub fn model_path(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(p) => Ok(p.clone()),
-            None => model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir()),
-        }
-    }
-
-    /// Engine configuration for these flags.
-    pub fn engine_config(&self) -> Result<xpyd_engine::EngineConfig> {
-        let mut cfg = xpyd_engine::EngineConfig::new(self.model_path()?);
-        cfg.kv_dtype = self.kv_dtype;
-        cfg.prefill_chunk = self.prefill_chunk;
-        Ok(cfg)
-    }
-
-    fn compute(&self) -> Result<ComputeConfig> {
-        Ok(ComputeConfig {
-            threads: self.threads,
-            cpus: self
-                .cpus
-                .as_deref()
-                .map(compute::parse_cpu_list)
-                .transpose()?,
-        })
-    }
+/// What the bench drivers need from this binary.
+fn host() -> Result<Host> {
+    Ok(Host {
+        exe: std::env::current_exe().context("locating the xpyd binary")?,
+        default_model,
+    })
 }
 
 impl Cli {
     /// Applies thread and pinning flags (before anything else starts threads).
+    ///
+    /// # Errors
+    /// A bad `--threads`/`--cpus` or a worker's manifest that cannot be used.
     pub fn apply_compute(&self) -> Result<()> {
         let args = match &self.cmd {
-            Cmd::Generate(g) => &g.engine,
+            Cmd::Generate { engine, .. } => engine,
             Cmd::Bench {
                 cmd: BenchCmd::Engine(b),
             } => &b.engine,
             Cmd::Bench {
                 cmd: BenchCmd::Profile(b),
             } => &b.engine,
-            Cmd::Bench {
-                cmd:
-                    BenchCmd::Kv(_) | BenchCmd::Load(_) | BenchCmd::Compare(_) | BenchCmd::Overhead(_),
-            } => return Ok(()),
             Cmd::KvHarness {
                 cmd: kv_harness::HarnessCmd::Recv(r),
             } => &r.engine,
@@ -153,7 +124,11 @@ impl Cli {
                 compute::init(&roles::worker_compute(w)?)?;
                 return Ok(());
             }
-            Cmd::Model { .. }
+            Cmd::Bench {
+                cmd:
+                    BenchCmd::Kv(_) | BenchCmd::Load(_) | BenchCmd::Compare(_) | BenchCmd::Overhead(_),
+            }
+            | Cmd::Model { .. }
             | Cmd::KvHarness { .. }
             | Cmd::Up(_)
             | Cmd::Status(_)
@@ -165,9 +140,12 @@ impl Cli {
     }
 
     /// Runs the command.
+    ///
+    /// # Errors
+    /// Whatever the command fails with; [`crate::exit::code_of`] maps it to an exit code.
     pub fn run(self) -> Result<()> {
         match self.cmd {
-            Cmd::Generate(args) => generate::run(&args),
+            Cmd::Generate { args, engine } => generate::run(&args, engine.engine_config(&host()?)?),
             Cmd::Model {
                 cmd: ModelCmd::Fetch { dir },
             } => {
@@ -177,36 +155,35 @@ impl Cli {
             Cmd::Model {
                 cmd: ModelCmd::Path,
             } => {
-                println!(
-                    "{}",
-                    model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir())?.display()
-                );
+                println!("{}", default_model()?.display());
                 Ok(())
             }
-            Cmd::Bench {
-                cmd: BenchCmd::Engine(args),
-            } => bench_engine::run(&args),
-            Cmd::Bench {
-                cmd: BenchCmd::Kv(args),
-            } => bench_kv::run(&args),
-            Cmd::Bench {
-                cmd: BenchCmd::Load(args),
-            } => bench_load::load(&args),
-            Cmd::Bench {
-                cmd: BenchCmd::Compare(args),
-            } => bench_load::compare(&args),
-            Cmd::Bench {
-                cmd: BenchCmd::Profile(args),
-            } => bench_profile::run(&args),
-            Cmd::Bench {
-                cmd: BenchCmd::Overhead(args),
-            } => bench_overhead::run(&args),
-            Cmd::KvHarness { cmd } => kv_harness::run(cmd),
+            Cmd::Bench { cmd } => bench(cmd),
+            Cmd::KvHarness { cmd } => kv_harness::run(cmd, &host()?),
             Cmd::Up(a) => up::run(&a),
             Cmd::Status(t) => client::status(&t),
             Cmd::Chat(a) => client::chat(&a),
             Cmd::Coordinator(a) => roles::coordinator(&a),
             Cmd::Worker(a) => roles::worker(&a),
+        }
+    }
+}
+
+/// `xpyd bench …`: checks what clap could not, then hands over to xpyd-bench.
+fn bench(cmd: BenchCmd) -> Result<()> {
+    let host = host()?;
+    match cmd {
+        BenchCmd::Engine(a) => engine_bench::run(&a, &host),
+        BenchCmd::Kv(a) => kv_bench::run(&a, &host),
+        BenchCmd::Load(a) => load_cmd::load(&a, &host),
+        BenchCmd::Compare(a) => load_cmd::compare(&a, &host),
+        BenchCmd::Profile(a) => {
+            a.validate().map_err(UsageError)?;
+            profile::run(&a, &host)
+        }
+        BenchCmd::Overhead(a) => {
+            a.validate().map_err(UsageError)?;
+            overhead::run(&a, &host)
         }
     }
 }

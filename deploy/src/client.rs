@@ -1,12 +1,27 @@
 //! Small clients of a running cluster: `xpyd status` (topology from `/v1/cluster`),
 //! `xpyd chat` (streams a chat completion over SSE), and the state file through which
-//! `xpyd up` tells them where the cluster listens.
+//! `xpyd up` tells them where the cluster listens. Every call has a timeout, so a
+//! coordinator that accepts but never answers cannot hang the CLI.
 
+use crate::exit::UsageError;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
+use std::time::Duration;
+use xpyd_bench::http::get_json;
+
+/// Bound of `xpyd status`'s request.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound of one readiness poll of `xpyd up` (it polls every 200 ms until its deadline).
+const POLL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound of connecting to the coordinator.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest silence of a streamed chat answer (each read restarts it): above the
+/// coordinator's own inactivity limit (`first_token_timeout_s`, at most 1,200 s), so the
+/// coordinator reports a stalled request before the client gives up on it.
+const CHAT_READ_TIMEOUT: Duration = Duration::from_secs(1_260);
 
 /// Where `xpyd up` records a running cluster's URLs.
 pub fn state_file(name: &str) -> PathBuf {
@@ -44,7 +59,7 @@ impl Target {
             return Ok(u.trim_end_matches('/').to_string());
         }
         let Some(f) = &self.file else {
-            bail!("give --url or -f MANIFEST");
+            return Err(UsageError("give --url or -f MANIFEST".into()).into());
         };
         let m = crate::manifest::Manifest::load(f)?;
         let p = state_file(&m.name);
@@ -56,19 +71,10 @@ impl Target {
     }
 }
 
-/// `GET url` as JSON.
-pub(crate) fn get_json(url: &str) -> Result<Value> {
-    let body = ureq::get(url)
-        .call()
-        .with_context(|| format!("GET {url}"))?
-        .into_body()
-        .read_to_string()?;
-    Ok(serde_json::from_str(&body)?)
-}
-
-/// Ready workers according to the coordinator's `/v1/cluster`.
+/// Ready workers according to the coordinator's `/v1/cluster` (one poll, at most
+/// `POLL_TIMEOUT`).
 pub fn ready_workers(url: &str) -> Result<usize> {
-    let v = get_json(url)?;
+    let v = get_json(url, POLL_TIMEOUT)?;
     Ok(v["workers"]
         .as_array()
         .map(|a| a.iter().filter(|w| w["state"] == "ready").count())
@@ -78,7 +84,7 @@ pub fn ready_workers(url: &str) -> Result<usize> {
 /// `xpyd status`.
 pub fn status(t: &Target) -> Result<()> {
     let http = t.http()?;
-    let v = get_json(&format!("{http}/v1/cluster"))?;
+    let v = get_json(&format!("{http}/v1/cluster"), STATUS_TIMEOUT)?;
     println!(
         "mode {}  routing prefill={} decode={}  queued {}",
         v["mode"].as_str().unwrap_or("?"),
@@ -135,6 +141,8 @@ fn stream_chat(
         .header("content-type", "application/json")
         .config()
         .http_status_as_error(false)
+        .timeout_connect(Some(CONNECT_TIMEOUT))
+        .timeout_per_read(Some(CHAT_READ_TIMEOUT))
         .build()
         .send(body.to_string())
         .context("POST /v1/chat/completions")?;

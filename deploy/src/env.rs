@@ -1,8 +1,5 @@
-//! Every environment variable the xpyd binary reads, in one place.
+//! Every environment variable the xpyd binary reads: the one list is
+//! `xpyd_runtime::env`, shared with the worker runtime (which reads `XPYD_DEBUG_DELAY`)
+//! and the command drivers in other crates; re-exported here for the CLI's modules.
 
-/// Directory holding model files (default: `<user cache dir>/xpyd/models`).
-pub const MODELS_DIR: &str = "XPYD_MODELS";
-/// Python interpreter used to run pip for the model fetch (default: `python3`).
-pub const PYTHON: &str = "XPYD_PYTHON";
-/// Log filter (`tracing` syntax), e.g. `info,xpyd_engine=debug`.
-pub const LOG: &str = "XPYD_LOG";
+pub use xpyd_runtime::env::*;

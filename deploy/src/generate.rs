@@ -1,13 +1,12 @@
 //! `xpyd generate`: one prompt through the engine in this process, streamed to stdout.
 
-use crate::cli::EngineArgs;
 use anyhow::Result;
 use clap::Args;
 use std::io::Write;
 use std::time::Instant;
-use xpyd_engine::{ChatMessage, Engine, SamplingParams};
+use xpyd_engine::{ChatMessage, Engine, EngineConfig, SamplingParams};
 
-/// Flags of `xpyd generate`.
+/// Flags of `xpyd generate` (besides the engine flags, which the CLI adds).
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// The prompt text.
@@ -43,14 +42,12 @@ pub struct GenerateArgs {
     /// Print the generated token ids to stderr as JSON.
     #[arg(long)]
     pub print_ids: bool,
-    #[command(flatten)]
-    pub engine: EngineArgs,
 }
 
-/// Runs `xpyd generate`.
-pub fn run(args: &GenerateArgs) -> Result<()> {
+/// Runs `xpyd generate` on an engine configured by `cfg`.
+pub fn run(args: &GenerateArgs, cfg: EngineConfig) -> Result<()> {
     let t0 = Instant::now();
-    let mut engine = Engine::load(args.engine.engine_config()?)?;
+    let mut engine = Engine::load(cfg)?;
     let load = t0.elapsed();
     let prompt = if args.chat {
         let mut msgs = Vec::new();

@@ -1,30 +1,37 @@
-//! The `xpyd` binary: parses flags and hands off to the command modules.
+//! The `xpyd` binary: parses flags, hands off to the command modules, and maps failures
+//! to exit codes (see `exit`).
 #![forbid(unsafe_code)]
 
-mod bench_cluster;
-mod bench_engine;
-mod bench_kv;
-mod bench_load;
-mod bench_overhead;
-mod bench_profile;
 mod cli;
 mod client;
 mod env;
+mod exit;
 mod generate;
-mod kv_harness;
 mod manifest;
 mod model_fetch;
 mod roles;
 mod up;
 
 use clap::Parser;
+use std::process::ExitCode;
 
-fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+fn main() -> ExitCode {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // `--help` and `--version` arrive as errors too, printed to stdout.
+            return if e.use_stderr() {
+                ExitCode::from(exit::USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     // Threads and pinning are process-wide and must be set before any thread starts.
     if let Err(e) = cli.apply_compute() {
-        eprintln!("error: {e}");
-        return std::process::ExitCode::from(64);
+        eprintln!("error: {e:#}");
+        return ExitCode::from(exit::USAGE);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -34,10 +41,10 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::from(1)
+            ExitCode::from(exit::code_of(&e))
         }
     }
 }

@@ -2,10 +2,10 @@
 //! mains: read the manifest, build the role's typed config, bind, call its
 //! `run(config, listeners, shutdown)`, and stop on SIGINT/SIGTERM.
 
-use crate::manifest::{self, Manifest, Role};
+use crate::manifest::{self, Manifest, ManifestError, Role};
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use anyhow::{Context, Result, bail};
-use clap::Args;
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -36,9 +36,9 @@ pub struct WorkerArgs {
     /// The cluster manifest.
     #[arg(short = 'f', long)]
     pub file: PathBuf,
-    /// prefill, decode or combined.
-    #[arg(long)]
-    pub role: String,
+    /// The worker's role (its section under `roles:` in the manifest).
+    #[arg(long, value_enum)]
+    pub role: WorkerRole,
     /// Replica index (names the worker `<role>-<index>`).
     #[arg(long, default_value_t = 0)]
     pub index: u32,
@@ -48,6 +48,27 @@ pub struct WorkerArgs {
     /// The coordinator's gRPC URL (embedded registry).
     #[arg(long)]
     pub registry_url: Option<String>,
+}
+
+/// `--role` of `xpyd worker`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkerRole {
+    /// Prefill worker of a disaggregated cluster.
+    Prefill,
+    /// Decode worker of a disaggregated cluster.
+    Decode,
+    /// Prefill and decode in one worker (single mode).
+    Combined,
+}
+
+impl From<WorkerRole> for Role {
+    fn from(r: WorkerRole) -> Role {
+        match r {
+            WorkerRole::Prefill => Role::Prefill,
+            WorkerRole::Decode => Role::Decode,
+            WorkerRole::Combined => Role::Combined,
+        }
+    }
 }
 
 /// The model file a manifest names.
@@ -62,26 +83,17 @@ pub fn model_path(m: &Manifest, flag: &Option<PathBuf>) -> Result<PathBuf> {
     }
 }
 
-fn parse_role(s: &str) -> Result<Role> {
-    match s {
-        "prefill" => Ok(Role::Prefill),
-        "decode" => Ok(Role::Decode),
-        "combined" => Ok(Role::Combined),
-        other => bail!("--role: `{other}` is not one of prefill, decode, combined"),
-    }
-}
-
 /// The role's spec in the manifest.
 fn role_spec(m: &Manifest, role: Role) -> Result<&manifest::RoleSpec> {
-    m.roles
-        .get(role)
-        .with_context(|| format!("roles.{}: not in this manifest", role.name()))
+    m.roles.get(role).ok_or_else(|| {
+        ManifestError::invalid(format!("roles.{}", role.name()), "not in this manifest").into()
+    })
 }
 
 /// Thread count and pinning of a worker (applied before any thread starts).
 pub fn worker_compute(a: &WorkerArgs) -> Result<xpyd_engine::compute::ComputeConfig> {
     let m = Manifest::load(&a.file)?;
-    let spec = role_spec(&m, parse_role(&a.role)?)?;
+    let spec = role_spec(&m, a.role.into())?;
     Ok(xpyd_engine::compute::ComputeConfig {
         threads: Some(spec.threads as usize),
         cpus: spec.cpus_of(a.index)?,
@@ -150,7 +162,8 @@ fn etcd_prefix(m: &Manifest) -> String {
     format!("{}{}/", m.registry.prefix, m.name)
 }
 
-/// The `mock_latency` section of a profile written by `xpyd bench profile`.
+/// The `mock_latency` section of a performance profile (the JSON the profiling command
+/// writes).
 pub fn mock_latency_of_profile(path: &Path) -> Result<xpyd_engine::MockLatency> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -165,7 +178,7 @@ pub fn mock_latency_of_profile(path: &Path) -> Result<xpyd_engine::MockLatency> 
 /// `xpyd worker`.
 pub fn worker(a: &WorkerArgs) -> Result<()> {
     let m = Manifest::load(&a.file)?;
-    let role = parse_role(&a.role)?;
+    let role: Role = a.role.into();
     let spec = role_spec(&m, role)?;
     let mut engine = xpyd_engine::EngineConfig::new(model_path(&m, &a.model)?);
     // The mock computes nothing but still uses the model file's tokenizer and geometry.

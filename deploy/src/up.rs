@@ -174,6 +174,8 @@ async fn serve(
             }
         }
         let url = format!("{http}/v1/cluster");
+        // One poll is bounded (`client::ready_workers` times out), so a coordinator that
+        // accepts but never answers cannot hold the loop past its deadline.
         let ready = tokio::task::spawn_blocking(move || client::ready_workers(&url)).await?;
         if ready.unwrap_or(0) >= want {
             break;

@@ -3,6 +3,20 @@
 mod common;
 
 use common::{real_model, tiny_model, xpyd};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+/// Runs `xpyd ARGS` to the end: exit code, stdout, stderr.
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = xpyd().args(args).stdin(Stdio::null()).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
 #[test]
 fn generate_streams_the_same_tokens_as_the_engine() {
@@ -151,4 +165,173 @@ fn model_fetch_is_a_no_op_when_present() {
         "a present, verified model needs no pip: {stderr}"
     );
     assert!(stderr.contains("model present"), "{stderr}");
+}
+
+#[test]
+fn help_lists_the_allowed_values_of_enumerated_flags() {
+    let cases: [(&[&str], &[&str]); 4] = [
+        (&["worker", "--help"], &["prefill", "decode", "combined"]),
+        (&["generate", "--help"], &["f32", "f16"]),
+        (
+            &["bench", "kv", "--help"],
+            &["tcp", "shm", "ucx", "shm-staged", "shm-scattered"],
+        ),
+        (
+            &["bench", "profile", "--help"],
+            &["none", "tcp", "shm-staged"],
+        ),
+    ];
+    for (args, values) in cases {
+        let (code, stdout, stderr) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {stderr}");
+        for v in values {
+            assert!(
+                stdout.contains(v),
+                "{args:?} does not list `{v}`:\n{stdout}"
+            );
+        }
+    }
+    let (code, stdout, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("xpyd "), "{stdout}");
+}
+
+#[test]
+fn usage_errors_exit_64_and_name_the_flag() {
+    let cases: [(&[&str], &str); 9] = [
+        (&["worker", "-f", "m.yaml", "--role", "router"], "--role"),
+        (
+            &["generate", "--prompt", "hi", "--kv-dtype", "f8"],
+            "--kv-dtype",
+        ),
+        (&["bench", "kv", "--backends", "tcp,nccl"], "--backends"),
+        (
+            &["bench", "profile", "--kv-backend", "rdma"],
+            "--kv-backend",
+        ),
+        (
+            &["generate", "--prompt", "hi", "--no-such-flag"],
+            "--no-such-flag",
+        ),
+        (&["bench", "load", "--goodput", "fast"], "--goodput"),
+        (
+            &["bench", "overhead", "--concurrency", "0"],
+            "--concurrency",
+        ),
+        (&["status"], "--url"),
+        (
+            &["up", "-f", "/nonexistent/cluster.yaml"],
+            "/nonexistent/cluster.yaml",
+        ),
+    ];
+    for (args, flag) in cases {
+        let (code, _, stderr) = run(args);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(flag),
+            "{args:?} does not name {flag}: {stderr}"
+        );
+    }
+    let (code, _, stderr) = run(&[]);
+    assert_eq!(code, Some(64), "no command is a usage error: {stderr}");
+}
+
+#[test]
+fn status_gives_up_on_a_coordinator_that_never_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Accepts connections and holds them open without a word.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    let mut child = xpyd()
+        .args(["status", "--url", &format!("http://{addr}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("`xpyd status` still waiting after {:?}", t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.to_lowercase().contains("timeout"), "{stderr}");
+}
+
+/// Names in the string literals of `src` that start with `XPYD_`.
+fn xpyd_literals(src: &str) -> Vec<String> {
+    src.match_indices("\"XPYD_")
+        .map(|(i, _)| {
+            src[i + 1..]
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
+fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            rs_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn every_environment_variable_is_in_the_one_list_and_the_readme() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let module = root.join("runtime/src/env.rs");
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let listed: BTreeSet<String> = xpyd_literals(&read(&module)).into_iter().collect();
+    assert!(listed.contains("XPYD_MODEL"), "{listed:?}");
+    let readme = read(&root.join("README.md"));
+    let environment = readme
+        .split("\nEnvironment:")
+        .nth(1)
+        .expect("README.md has an `Environment:` paragraph")
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let mut problems = Vec::new();
+    for name in &listed {
+        if !environment.contains(&format!("`{name}`")) {
+            problems.push(format!(
+                "{name} is not in README.md's Environment paragraph"
+            ));
+        }
+    }
+    let mut files = Vec::new();
+    for dir in ["deploy/src", "bench/src", "runtime/src"] {
+        rs_files(&root.join(dir), &mut files);
+    }
+    for file in files.iter().filter(|f| **f != module) {
+        for name in xpyd_literals(&read(file)) {
+            problems.push(format!(
+                "{}: \"{name}\" is spelled out; use the constant in runtime/src/env.rs{}",
+                file.display(),
+                if listed.contains(&name) {
+                    ""
+                } else {
+                    " (add it there and to README.md)"
+                }
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
 }

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod ema;
+pub mod env;
 pub mod grpc;
 pub mod http;
 pub mod kv_pool;

@@ -17,9 +17,8 @@ use xpyd_engine::{EngineError, FinishReason, SamplingParams};
 use xpyd_kv_transfer::TransferError;
 use xpyd_proto as pb;
 
-/// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep
-/// that many milliseconds before every engine step, so routing tests can slow one down.
-pub const DEBUG_DELAY_ENV: &str = "XPYD_DEBUG_DELAY";
+/// Test knob: the named workers sleep before every engine step (see [`crate::env::DEBUG_DELAY`]).
+pub use crate::env::DEBUG_DELAY as DEBUG_DELAY_ENV;
 
 /// The step delay [`DEBUG_DELAY_ENV`] sets for `worker_id`, if any.
 pub fn debug_delay(worker_id: &str) -> Option<Duration> {

@@ -2,6 +2,7 @@
 //! starts the coordinator and workers), its URLs once it prints `ready`, and a clean
 //! stop (SIGINT to the supervisor, which stops its children) when dropped.
 
+use crate::http;
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -12,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A running cluster.
+#[derive(Debug)]
 pub struct Cluster {
     child: Child,
     /// Coordinator HTTP URL.
@@ -20,10 +22,31 @@ pub struct Cluster {
     pub grpc: String,
 }
 
+/// How to start a cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterSpec<'a> {
+    /// The `xpyd` executable.
+    pub exe: &'a Path,
+    /// The cluster manifest.
+    pub manifest: &'a Path,
+    /// Model file of every role.
+    pub model: &'a Path,
+    /// Give up when the cluster is not ready after this long.
+    pub ready_timeout: Duration,
+}
+
 impl Cluster {
-    /// Starts `xpyd up` on `manifest` with `model` and waits until it is ready.
-    pub fn start(manifest: &Path, model: &Path, ready_timeout: Duration) -> Result<Cluster> {
-        let exe = std::env::current_exe().context("locating the xpyd binary")?;
+    /// Starts `xpyd up` as `spec` says and waits until it is ready.
+    ///
+    /// # Errors
+    /// When `xpyd up` cannot start, ends early, or is not ready in time.
+    pub fn start(spec: ClusterSpec<'_>) -> Result<Cluster> {
+        let ClusterSpec {
+            exe,
+            manifest,
+            model,
+            ready_timeout,
+        } = spec;
         let mut child = Command::new(exe)
             .args(["up", "-f"])
             .arg(manifest)
@@ -35,7 +58,7 @@ impl Cluster {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting xpyd up")?;
-        let out = child.stdout.take().expect("stdout is piped");
+        let out = child.stdout.take().context("xpyd up stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(|l| l.ok()) {
@@ -76,16 +99,22 @@ impl Cluster {
         }
         Ok(c)
     }
+
+    /// The coordinator's `/v1/cluster`.
+    ///
+    /// # Errors
+    /// When the coordinator does not answer in time or not with JSON.
+    pub fn topology(&self) -> Result<serde_json::Value> {
+        http::get_json(&format!("{}/v1/cluster", self.http), http::QUICK)
+    }
 }
 
 /// `GET {http}/metrics`.
+///
+/// # Errors
+/// When the coordinator does not answer in time.
 pub fn scrape(http: &str) -> Result<String> {
-    let url = format!("{http}/metrics");
-    Ok(ureq::get(&url)
-        .call()
-        .with_context(|| format!("GET {url}"))?
-        .into_body()
-        .read_to_string()?)
+    http::get_text(&format!("{http}/metrics"), http::QUICK)
 }
 
 impl Drop for Cluster {

@@ -2,11 +2,14 @@
 //! plain memcpy and a raw TCP loopback copy measured in the same run, and the exposed
 //! fraction of a real 2,048-token prefill streamed layer by layer.
 
-use crate::cli::EngineArgs;
+use crate::engine_args::EngineArgs;
+use crate::host::Host;
+use crate::kv_harness;
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Instant;
 
@@ -20,8 +23,8 @@ pub struct BenchKvArgs {
     /// `shm-scattered` writes into a shuffled block table (8 KiB runs; plain `shm` uses
     /// consecutive blocks, as the engine's allocator hands out), `shm-staged` goes
     /// through a staging region copied into the KV blocks (the path without placement).
-    #[arg(long, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,shm,ucx" } else { "tcp,shm" })]
-    pub backends: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,shm,ucx" } else { "tcp,shm" })]
+    pub backends: Vec<KvBackend>,
     /// Skip the real-model streaming measurement.
     #[arg(long)]
     pub no_model: bool,
@@ -31,8 +34,56 @@ pub struct BenchKvArgs {
     /// Also write the JSON object to this file.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Engine flags (model, threads, KV dtype, prefill chunk).
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// A backend `xpyd bench kv` measures: a transfer backend, or a variant of shm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvBackend {
+    /// TCP with per-chunk checksums.
+    Tcp,
+    /// Shared memory, written straight into consecutive KV blocks (placed).
+    Shm,
+    /// UCX (when built with the `ucx` feature).
+    Ucx,
+    /// Shared memory through a staging region copied into the KV blocks.
+    ShmStaged,
+    /// Placed shared memory into a shuffled block table (8 KiB runs).
+    ShmScattered,
+}
+
+impl KvBackend {
+    /// The flag's spelling, also used in the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            KvBackend::Tcp => "tcp",
+            KvBackend::Shm => "shm",
+            KvBackend::Ucx => "ucx",
+            KvBackend::ShmStaged => "shm-staged",
+            KvBackend::ShmScattered => "shm-scattered",
+        }
+    }
+
+    /// Whether it goes through shared memory (compared with memcpy, not raw TCP).
+    fn is_shm(self) -> bool {
+        matches!(
+            self,
+            KvBackend::Shm | KvBackend::ShmStaged | KvBackend::ShmScattered
+        )
+    }
+
+    /// `kv-harness recv` flags for this backend.
+    fn recv_args(self) -> &'static [&'static str] {
+        match self {
+            KvBackend::Tcp => &["--backend", "tcp"],
+            KvBackend::Shm => &["--backend", "shm"],
+            KvBackend::Ucx => &["--backend", "ucx"],
+            KvBackend::ShmStaged => &["--backend", "shm", "--staged"],
+            KvBackend::ShmScattered => &["--backend", "shm", "--scatter"],
+        }
+    }
 }
 
 /// SmolLM2-135M: 30 layers × (K+V) × 3 KV heads × 64 dims × f32 per token.
@@ -72,17 +123,14 @@ fn payloads() -> Vec<Payload> {
     ]
 }
 
-fn exe() -> Result<std::path::PathBuf> {
-    std::env::current_exe().context("locate the xpyd binary")
-}
-
-fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S], stdin: bool) -> Result<Child> {
-    Ok(Command::new(exe()?)
+fn spawn<S: AsRef<std::ffi::OsStr>>(exe: &Path, args: &[S], stdin: bool) -> Result<Child> {
+    Command::new(exe)
         .args(args)
         .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .spawn()?)
+        .spawn()
+        .with_context(|| format!("starting {} kv-harness", exe.display()))
 }
 
 /// The harness's next JSON line (UCX logs to stdout too: other lines are skipped).
@@ -108,26 +156,40 @@ fn ns(v: &Value, key: &str) -> Result<u64> {
 }
 
 /// GB/s of each of `rounds` transfers of `bytes` (in chunks of up to 4 MiB) over
-/// `backend` between two harness processes, after a warm-up round.
-pub(crate) fn transfer_rounds(backend: &str, bytes: usize, rounds: usize) -> Result<Vec<f64>> {
+/// `backend` between two harness processes (`exe kv-harness`), after a warm-up round.
+///
+/// # Errors
+/// When a harness process fails or a transfer fails or arrives corrupted.
+pub fn transfer_rounds(
+    exe: &Path,
+    backend: KvBackend,
+    bytes: usize,
+    rounds: usize,
+) -> Result<Vec<f64>> {
     let p = Payload {
         name: "profile",
         bytes,
         chunk: bytes.min(4 << 20),
     };
-    Ok(transfer(backend, &p, rounds)?.0)
+    Ok(transfer(exe, backend, &p, rounds)?.0)
 }
 
 /// GB/s of each round of one backend between two harness processes, and the
 /// milliseconds the receiving thread spent taking the chunks in (copy or verification).
-fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+fn transfer(
+    exe: &Path,
+    backend: KvBackend,
+    p: &Payload,
+    rounds: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     let s = |x: usize| x.to_string();
     let (chunk, bytes, repeat) = (s(p.chunk), s(p.bytes), s(rounds + 1));
     let mut args = vec!["kv-harness", "recv", "--bytes", &bytes, "--chunk", &chunk];
     args.extend(["--repeat", &repeat]);
-    args.extend(backend_args(backend));
-    let mut recv = spawn(&args, false)?;
+    args.extend(backend.recv_args());
+    let mut recv = spawn(exe, &args, false)?;
     let mut send = spawn(
+        exe,
         &[
             "kv-harness",
             "send",
@@ -151,7 +213,10 @@ fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<(Vec<f64>, Vec<
         let sr = line(&mut sout)?;
         let rr = line(&mut rout)?;
         if rr["ok"] != true || sr["ok"] != true || rr["xxh3"] != sr["xxh3"] {
-            bail!("{backend} transfer failed or corrupted: {sr} / {rr}");
+            bail!(
+                "{} transfer failed or corrupted: {sr} / {rr}",
+                backend.name()
+            );
         }
         if round > 0 {
             out.push(p.bytes as f64 / (ns(&rr, "end_ns")? - ns(&sr, "start_ns")?) as f64);
@@ -164,19 +229,11 @@ fn transfer(backend: &str, p: &Payload, rounds: usize) -> Result<(Vec<f64>, Vec<
     Ok((out, busy))
 }
 
-/// `recv` flags for a backend name (`shm-staged`: shm without placement).
-fn backend_args(name: &str) -> Vec<&str> {
-    match name {
-        "shm-staged" => vec!["--backend", "shm", "--staged"],
-        "shm-scattered" => vec!["--backend", "shm", "--scatter"],
-        b => vec!["--backend", b],
-    }
-}
-
 /// GB/s of raw TCP rounds between two processes (no framing, no checksums).
-fn raw_tcp(p: &Payload, rounds: usize) -> Result<Vec<f64>> {
+fn raw_tcp(exe: &Path, p: &Payload, rounds: usize) -> Result<Vec<f64>> {
     let s = |x: usize| x.to_string();
     let mut recv = spawn(
+        exe,
         &[
             "kv-harness",
             "raw-recv",
@@ -193,6 +250,7 @@ fn raw_tcp(p: &Payload, rounds: usize) -> Result<Vec<f64>> {
         .context("raw-recv address")?
         .to_string();
     let mut send = spawn(
+        exe,
         &[
             "kv-harness",
             "raw-send",
@@ -221,7 +279,7 @@ fn raw_tcp(p: &Payload, rounds: usize) -> Result<Vec<f64>> {
 
 /// GB/s of copying the payload between two touched buffers in this process.
 fn memcpy(p: &Payload, rounds: usize) -> Vec<f64> {
-    let src = crate::kv_harness::synthetic(p.bytes);
+    let src = kv_harness::synthetic(p.bytes);
     let mut dst = vec![1u8; p.bytes];
     (0..=rounds)
         .map(|_| {
@@ -236,14 +294,15 @@ fn memcpy(p: &Payload, rounds: usize) -> Vec<f64> {
 
 /// Exposed time of a streamed 2,048-token prefill vs. the transfer time of the same KV
 /// sent after the prefill.
-fn exposed(backend: &str, model: &str) -> Result<Value> {
+fn exposed(exe: &Path, backend: KvBackend, model: &str) -> Result<Value> {
     let mut ms = Vec::new();
     for stream in [true, false] {
         let n = PROMPT.to_string();
         let mut recv = spawn(
+            exe,
             &[
                 &["kv-harness", "recv"],
-                backend_args(backend).as_slice(),
+                backend.recv_args(),
                 &[
                     "--decode",
                     "--prompt-tokens",
@@ -274,7 +333,7 @@ fn exposed(backend: &str, model: &str) -> Result<Value> {
         if !stream {
             args.push("--no-stream");
         }
-        let mut send = spawn(&args, false)?;
+        let mut send = spawn(exe, &args, false)?;
         let sr = line(&mut BufReader::new(
             send.stdout.take().context("send stdout")?,
         ))?;
@@ -282,27 +341,31 @@ fn exposed(backend: &str, model: &str) -> Result<Value> {
         send.wait()?;
         recv.wait()?;
         if rr["ok"] != true || sr["ok"] != true {
-            bail!("{backend} prefill transfer failed: {sr} / {rr}");
+            bail!("{} prefill transfer failed: {sr} / {rr}", backend.name());
         }
         // Last layer computed → all layers verified and imported on the receiver.
         ms.push((ns(&rr, "end_ns")? as f64 - ns(&sr, "prefill_end_ns")? as f64) / 1e6);
     }
     Ok(
-        json!({"backend": backend, "streamed_exposed_ms": ms[0], "non_streamed_transfer_ms": ms[1], "fraction": ms[0] / ms[1]}),
+        json!({"backend": backend.name(), "streamed_exposed_ms": ms[0], "non_streamed_transfer_ms": ms[1], "fraction": ms[0] / ms[1]}),
     )
 }
 
 /// Runs the benchmark.
-pub fn run(args: &BenchKvArgs) -> Result<()> {
+///
+/// # Errors
+/// When a harness process or a transfer fails, or the model cannot be found.
+pub fn run(args: &BenchKvArgs, host: &Host) -> Result<()> {
+    let exe = host.exe.as_path();
     let rounds = args.rounds.max(1);
     let mut results = Vec::new();
     for p in payloads() {
         let mc = median(memcpy(&p, rounds));
-        let raw = median(raw_tcp(&p, rounds)?);
-        for b in &args.backends {
-            let (g, busy) = transfer(b, &p, rounds)?;
+        let raw = median(raw_tcp(exe, &p, rounds)?);
+        for &b in &args.backends {
+            let (g, busy) = transfer(exe, b, &p, rounds)?;
             let (g, busy) = (median(g), median(busy));
-            let (base, base_g) = if b.starts_with("shm") {
+            let (base, base_g) = if b.is_shm() {
                 ("memcpy", mc)
             } else {
                 ("raw_tcp", raw)
@@ -310,13 +373,13 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
             eprintln!(
                 "{:<10} {:<13} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}  receiver busy {busy:.2} ms",
                 p.name,
-                b,
+                b.name(),
                 g,
                 base_g,
                 g / base_g
             );
             results.push(
-                json!({"backend": b, "payload": p.name, "bytes": p.bytes, "gbps": g,
+                json!({"backend": b.name(), "payload": p.name, "bytes": p.bytes, "gbps": g,
                 "baseline": base, "baseline_gbps": base_g, "ratio": g / base_g,
                 "memcpy_gbps": mc, "raw_tcp_gbps": raw, "receiver_busy_ms": busy}),
             );
@@ -326,13 +389,14 @@ pub fn run(args: &BenchKvArgs) -> Result<()> {
         "timed": "sender's private memory → receiver's KV blocks (shm: written there by the sender; others: copied in), checksums verified",
         "receiver_busy": "time the receiving thread spends copying or verifying chunks (decode-step time on a decode worker)"});
     if !args.no_model {
-        let model = args.engine.model_path()?;
+        let model = args.engine.model_path(host)?;
         let model = model.to_str().context("model path is not UTF-8")?;
         let mut ex = Vec::new();
-        for b in &args.backends {
-            let e = exposed(b, model)?;
+        for &b in &args.backends {
+            let e = exposed(exe, b, model)?;
             eprintln!(
-                "streaming {b}: exposed {:.1} ms vs non-streamed transfer {:.1} ms → fraction {:.3}",
+                "streaming {}: exposed {:.1} ms vs non-streamed transfer {:.1} ms → fraction {:.3}",
+                b.name(),
                 e["streamed_exposed_ms"].as_f64().unwrap_or(0.0),
                 e["non_streamed_transfer_ms"].as_f64().unwrap_or(0.0),
                 e["fraction"].as_f64().unwrap_or(0.0)

@@ -6,16 +6,17 @@
 //! `DecodeWorker.Generate` (token ids in, no coordinator), so the coordinator's share is
 //! the difference.
 
-use crate::bench_cluster::Cluster;
-use crate::model_fetch::{self, DEFAULT_MODEL};
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::host::Host;
+use crate::loadgen::{self, Arrival, Prompts, RunOptions};
+use crate::stats;
+use crate::workload::{LengthDist, Workload};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
-use xpyd_bench::loadgen::{self, Arrival, Prompts, RunOptions};
-use xpyd_bench::stats;
-use xpyd_bench::workload::{LengthDist, Workload};
+use xpyd_runtime::env;
 
 /// Flags of `xpyd bench overhead`.
 #[derive(Debug, Args)]
@@ -33,7 +34,7 @@ pub struct OverheadArgs {
     #[arg(long, default_value_t = 16)]
     pub prompt_tokens: usize,
     /// Model file for the tokenizer and KV geometry (weights are not loaded).
-    #[arg(long, env = "XPYD_MODEL")]
+    #[arg(long, env = env::MODEL)]
     pub model: Option<PathBuf>,
     /// Print the result as JSON on stdout.
     #[arg(long)]
@@ -59,15 +60,32 @@ roles:
   decode: { replicas: 1, engine: mock, max_running: 128 }
 ";
 
-/// Runs every scenario.
-pub fn run(a: &OverheadArgs) -> Result<()> {
-    if a.sequential == 0 || a.concurrency == 0 || a.concurrent_requests < a.concurrency {
-        bail!("--sequential and --concurrency must be > 0, --concurrent-requests >= --concurrency");
+impl OverheadArgs {
+    /// Checks what clap cannot: consistent request counts.
+    ///
+    /// # Errors
+    /// The problem, naming the flags.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.sequential == 0
+            || self.concurrency == 0
+            || self.concurrent_requests < self.concurrency
+        {
+            return Err("--sequential and --concurrency must be > 0, \
+                        --concurrent-requests >= --concurrency"
+                .into());
+        }
+        Ok(())
     }
-    let model = match &a.model {
-        Some(p) => p.clone(),
-        None => model_fetch::ensure(&DEFAULT_MODEL, &model_fetch::models_dir())?,
-    };
+}
+
+/// Runs every scenario.
+///
+/// # Errors
+/// When the flags are inconsistent ([`OverheadArgs::validate`]), a cluster does not
+/// start, or a request fails.
+pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
+    a.validate().map_err(anyhow::Error::msg)?;
+    let model = host.model(a.model.as_deref())?;
     let prompts = Prompts::new(xpyd_engine::ModelInfo::load(&model)?.tokenizer)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -79,7 +97,12 @@ pub fn run(a: &OverheadArgs) -> Result<()> {
         let manifest = dir.join(format!("{mode}.yaml"));
         std::fs::write(&manifest, yaml).with_context(|| format!("{}", manifest.display()))?;
         eprintln!("== {mode}");
-        let cluster = Cluster::start(&manifest, &model, Duration::from_secs(300))?;
+        let cluster = Cluster::start(ClusterSpec {
+            exe: &host.exe,
+            manifest: &manifest,
+            model: &model,
+            ready_timeout: Duration::from_secs(300),
+        })?;
         for (concurrency, n) in [(1, a.sequential), (a.concurrency, a.concurrent_requests)] {
             for stream in [true, false] {
                 for out in [1usize, 16] {
@@ -180,7 +203,7 @@ async fn direct(
     out: usize,
 ) -> Result<stats::Dist> {
     use xpyd_proto::decode_worker_client::DecodeWorkerClient;
-    let v = crate::client::get_json(&format!("{}/v1/cluster", cluster.http))?;
+    let v = cluster.topology()?;
     let worker = v["workers"]
         .as_array()
         .and_then(|w| w.iter().find(|w| w["role"] == "combined"))

@@ -3,15 +3,17 @@
 //! size and context length, KV transfer time by bytes for one backend — with fitted
 //! models and their fit error, written as a versioned JSON the ratio advisor loads.
 
-use crate::bench_engine::{cpu_name, prompt_tokens};
-use crate::bench_kv;
-use crate::cli::EngineArgs;
-use anyhow::{Result, bail};
-use clap::Args;
+use crate::engine_args::EngineArgs;
+use crate::engine_bench::{cpu_name, prompt_tokens};
+use crate::fit::{self, FitError, Model};
+use crate::host::Host;
+use crate::kv_bench::{self, KvBackend};
+use anyhow::Result;
+use clap::builder::PossibleValue;
+use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Instant;
-use xpyd_bench::fit::{self, FitError, Model};
 use xpyd_engine::{Engine, SamplingParams};
 
 /// Version of the profile JSON layout; bump it when fields change meaning.
@@ -20,6 +22,7 @@ pub const PROFILE_VERSION: u32 = 1;
 /// Flags of `xpyd bench profile`.
 #[derive(Debug, Args)]
 pub struct ProfileArgs {
+    /// Engine flags (model, threads, KV dtype, prefill chunk).
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Prompt lengths (tokens) of the prefill profile.
@@ -41,9 +44,9 @@ pub struct ProfileArgs {
     /// Decode steps timed per (batch, context) point (the median is kept).
     #[arg(long, default_value_t = 8)]
     pub steps: usize,
-    /// KV transfer backend to profile (tcp, shm, ucx), or `none`.
-    #[arg(long, default_value = "shm")]
-    pub kv_backend: String,
+    /// KV transfer backend to profile, or `none`.
+    #[arg(long, value_enum, default_value = "shm")]
+    pub kv_backend: ProfileKv,
     /// KV transfer sizes in KiB.
     #[arg(
         long,
@@ -56,10 +59,58 @@ pub struct ProfileArgs {
     pub out: PathBuf,
 }
 
+/// `--kv-backend`: a backend of `xpyd bench kv`, or `none` (no KV transfer profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfileKv(pub Option<KvBackend>);
+
+impl ValueEnum for ProfileKv {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            ProfileKv(None),
+            ProfileKv(Some(KvBackend::Tcp)),
+            ProfileKv(Some(KvBackend::Shm)),
+            ProfileKv(Some(KvBackend::Ucx)),
+            ProfileKv(Some(KvBackend::ShmStaged)),
+            ProfileKv(Some(KvBackend::ShmScattered)),
+        ]
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        match self.0 {
+            None => Some(PossibleValue::new("none").help("no KV transfer profile")),
+            Some(b) => b.to_possible_value(),
+        }
+    }
+}
+
+impl ProfileArgs {
+    /// Checks what clap cannot: enough points for every fit.
+    ///
+    /// # Errors
+    /// The first problem, naming the flag.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.prompts.len() < 3
+            || self.batches.len() < 2
+            || self.contexts.len() < 2
+            || self.chunks.is_empty()
+        {
+            return Err(
+                "--prompts needs at least 3 lengths, --batches and --contexts at least \
+                        2 values, --chunks at least one"
+                    .into(),
+            );
+        }
+        if self.steps == 0 || self.kv_kib.len() < 2 && self.kv_backend.0.is_some() {
+            return Err("--steps must be at least 1 and --kv-kib needs at least 2 sizes".into());
+        }
+        Ok(())
+    }
+}
+
 fn median(v: Vec<f64>) -> f64 {
     let mut v = v;
     v.sort_by(f64::total_cmp);
-    xpyd_bench::stats::percentile(&v, 0.5)
+    crate::stats::percentile(&v, 0.5)
 }
 
 /// Seconds to prefill `n` tokens with chunk `chunk` (best of two, after the caller's
@@ -118,17 +169,13 @@ fn fitted(model: Model, err: FitError) -> Value {
 }
 
 /// Runs the profile.
-pub fn run(a: &ProfileArgs) -> Result<()> {
-    if a.prompts.len() < 3 || a.batches.len() < 2 || a.contexts.len() < 2 || a.chunks.is_empty() {
-        bail!(
-            "--prompts needs at least 3 lengths, --batches and --contexts at least 2 values, \
-             --chunks at least one"
-        );
-    }
-    if a.steps == 0 || a.kv_kib.len() < 2 && a.kv_backend != "none" {
-        bail!("--steps must be at least 1 and --kv-kib needs at least 2 sizes");
-    }
-    let mut cfg = a.engine.engine_config()?;
+///
+/// # Errors
+/// When the flags are inconsistent ([`ProfileArgs::validate`]), the model does not load,
+/// a fit fails, or a KV transfer fails.
+pub fn run(a: &ProfileArgs, host: &Host) -> Result<()> {
+    a.validate().map_err(anyhow::Error::msg)?;
+    let mut cfg = a.engine.engine_config(host)?;
     // Room for the largest decode batch at the largest context, plus the prompt cache.
     let max_ctx = a.contexts.iter().max().copied().unwrap_or(0);
     let max_batch = a.batches.iter().max().copied().unwrap_or(1);
@@ -190,25 +237,9 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
     let (dm, de) = fit::fit_bilinear(&b, &l, &ys)?;
     let ctx = a.contexts[a.contexts.len() / 2] as f64;
     let mock = mock_latency(prefill_linear.as_ref(), &dm, ctx);
-    let kv = if a.kv_backend == "none" {
-        Value::Null
-    } else {
-        eprintln!(
-            "profiling kv transfer over {}: {:?} KiB",
-            a.kv_backend, a.kv_kib
-        );
-        let (mut xs, mut ys, mut pts) = (Vec::new(), Vec::new(), Vec::new());
-        for &kib in &a.kv_kib {
-            let bytes = kib << 10;
-            let gbps = median(bench_kv::transfer_rounds(&a.kv_backend, bytes, 3)?);
-            let s = bytes as f64 / (gbps * 1e9);
-            eprintln!("  {kib:>6} KiB: {:.3} ms ({gbps:.2} GB/s)", s * 1e3);
-            pts.push(json!({"bytes": bytes, "seconds": s}));
-            xs.push(bytes as f64);
-            ys.push(s);
-        }
-        let (m, e) = fit::fit_polynomial(&xs, &ys, 1)?;
-        json!({"backend": a.kv_backend, "points": pts, "fit": fitted(m, e)})
+    let kv = match a.kv_backend.0 {
+        None => Value::Null,
+        Some(backend) => kv_profile(host, backend, &a.kv_kib)?,
     };
     let profile = json!({
         "version": PROFILE_VERSION,
@@ -237,6 +268,26 @@ pub fn run(a: &ProfileArgs) -> Result<()> {
     print_fits(&profile);
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// KV transfer time by bytes over `backend`, with a linear fit.
+fn kv_profile(host: &Host, backend: KvBackend, kv_kib: &[usize]) -> Result<Value> {
+    eprintln!(
+        "profiling kv transfer over {}: {kv_kib:?} KiB",
+        backend.name()
+    );
+    let (mut xs, mut ys, mut pts) = (Vec::new(), Vec::new(), Vec::new());
+    for &kib in kv_kib {
+        let bytes = kib << 10;
+        let gbps = median(kv_bench::transfer_rounds(&host.exe, backend, bytes, 3)?);
+        let s = bytes as f64 / (gbps * 1e9);
+        eprintln!("  {kib:>6} KiB: {:.3} ms ({gbps:.2} GB/s)", s * 1e3);
+        pts.push(json!({"bytes": bytes, "seconds": s}));
+        xs.push(bytes as f64);
+        ys.push(s);
+    }
+    let (m, e) = fit::fit_polynomial(&xs, &ys, 1)?;
+    Ok(json!({"backend": backend.name(), "points": pts, "fit": fitted(m, e)}))
 }
 
 /// The mock engine's latency that mimics this profile: prefill linear in prompt tokens,

@@ -1,7 +1,9 @@
 //! `xpyd bench engine`: prefill and decode throughput of the engine on the real model,
 //! compared in the same run with llama.cpp's `llama-server` on the same GGUF and threads.
 
-use crate::cli::EngineArgs;
+use crate::engine_args::EngineArgs;
+use crate::host::Host;
+use crate::http;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
@@ -9,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use xpyd_engine::{Engine, SamplingParams};
+use xpyd_runtime::env;
 
 /// Flags of `xpyd bench engine`.
 #[derive(Debug, Args)]
 pub struct BenchEngineArgs {
+    /// Engine flags (model, threads, KV dtype, prefill chunk).
     #[command(flatten)]
     pub engine: EngineArgs,
     /// Print one JSON object instead of the table.
@@ -22,7 +26,7 @@ pub struct BenchEngineArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Path to llama.cpp's `llama-server` for the same-run comparison (skipped when absent).
-    #[arg(long, env = "XPYD_LLAMA_SERVER")]
+    #[arg(long, env = env::LLAMA_SERVER)]
     pub llama_server: Option<PathBuf>,
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 64)]
@@ -40,8 +44,14 @@ editions, and vernacular languages gained standard spellings. ";
 const PREFILL_LENGTHS: [usize; 3] = [128, 512, 2048];
 const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
 const DECODE_PROMPT: usize = 64;
+/// Bound of one llama-server completion (a 512-token prefill or a short decode).
+const COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
 
-pub(crate) fn prompt_tokens(engine: &Engine, n: usize, salt: usize) -> Result<Vec<u32>> {
+/// Exactly `n` tokens of real text (`salt` makes prompts differ, so no prefix is shared).
+///
+/// # Errors
+/// When tokenizing fails or the text is too short.
+pub fn prompt_tokens(engine: &Engine, n: usize, salt: usize) -> Result<Vec<u32>> {
     let mut ids = engine
         .tokenizer()
         .encode(&format!("Document {salt}. {}", TEXT.repeat(n / 40 + 2)))?;
@@ -101,14 +111,6 @@ impl Drop for Server {
     }
 }
 
-fn post(url: &str, body: &Value) -> Result<Value> {
-    let mut resp = ureq::post(url)
-        .header("Content-Type", "application/json")
-        .send(body.to_string())
-        .with_context(|| format!("POST {url}"))?;
-    Ok(serde_json::from_str(&resp.body_mut().read_to_string()?)?)
-}
-
 fn llama_cpp(
     server: &Path,
     model: &Path,
@@ -149,7 +151,7 @@ fn llama_cpp(
     let base = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if ureq::get(&format!("{base}/health")).call().is_ok() {
+        if http::get_text(&format!("{base}/health"), Duration::from_secs(2)).is_ok() {
             break;
         }
         if Instant::now() > deadline {
@@ -158,9 +160,10 @@ fn llama_cpp(
         std::thread::sleep(Duration::from_millis(200));
     }
     let completion = |prompt: &[u32], n_predict: usize| -> Result<Value> {
-        let r = post(
+        let r = http::post_json(
             &format!("{base}/completion"),
             &json!({"prompt": prompt, "n_predict": n_predict, "temperature": 0, "ignore_eos": true, "cache_prompt": false}),
+            COMPLETION_TIMEOUT,
         )?;
         Ok(r["timings"].clone())
     };
@@ -190,7 +193,8 @@ struct LlamaPrompts {
     decode_steps: usize,
 }
 
-pub(crate) fn cpu_name() -> String {
+/// The CPU's model name from `/proc/cpuinfo`.
+pub fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -202,9 +206,12 @@ pub(crate) fn cpu_name() -> String {
 }
 
 /// Runs the benchmark.
-pub fn run(args: &BenchEngineArgs) -> Result<()> {
+///
+/// # Errors
+/// When the model does not load, the engine fails, or llama-server does not answer.
+pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
     let threads = xpyd_engine::compute::init(&Default::default())?;
-    let cfg = args.engine.engine_config()?;
+    let cfg = args.engine.engine_config(host)?;
     let model = cfg.model_path.clone();
     let mut engine = Engine::load(cfg)?;
     eprintln!("warming up…");
@@ -235,7 +242,7 @@ pub fn run(args: &BenchEngineArgs) -> Result<()> {
         "threads": threads,
         "cpus": args.engine.cpus.clone(),
         "cpu": cpu_name(),
-        "kv_dtype": format!("{:?}", args.engine.kv_dtype).to_lowercase(),
+        "kv_dtype": args.engine.kv_dtype.name(),
         "decode_prompt_tokens": DECODE_PROMPT,
         "ratios": {"decode_batch16_over_prefill_512": decode_16 / prefill_512},
     });

@@ -1,0 +1,63 @@
+//! Blocking HTTP calls each bounded by a timeout, so a stuck peer cannot hang a
+//! benchmark or a CLI command: the drivers' few calls (the coordinator's `/v1/cluster`
+//! and `/metrics`, llama-server) and the CLI's `status` and readiness polls.
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use std::time::Duration;
+
+/// Bound of a quick local call (`/v1/cluster`, `/metrics`, a health probe).
+pub(crate) const QUICK: Duration = Duration::from_secs(30);
+
+/// `GET url` as text, all of it within `timeout`.
+pub fn get_text(url: &str, timeout: Duration) -> Result<String> {
+    ureq::get(url)
+        .config()
+        .timeout_global(Some(timeout))
+        .build()
+        .call()
+        .with_context(|| format!("GET {url}"))?
+        .into_body()
+        .read_to_string()
+        .with_context(|| format!("GET {url}"))
+}
+
+/// `GET url` as JSON, all of it within `timeout`.
+pub fn get_json(url: &str, timeout: Duration) -> Result<Value> {
+    let body = get_text(url, timeout)?;
+    serde_json::from_str(&body).with_context(|| format!("GET {url}: not JSON"))
+}
+
+/// `POST url` with a JSON body, the JSON answer, all of it within `timeout`.
+pub(crate) fn post_json(url: &str, body: &Value, timeout: Duration) -> Result<Value> {
+    let text = ureq::post(url)
+        .header("Content-Type", "application/json")
+        .config()
+        .timeout_global(Some(timeout))
+        .build()
+        .send(body.to_string())
+        .with_context(|| format!("POST {url}"))?
+        .into_body()
+        .read_to_string()
+        .with_context(|| format!("POST {url}"))?;
+    serde_json::from_str(&text).with_context(|| format!("POST {url}: not JSON"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::time::Instant;
+
+    #[test]
+    fn a_peer_that_never_answers_times_out() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/v1/cluster", l.local_addr().unwrap());
+        // Accept and hold the connection without answering.
+        let held = std::thread::spawn(move || l.accept().map(|(s, _)| s));
+        let t0 = Instant::now();
+        assert!(get_json(&url, Duration::from_millis(300)).is_err());
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        drop(held.join());
+    }
+}

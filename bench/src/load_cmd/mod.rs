@@ -1,0 +1,356 @@
+//! `xpyd bench load` (open/closed-loop load against a running coordinator, optionally a
+//! goodput search) and `xpyd bench compare` (the same workload against clusters started
+//! from manifests, side by side, with SLOs derived from each mode's unloaded latency).
+
+mod compare;
+
+pub use compare::{CompareArgs, compare};
+
+use crate::cluster::scrape;
+use crate::host::Host;
+use crate::loadgen::{self, Arrival, Prepared, Prompts, RunOptions};
+use crate::prom;
+use crate::stats::{self, GoodputSearch, RequestRecord, Slo, Summary};
+use crate::workload::{LengthDist, Workload, parse_rate};
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use xpyd_runtime::env;
+use xpyd_runtime::metrics as m;
+
+/// SLO attainment that counts as "meeting the SLO" for goodput.
+const GOODPUT_ATTAINMENT: f64 = 0.9;
+
+/// The workload and its pacing, shared by `load` and `compare`.
+#[derive(Debug, Clone, Args)]
+pub struct WorkloadArgs {
+    /// Requests per run (per rate point).
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Prompt tokens: `N`, `uniform:LO-HI` or `longtail:LO-MEDIAN-HI`.
+    #[arg(long, default_value = "uniform:32-256")]
+    pub input: LengthDist,
+    /// Output tokens (enforced with max_tokens and ignore_eos), same syntax.
+    #[arg(long, default_value = "uniform:24-96")]
+    pub output: LengthDist,
+    /// Seed of lengths, prompt text and arrival times.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// A request not finished after this long counts as an error.
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
+    /// Model file whose tokenizer makes the prompts (default: the fetched default model).
+    #[arg(long, env = env::MODEL)]
+    pub model: Option<PathBuf>,
+}
+
+impl WorkloadArgs {
+    fn workload(&self) -> Workload {
+        Workload {
+            input: self.input,
+            output: self.output,
+            seed: self.seed,
+        }
+    }
+
+    fn model_path(&self, host: &Host) -> Result<PathBuf> {
+        host.model(self.model.as_deref())
+    }
+
+    fn prompts(&self, host: &Host) -> Result<Prompts> {
+        let info = xpyd_engine::ModelInfo::load(&self.model_path(host)?)?;
+        Ok(Prompts::new(info.tokenizer)?)
+    }
+}
+
+/// Flags of `xpyd bench load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// Coordinator gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:8001")]
+    pub grpc: String,
+    /// Coordinator HTTP URL, to check the bench against its Prometheus histograms.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Open loop: Poisson arrivals at this many requests/s.
+    #[arg(long, conflicts_with = "clients", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// Closed loop: this many clients, each with one request in flight (default 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: Option<u32>,
+    /// Search the goodput (highest rate with 90% of requests within this TTFT and
+    /// TPOT, in seconds, e.g. `2.0,0.1`), starting at `--rate` (default 1).
+    #[arg(long, value_parser = parse_slo, conflicts_with = "clients")]
+    pub goodput: Option<Slo>,
+    /// Rate points the goodput search may use.
+    #[arg(long, default_value_t = 6)]
+    pub max_points: usize,
+    /// Workload.
+    #[command(flatten)]
+    pub work: WorkloadArgs,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the JSON result to this file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write every request's record (TTFT, gaps, E2E, error) to this file, one JSON
+    /// object per line.
+    #[arg(long)]
+    pub records: Option<PathBuf>,
+}
+
+fn parse_slo(s: &str) -> Result<Slo, String> {
+    let bad = || format!("`{s}` is not `TTFT_S,TPOT_S` with both > 0, e.g. `2.0,0.1`");
+    let (a, b) = s.split_once(',').ok_or_else(bad)?;
+    let (ttft, tpot) = (
+        a.trim().parse::<f64>().map_err(|_| bad())?,
+        b.trim().parse::<f64>().map_err(|_| bad())?,
+    );
+    if !(ttft > 0.0 && tpot > 0.0 && ttft.is_finite() && tpot.is_finite()) {
+        return Err(bad());
+    }
+    Ok(Slo { ttft, tpot })
+}
+
+/// One measured run: how the load was paced and what it gave.
+#[derive(Debug, Clone, Serialize)]
+pub struct Point {
+    /// Open-loop rate (requests/s), if open loop.
+    pub rate: Option<f64>,
+    /// Closed-loop clients, if closed loop.
+    pub clients: Option<usize>,
+    /// The summary.
+    pub summary: Summary,
+    /// Agreement with the coordinator's histograms, when scraped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<Value>,
+    /// Every request.
+    #[serde(skip)]
+    pub records: Vec<RequestRecord>,
+}
+
+/// Runs one point: the plan, sent to `grpc`, with scrapes of `http` around it.
+fn measure_at(
+    rt: &tokio::runtime::Runtime,
+    prompts: &Prompts,
+    work: &WorkloadArgs,
+    (grpc, http): (&str, Option<&str>),
+    (arrival, rate): (Arrival, Option<f64>),
+    (n, point): (usize, u64),
+    label: &str,
+) -> Result<Point> {
+    let wl = work.workload();
+    let plan = wl.plan(n, rate);
+    let reqs: Vec<Prepared> = loadgen::prepare(prompts, &plan, wl.seed, point)?;
+    let before = http.map(scrape).transpose()?;
+    let opts = RunOptions {
+        target: grpc.to_string(),
+        arrival,
+        timeout: Duration::from_secs(work.timeout_s),
+        stream: true,
+        progress: true,
+        label: label.to_string(),
+    };
+    let res = rt.block_on(loadgen::run(&reqs, &opts))?;
+    let summary = stats::summarize(&res.records, res.duration);
+    let prometheus = match (http, before) {
+        (Some(h), Some(b)) => Some(prom_check(&b, &scrape(h)?, &summary)),
+        _ => None,
+    };
+    Ok(Point {
+        rate,
+        clients: match arrival {
+            Arrival::Closed(c) => Some(c),
+            Arrival::Open => None,
+        },
+        summary,
+        prometheus,
+        records: res.records,
+    })
+}
+
+/// Compares the bench's p50 TTFT and TPOT with the coordinator's histograms over the
+/// same window: the bucket each p50 falls in may differ by at most one.
+fn prom_check(before: &str, after: &str, s: &Summary) -> Value {
+    let one = |name: &str, bench_p50: f64| -> Value {
+        let (Some(a), b) = (prom::histogram(after, name), prom::histogram(before, name)) else {
+            return json!({"error": format!("{name} not in the scrape")});
+        };
+        let window = match b {
+            Some(b) => match a.since(&b) {
+                Ok(w) => w,
+                Err(e) => return json!({"error": e.to_string()}),
+            },
+            None => a,
+        };
+        let prom_p50 = window.quantile(0.5);
+        // No p50 on either side (no samples): nothing to compare.
+        let (Some(bb), Some(pb)) = (window.bucket_of(bench_p50), window.bucket_of(prom_p50)) else {
+            return json!({"bench_p50": finite(bench_p50), "prometheus_p50": finite(prom_p50),
+                          "count": window.count, "agree": null});
+        };
+        let agree = bb.abs_diff(pb) <= 1;
+        if !agree {
+            eprintln!(
+                "warning: {name}: bench p50 {bench_p50:.4}s and Prometheus p50 {prom_p50:.4}s \
+                 are more than one bucket apart"
+            );
+        }
+        json!({
+            "bench_p50": bench_p50,
+            "prometheus_p50": prom_p50,
+            "bench_bucket_le": window.buckets[bb].0,
+            "prometheus_bucket_le": window.buckets[pb].0,
+            "count": window.count,
+            "agree": agree,
+        })
+    };
+    json!({
+        "ttft": one(m::COORD_TTFT_SECONDS, s.ttft.p50),
+        "tpot": one(m::COORD_TPOT_SECONDS, s.tpot.p50),
+    })
+}
+
+/// `xpyd bench load`.
+///
+/// # Errors
+/// When the model cannot be found, the coordinator cannot be reached, or writing a
+/// result fails; failed requests are counted, not errors.
+pub fn load(a: &LoadArgs, host: &Host) -> Result<()> {
+    let rt = runtime()?;
+    let prompts = a.work.prompts(host)?;
+    let target = (a.grpc.as_str(), a.http.as_deref());
+    let mut out = json!({"target": a.grpc, "workload": a.work.workload()});
+    if let Some(slo) = a.goodput {
+        let mut search =
+            GoodputSearch::new(a.rate.unwrap_or(1.0), GOODPUT_ATTAINMENT, 0.1, a.max_points);
+        let mut points = Vec::new();
+        let mut all = Vec::new();
+        while let Some(rate) = search.next_rate() {
+            let label = format!("rate {rate:.2}/s");
+            let p = measure_at(
+                &rt,
+                &prompts,
+                &a.work,
+                target,
+                (Arrival::Open, Some(rate)),
+                (a.work.requests, points.len() as u64),
+                &label,
+            )?;
+            all.push((label, p.records.clone()));
+            let att = stats::attainment(&p.records, &slo);
+            eprintln!("rate {rate:.3}/s: attainment {:.1}%", att * 100.0);
+            search.record(rate, att);
+            points.push(json!({"point": p, "attainment": att}));
+        }
+        out["slo"] = json!(slo);
+        out["points"] = json!(points);
+        out["goodput"] = json!(search.goodput());
+        eprintln!("goodput {:.3} requests/s at {slo:?}", search.goodput());
+        write_records(a.records.as_deref(), &all)?;
+    } else {
+        let (arrival, label) = match a.rate {
+            Some(r) => (Arrival::Open, format!("rate {r}/s")),
+            None => {
+                let c = a.clients.unwrap_or(1) as usize;
+                (Arrival::Closed(c), format!("{c} clients"))
+            }
+        };
+        let p = measure_at(
+            &rt,
+            &prompts,
+            &a.work,
+            target,
+            (arrival, a.rate),
+            (a.work.requests, 0),
+            &label,
+        )?;
+        write_records(a.records.as_deref(), &[(label.clone(), p.records.clone())])?;
+        print_table(&[(&label, &p)]);
+        out["point"] = json!(p);
+    }
+    emit(&out, a.json, a.out.as_deref())
+}
+
+/// NaN and infinities as JSON null.
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+fn ms(x: f64) -> String {
+    if x.is_finite() {
+        format!("{:.1}", x * 1000.0)
+    } else {
+        "-".into()
+    }
+}
+
+fn print_table(rows: &[(&str, &Point)]) {
+    eprintln!(
+        "{:<22} {:>5} {:>4} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "run",
+        "reqs",
+        "err",
+        "req/s",
+        "tok/s",
+        "TTFTp50",
+        "TTFTp90",
+        "TPOTp50",
+        "TPOTp90",
+        "TPOTp99",
+        "ITLp99"
+    );
+    for (name, p) in rows {
+        let s = &p.summary;
+        eprintln!(
+            "{:<22} {:>5} {:>4} {:>7.2} {:>8.1} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}",
+            name,
+            s.requests,
+            s.errors,
+            s.request_rate,
+            s.output_token_rate,
+            ms(s.ttft.p50),
+            ms(s.ttft.p90),
+            ms(s.tpot.p50),
+            ms(s.tpot.p90),
+            ms(s.tpot.p99),
+            ms(s.itl.p99)
+        );
+    }
+    eprintln!("(latencies in ms)");
+}
+
+/// Writes every record as one JSON line, tagged with the run it belongs to.
+fn write_records(path: Option<&Path>, runs: &[(String, Vec<RequestRecord>)]) -> Result<()> {
+    let Some(path) = path else { return Ok(()) };
+    let mut text = String::new();
+    for (run, records) in runs {
+        for r in records {
+            text.push_str(&json!({"run": run, "record": r}).to_string());
+            text.push('\n');
+        }
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn emit(v: &Value, json: bool, out: Option<&Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(v)?;
+    if let Some(p) = out {
+        std::fs::write(p, &text).with_context(|| format!("writing {}", p.display()))?;
+        eprintln!("wrote {}", p.display());
+    }
+    if json {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}

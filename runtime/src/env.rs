@@ -1,0 +1,18 @@
+//! Every environment variable the `xpyd` binary reads, in one place: the CLI, the bench
+//! drivers and the worker runtime all take the names from here (README.md lists them too).
+
+/// Directory holding model files (default: `<user cache dir>/xpyd/models`).
+pub const MODELS_DIR: &str = "XPYD_MODELS";
+/// Model file for commands run without `--model` (the `env` of every `--model` flag
+/// outside the manifest commands).
+pub const MODEL: &str = "XPYD_MODEL";
+/// Python interpreter used to run pip for the model fetch (default: `python3`).
+pub const PYTHON: &str = "XPYD_PYTHON";
+/// Log filter (`tracing` syntax), e.g. `info,xpyd_engine=debug`.
+pub const LOG: &str = "XPYD_LOG";
+/// llama.cpp's `llama-server`, for the same-run comparison of `xpyd bench engine`
+/// (the `env` of its `--llama-server`).
+pub const LLAMA_SERVER: &str = "XPYD_LLAMA_SERVER";
+/// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep
+/// that many milliseconds before every engine step, so routing tests can slow one down.
+pub const DEBUG_DELAY: &str = "XPYD_DEBUG_DELAY";
