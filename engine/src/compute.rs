@@ -97,6 +97,21 @@ pub fn init(cfg: &ComputeConfig) -> Result<usize> {
     Ok(threads)
 }
 
+/// Runs `f(i, &mut items[i])` for every item on the compute threads: the calling thread
+/// and candle's persistent pool, whose threads spin briefly between calls instead of
+/// sleeping (a forward pass is hundreds of short parallel sections).
+pub fn for_each_item<T: Send>(items: &mut [T], f: impl Fn(usize, &mut T) + Sync) {
+    let cells: Vec<std::sync::Mutex<&mut T>> =
+        items.iter_mut().map(std::sync::Mutex::new).collect();
+    candle_core::utils::barrier_pool().execute_chunked(cells.len(), |range| {
+        for i in range {
+            // Each index is handed out once, so a lock is never contended.
+            let mut item = cells[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(i, &mut item);
+        }
+    });
+}
+
 /// Cores this process may run on.
 pub fn available() -> usize {
     std::thread::available_parallelism()

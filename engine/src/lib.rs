@@ -11,6 +11,7 @@ mod kernels;
 pub mod kv;
 pub mod mock;
 pub mod model;
+pub mod quant;
 pub mod sampling;
 pub mod sequence;
 pub mod testing;

@@ -1,101 +1,48 @@
 //! The Llama forward pass with an explicit, paged KV cache.
 //!
-//! Weights stay quantized for decode (Q4_1 is re-quantized to Q8_0 at load, since
-//! candle has SIMD dot products for Q8_0 but not Q4_1); every prefill chunk uses dense f32
-//! copies of the projection weights and a GEMM, so a prompt's KV does not depend on how it
-//! was split into chunks (which the prefix cache relies on). Attention reads the cache
-//! in place for decode and through a gathered copy for prefill.
+//! One computation per token, whichever pass it is in: every projection runs on the
+//! model's own quantized blocks with integer kernels that compute each output row from
+//! its input row alone ([`crate::quant`]), norms and activations are per row, and
+//! attention is the same per-query loop over the paged cache ([`KvStore::attend`]) for a
+//! prefill chunk and for a decode step. So a token's KV and logits do not depend on how
+//! the prompt was split into chunks, on which prefix came from the prefix cache, on what
+//! else is in the decode batch, or on whether the token was prefilled or decoded (which
+//! re-prefilling a migrated sequence relies on).
 
+use crate::compute;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::kv::{AttnQuery, KvStore};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
-use candle_core::{DType, Device, Module, Tensor};
-use rayon::prelude::*;
+use crate::quant::{QActs, QWeight};
+use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{DType, Device};
 use std::io::{Read, Seek};
 
-/// A projection `y = x Wᵀ`.
-struct Linear {
-    quant: QMatMul,
-    /// Zero columns appended to inputs of `quant` (see [`vnni_pad`]).
-    pad: usize,
-    /// `Wᵀ` as contiguous f32 `[in, out]`, for many-token chunks.
-    dense_t: Option<Tensor>,
+/// `x Wᵀ` for the rows of `x` (quantized once, shared by the projections that read it).
+fn project(w: &QWeight, x: &QActs) -> Vec<f32> {
+    let mut out = vec![0f32; x.rows() * w.rows()];
+    w.matmul(x, &mut out);
+    out
 }
 
-fn has_vnni() -> bool {
-    #[cfg(target_arch = "x86_64")]
+/// RMS norm of each `alpha.len()`-wide row of `x`, scaled by `alpha`.
+fn rms_norm(x: &[f32], alpha: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    for (src, dst) in x
+        .chunks_exact(alpha.len())
+        .zip(out.chunks_exact_mut(alpha.len()))
     {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Zero columns to append to a `[n, k]` weight so candle's repacked AVX-512 VNNI Q8_0
-/// kernels apply to it (they need `k % 256 == 0` and `n % 16 == 0`); 0 where they are
-/// not available. Zero weights times zero inputs leave the product unchanged.
-fn vnni_pad(n: usize, k: usize) -> usize {
-    if !has_vnni() || k.is_multiple_of(256) || !n.is_multiple_of(16) {
-        return 0;
-    }
-    k.next_multiple_of(256) - k
-}
-
-/// Q8_0 weights for decode, padded for the VNNI kernels where that applies.
-fn quantize_q8(w: &Tensor) -> Result<(QMatMul, usize)> {
-    let (n, k) = w.dims2()?;
-    let pad = vnni_pad(n, k);
-    let w = if pad > 0 {
-        w.pad_with_zeros(1, 0, pad)?
-    } else {
-        w.clone()
-    };
-    Ok((
-        QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?,
-        pad,
-    ))
-}
-
-impl Linear {
-    fn load<R: Read + Seek>(
-        ct: &gguf_file::Content,
-        r: &mut R,
-        name: &str,
-        with_dense: bool,
-    ) -> Result<Self> {
-        let qt = tensor(ct, r, name)?;
-        let dense = qt.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let (quant, pad) = match qt.dtype() {
-            GgmlDType::Q4_0 | GgmlDType::Q4K | GgmlDType::Q6K => (QMatMul::from_qtensor(qt)?, 0),
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
-                (QMatMul::Tensor(dense.clone()), 0)
-            }
-            // Q8_0 stays Q8_0 (re-quantizing its dequantized values is exact); Q4_1 and the
-            // rest become Q8_0, which has SIMD kernels.
-            _ => quantize_q8(&dense)?,
-        };
-        let dense_t = if with_dense {
-            Some(dense.t()?.contiguous()?)
-        } else {
-            None
-        };
-        Ok(Linear {
-            quant,
-            pad,
-            dense_t,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, dense: bool) -> Result<Tensor> {
-        match (&self.dense_t, dense) {
-            (Some(w), true) => Ok(x.matmul(w)?),
-            _ if self.pad > 0 => Ok(self.quant.forward(&x.pad_with_zeros(1, 0, self.pad)?)?),
-            _ => Ok(self.quant.forward(x)?),
+        let sum2: f32 = src.iter().map(|v| v * v).sum();
+        let m = (sum2 / alpha.len() as f32 + eps).sqrt();
+        for ((d, s), a) in dst.iter_mut().zip(src).zip(alpha) {
+            *d = s / m * a;
         }
     }
+    out
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
 }
 
 fn tensor<R: Read + Seek>(ct: &gguf_file::Content, r: &mut R, name: &str) -> Result<QTensor> {
@@ -104,15 +51,15 @@ fn tensor<R: Read + Seek>(ct: &gguf_file::Content, r: &mut R, name: &str) -> Res
 }
 
 struct Layer {
-    attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
-    w_down: Linear,
+    attn_norm: Vec<f32>,
+    wq: QWeight,
+    wk: QWeight,
+    wv: QWeight,
+    wo: QWeight,
+    ffn_norm: Vec<f32>,
+    w_gate: QWeight,
+    w_up: QWeight,
+    w_down: QWeight,
 }
 
 /// One token of a decode batch.
@@ -172,10 +119,11 @@ impl Pass<'_> {
 /// The loaded model.
 pub struct Model {
     cfg: ModelConfig,
-    embed: Tensor,
+    /// Token embeddings, dequantized, `vocab × hidden`.
+    embed: Vec<f32>,
     layers: Vec<Layer>,
-    norm: Tensor,
-    lm_head: Linear,
+    norm: Vec<f32>,
+    lm_head: QWeight,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
 }
@@ -187,40 +135,46 @@ impl Model {
         r: &mut R,
         cfg: ModelConfig,
     ) -> Result<Self> {
-        let dev = Device::Cpu;
-        let vec_f32 = |r: &mut R, name: &str| -> Result<Tensor> {
-            Ok(tensor(ct, r, name)?
-                .dequantize(&dev)?
-                .to_dtype(DType::F32)?)
+        let dense = |qt: &QTensor| -> Result<Vec<f32>> {
+            Ok(qt
+                .dequantize(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
         let embed_q = tensor(ct, r, "token_embd.weight")?;
-        let embed = embed_q.dequantize(&dev)?.to_dtype(DType::F32)?;
+        let embed = dense(&embed_q)?;
+        // Tied embeddings: the embedding matrix, in its own blocks, is the LM head.
         let lm_head = if ct.tensor_infos.contains_key("output.weight") {
-            Linear::load(ct, r, "output.weight", false)?
+            QWeight::from_qtensor(&tensor(ct, r, "output.weight")?, "output.weight")?
         } else {
-            let (quant, pad) = quantize_q8(&embed)?;
-            Linear {
-                quant,
-                pad,
-                dense_t: None,
-            }
+            QWeight::from_qtensor(&embed_q, "token_embd.weight")?
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
+            let mut linear = |s: &str| QWeight::from_qtensor(&tensor(ct, r, &p(s))?, &p(s));
+            let (wq, wk, wv, wo) = (
+                linear("attn_q")?,
+                linear("attn_k")?,
+                linear("attn_v")?,
+                linear("attn_output")?,
+            );
+            let (w_gate, w_up, w_down) =
+                (linear("ffn_gate")?, linear("ffn_up")?, linear("ffn_down")?);
             layers.push(Layer {
-                attn_norm: vec_f32(r, &p("attn_norm"))?,
-                wq: Linear::load(ct, r, &p("attn_q"), true)?,
-                wk: Linear::load(ct, r, &p("attn_k"), true)?,
-                wv: Linear::load(ct, r, &p("attn_v"), true)?,
-                wo: Linear::load(ct, r, &p("attn_output"), true)?,
-                ffn_norm: vec_f32(r, &p("ffn_norm"))?,
-                w_gate: Linear::load(ct, r, &p("ffn_gate"), true)?,
-                w_up: Linear::load(ct, r, &p("ffn_up"), true)?,
-                w_down: Linear::load(ct, r, &p("ffn_down"), true)?,
+                attn_norm: dense(&tensor(ct, r, &p("attn_norm"))?)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                ffn_norm: dense(&tensor(ct, r, &p("ffn_norm"))?)?,
+                w_gate,
+                w_up,
+                w_down,
             });
         }
-        let norm = vec_f32(r, "output_norm.weight")?;
+        let norm = dense(&tensor(ct, r, "output_norm.weight")?)?;
         let half = cfg.head_dim / 2;
         let mut rope_cos = Vec::with_capacity(cfg.context_length * half);
         let mut rope_sin = Vec::with_capacity(cfg.context_length * half);
@@ -276,165 +230,79 @@ impl Model {
         on_layer: &mut dyn FnMut(usize, &KvStore),
     ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
-        let dev = Device::Cpu;
         let Some((tokens, positions)) = pass.inputs(cfg)? else {
             return Ok(Vec::new());
         };
-        let n = tokens.len();
-        let dense = std::env::var("XPYD_DENSE_ALL").is_ok() || matches!(pass, Pass::Prefill { .. });
-        let (hd, kvd) = (cfg.head_dim, cfg.kv_dim());
-        let ids = Tensor::new(tokens.as_slice(), &dev)?;
-        let mut x = self.embed.index_select(&ids, 0)?;
+        let (n, hidden, kvd) = (tokens.len(), cfg.hidden, cfg.kv_dim());
+        let mut x: Vec<f32> = tokens
+            .iter()
+            .flat_map(|t| &self.embed[*t as usize * hidden..(*t as usize + 1) * hidden])
+            .copied()
+            .collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, cfg.rms_eps)?;
-            let mut q = layer
-                .wq
-                .forward(&h, dense)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let mut k = layer
-                .wk
-                .forward(&h, dense)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
-            let v = layer
-                .wv
-                .forward(&h, dense)?
-                .flatten_all()?
-                .to_vec1::<f32>()?;
+            let h = QActs::quantize(&rms_norm(&x, &layer.attn_norm, cfg.rms_eps), hidden);
+            let mut q = project(&layer.wq, &h);
+            let mut k = project(&layer.wk, &h);
+            let v = project(&layer.wv, &h);
             self.rope(&mut q, &positions, cfg.n_head);
             self.rope(&mut k, &positions, cfg.n_kv_head);
-            let attn = match pass {
+            // Each token's K/V row goes in first; then every token attends over positions
+            // up to its own, with the same per-query loop in either pass.
+            let queries: Vec<AttnQuery<'_>> = match pass {
                 Pass::Prefill { table, start, .. } => {
                     kv.write_rows(l, table, *start, &k, &v);
-                    on_layer(l, kv);
-                    self.prefill_attention(l, kv, table, *start, n, q)?
+                    (0..n)
+                        .map(|i| AttnQuery {
+                            table,
+                            len: start + i + 1,
+                            q: &q[i * hidden..(i + 1) * hidden],
+                        })
+                        .collect()
                 }
                 Pass::Decode(items) => {
                     for (i, it) in items.iter().enumerate() {
                         let rows = i * kvd..(i + 1) * kvd;
                         kv.write_rows(l, it.table, it.pos, &k[rows.clone()], &v[rows]);
                     }
-                    on_layer(l, kv);
-                    let mut out = vec![0f32; n * cfg.hidden];
-                    let kv_ref: &KvStore = kv;
-                    out.par_chunks_mut(cfg.hidden)
-                        .zip(items.par_iter())
+                    items
+                        .iter()
                         .enumerate()
-                        .for_each(|(i, (o, it))| {
-                            let query = AttnQuery {
-                                table: it.table,
-                                len: it.pos + 1,
-                                q: &q[i * cfg.hidden..(i + 1) * cfg.hidden],
-                            };
-                            kv_ref.attend(l, &query, hd, o);
-                        });
-                    Tensor::from_vec(out, (n, cfg.hidden), &dev)?
+                        .map(|(i, it)| AttnQuery {
+                            table: it.table,
+                            len: it.pos + 1,
+                            q: &q[i * hidden..(i + 1) * hidden],
+                        })
+                        .collect()
                 }
             };
-            x = (x + layer.wo.forward(&attn, dense)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, cfg.rms_eps)?;
-            let g = layer.w_gate.forward(&h, dense)?;
-            let u = layer.w_up.forward(&h, dense)?;
-            let m = (candle_nn::ops::silu(&g)? * u)?;
-            x = (x + layer.w_down.forward(&m, dense)?)?;
-        }
-        let x = match pass {
-            Pass::Prefill { .. } => x.narrow(0, n - 1, 1)?,
-            Pass::Decode(_) => x,
-        };
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_eps)?;
-        Ok(self.lm_head.forward(&x, false)?.to_vec2::<f32>()?)
-    }
-
-    /// Causal attention of a prompt chunk over everything cached so far.
-    fn prefill_attention(
-        &self,
-        layer: usize,
-        kv: &KvStore,
-        table: &[u32],
-        start: usize,
-        n: usize,
-        q: Vec<f32>,
-    ) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let dev = Device::Cpu;
-        let (hd, nh, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
-        let group = nh / nkv;
-        let len = start + n;
-        let (kc, vc) = kv.gather(layer, table, len);
-        let k = Tensor::from_vec(kc, (len, nkv, hd), &dev)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v = Tensor::from_vec(vc, (len, nkv, hd), &dev)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        // [n, nh, hd] → [nh, n, hd] → [nkv, group·n, hd]: the heads of a group are adjacent.
-        let q = Tensor::from_vec(q, (n, nh, hd), &dev)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((nkv, group * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let att = (q.matmul(&k.t()?)? * scale)?.reshape((nkv, group, n, len))?;
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                (0..len).map(move |j| {
-                    if j > start + i {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (n, len), &dev)?;
-        let att = att.broadcast_add(&mask)?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, group * n, len))?;
-        let out = att.matmul(&v)?; // [nkv, group·n, hd]
-        Ok(out
-            .reshape((nh, n, hd))?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n, cfg.hidden))?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn padded_q8_projection_matches_dense() {
-        let dev = Device::Cpu;
-        let (n, k) = (48, 576);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 0.2)
-            .collect();
-        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        let x: Vec<f32> = (0..3 * k)
-            .map(|i| (i * 13 % 29) as f32 / 29.0 - 0.5)
-            .collect();
-        let x = Tensor::from_vec(x, (3, k), &dev).unwrap();
-        let (quant, pad) = quantize_q8(&w).unwrap();
-        let lin = Linear {
-            quant,
-            pad,
-            dense_t: Some(w.t().unwrap().contiguous().unwrap()),
-        };
-        let q = lin.forward(&x, false).unwrap().to_vec2::<f32>().unwrap();
-        let d = lin.forward(&x, true).unwrap().to_vec2::<f32>().unwrap();
-        for (qr, dr) in q.iter().zip(&d) {
-            assert_eq!(qr.len(), n);
-            for (a, b) in qr.iter().zip(dr) {
-                assert!((a - b).abs() < 0.05 + 0.02 * b.abs(), "{a} vs {b}");
+            on_layer(l, kv);
+            let mut attn = vec![0f32; n * hidden];
+            let mut outs: Vec<&mut [f32]> = attn.chunks_mut(hidden).collect();
+            let kv_ref: &KvStore = kv;
+            compute::for_each_item(&mut outs, |i, o| {
+                kv_ref.attend(l, &queries[i], cfg.head_dim, o)
+            });
+            drop((outs, queries));
+            add_in_place(&mut x, &project(&layer.wo, &QActs::quantize(&attn, hidden)));
+            let h = QActs::quantize(&rms_norm(&x, &layer.ffn_norm, cfg.rms_eps), hidden);
+            let mut m = project(&layer.w_gate, &h);
+            let u = project(&layer.w_up, &h);
+            for (g, u) in m.iter_mut().zip(&u) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
             }
+            let ffn = layer.w_down.cols();
+            add_in_place(&mut x, &project(&layer.w_down, &QActs::quantize(&m, ffn)));
         }
-        // Row independence: a row alone gives bitwise the same output as in the batch.
-        let one = lin
-            .forward(&x.narrow(0, 1, 1).unwrap(), false)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        assert_eq!(one[0], q[1]);
+        // Logits of a prefill chunk's last token, or of every decode item.
+        let last = match pass {
+            Pass::Prefill { .. } => &x[(n - 1) * hidden..],
+            Pass::Decode(_) => &x[..],
+        };
+        let h = QActs::quantize(&rms_norm(last, &self.norm, cfg.rms_eps), hidden);
+        let logits = project(&self.lm_head, &h);
+        Ok(logits
+            .chunks_exact(cfg.vocab)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }

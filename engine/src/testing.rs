@@ -25,6 +25,8 @@ pub struct TinyModel {
     pub ffn: usize,
     /// Context length.
     pub context: usize,
+    /// `tokenizer.chat_template` (none: the engine's ChatML default).
+    pub chat_template: Option<String>,
 }
 
 impl Default for TinyModel {
@@ -37,6 +39,7 @@ impl Default for TinyModel {
             n_kv_head: 2,
             ffn: 128,
             context: 1024,
+            chat_template: None,
         }
     }
 }
@@ -167,6 +170,10 @@ impl TinyModel {
             ("tokenizer.ggml.eos_token_id", u(2)),
             ("tokenizer.ggml.add_bos_token", Value::Bool(false)),
         ];
+        let mut meta = meta;
+        if let Some(t) = &self.chat_template {
+            meta.push(("tokenizer.chat_template", s(t)));
+        }
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
         let tensor_refs: Vec<(&str, &QTensor)> =
             tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -44,7 +44,9 @@ const END_OF_GENERATION: &[&str] = &[
 #[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    template: String,
+    /// The chat template compiled once at load, or why it does not compile (only chat
+    /// calls fail then).
+    chat: std::sync::Arc<std::result::Result<minijinja::Environment<'static>, String>>,
     bos: Option<u32>,
     add_bos: bool,
     eos: Vec<u32>,
@@ -63,6 +65,27 @@ impl std::fmt::Debug for Tokenizer {
 
 fn tok_err(e: impl std::fmt::Display) -> EngineError {
     EngineError::Tokenizer(e.to_string())
+}
+
+/// A template environment as Hugging Face chat templates expect it: Python's string and
+/// list methods (`.strip()`, `.startswith()`, …) and `raise_exception(message)`.
+fn chat_environment(
+    template: String,
+) -> std::result::Result<minijinja::Environment<'static>, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template_owned("chat", template)
+        .map_err(|e| format!("chat template: {e}"))?;
+    Ok(env)
 }
 
 impl Tokenizer {
@@ -105,7 +128,7 @@ impl Tokenizer {
             bos_text: text_of(bos),
             eos_text: text_of(eos.first().copied()),
             inner,
-            template,
+            chat: std::sync::Arc::new(chat_environment(template)),
             bos,
             add_bos,
             eos,
@@ -125,9 +148,12 @@ impl Tokenizer {
     }
 
     /// Renders messages with the model's chat template (generation prompt appended).
+    ///
+    /// # Errors
+    /// `Tokenizer` when the template does not compile or fails while rendering (a
+    /// template's own `raise_exception`, e.g. for roles out of order).
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.add_template("chat", &self.template).map_err(tok_err)?;
+        let env = self.chat.as_ref().as_ref().map_err(tok_err)?;
         let tmpl = env.get_template("chat").map_err(tok_err)?;
         tmpl.render(minijinja::context! {
             messages => messages,

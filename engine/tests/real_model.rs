@@ -102,23 +102,43 @@ fn chat_template_and_tokenizer_match_llama_cpp() {
     }
 }
 
+/// Teacher-forced agreement with llama.cpp's greedy text on the same GGUF: after the
+/// prompt and each prefix of llama.cpp's tokens, llama.cpp's next token is our argmax or
+/// within 0.5 of it (logits here are 10–25). The two engines approximate the Q4_1 model differently (xpyd:
+/// f32-scaled 8-bit activations per 32 values; llama.cpp: Q8_1 with f16 scales), so a
+/// near tie may fall either way — on this prompt the first token is one (`The` vs `L`,
+/// about 0.04 apart in our logits, and step 15 about 0.4); an implementation error
+/// moves logits by whole units and the greedy text with them.
 #[test]
-fn greedy_starts_like_llama_cpp() {
+fn greedy_agrees_with_llama_cpp_step_by_step() {
     let Some(path) = model() else { return };
     let mut e = load(&path, 512);
     let g = &golden()["greedy"][0];
-    let reference = ids(&g["tokens"]);
-    let got = e
-        .generate(
-            1,
-            ids(&g["prompt_ids"]),
-            SamplingParams::greedy(16),
-            &mut |_| {},
-        )
-        .unwrap();
-    // Numerics differ slightly (we decode with Q8_0-repacked weights, llama.cpp with
-    // Q4_1); the argmax path agrees on the first tokens.
-    assert_eq!(got.tokens[..5], reference[..5], "ours {:?}", got.text);
+    let (prompt, reference) = (ids(&g["prompt_ids"]), ids(&g["tokens"]));
+    let mut exact = 0;
+    for i in 0..reference.len() {
+        let mut context = prompt.clone();
+        context.extend(&reference[..i]);
+        let logits = e.next_logits(&context).unwrap();
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let theirs = logits[reference[i] as usize];
+        assert!(
+            theirs >= max - 0.5,
+            "step {i}: llama.cpp's token {} scores {theirs}, our best {max}",
+            reference[i]
+        );
+        exact += usize::from(theirs == max);
+    }
+    eprintln!(
+        "{exact} of {} llama.cpp tokens are our argmax",
+        reference.len()
+    );
+    // Today 13 of 16; the other three are near ties.
+    assert!(
+        exact * 4 >= reference.len() * 3,
+        "{exact} of {} argmax matches",
+        reference.len()
+    );
 }
 
 #[test]
@@ -263,4 +283,57 @@ fn the_mock_on_the_real_vocabulary_writes_words() {
         .generate(1, p, SamplingParams::greedy(24), &mut |_| {})
         .unwrap();
     assert_eq!(again, g);
+}
+
+/// The fresh-machine report's case: greedy "Name three colors." gave one answer on the
+/// first call and another on every repeat (a prefix-cache hit changed the logits). With
+/// the cache on, first and repeated calls, and prompts sharing 1…n blocks with an
+/// earlier one at lengths on and off block boundaries, give exactly the tokens an engine
+/// without a cache gives.
+#[test]
+fn prefix_cache_hits_change_no_output() {
+    let Some(path) = model() else { return };
+    // Workers' default chunk (512: a prompt is one chunk unless a cache hit shortens it).
+    let engine = |prefix_blocks: usize| {
+        let mut cfg = EngineConfig::new(&path);
+        cfg.num_blocks = Some(512);
+        cfg.prefill_chunk = 512;
+        cfg.prefix_cache_blocks = prefix_blocks;
+        Engine::load(cfg).unwrap()
+    };
+    let (mut cached, mut plain) = (engine(256), engine(0));
+    let t = cached.tokenizer().clone();
+    let base = t
+        .encode_chat(&[ChatMessage::new("user", "Name three colors.")])
+        .unwrap();
+    let tail = t.encode(" Also, name a fruit please.").unwrap();
+    let mut prompts = vec![base.clone(), base.clone(), base.clone()];
+    let bs = cached.config().block_size;
+    for blocks in 1..=base.len() / bs {
+        for extra in [0, 5] {
+            let mut p = base[..(blocks * bs + extra).min(base.len())].to_vec();
+            p.extend(&tail);
+            prompts.push(p);
+        }
+    }
+    let mut id = 0;
+    let mut run = |e: &mut Engine, p: &[u32]| {
+        id += 1;
+        e.generate(id, p.to_vec(), SamplingParams::greedy(24), &mut |_| {})
+            .unwrap()
+            .tokens
+    };
+    for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(
+            run(&mut cached, p),
+            run(&mut plain, p),
+            "prompt {i} ({} tokens)",
+            p.len()
+        );
+    }
+    let stats = cached.prefix_stats();
+    assert!(
+        stats.hit_tokens >= 2 * bs as u64 * (base.len() / bs) as u64,
+        "{stats:?}"
+    );
 }

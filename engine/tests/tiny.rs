@@ -2,8 +2,8 @@
 
 use xpyd_engine::testing::{TinyModel, generate_split};
 use xpyd_engine::{
-    Engine, EngineConfig, EngineError, FinishReason, KvDtype, KvFormatError, LayerChunk,
-    SamplingParams,
+    ChatMessage, Engine, EngineConfig, EngineError, FinishReason, KvDtype, KvFormatError,
+    LayerChunk, SamplingParams,
 };
 
 struct Fixture {
@@ -645,4 +645,42 @@ fn placed_import_checks_rows_a_peer_wrote_into_the_pools() {
         b.import_rows_in_place(9, 0, 0, 16, c.payload.len(), &mut |_, _| Ok(())),
         Err(EngineError::WrongState { .. })
     ));
+}
+
+/// The Llama 2 chat template as Hugging Face ships it (`tokenizer_config.json`): Python
+/// string methods (`.strip()`) and `raise_exception`, which real templates use.
+const LLAMA2_TEMPLATE: &str = "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}{% set system_message = false %}{% endif %}{% for message in loop_messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if loop.index0 == 0 and system_message != false %}{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}";
+
+#[test]
+fn hugging_face_templates_with_python_methods_render() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("llama2-template.gguf");
+    TinyModel {
+        chat_template: Some(LLAMA2_TEMPLATE.into()),
+        ..Default::default()
+    }
+    .write(&path)
+    .unwrap();
+    let e = Engine::load(EngineConfig::new(&path)).unwrap();
+    let t = e.tokenizer();
+    let text = t
+        .apply_chat_template(&[
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "  Hi there \n"),
+            ChatMessage::new("assistant", " Hello. "),
+            ChatMessage::new("user", "Bye"),
+        ])
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n  Hi there [/INST] Hello. <|im_end|><|im_start|>[INST] Bye [/INST]"
+    );
+    // The template's own check, surfaced as a typed error naming its message.
+    let err = t
+        .apply_chat_template(&[ChatMessage::new("assistant", "first?")])
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Tokenizer(m) if m.contains("Conversation roles must alternate")),
+        "{err}"
+    );
 }

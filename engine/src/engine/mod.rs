@@ -4,13 +4,13 @@
 
 mod backend;
 mod kv_io;
+mod prefill;
 
 use backend::Backend;
 
 use crate::config::{DEFAULT_KV_TOKENS, EngineConfig, KvDtype, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kv::cache::{KvLayout, KvMemory};
-use crate::kv::format::LayerChunk;
 use crate::kv::prefix::chain_hashes;
 use crate::kv::{BlockAllocator, CacheShape, KvStore, PrefixCache, PrefixStats, blocks_for};
 use crate::mock::MockModel;
@@ -427,86 +427,6 @@ impl Engine {
 
     fn seq(&self, id: u64) -> Result<&Sequence> {
         self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))
-    }
-
-    /// Computes the next prefill chunk of a sequence. Each layer's KV for the chunk is
-    /// handed to `on_chunk` as soon as it is in the cache. When the prompt is done, the
-    /// first token is sampled and returned.
-    pub fn prefill_chunk(
-        &mut self,
-        id: u64,
-        on_chunk: &mut dyn FnMut(LayerChunk),
-    ) -> Result<Option<TokenEvent>> {
-        let chunk = self.cfg.prefill_chunk;
-        let seq = self.seqs.get(&id).ok_or(EngineError::UnknownSequence(id))?;
-        if seq.phase != Phase::Prefill {
-            return Err(EngineError::WrongState {
-                id,
-                state: seq.phase.name(),
-                expected: "prefilling",
-            });
-        }
-        if seq.reused_pending {
-            // The cached prefix goes out first, layer by layer, like computed chunks.
-            let (table, n) = (seq.table.clone(), seq.reused);
-            for layer in 0..self.backend.config().n_layer {
-                let mut payload = Vec::new();
-                self.kv.read_rows_bytes(layer, &table, 0, n, &mut payload);
-                on_chunk(LayerChunk {
-                    layer: layer as u32,
-                    start: 0,
-                    count: n as u32,
-                    payload,
-                });
-            }
-            if let Some(s) = self.seqs.get_mut(&id) {
-                s.reused_pending = false;
-            }
-        }
-        let seq = &self.seqs[&id];
-        let start = seq.cached;
-        let end = (start + chunk).min(seq.state.prompt_len);
-        let pass = Pass::Prefill {
-            table: &seq.table,
-            start,
-            tokens: &seq.state.tokens[start..end],
-        };
-        let n = (end - start) as u32;
-        let table = seq.table.clone();
-        let logits = self
-            .backend
-            .forward(&pass, &mut self.kv, &mut |layer, kv| {
-                let mut payload = Vec::new();
-                kv.read_rows_bytes(layer, &table, start, n as usize, &mut payload);
-                on_chunk(LayerChunk {
-                    layer: layer as u32,
-                    start: start as u32,
-                    count: n,
-                    payload,
-                });
-            })?;
-        let ctx = self.backend.config().context_length;
-        let seq = self.seqs.get_mut(&id).expect("checked above");
-        seq.cached = end;
-        if end < seq.state.prompt_len {
-            return Ok(None);
-        }
-        let token = sample(&logits[0], &seq.state.params, seq.state.draw());
-        let ev = seq.state.accept(id, token, &self.tokenizer, ctx)?;
-        seq.phase = match ev.finish {
-            Some(f) => Phase::Finished(f),
-            None => Phase::Decode,
-        };
-        Ok(Some(ev))
-    }
-
-    /// Prefills the whole prompt (in chunks) and returns the first token.
-    pub fn prefill(&mut self, id: u64, on_chunk: &mut dyn FnMut(LayerChunk)) -> Result<TokenEvent> {
-        loop {
-            if let Some(ev) = self.prefill_chunk(id, on_chunk)? {
-                return Ok(ev);
-            }
-        }
     }
 
     /// Advances every listed sequence by one token in a single batched forward pass.

@@ -4,7 +4,7 @@
 //! row `table[p / block_size] * block_size + p % block_size`. Rows are `kv_dim` wide.
 
 use crate::config::KvDtype;
-use crate::kernels::{axpy, dot};
+use crate::kernels::{self, attn};
 use half::f16;
 
 #[cfg(not(target_endian = "little"))]
@@ -44,6 +44,9 @@ impl KvMemory for HeapMemory {
 
 /// Pools start at multiples of this within the memory.
 const POOL_ALIGN: usize = 4096;
+
+/// Key positions per online-softmax step of [`KvStore::attend`].
+pub const ATTN_TILE: usize = 32;
 
 /// One layer's K or V pool, borrowed from the memory.
 enum Pool<'a> {
@@ -340,55 +343,65 @@ impl KvStore {
         self.pool(layer, true).read_f32(at, v);
     }
 
-    /// Copies positions `0..len` of one layer into contiguous f32 `K` and `V` (`len × kv_dim`).
-    pub fn gather(&self, layer: usize, table: &[u32], len: usize) -> (Vec<f32>, Vec<f32>) {
-        let d = self.shape.kv_dim;
-        let mut k = vec![0f32; len * d];
-        let mut v = vec![0f32; len * d];
-        let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
-        for pos in 0..len {
-            let at = self.row_offset(table, pos);
-            kp.read_f32(at, &mut k[pos * d..(pos + 1) * d]);
-            vp.read_f32(at, &mut v[pos * d..(pos + 1) * d]);
-        }
-        (k, v)
-    }
-
-    /// Attention of one query token against its sequence's cache, for every head, into
-    /// `out` (`n_head × head_dim`). Query heads `h` use KV head `h / (n_head / n_kv_head)`.
+    /// Attention of one query token against its sequence's cache (positions
+    /// `0..query.len`), for every head, into `out` (`n_head × head_dim`). Query heads `h`
+    /// use KV head `h / (n_head / n_kv_head)`.
+    ///
+    /// Prefill chunks and decode steps both call this once per query, so a token's
+    /// result is the same in either: an online softmax over tiles of [`ATTN_TILE`]
+    /// positions counted from position 0, each K and V row read in place once per tile
+    /// for all heads, every sum taken in position order.
     pub fn attend(&self, layer: usize, query: &AttnQuery<'_>, head_dim: usize, out: &mut [f32]) {
         let d = self.shape.kv_dim;
         let n_head = query.q.len() / head_dim;
         let group = n_head / (d / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let len = query.len;
-        let mut scores = vec![0f32; n_head * len];
+        let mut scores = vec![0f32; n_head * ATTN_TILE];
+        let mut max = vec![f32::NEG_INFINITY; n_head];
+        let mut sum = vec![0f32; n_head];
         let mut row = vec![0f32; d];
+        let mut col = vec![0f32; n_head];
         let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
-        // Pass 1: scores. Each K row is read once for all heads.
-        for pos in 0..len {
-            let krow = self.row_f32(&kp, query.table, pos, &mut row);
+        let level = kernels::level();
+        out.fill(0.0);
+        for tile in (0..query.len).step_by(ATTN_TILE) {
+            let count = ATTN_TILE.min(query.len - tile);
+            for j in 0..count {
+                let krow = self.row_f32(&kp, query.table, tile + j, &mut row);
+                attn::head_scores(level, query.q, krow, head_dim, group, scale, &mut col);
+                for (h, v) in col.iter().enumerate() {
+                    scores[h * ATTN_TILE + j] = *v;
+                }
+            }
             for h in 0..n_head {
-                let g = h / group;
-                let qh = &query.q[h * head_dim..(h + 1) * head_dim];
-                scores[h * len + pos] = dot(qh, &krow[g * head_dim..(g + 1) * head_dim]) * scale;
+                let s = &mut scores[h * ATTN_TILE..h * ATTN_TILE + count];
+                let new_max = s.iter().copied().fold(max[h], f32::max);
+                // exp(-inf) = 0 on the first tile: nothing accumulated yet.
+                let rescale = (max[h] - new_max).exp();
+                let mut tile_sum = 0f32;
+                for v in s.iter_mut() {
+                    *v = (*v - new_max).exp();
+                    tile_sum += *v;
+                }
+                sum[h] = sum[h] * rescale + tile_sum;
+                max[h] = new_max;
+                out[h * head_dim..(h + 1) * head_dim]
+                    .iter_mut()
+                    .for_each(|o| *o *= rescale);
+            }
+            for j in 0..count {
+                let vrow = self.row_f32(&vp, query.table, tile + j, &mut row);
+                for (h, w) in col.iter_mut().enumerate() {
+                    *w = scores[h * ATTN_TILE + j];
+                }
+                attn::head_accumulate(level, &col, vrow, head_dim, group, out);
             }
         }
         for h in 0..n_head {
-            softmax_in_place(&mut scores[h * len..(h + 1) * len]);
-        }
-        // Pass 2: weighted sum of V rows.
-        out.fill(0.0);
-        for pos in 0..len {
-            let vrow = self.row_f32(&vp, query.table, pos, &mut row);
-            for h in 0..n_head {
-                let g = h / group;
-                axpy(
-                    scores[h * len + pos],
-                    &vrow[g * head_dim..(g + 1) * head_dim],
-                    &mut out[h * head_dim..(h + 1) * head_dim],
-                );
-            }
+            let inv = 1.0 / sum[h];
+            out[h * head_dim..(h + 1) * head_dim]
+                .iter_mut()
+                .for_each(|o| *o *= inv);
         }
     }
 
@@ -410,16 +423,4 @@ impl KvStore {
             }
         }
     }
-}
-
-/// Numerically stable softmax.
-pub fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    x.iter_mut().for_each(|v| *v *= inv);
 }
