@@ -36,7 +36,7 @@ pub struct Prepared {
 }
 
 /// Token usage of a finished request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Prompt tokens.
     pub prompt_tokens: u32,
@@ -44,6 +44,34 @@ pub struct Usage {
     pub completion_tokens: u32,
     /// Both.
     pub total_tokens: u32,
+    /// Prompt tokens whose KV came from a worker's prefix cache.
+    pub cached_tokens: u32,
+}
+
+/// OpenAI's shape: `cached_tokens` under `prompt_tokens_details`.
+impl serde::Serialize for Usage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Details {
+            cached_tokens: u32,
+        }
+        #[derive(serde::Serialize)]
+        struct OpenAi {
+            prompt_tokens: u32,
+            completion_tokens: u32,
+            total_tokens: u32,
+            prompt_tokens_details: Details,
+        }
+        OpenAi {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            prompt_tokens_details: Details {
+                cached_tokens: self.cached_tokens,
+            },
+        }
+        .serialize(s)
+    }
 }
 
 /// What the API layer streams to its client.
@@ -84,6 +112,8 @@ struct Emitter<'a> {
     last: Option<Instant>,
     tokens: u32,
     prompt: u32,
+    /// Prompt tokens the worker reused from its prefix cache.
+    cached: u32,
 }
 
 impl Emitter<'_> {
@@ -116,6 +146,7 @@ impl Emitter<'_> {
             prompt_tokens: self.prompt,
             completion_tokens: self.tokens,
             total_tokens: self.prompt + self.tokens,
+            cached_tokens: self.cached,
         }
     }
 }
@@ -132,6 +163,7 @@ pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
         last: None,
         tokens: 0,
         prompt: p.tokens.len() as u32,
+        cached: 0,
     };
     let hard = Duration::from_secs(app.cfg.request_timeout_s);
     let outcome = tokio::select! {
@@ -278,6 +310,7 @@ async fn start_disaggregated(
     };
     pslot.observe_ttft(t0.elapsed().as_secs_f64() * 1e3);
     drop(pslot);
+    em.cached = first.cached_tokens;
     let Some(tok) = first.first else {
         return Err(Failure::Retry(ApiError::upstream(
             502,
@@ -338,6 +371,9 @@ async fn relay(
             }
             Ok(Ok(Some(m))) => m,
         };
+        if let Some(pb::decode_event::Event::Prefilled(p)) = &msg.event {
+            em.cached = p.cached_tokens;
+        }
         if let Some(pb::decode_event::Event::Token(t)) = msg.event {
             let started = em.first.is_some();
             if let Some(f) = em.token(&t).await? {

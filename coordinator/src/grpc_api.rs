@@ -23,6 +23,7 @@ fn usage_pb(u: Usage) -> pb::Usage {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
         total_tokens: u.total_tokens,
+        cached_tokens: u.cached_tokens,
     }
 }
 

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use xpyd_engine::ModelInfo;
 use xpyd_proto as pb;
 
@@ -230,9 +231,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     let mut server = tonic::transport::Server::builder();
-    let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)
-        .await
-        .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    let (router, health) = xpyd_runtime::grpc::with_standard_services(
+        &mut server,
+        &[
+            <pb::inference_server::InferenceServer<grpc_api::InferenceService> as NamedService>::NAME,
+            <pb::registry_server::RegistryServer<registry::EmbeddedRegistry> as NamedService>::NAME,
+        ],
+    )
+    .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
     health
         .set_serving::<pb::inference_server::InferenceServer<grpc_api::InferenceService>>()
         .await;

@@ -429,10 +429,16 @@ impl EngineLoop {
         }
         a.last_token = Some(now);
         a.tokens += 1;
-        let msg = pb::DecodeEvent {
-            event: Some(pb::decode_event::Event::Token(token_to_pb(ev))),
-        };
-        a.out.try_send(Ok(msg)).is_ok()
+        self.send(ev.seq, pb::decode_event::Event::Token(token_to_pb(ev)))
+    }
+
+    /// Sends one event of request `id`'s stream; false when the client is gone.
+    fn send(&self, id: u64, event: pb::decode_event::Event) -> bool {
+        self.active.get(&id).is_some_and(|a| {
+            a.out
+                .try_send(Ok(pb::DecodeEvent { event: Some(event) }))
+                .is_ok()
+        })
     }
 
     /// One prefill chunk of the oldest local request (combined mode).
@@ -452,7 +458,11 @@ impl EngineLoop {
                 if let Some(t) = self.started.remove(&id) {
                     self.ttft.observe(t.elapsed().as_secs_f64() * 1e3);
                 }
-                let alive = self.emit(&ev);
+                let cached_tokens = self.engine.reused_tokens(id) as u32;
+                let alive = self.send(
+                    id,
+                    pb::decode_event::Event::Prefilled(pb::Prefilled { cached_tokens }),
+                ) && self.emit(&ev);
                 if !alive || ev.finish.is_some() {
                     self.end(id, !alive);
                 } else if let Some(a) = self.active.get_mut(&id) {

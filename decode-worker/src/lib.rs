@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use xpyd_engine::{Engine, EngineConfig, KvMemoryFactory};
 use xpyd_kv_transfer::{Backend, Receiver, ReceiverConfig};
 use xpyd_proto as pb;
@@ -184,9 +185,11 @@ pub async fn run(
         kv_pool,
     };
     let mut server = tonic::transport::Server::builder();
-    let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)
-        .await
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let (router, health) = xpyd_runtime::grpc::with_standard_services(
+        &mut server,
+        &[<pb::decode_worker_server::DecodeWorkerServer<DecodeService> as NamedService>::NAME],
+    )
+    .map_err(|e| WorkerError::Serve(e.to_string()))?;
     health
         .set_serving::<pb::decode_worker_server::DecodeWorkerServer<DecodeService>>()
         .await;

@@ -91,6 +91,11 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
     assert_eq!(v["usage"]["completion_tokens"], ref_ids.len());
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 10);
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{backend}: the first call has nothing cached: {v}"
+    );
+    let cached = |usage: &Value| usage["prompt_tokens_details"]["cached_tokens"].as_u64();
     // SSE with usage.
     let body = json!({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": n, "temperature": 0,
         "stream": true, "stream_options": {"include_usage": true}});
@@ -100,6 +105,7 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
     assert_eq!(chunks[0]["object"], "chat.completion.chunk");
     let last = chunks.last().unwrap();
     assert_eq!(last["usage"]["completion_tokens"], n);
+    assert!(cached(&last["usage"]) >= Some(32), "{backend}: SSE {last}");
     assert_eq!(
         chunks[chunks.len() - 2]["choices"][0]["finish_reason"],
         "length"
@@ -112,6 +118,10 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
     assert_eq!(text, ref_text, "{backend}: WebSocket");
     assert_eq!(done["finish_reason"], "length");
     assert_eq!(done["usage"]["completion_tokens"], n);
+    assert!(
+        cached(&done["usage"]) >= Some(32),
+        "{backend}: WebSocket {done}"
+    );
     // gRPC: token for token.
     let (text, ids, last) = grpc_generate(
         &up,
@@ -124,7 +134,9 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
     assert_eq!(text, ref_text, "{backend}: gRPC");
     assert_eq!(ids, ref_ids, "{backend}: gRPC token ids");
     assert_eq!(last.finish_reason, pb::FinishReason::Length as i32);
-    assert_eq!(last.usage.unwrap().completion_tokens, n);
+    let usage = last.usage.unwrap();
+    assert_eq!(usage.completion_tokens, n);
+    assert!(usage.cached_tokens >= 32, "{backend}: gRPC {usage:?}");
     // Calls after the first reused the prompt's cached prefix blocks, with equal output.
     let p = &up.workers("prefill")[0];
     let url = p["grpc_url"].as_str().unwrap().to_string();
@@ -309,19 +321,9 @@ fn sixteen_concurrent_streams_over_1p2d_match_their_references() {
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn an_openai_client_library_streams_a_chat_completion() {
     let Some(model) = real_model() else { return };
-    let python = std::env::var("XPYD_PYTHON").unwrap_or_else(|_| "python3".into());
-    let has_openai = std::process::Command::new(&python)
-        .args(["-c", "import openai"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_openai {
-        assert!(
-            std::env::var("CI").is_err(),
-            "the `openai` Python package is missing; ./scripts/test.sh installs it"
-        );
-        eprintln!("SKIPPED: python openai package missing");
+    let Some(python) = common::python_with("openai") else {
         return;
-    }
+    };
     let (ref_text, _) = reference(&model, PROMPT, &["--max-tokens", "24"]);
     let up = Up::start(&manifest("disaggregated", "auto", 1), &model);
     let script = format!(

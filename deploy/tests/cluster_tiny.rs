@@ -522,7 +522,8 @@ fn mock_engine_clusters_answer_deterministically_in_both_modes() {
     // 68 byte tokens: four full blocks for the prefill worker's prefix cache.
     let prompt = "The mock engine computes nothing, yet its KV still crosses the wire.";
     let want = mock_reference(&model, prompt, 8);
-    let complete = |up: &Up, sampling: Value| -> String {
+    // Each call's text, and the prompt tokens it reports cached (`usage.prompt_tokens_details`).
+    let call = |up: &Up, sampling: Value| -> (String, u64) {
         let mut b = json!({"prompt": prompt, "max_tokens": 8});
         b.as_object_mut()
             .unwrap()
@@ -531,8 +532,15 @@ fn mock_engine_clusters_answer_deterministically_in_both_modes() {
         assert_eq!(code, 200, "{v}");
         assert_eq!(v["usage"]["completion_tokens"], 8, "{v}");
         assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
-        v["choices"][0]["text"].as_str().unwrap().to_string()
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cached_tokens: {v}"));
+        (
+            v["choices"][0]["text"].as_str().unwrap().to_string(),
+            cached,
+        )
     };
+    let complete = |up: &Up, sampling: Value| call(up, sampling).0;
     let pd = Up::start(
         &manifest(
             "mock-pd",
@@ -541,12 +549,17 @@ fn mock_engine_clusters_answer_deterministically_in_both_modes() {
         ),
         &model,
     );
-    let first = complete(&pd, json!({"temperature": 0}));
+    let (first, cached) = call(&pd, json!({"temperature": 0}));
     assert_eq!(
         first, want,
         "prefill → KV transfer → decode equals one mock engine"
     );
-    assert_eq!(complete(&pd, json!({"temperature": 0})), first);
+    assert_eq!(cached, 0, "nothing cached before the first call");
+    assert_eq!(
+        call(&pd, json!({"temperature": 0})),
+        (first.clone(), 64),
+        "the repeat reuses four 16-token blocks"
+    );
     assert_eq!(
         complete(&pd, json!({"temperature": 1.2, "top_p": 0.9, "seed": 7})),
         first,
@@ -562,8 +575,12 @@ fn mock_engine_clusters_answer_deterministically_in_both_modes() {
         "name: mock-single\nmode: single\ncoordinator: { http_port: 0, grpc_port: 0 }\nroles:\n  combined: { replicas: 1, engine: mock }\n",
         &model,
     );
-    assert_eq!(complete(&single, json!({"temperature": 0})), want);
-    assert_eq!(complete(&single, json!({"temperature": 0})), want);
+    assert_eq!(call(&single, json!({"temperature": 0})), (want.clone(), 0));
+    assert_eq!(
+        call(&single, json!({"temperature": 0})),
+        (want, 64),
+        "combined workers report their prefix-cache hits too"
+    );
 }
 
 #[test]
@@ -983,35 +1000,30 @@ fn grpc_health_reflection_status_and_chat_cli() {
                 tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
                 "{url}"
             );
-            use tonic_reflection::pb::v1::{
-                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-                server_reflection_request::MessageRequest,
-                server_reflection_response::MessageResponse,
+            // Reflection lists exactly what this port serves, over v1 and v1alpha.
+            let mut names = reflection_v1(ch.clone()).await;
+            names.sort();
+            let mut alpha = reflection_v1alpha(ch).await;
+            alpha.sort();
+            assert_eq!(names, alpha, "{url}: v1 and v1alpha differ");
+            let own: Vec<&String> = names.iter().filter(|n| n.starts_with("xpyd.v1.")).collect();
+            let expected: &[&str] = if url == up.grpc {
+                &["xpyd.v1.Inference", "xpyd.v1.Registry"]
+            } else if own.iter().any(|n| *n == "xpyd.v1.PrefillWorker") {
+                &["xpyd.v1.PrefillWorker"]
+            } else {
+                &["xpyd.v1.DecodeWorker"]
             };
-            let mut r = ServerReflectionClient::new(ch);
-            let req = ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(MessageRequest::ListServices(String::new())),
-            };
-            let mut resp = r
-                .server_reflection_info(tokio_stream::iter(vec![req]))
-                .await
-                .unwrap()
-                .into_inner();
-            let msg = resp.message().await.unwrap().unwrap();
-            let Some(MessageResponse::ListServicesResponse(l)) = msg.message_response else {
-                panic!("{url}: no service list")
-            };
-            let names: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
-            assert!(
-                names.iter().any(|n| n.starts_with("xpyd.v1.")),
-                "{url}: {names:?}"
-            );
-            assert!(
-                names.iter().any(|n| n == "grpc.health.v1.Health"),
-                "{url}: {names:?}"
-            );
+            assert_eq!(own, expected, "{url}: {names:?}");
+            for std in [
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ] {
+                assert!(names.iter().any(|n| n == std), "{url}: {names:?}");
+            }
         });
+        python_reflection_lists(&url);
     }
     // `xpyd status` shows the topology; `xpyd chat` streams an answer.
     let out = common::xpyd()
@@ -1153,4 +1165,67 @@ fn worker_cancel_rpcs_stop_a_prefill_and_free_a_decode_reservation() {
             .found;
         assert!(!found, "the decode reservation was still held");
     });
+}
+
+/// The service names a reflection service lists, through tonic-reflection's own client
+/// of that version (`v1` or `v1alpha`).
+macro_rules! reflection_list {
+    ($name:ident, $version:ident) => {
+        async fn $name(ch: tonic::transport::Channel) -> Vec<String> {
+            use tonic_reflection::pb::$version::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut resp = ServerReflectionClient::new(ch)
+                .server_reflection_info(tokio_stream::iter(vec![req]))
+                .await
+                .unwrap()
+                .into_inner();
+            match resp.message().await.unwrap().unwrap().message_response {
+                Some(MessageResponse::ListServicesResponse(l)) => {
+                    l.service.into_iter().map(|s| s.name).collect()
+                }
+                other => panic!("no service list: {other:?}"),
+            }
+        }
+    };
+}
+reflection_list!(reflection_v1, v1);
+reflection_list!(reflection_v1alpha, v1alpha);
+
+/// Python's `grpcio-reflection` (a v1alpha client) lists the port's services and
+/// resolves each of its own to their file descriptor.
+fn python_reflection_lists(url: &str) {
+    let Some(python) =
+        common::python_with("grpc_reflection.v1alpha.proto_reflection_descriptor_database")
+    else {
+        return;
+    };
+    let script = r#"
+import sys, grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(sys.argv[1]))
+names = sorted(db.get_services())
+own = [n for n in names if n.startswith("xpyd.v1.")]
+assert own, names
+for n in own:
+    assert db.FindFileContainingSymbol(n).name.endswith("xpyd.proto"), n
+print(" ".join(names))
+"#;
+    let out = std::process::Command::new(&python)
+        .args(["-c", script, url.trim_start_matches("http://")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(listed.contains("grpc.health.v1.Health"), "{url}: {listed}");
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use xpyd_engine::{Engine, EngineConfig};
 use xpyd_kv_transfer::Sender;
 use xpyd_proto as pb;
@@ -122,9 +123,11 @@ pub async fn run(
         running: Default::default(),
     };
     let mut server = tonic::transport::Server::builder();
-    let (router, health) = xpyd_runtime::grpc::with_standard_services(&mut server)
-        .await
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let (router, health) = xpyd_runtime::grpc::with_standard_services(
+        &mut server,
+        &[<pb::prefill_worker_server::PrefillWorkerServer<PrefillService> as NamedService>::NAME],
+    )
+    .map_err(|e| WorkerError::Serve(e.to_string()))?;
     health
         .set_serving::<pb::prefill_worker_server::PrefillWorkerServer<PrefillService>>()
         .await;

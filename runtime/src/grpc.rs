@@ -7,18 +7,41 @@ use tonic::transport::server::{Router, TcpIncoming};
 
 pub use tonic_health::server::HealthReporter;
 
-/// Adds health and reflection to a server and returns the router plus the health
-/// reporter (set a service's status with `set_serving::<S>()` / `set_not_serving`).
-pub async fn with_standard_services(
+/// Service names of the standard services every listener serves.
+const STANDARD: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Adds health and reflection (both `grpc.reflection.v1` and the `v1alpha` that many
+/// clients still speak) to a server and returns the router plus the health reporter (set
+/// a service's status with `set_serving::<S>()` / `set_not_serving`). Reflection lists
+/// `served` (the full names of the port's own services, e.g.
+/// `<InferenceServer<_> as NamedService>::NAME`) and the standard services, nothing else.
+///
+/// # Errors
+/// When a descriptor set cannot be decoded (a build defect).
+pub fn with_standard_services(
     builder: &mut tonic::transport::Server,
+    served: &[&str],
 ) -> Result<(Router, HealthReporter), tonic_reflection::server::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(xpyd_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    let configure = || {
+        served.iter().chain(&STANDARD).fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(xpyd_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let v1 = configure().build_v1()?;
+    let v1alpha = configure().build_v1alpha()?;
     Ok((
-        builder.add_service(health).add_service(reflection),
+        builder
+            .add_service(health)
+            .add_service(v1)
+            .add_service(v1alpha),
         reporter,
     ))
 }

@@ -21,6 +21,24 @@ pub fn tiny_model() -> (tempfile::TempDir, PathBuf) {
     (dir, model)
 }
 
+/// The Python interpreter (`XPYD_PYTHON`, default `python3`) when it can import `module`
+/// (a client library the compatibility tests drive); `None` (skip) locally when it
+/// cannot, a failure in CI. `./scripts/test.sh` installs the modules.
+pub fn python_with(module: &str) -> Option<String> {
+    let python = std::env::var("XPYD_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok {
+        return Some(python);
+    }
+    let msg = format!("Python cannot import `{module}`; ./scripts/test.sh installs it");
+    assert!(std::env::var("CI").is_err(), "{msg}");
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
 /// The real model from `XPYD_MODEL`: `None` (skip) locally when missing, a failure in CI.
 pub fn real_model() -> Option<PathBuf> {
     match std::env::var_os("XPYD_MODEL").map(PathBuf::from) {
