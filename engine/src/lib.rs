@@ -18,7 +18,7 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use config::{EngineConfig, KvDtype, ModelConfig};
-pub use engine::{Engine, Generation, KvMemoryFactory, KvUsage, ModelInfo};
+pub use engine::{Engine, Generation, KvMemoryFactory, KvUsage, ModelInfo, fingerprint};
 pub use error::{EngineError, Result};
 pub use kv::{KvFormatError, KvHeader, KvLayout, KvMemory, LayerChunk};
 pub use mock::{MockLatency, MockModel};

@@ -115,3 +115,91 @@ proptest! {
         prop_assert_eq!(next.token, out[steps]);
     }
 }
+
+/// Every event (token, text, finish) of a generation, prefilled in `e` as sequence `id`.
+fn events(
+    e: &mut Engine,
+    id: u64,
+    resumed: Option<usize>,
+    tokens: Vec<u32>,
+    params: SamplingParams,
+) -> Vec<(u32, String, Option<xpyd_engine::FinishReason>)> {
+    match resumed {
+        Some(prompt_len) => e.add_resumed(id, tokens, prompt_len, params).unwrap(),
+        None => e.add_sequence(id, tokens, params).unwrap(),
+    }
+    let mut out = Vec::new();
+    e.run_to_end(id, &mut |ev| {
+        out.push((ev.token, ev.text.clone(), ev.finish))
+    })
+    .unwrap();
+    e.remove(id);
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 32,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// A request re-prefilled elsewhere from its prompt plus the tokens it had generated
+    /// (a migration) continues event for event — tokens, text deltas (multi-byte
+    /// characters and held-back stop-string text included) and finish — as the
+    /// uninterrupted run, greedy or seeded.
+    #[test]
+    fn a_resumed_sequence_continues_event_for_event(
+        len in 1usize..60,
+        max_tokens in 2usize..24,
+        cut_frac in 0.0f64..1.0,
+        temperature in prop_oneof![Just(0.0f32), 0.5f32..1.5],
+        stop_len in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        let (_d, path) = model();
+        let prompt = tokens(len, seed);
+        let mut params = SamplingParams {
+            temperature,
+            seed,
+            ..SamplingParams::greedy(max_tokens)
+        };
+        let mut e = engine(&path, 16, 0);
+        let whole = events(&mut e, 1, None, prompt.clone(), params.clone());
+        // A stop string made of text this generation produced, when it produced some.
+        let text: String = whole.iter().map(|(_, t, _)| t.as_str()).collect();
+        if stop_len > 0 && text.chars().count() > 4 {
+            let s: String = text.chars().skip(2).take(stop_len).collect();
+            params.stop = vec![s];
+        }
+        let whole = events(&mut e, 2, None, prompt.clone(), params.clone());
+        prop_assume!(whole.len() >= 2);
+        let cut = 1 + ((whole.len() - 1) as f64 * cut_frac) as usize;
+        let mut resumed_tokens = prompt.clone();
+        resumed_tokens.extend(whole[..cut].iter().map(|(t, _, _)| *t));
+        let mut f = engine(&path, 16, 0);
+        let rest = events(&mut f, 3, Some(prompt.len()), resumed_tokens, params);
+        prop_assert_eq!(&rest[..], &whole[cut..]);
+    }
+}
+
+#[test]
+fn resuming_checks_its_prompt_length_and_an_ended_sequence() {
+    let (_d, path) = model();
+    let mut e = engine(&path, 16, 0);
+    let p = tokens(8, 1);
+    assert!(
+        e.add_resumed(1, p.clone(), 0, SamplingParams::greedy(4))
+            .is_err()
+    );
+    assert!(
+        e.add_resumed(1, p.clone(), 9, SamplingParams::greedy(4))
+            .is_err()
+    );
+    // Two generated tokens with max_tokens 2: the sequence had already ended.
+    let err = e
+        .add_resumed(1, p.clone(), 6, SamplingParams::greedy(2))
+        .unwrap_err();
+    assert!(err.to_string().contains("prompt_len"), "{err}");
+    assert_eq!(e.sequences(), 0);
+}

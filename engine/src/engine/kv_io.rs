@@ -23,7 +23,8 @@ impl Engine {
             });
         }
         let token_count = match s.phase {
-            Phase::Prefill => s.state.prompt_len,
+            // Before any sampling: every token of the state is to be computed.
+            Phase::Prefill => s.state.tokens.len(),
             _ => s.cached,
         };
         let m = self.backend.config().clone();

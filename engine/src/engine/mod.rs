@@ -121,7 +121,10 @@ impl std::fmt::Debug for Engine {
 
 /// Identifies the weights and the numerics that computed a KV cache: a hash of the model
 /// file plus this engine's version (its re-quantization and kernels shape the values).
-fn fingerprint(path: &std::path::Path) -> Result<String> {
+///
+/// # Errors
+/// `Model` when the file cannot be read.
+pub fn fingerprint(path: &std::path::Path) -> Result<String> {
     let mut f = std::fs::File::open(path)
         .map_err(|e| EngineError::Model(format!("{}: {e}", path.display())))?;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -316,21 +319,67 @@ impl Engine {
     }
 
     /// Admits a sequence and reserves KV blocks for its prompt.
+    ///
+    /// # Errors
+    /// `DuplicateSequence`, the prompt checks (`EmptyPrompt`, `ContextOverflow`,
+    /// `BadToken`), a bad sampling parameter, or `OutOfBlocks`.
     pub fn add_sequence(
         &mut self,
         id: u64,
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Result<()> {
+        self.check_prompt(&prompt, &params)?;
+        self.admit(id, ResumeState::new(prompt, params))
+    }
+
+    /// Admits a sequence that already generated `tokens[prompt_len..]` elsewhere (a
+    /// request migrating off a failed worker). Its sampler position, detokenizer and
+    /// stop-string state are rebuilt by replaying those tokens, and its prefill computes
+    /// the KV of every token: the token it then samples is exactly the one an
+    /// uninterrupted run would have sampled next, with the same text.
+    ///
+    /// # Errors
+    /// As [`Engine::add_sequence`]; `InvalidParam` (`prompt_len`) when `prompt_len` is 0
+    /// or beyond the tokens, or when the replayed tokens already end the sequence.
+    pub fn add_resumed(
+        &mut self,
+        id: u64,
+        tokens: Vec<u32>,
+        prompt_len: usize,
+        params: SamplingParams,
+    ) -> Result<()> {
+        if prompt_len == 0 || prompt_len > tokens.len() {
+            return Err(EngineError::InvalidParam {
+                field: "prompt_len",
+                reason: format!("{prompt_len} is outside 1..={}", tokens.len()),
+            });
+        }
+        self.check_prompt(&tokens, &params)?;
+        let ctx = self.backend.config().context_length;
+        let mut state = ResumeState::new(tokens[..prompt_len].to_vec(), params);
+        for t in &tokens[prompt_len..] {
+            if state.accept(id, *t, &self.tokenizer, ctx)?.finish.is_some() {
+                return Err(EngineError::InvalidParam {
+                    field: "prompt_len",
+                    reason: "the generated tokens already end the sequence".into(),
+                });
+            }
+        }
+        self.admit(id, state)
+    }
+
+    /// Reserves blocks for every token of `state` (reusing cached leading blocks, leaving
+    /// at least one token to compute: its logits give the next token) and adds the
+    /// sequence in its prefill phase.
+    fn admit(&mut self, id: u64, state: ResumeState) -> Result<()> {
         if self.seqs.contains_key(&id) {
             return Err(EngineError::DuplicateSequence(id));
         }
-        self.check_prompt(&prompt, &params)?;
+        let prompt = &state.tokens;
         let bs = self.cfg.block_size;
-        // Reuse cached leading blocks, leaving at least one token to compute (its logits
-        // give the first token).
         let mut table = if self.cfg.prefix_cache_blocks > 0 {
-            let hashes = chain_hashes(&prompt, bs, (prompt.len() - 1) / bs);
+            let hashes = chain_hashes(prompt, bs, (prompt.len() - 1) / bs);
             self.prefix.lookup(&hashes)
         } else {
             Vec::new()
@@ -356,7 +405,7 @@ impl Engine {
                 cached: reused,
                 reused,
                 reused_pending: reused > 0,
-                state: ResumeState::new(prompt, params),
+                state,
                 phase: Phase::Prefill,
                 placed: false,
             },

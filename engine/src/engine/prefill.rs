@@ -85,7 +85,10 @@ impl Engine {
         }
         let seq = &self.seqs[&id];
         let start = seq.cached;
-        let end = (start + chunk).min(seq.state.prompt_len);
+        // Every token so far is computed: the prompt, and for a resumed sequence the tokens
+        // it had generated (no token is sampled until the prefill ends).
+        let target = seq.state.tokens.len();
+        let end = (start + chunk).min(target);
         let pass = Pass::Prefill {
             table: &seq.table,
             start,
@@ -107,7 +110,7 @@ impl Engine {
             })?;
         let seq = self.seqs.get_mut(&id).expect("checked above");
         seq.cached = end;
-        if end < seq.state.prompt_len {
+        if end < target {
             return Ok(None);
         }
         Ok(logits.into_iter().next())
