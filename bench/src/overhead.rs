@@ -228,6 +228,7 @@ async fn direct(
                 ignore_eos: true,
                 ..Default::default()
             }),
+            prompt_len: 0,
         };
         let t = std::time::Instant::now();
         let mut s = client.generate(req).await?.into_inner();

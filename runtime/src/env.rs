@@ -16,3 +16,6 @@ pub const LLAMA_SERVER: &str = "XPYD_LLAMA_SERVER";
 /// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep
 /// that many milliseconds before every engine step, so routing tests can slow one down.
 pub const DEBUG_DELAY: &str = "XPYD_DEBUG_DELAY";
+/// Test knob: `XPYD_DEBUG_PANIC=decode-0=5` makes the named worker's engine thread panic
+/// at its 5th step, to show a failed engine makes the worker unhealthy and rebuilt.
+pub const DEBUG_PANIC: &str = "XPYD_DEBUG_PANIC";

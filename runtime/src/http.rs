@@ -1,6 +1,7 @@
-//! The small HTTP side of a worker: `/health` (200 when ready and holding a lease, 503
-//! otherwise) and `/metrics`.
+//! The small HTTP side of a worker: `/health` (200 while serving with a lease; 503
+//! naming why not: starting or without a lease, draining, failed engine) and `/metrics`.
 
+use crate::lifecycle::{Lifecycle, Phase};
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -13,22 +14,38 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone)]
 struct HealthState {
     ready: watch::Receiver<bool>,
+    lifecycle: Lifecycle,
     metrics: PrometheusHandle,
 }
 
-/// `/health` and `/metrics` for a worker whose readiness is `ready`.
-pub fn worker_router(ready: watch::Receiver<bool>, metrics: PrometheusHandle) -> Router {
+/// `/health` and `/metrics` for a worker whose lease readiness is `ready`.
+pub fn worker_router(
+    ready: watch::Receiver<bool>,
+    lifecycle: Lifecycle,
+    metrics: PrometheusHandle,
+) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(render))
-        .with_state(HealthState { ready, metrics })
+        .with_state(HealthState {
+            ready,
+            lifecycle,
+            metrics,
+        })
 }
 
 async fn health(State(s): State<HealthState>) -> (StatusCode, &'static str) {
-    if *s.ready.borrow() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.lifecycle.phase() {
+        Phase::Serving if *s.ready.borrow() => (StatusCode::OK, "ok\n"),
+        Phase::Serving => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: no registry lease\n",
+        ),
+        Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
+        Phase::Failed => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "failed: the engine stopped\n",
+        ),
     }
 }
 

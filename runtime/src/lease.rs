@@ -57,6 +57,9 @@ pub struct WorkerRecord {
     pub ttft_ms: f64,
     /// Recent TPOT (ms).
     pub tpot_ms: f64,
+    /// Shutting down (see [`Load::draining`]).
+    #[serde(default)]
+    pub draining: bool,
 }
 
 impl WorkerRecord {
@@ -75,6 +78,7 @@ impl WorkerRecord {
             kv_blocks_free: load.kv_blocks_free,
             ttft_ms: load.ttft_ms,
             tpot_ms: load.tpot_ms,
+            draining: load.draining,
         }
     }
 
@@ -99,6 +103,7 @@ impl WorkerRecord {
             kv_blocks_free: self.kv_blocks_free,
             ttft_ms: self.ttft_ms,
             tpot_ms: self.tpot_ms,
+            draining: self.draining,
         }
     }
 }
@@ -329,6 +334,7 @@ mod tests {
             kv_blocks_free: 4,
             ttft_ms: 5.0,
             tpot_ms: 6.0,
+            draining: true,
         };
         let r = WorkerRecord::new(&info, &load);
         let back: WorkerRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();

@@ -6,10 +6,13 @@
 
 pub mod ema;
 pub mod env;
+pub mod events;
 pub mod grpc;
+pub mod host;
 pub mod http;
 pub mod kv_pool;
 pub mod lease;
+pub mod lifecycle;
 pub mod metrics;
 pub mod shutdown;
 pub mod worker;

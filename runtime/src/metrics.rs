@@ -24,6 +24,10 @@ pub const COORD_OUTPUT_TOKENS: &str = "xpyd_coordinator_output_tokens";
 pub const COORD_QUEUE_DEPTH: &str = "xpyd_coordinator_queue_depth";
 /// Coordinator: requests retried on another worker pair, by `reason`.
 pub const COORD_RETRIES_TOTAL: &str = "xpyd_coordinator_retries_total";
+/// Coordinator: requests sent to another worker pair after tokens went out (migrations), by `reason`.
+pub const COORD_MIGRATIONS_TOTAL: &str = "xpyd_coordinator_migrations_total";
+/// Coordinator: clients cut off because they stopped reading their stream.
+pub const COORD_STALLED_CLIENTS_TOTAL: &str = "xpyd_coordinator_stalled_clients_total";
 /// Coordinator: workers by `role` and `state`.
 pub const COORD_WORKERS: &str = "xpyd_coordinator_workers";
 /// Coordinator: requests refused for overload, by `reason`.

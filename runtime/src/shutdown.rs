@@ -26,13 +26,20 @@ pub async fn signal() {
     }
 }
 
-/// A token cancelled on the first signal.
+/// Exit status after a second signal: 128 + SIGINT, as shells report an interrupt.
+pub const SECOND_SIGNAL_EXIT: i32 = 130;
+
+/// A token cancelled on the first signal (a graceful stop begins); a second signal ends
+/// the process at once with [`SECOND_SIGNAL_EXIT`].
 pub fn on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
         signal().await;
         t.cancel();
+        signal().await;
+        eprintln!("second signal: exiting now");
+        std::process::exit(SECOND_SIGNAL_EXIT);
     });
     token
 }

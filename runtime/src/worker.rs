@@ -16,6 +16,7 @@ use tonic::{Code, Status};
 use xpyd_engine::{EngineError, FinishReason, SamplingParams};
 use xpyd_kv_transfer::TransferError;
 use xpyd_proto as pb;
+use xpyd_proto::worker_error::Kind;
 
 /// Test knob: the named workers sleep before every engine step (see [`crate::env::DEBUG_DELAY`]).
 pub use crate::env::DEBUG_DELAY as DEBUG_DELAY_ENV;
@@ -57,7 +58,7 @@ impl Default for Membership {
 pub type SharedStats = Arc<Mutex<pb::WorkerStats>>;
 
 /// The load part of a stats snapshot.
-pub fn load_of(s: &pb::WorkerStats) -> pb::Load {
+pub fn load_of(s: &pb::WorkerStats, draining: bool) -> pb::Load {
     pb::Load {
         queued: s.queued,
         running: s.running,
@@ -65,6 +66,7 @@ pub fn load_of(s: &pb::WorkerStats) -> pb::Load {
         kv_blocks_free: s.kv_blocks_free,
         ttft_ms: s.ttft_ms,
         tpot_ms: s.tpot_ms,
+        draining,
     }
 }
 
@@ -74,6 +76,7 @@ pub fn start_membership(
     m: &Membership,
     info: pb::WorkerInfo,
     stats: SharedStats,
+    lifecycle: crate::lifecycle::Lifecycle,
     shutdown: CancellationToken,
 ) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
@@ -93,7 +96,10 @@ pub fn start_membership(
                 ttl: m.ttl,
                 renew: m.renew,
             };
-            let load = move || load_of(&stats.lock().unwrap_or_else(|e| e.into_inner()));
+            let load = move || {
+                let draining = lifecycle.phase() != crate::lifecycle::Phase::Serving;
+                load_of(&stats.lock().unwrap_or_else(|e| e.into_inner()), draining)
+            };
             tokio::spawn(keep_lease(cfg, load, tx, shutdown));
         }
     }
@@ -124,12 +130,14 @@ pub fn worker_info(
     })
 }
 
-/// `UNAVAILABLE` unless the worker holds its lease.
+/// `UNAVAILABLE` (kind draining: go elsewhere) unless the worker holds its lease.
 pub fn check_ready(ready: &watch::Receiver<bool>) -> Result<(), Status> {
     if *ready.borrow() {
         Ok(())
     } else {
-        Err(Status::unavailable(
+        Err(pb::WorkerError::status(
+            Kind::Draining,
+            Code::Unavailable,
             "worker is not ready (starting, draining, or without a registry lease)",
         ))
     }
@@ -137,17 +145,17 @@ pub fn check_ready(ready: &watch::Receiver<bool>) -> Result<(), Status> {
 
 /// gRPC status for an engine error.
 pub fn engine_status(e: &EngineError) -> Status {
-    let code = match e {
+    let (code, kind) = match e {
         EngineError::InvalidParam { .. }
         | EngineError::ContextOverflow { .. }
         | EngineError::EmptyPrompt
-        | EngineError::BadToken { .. } => Code::InvalidArgument,
-        EngineError::OutOfBlocks { .. } => Code::ResourceExhausted,
-        EngineError::KvImport(_) => Code::DataLoss,
-        EngineError::DuplicateSequence(_) => Code::AlreadyExists,
-        _ => Code::Internal,
+        | EngineError::BadToken { .. } => (Code::InvalidArgument, Kind::Invalid),
+        EngineError::OutOfBlocks { .. } => (Code::ResourceExhausted, Kind::Overloaded),
+        EngineError::KvImport(_) => (Code::DataLoss, Kind::Transfer),
+        EngineError::DuplicateSequence(_) => (Code::AlreadyExists, Kind::Engine),
+        _ => (Code::Internal, Kind::Engine),
     };
-    Status::new(code, e.to_string())
+    pb::WorkerError::status(kind, code, e.to_string())
 }
 
 /// gRPC status for a transfer error.
@@ -161,7 +169,22 @@ pub fn transfer_status(e: &TransferError) -> Status {
         TransferError::Unavailable(_) => Code::Unimplemented,
         TransferError::Rejected(_) => Code::Aborted,
     };
-    Status::new(code, format!("kv transfer: {e}"))
+    pb::WorkerError::status(Kind::Transfer, code, format!("kv transfer: {e}"))
+}
+
+/// The status of a call a draining worker will not take (or can no longer finish): the
+/// coordinator sends it elsewhere.
+pub fn draining_status() -> Status {
+    pb::WorkerError::status(
+        Kind::Draining,
+        Code::Unavailable,
+        "the worker is draining: send the request to another worker",
+    )
+}
+
+/// The status of a request cancelled here.
+pub fn cancelled_status(why: &str) -> Status {
+    pb::WorkerError::status(Kind::Cancelled, Code::Cancelled, why)
 }
 
 /// The engine's sampling parameters from the wire form.
