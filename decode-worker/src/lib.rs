@@ -1,7 +1,10 @@
 //! xpyd decode worker. Reserves KV for a request, imports it as the prefill worker streams
 //! it (layer by layer, verified), admits the sequence into the running batch and streams
 //! its tokens; continuous batching across requests. In combined mode (`single`
-//! deployments) it also prefills prompts itself, one chunk between decode steps.
+//! deployments) it also prefills prompts itself, one chunk between decode steps. On
+//! SIGTERM it drains (no new requests, its lease kept but marked draining; in-flight
+//! streams finish within `drain_timeout`, the rest fail with kind draining and migrate);
+//! if its engine thread stops it reports itself failed and exits to be rebuilt.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -16,11 +19,12 @@ use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use xpyd_engine::{Engine, EngineConfig, KvMemoryFactory};
 use xpyd_kv_transfer::{Backend, Receiver, ReceiverConfig};
 use xpyd_proto as pb;
-use xpyd_runtime::worker::{Membership, SharedStats, start_membership};
+use xpyd_runtime::host::{self, Identity};
+use xpyd_runtime::lifecycle::{Ending, Lifecycle};
+use xpyd_runtime::worker::{Membership, SharedStats};
 
 /// Decode worker configuration.
 #[derive(Debug, Clone)]
@@ -39,6 +43,9 @@ pub struct Config {
     pub membership: Membership,
     /// Host name other processes reach this worker at.
     pub advertise_host: String,
+    /// How long a drain (SIGTERM) waits for in-flight requests before sending the rest
+    /// to other workers.
+    pub drain_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -85,6 +92,10 @@ pub enum WorkerError {
     /// A listener failed.
     #[error("serve: {0}")]
     Serve(String),
+    /// The engine thread stopped (a panic, say): the worker reported itself failed and
+    /// stopped so it is rebuilt.
+    #[error("the engine thread stopped")]
+    EngineStopped,
 }
 
 /// Runs the worker until `shutdown`: loads the engine, registers, serves.
@@ -140,6 +151,7 @@ pub async fn run(
         kv_blocks_free: kv.free_blocks as u32,
         ..Default::default()
     }));
+    let stats_for_lease = stats.clone();
     let (cmd_tx, cmd_rx) = mpsc::channel(4096);
     let delay = xpyd_runtime::worker::debug_delay(&cfg.worker_id);
     let lp = EngineLoop::new(
@@ -149,55 +161,74 @@ pub async fn run(
         role,
         delay,
         cmd_tx.downgrade(),
-    );
-    let engine_thread = std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || lp.run(cmd_rx))
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-
-    let info = xpyd_runtime::worker::worker_info(
-        &cfg.worker_id,
+    )
+    .panic_after(xpyd_runtime::lifecycle::debug_panic_after(&cfg.worker_id));
+    let lifecycle = Lifecycle::new();
+    // Cancelled once the worker is done: servers stop, the lease goes.
+    let stopping = CancellationToken::new();
+    let engine_thread =
+        xpyd_runtime::lifecycle::spawn_engine(&lifecycle, stopping.clone(), move || lp.run(cmd_rx))
+            .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let id = Identity {
+        worker_id: cfg.worker_id.clone(),
         role,
-        &cfg.advertise_host,
-        &listeners.grpc,
-        &listeners.http,
-        &fingerprint,
-        cfg.max_running,
-    )
-    .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let (grpc_url, http_url) = (info.grpc_url.clone(), info.http_url.clone());
-    let ready = start_membership(&cfg.membership, info, stats.clone(), shutdown.clone());
-    let metrics = xpyd_runtime::metrics::install();
-    let http = tokio::spawn(xpyd_runtime::http::serve(
-        xpyd_runtime::http::worker_router(ready.clone(), metrics),
-        listeners.http,
-        shutdown.clone(),
-    ));
-    let svc = DecodeService {
-        cmds: cmd_tx,
-        budget,
-        receiver,
-        stats,
-        ready,
-        geometry,
-        default_backend: cfg.kv_backend,
-        combined: cfg.combined,
-        kv_pool,
+        advertise_host: cfg.advertise_host.clone(),
+        fingerprint,
+        max_running: cfg.max_running,
+        membership: cfg.membership.clone(),
+        drain_timeout: cfg.drain_timeout,
     };
-    let mut server = tonic::transport::Server::builder();
-    let (router, health) = xpyd_runtime::grpc::with_standard_services(
-        &mut server,
-        &[<pb::decode_worker_server::DecodeWorkerServer<DecodeService> as NamedService>::NAME],
+    let running = {
+        let budget = budget.clone();
+        move || budget.lock().unwrap_or_else(|e| e.into_inner()).running()
+    };
+    let evict = {
+        let cmds = cmd_tx.clone();
+        move || {
+            let _ = cmds.try_send(engine_loop::Cmd::Evict);
+        }
+    };
+    let service = {
+        let lifecycle = lifecycle.clone();
+        move |ready| {
+            pb::decode_worker_server::DecodeWorkerServer::new(DecodeService {
+                cmds: cmd_tx,
+                budget,
+                receiver,
+                stats: stats.clone(),
+                ready,
+                lifecycle,
+                geometry,
+                default_backend: cfg.kv_backend,
+                combined: cfg.combined,
+                kv_pool,
+            })
+        }
+    };
+    let listeners = host::Listeners {
+        grpc: listeners.grpc,
+        http: listeners.http,
+    };
+    let role = host::Role {
+        service,
+        inflight: running,
+        evict,
+    };
+    let served = host::serve(
+        id,
+        listeners,
+        stats_for_lease,
+        &lifecycle,
+        &stopping,
+        &shutdown,
+        role,
     )
-    .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    health
-        .set_serving::<pb::decode_worker_server::DecodeWorkerServer<DecodeService>>()
-        .await;
-    let router = router.add_service(pb::decode_worker_server::DecodeWorkerServer::new(svc));
-    tracing::info!(worker_id = %cfg.worker_id, %grpc_url, %http_url, role, "decode worker serving");
-    let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
-    let _ = http.await;
+    .await;
     // The service (and its command sender) is gone: the engine thread drains and exits.
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
-    served.map_err(|e| WorkerError::Serve(e.to_string()))
+    match served {
+        Ok(Ending::Failed) => Err(WorkerError::EngineStopped),
+        Ok(Ending::Drained) => Ok(()),
+        Err(e) => Err(WorkerError::Serve(e)),
+    }
 }

@@ -7,14 +7,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use xpyd_engine::{KvHeader, KvLayout};
 use xpyd_kv_transfer::{Backend, Event, Incoming, Receiver, ReserveSpec};
 use xpyd_proto as pb;
+use xpyd_proto::worker_error::Kind;
 use xpyd_runtime::kv_pool::SharedPool;
 use xpyd_runtime::worker::{
-    DropGuard, GuardedStream, SharedStats, check_ready, sampling_from_pb, transfer_status,
+    DropGuard, GuardedStream, SharedStats, cancelled_status, sampling_from_pb, transfer_status,
 };
+
+/// A KV transfer that went wrong on this side (bad header or state, no outcome).
+fn transfer_failed(msg: String) -> Status {
+    pb::WorkerError::status(Kind::Transfer, Code::DataLoss, msg)
+}
 
 /// What the service needs to know about the engine it fronts.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +40,7 @@ pub struct DecodeService {
     pub(crate) receiver: Option<Receiver>,
     pub(crate) stats: SharedStats,
     pub(crate) ready: watch::Receiver<bool>,
+    pub(crate) lifecycle: xpyd_runtime::lifecycle::Lifecycle,
     pub(crate) geometry: Geometry,
     pub(crate) default_backend: Backend,
     pub(crate) combined: bool,
@@ -81,14 +88,14 @@ fn blocks_for(tokens: usize, block: usize) -> usize {
 impl DecodeService {
     fn admit(&self, id: u64, prompt: usize, max_tokens: usize) -> Result<(), Status> {
         if prompt == 0 {
-            return Err(Status::invalid_argument("prompt_tokens must be at least 1"));
+            return Err(invalid("prompt_tokens must be at least 1"));
         }
         if max_tokens == 0 {
-            return Err(Status::invalid_argument("max_tokens must be at least 1"));
+            return Err(invalid("max_tokens must be at least 1"));
         }
         let ctx = self.geometry.context_length;
         if prompt >= ctx {
-            return Err(Status::invalid_argument(format!(
+            return Err(invalid(format!(
                 "prompt of {prompt} tokens exceeds the context length of {ctx} tokens"
             )));
         }
@@ -96,9 +103,13 @@ impl DecodeService {
         let need = blocks_for((prompt + max_tokens).min(ctx), self.geometry.block_size);
         let mut b = self.budget.lock().unwrap_or_else(|e| e.into_inner());
         b.promise(id, need).map_err(|r| match r {
-            Refusal::TooLarge { .. } => Status::invalid_argument(r.to_string()),
-            Refusal::Full { .. } => Status::resource_exhausted(r.to_string()),
-            Refusal::Duplicate(_) => Status::already_exists(r.to_string()),
+            Refusal::TooLarge { .. } => invalid(r.to_string()),
+            Refusal::Full { .. } => {
+                pb::WorkerError::status(Kind::Overloaded, Code::ResourceExhausted, r.to_string())
+            }
+            Refusal::Duplicate(_) => {
+                pb::WorkerError::status(Kind::Engine, Code::AlreadyExists, r.to_string())
+            }
         })
     }
 
@@ -139,7 +150,7 @@ async fn import(
         let cmd = match ev {
             None => Cmd::Fail {
                 id,
-                status: Status::internal("transfer ended without an outcome"),
+                status: transfer_failed("transfer ended without an outcome".into()),
             },
             Some(Err(e)) => Cmd::Fail {
                 id,
@@ -157,14 +168,14 @@ async fn import(
                                     header: Box::new(h),
                                     out: out.clone(),
                                 })
-                                .map_err(|e| Status::data_loss(format!("KV header: {e}")))
+                                .map_err(|e| transfer_failed(format!("KV header: {e}")))
                         } else {
                             serde_json::from_slice(bytes)
                                 .map(|s| Cmd::Resume {
                                     id,
                                     state: Box::new(s),
                                 })
-                                .map_err(|e| Status::data_loss(format!("resume state: {e}")))
+                                .map_err(|e| transfer_failed(format!("resume state: {e}")))
                         }
                     });
                 metas += 1;
@@ -194,6 +205,16 @@ async fn import(
 
 type EventStream = GuardedStream<Result<pb::DecodeEvent, Status>>;
 
+/// A request no worker would take.
+fn invalid(msg: impl Into<String>) -> Status {
+    pb::WorkerError::status(Kind::Invalid, Code::InvalidArgument, msg)
+}
+
+/// The engine thread is gone: the worker cannot serve (it is being rebuilt).
+fn engine_stopped() -> Status {
+    pb::WorkerError::status(Kind::Engine, Code::Unavailable, "the engine stopped")
+}
+
 #[tonic::async_trait]
 impl pb::decode_worker_server::DecodeWorker for DecodeService {
     type DecodeStream = EventStream;
@@ -203,10 +224,12 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
         &self,
         req: Request<pb::DecodeRequest>,
     ) -> Result<Response<Self::DecodeStream>, Status> {
-        check_ready(&self.ready)?;
+        self.lifecycle.check(&self.ready)?;
         let r = req.into_inner();
         let Some(receiver) = &self.receiver else {
-            return Err(Status::failed_precondition(
+            return Err(pb::WorkerError::status(
+                Kind::Engine,
+                Code::FailedPrecondition,
                 "this worker does not receive KV",
             ));
         };
@@ -215,7 +238,7 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
         } else {
             r.backend
                 .parse::<Backend>()
-                .map_err(|e| Status::invalid_argument(format!("backend: {e}")))?
+                .map_err(|e| invalid(format!("backend: {e}")))?
         };
         self.admit(
             r.request_id,
@@ -239,9 +262,8 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
                     tokens: r.prompt_tokens as usize,
                     reply,
                 };
-                let stopped = || Status::unavailable("engine stopped");
-                self.cmds.send(cmd).await.map_err(|_| stopped())?;
-                Some(pool.placement(layout, table.await.map_err(|_| stopped())??))
+                self.cmds.send(cmd).await.map_err(|_| engine_stopped())?;
+                Some(pool.placement(layout, table.await.map_err(|_| engine_stopped())??))
             }
             _ => None,
         };
@@ -263,14 +285,18 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
                 fence: incoming.fence(),
                 reply,
             };
-            let stopped = || Status::unavailable("engine stopped");
-            self.cmds.send(watch).await.map_err(|_| stopped())?;
-            if !wanted.await.map_err(|_| stopped())? {
-                return Err(Status::cancelled("the request was cancelled"));
+            self.cmds.send(watch).await.map_err(|_| engine_stopped())?;
+            if !wanted.await.map_err(|_| engine_stopped())? {
+                return Err(cancelled_status("the request was cancelled"));
             }
         }
-        let target_json = serde_json::to_vec(&target)
-            .map_err(|e| Status::internal(format!("target encoding: {e}")))?;
+        let target_json = serde_json::to_vec(&target).map_err(|e| {
+            pb::WorkerError::status(
+                Kind::Engine,
+                Code::Internal,
+                format!("target encoding: {e}"),
+            )
+        })?;
         // Room for every token plus the reservation and an error: sends never block.
         let (tx, rx) = mpsc::channel(r.max_tokens as usize + 4);
         let _ = tx.try_send(Ok(pb::DecodeEvent {
@@ -296,24 +322,38 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
         &self,
         req: Request<pb::LocalGenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        check_ready(&self.ready)?;
+        self.lifecycle.check(&self.ready)?;
         if !self.combined {
-            return Err(Status::failed_precondition(
+            return Err(pb::WorkerError::status(
+                Kind::Engine,
+                Code::FailedPrecondition,
                 "this decode worker does not prefill (run it in combined mode)",
             ));
         }
         let r = req.into_inner();
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());
-        self.admit(r.request_id, r.tokens.len(), params.max_tokens)?;
+        let prompt_len = match r.prompt_len as usize {
+            0 => r.tokens.len(),
+            n if n <= r.tokens.len() => n,
+            n => return Err(invalid(format!("prompt_len: {n} is beyond the tokens"))),
+        };
+        // Tokens generated elsewhere (a migrated request) are part of what is promised.
+        let generated = r.tokens.len() - prompt_len;
+        self.admit(
+            r.request_id,
+            r.tokens.len(),
+            params.max_tokens.saturating_sub(generated).max(1),
+        )?;
         let (tx, rx) = mpsc::channel(params.max_tokens + 4);
         let cmd = Cmd::Local {
             id: r.request_id,
             tokens: r.tokens,
+            prompt_len,
             params,
             out: tx,
         };
         if self.cmds.send(cmd).await.is_err() {
-            return Err(Status::unavailable("engine stopped"));
+            return Err(engine_stopped());
         }
         Ok(Response::new(self.stream(
             r.request_id,

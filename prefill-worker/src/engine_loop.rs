@@ -10,7 +10,16 @@ use tonic::Status;
 use xpyd_engine::{Engine, LayerChunk, SamplingParams, TokenEvent};
 use xpyd_proto as pb;
 use xpyd_runtime::metrics as m;
-use xpyd_runtime::worker::{Ema, SharedStats, engine_status};
+use xpyd_runtime::worker::{Ema, SharedStats, cancelled_status, engine_status};
+
+/// The transfer task ended before the prefill did (the receiver went away).
+fn transfer_closed() -> Status {
+    pb::WorkerError::status(
+        pb::worker_error::Kind::Transfer,
+        tonic::Code::Unavailable,
+        "KV transfer closed",
+    )
+}
 
 /// What the transfer task sends, in order: header, layer chunks, resume state.
 pub enum Outgoing {
@@ -26,8 +35,10 @@ pub enum Outgoing {
 pub struct Job {
     /// Request id.
     pub id: u64,
-    /// Prompt tokens.
+    /// Prompt tokens, followed (for a migrating request) by the tokens it generated.
     pub tokens: Vec<u32>,
+    /// How many of `tokens` are the prompt; `tokens.len()` for a fresh request.
+    pub prompt_len: usize,
     /// Sampling (the first token is sampled here).
     pub params: SamplingParams,
     /// The transfer task's input.
@@ -46,6 +57,10 @@ pub struct EngineLoop {
     current: Option<(Job, Instant)>,
     ttft: Ema,
     delay: Option<std::time::Duration>,
+    /// Test knob: panic at this prefill chunk (`XPYD_DEBUG_PANIC`).
+    panic_at: Option<u64>,
+    /// Prefill chunks run.
+    steps: u64,
 }
 
 impl EngineLoop {
@@ -58,7 +73,15 @@ impl EngineLoop {
             current: None,
             ttft: Ema::new(0.2),
             delay,
+            panic_at: None,
+            steps: 0,
         }
+    }
+
+    /// Test knob: panic at prefill chunk `n` (see `xpyd_runtime::lifecycle::debug_panic_after`).
+    pub fn panic_after(mut self, n: Option<u64>) -> Self {
+        self.panic_at = n;
+        self
     }
 
     /// Runs until the job channel closes and the queue is empty.
@@ -104,16 +127,24 @@ impl EngineLoop {
 
     fn start_next(&mut self) {
         while let Some(job) = self.queue.pop_front() {
-            let setup = self
-                .engine
-                .add_sequence(job.id, job.tokens.clone(), job.params.clone())
-                .and_then(|()| self.engine.export_header(job.id));
+            let admitted = if job.prompt_len < job.tokens.len() {
+                self.engine.add_resumed(
+                    job.id,
+                    job.tokens.clone(),
+                    job.prompt_len,
+                    job.params.clone(),
+                )
+            } else {
+                self.engine
+                    .add_sequence(job.id, job.tokens.clone(), job.params.clone())
+            };
+            let setup = admitted.and_then(|()| self.engine.export_header(job.id));
             match setup {
                 Ok(header) => {
                     let mut bytes = Vec::new();
                     header.encode(&mut bytes);
                     if job.out.blocking_send(Outgoing::Header(bytes)).is_err() {
-                        self.finish(job, Err(Status::unavailable("KV transfer closed")));
+                        self.finish(job, Err(transfer_closed()));
                         continue;
                     }
                     self.current = Some((job, Instant::now()));
@@ -148,11 +179,18 @@ impl EngineLoop {
             return;
         };
         if job.cancel.is_cancelled() {
-            self.finish(job, Err(Status::cancelled("prefill cancelled")));
+            self.finish(job, Err(cancelled_status("prefill cancelled")));
             return;
         }
         if let Some(d) = self.delay {
             std::thread::sleep(d);
+        }
+        self.steps += 1;
+        if self.panic_at == Some(self.steps) {
+            panic!(
+                "XPYD_DEBUG_PANIC: the engine thread panics at prefill chunk {}",
+                self.steps
+            );
         }
         let out = job.out.clone();
         let mut closed = false;
@@ -167,7 +205,7 @@ impl EngineLoop {
             .prefill_chunks_total += 1;
         match res {
             Err(e) => self.finish(job, Err(engine_status(&e))),
-            Ok(_) if closed => self.finish(job, Err(Status::unavailable("KV transfer closed"))),
+            Ok(_) if closed => self.finish(job, Err(transfer_closed())),
             Ok(None) => self.current = Some((job, started)),
             Ok(Some(first)) => {
                 let resume = self
@@ -180,7 +218,7 @@ impl EngineLoop {
                 let res = match resume {
                     Ok(bytes) => match job.out.blocking_send(Outgoing::Resume(bytes)) {
                         Ok(()) => Ok(first),
-                        Err(_) => Err(Status::unavailable("KV transfer closed")),
+                        Err(_) => Err(transfer_closed()),
                     },
                     Err(s) => Err(s),
                 };

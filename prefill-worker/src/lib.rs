@@ -1,6 +1,9 @@
 //! xpyd prefill worker. Takes a prompt and a transfer target, prefills in chunks on the
 //! real engine and streams each layer's KV to the decode worker while the next layer
-//! computes; answers with the first sampled token once the KV is delivered.
+//! computes; answers with the first sampled token once the KV is delivered. On SIGTERM it
+//! drains (no new prompts; queued and running ones finish and their transfers commit
+//! within `drain_timeout`, the rest are cancelled and go elsewhere); if its engine thread
+//! stops it reports itself failed and exits to be rebuilt.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -9,15 +12,17 @@ pub mod service;
 
 use engine_loop::EngineLoop;
 use service::PrefillService;
+use service::Running;
 use std::sync::{Arc, Mutex};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tonic::server::NamedService;
 use xpyd_engine::{Engine, EngineConfig};
 use xpyd_kv_transfer::Sender;
 use xpyd_proto as pb;
-use xpyd_runtime::worker::{Membership, SharedStats, start_membership};
+use xpyd_runtime::host::{self, Identity};
+use xpyd_runtime::lifecycle::{Ending, Lifecycle};
+use xpyd_runtime::worker::{Membership, SharedStats};
 
 /// Prefill worker configuration.
 #[derive(Debug, Clone)]
@@ -32,6 +37,9 @@ pub struct Config {
     pub membership: Membership,
     /// Host name other processes reach this worker at.
     pub advertise_host: String,
+    /// How long a drain (SIGTERM) waits for queued and running prefills (and their KV
+    /// transfers) before cancelling the rest, which the coordinator then sends elsewhere.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// The listeners a prefill worker serves on.
@@ -54,6 +62,10 @@ pub enum WorkerError {
     /// A listener failed.
     #[error("serve: {0}")]
     Serve(String),
+    /// The engine thread stopped (a panic, say): the worker reported itself failed and
+    /// stopped so it is rebuilt.
+    #[error("the engine thread stopped")]
+    EngineStopped,
 }
 
 /// Runs the worker until `shutdown`.
@@ -92,49 +104,63 @@ pub async fn run(
         engine,
         stats.clone(),
         xpyd_runtime::worker::debug_delay(&cfg.worker_id),
-    );
-    let engine_thread = std::thread::Builder::new()
-        .name("engine".into())
-        .spawn(move || lp.run(job_rx))
-        .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let info = xpyd_runtime::worker::worker_info(
-        &cfg.worker_id,
-        "prefill",
-        &cfg.advertise_host,
-        &listeners.grpc,
-        &listeners.http,
-        &fingerprint,
-        cfg.max_queue,
     )
-    .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    let (grpc_url, http_url) = (info.grpc_url.clone(), info.http_url.clone());
-    let ready = start_membership(&cfg.membership, info, stats.clone(), shutdown.clone());
-    let metrics = xpyd_runtime::metrics::install();
-    let http = tokio::spawn(xpyd_runtime::http::serve(
-        xpyd_runtime::http::worker_router(ready.clone(), metrics),
-        listeners.http,
-        shutdown.clone(),
-    ));
-    let svc = PrefillService {
-        jobs: job_tx,
-        sender: Sender::new(fingerprint),
-        stats,
-        ready,
-        running: Default::default(),
+    .panic_after(xpyd_runtime::lifecycle::debug_panic_after(&cfg.worker_id));
+    let lifecycle = Lifecycle::new();
+    // Cancelled once the worker is done: servers stop, the lease goes.
+    let stopping = CancellationToken::new();
+    let engine_thread =
+        xpyd_runtime::lifecycle::spawn_engine(&lifecycle, stopping.clone(), move || lp.run(job_rx))
+            .map_err(|e| WorkerError::Serve(e.to_string()))?;
+    let id = Identity {
+        worker_id: cfg.worker_id.clone(),
+        role: "prefill",
+        advertise_host: cfg.advertise_host.clone(),
+        fingerprint: fingerprint.clone(),
+        max_running: cfg.max_queue,
+        membership: cfg.membership.clone(),
+        drain_timeout: cfg.drain_timeout,
     };
-    let mut server = tonic::transport::Server::builder();
-    let (router, health) = xpyd_runtime::grpc::with_standard_services(
-        &mut server,
-        &[<pb::prefill_worker_server::PrefillWorkerServer<PrefillService> as NamedService>::NAME],
-    )
-    .map_err(|e| WorkerError::Serve(e.to_string()))?;
-    health
-        .set_serving::<pb::prefill_worker_server::PrefillWorkerServer<PrefillService>>()
-        .await;
-    let router = router.add_service(pb::prefill_worker_server::PrefillWorkerServer::new(svc));
-    tracing::info!(worker_id = %cfg.worker_id, %grpc_url, %http_url, "prefill worker serving");
-    let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
-    let _ = http.await;
+    let running: Running = Default::default();
+    let inflight = {
+        let running = running.clone();
+        move || running.lock().unwrap_or_else(|e| e.into_inner()).len()
+    };
+    let evict = {
+        let running = running.clone();
+        move || {
+            for token in running.lock().unwrap_or_else(|e| e.into_inner()).values() {
+                token.cancel();
+            }
+        }
+    };
+    let service = {
+        let (stats, lifecycle) = (stats.clone(), lifecycle.clone());
+        move |ready| {
+            pb::prefill_worker_server::PrefillWorkerServer::new(PrefillService {
+                jobs: job_tx,
+                sender: Sender::new(fingerprint),
+                stats,
+                ready,
+                lifecycle,
+                running,
+            })
+        }
+    };
+    let listeners = host::Listeners {
+        grpc: listeners.grpc,
+        http: listeners.http,
+    };
+    let role = host::Role {
+        service,
+        inflight,
+        evict,
+    };
+    let served = host::serve(id, listeners, stats, &lifecycle, &stopping, &shutdown, role).await;
     let _ = tokio::task::spawn_blocking(move || engine_thread.join()).await;
-    served.map_err(|e| WorkerError::Serve(e.to_string()))
+    match served {
+        Ok(Ending::Failed) => Err(WorkerError::EngineStopped),
+        Ok(Ending::Drained) => Ok(()),
+        Err(e) => Err(WorkerError::Serve(e)),
+    }
 }

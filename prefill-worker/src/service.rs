@@ -8,11 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 use xpyd_kv_transfer::{Sender, Stats, Transfer, TransferTarget};
 use xpyd_proto as pb;
 use xpyd_runtime::worker::{
-    DropGuard, SharedStats, check_ready, sampling_from_pb, token_to_pb, transfer_status,
+    DropGuard, SharedStats, sampling_from_pb, token_to_pb, transfer_status,
 };
 
 /// The service state.
@@ -21,9 +21,13 @@ pub struct PrefillService {
     pub(crate) sender: Sender,
     pub(crate) stats: SharedStats,
     pub(crate) ready: watch::Receiver<bool>,
-    /// Prefills in progress, by request id, for `Cancel`.
-    pub(crate) running: Arc<Mutex<HashMap<u64, CancellationToken>>>,
+    pub(crate) lifecycle: xpyd_runtime::lifecycle::Lifecycle,
+    /// Prefills in progress, by request id, for `Cancel` and the drain.
+    pub(crate) running: Running,
 }
+
+/// Prefill calls in progress (queued or running, until their KV committed), by request id.
+pub type Running = Arc<Mutex<HashMap<u64, CancellationToken>>>;
 
 /// Tag of an engine chunk: first position and token count.
 fn tag(start: u32, count: u32) -> u64 {
@@ -64,19 +68,43 @@ async fn stream_kv(
     }
 }
 
+/// A request no worker would take.
+fn invalid(msg: impl Into<String>) -> Status {
+    pb::WorkerError::status(pb::worker_error::Kind::Invalid, Code::InvalidArgument, msg)
+}
+
+/// The engine thread is gone: the worker cannot serve (it is being rebuilt).
+fn engine_stopped() -> Status {
+    pb::WorkerError::status(
+        pb::worker_error::Kind::Engine,
+        Code::Unavailable,
+        "the engine stopped",
+    )
+}
+
 #[tonic::async_trait]
 impl pb::prefill_worker_server::PrefillWorker for PrefillService {
     async fn prefill(
         &self,
         req: Request<pb::PrefillRequest>,
     ) -> Result<Response<pb::PrefillResponse>, Status> {
-        check_ready(&self.ready)?;
+        self.lifecycle.check(&self.ready)?;
         let r = req.into_inner();
         if r.tokens.is_empty() {
-            return Err(Status::invalid_argument("tokens: the prompt is empty"));
+            return Err(invalid("tokens: the prompt is empty"));
         }
+        let prompt_len = match r.prompt_len as usize {
+            0 => r.tokens.len(),
+            n if n <= r.tokens.len() => n,
+            n => {
+                return Err(invalid(format!(
+                    "prompt_len: {n} is beyond the {} tokens",
+                    r.tokens.len()
+                )));
+            }
+        };
         let target: TransferTarget = serde_json::from_slice(&r.target_json)
-            .map_err(|e| Status::invalid_argument(format!("target_json: {e}")))?;
+            .map_err(|e| invalid(format!("target_json: {e}")))?;
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());
         params
             .validate()
@@ -108,21 +136,21 @@ impl pb::prefill_worker_server::PrefillWorker for PrefillService {
         let job = Job {
             id: r.request_id,
             tokens: r.tokens,
+            prompt_len,
             params,
             out,
             cancel,
             reply,
         };
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| Status::unavailable("engine stopped"))?;
-        let first = answer
-            .await
-            .map_err(|_| Status::internal("engine dropped the request"))?;
-        let committed = streamer
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        self.jobs.send(job).await.map_err(|_| engine_stopped())?;
+        let first = answer.await.map_err(|_| engine_stopped())?;
+        let committed = streamer.await.map_err(|e| {
+            pb::WorkerError::status(
+                pb::worker_error::Kind::Transfer,
+                Code::Internal,
+                e.to_string(),
+            )
+        })?;
         let (first, reused) = first?;
         let stats = committed.map_err(|e| transfer_status(&e))?;
         Ok(Response::new(pb::PrefillResponse {

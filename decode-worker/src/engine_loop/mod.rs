@@ -2,150 +2,46 @@
 //! chunks (combined mode) and advances every decoding sequence with one batched step per
 //! iteration (continuous batching: sequences join and leave between steps). Commands come
 //! over a bounded channel and are drained between steps; tokens go out on each request's
-//! own channel, and a closed channel means the client left.
+//! own channel, and a closed channel means the client left. Each request has one entry
+//! with one explicit [`Stage`] (see `request`), the one place cancellation, failure,
+//! drain and holds look.
+
+mod cmd;
+mod request;
+
+pub use cmd::{Cmd, EventTx};
+pub use request::Stage;
 
 use crate::budget::Budget;
-use std::collections::{HashMap, VecDeque};
+use request::Request;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
 use tonic::Status;
-use xpyd_engine::{Engine, EngineError, KvHeader, ResumeState, SamplingParams};
-use xpyd_kv_transfer::{Payload, TransferFence};
+use xpyd_engine::{Engine, EngineError};
 use xpyd_proto as pb;
 use xpyd_runtime::kv_pool::ChunkError;
 use xpyd_runtime::metrics as m;
 use xpyd_runtime::worker::{Ema, SharedStats, engine_status, token_to_pb};
-
-/// What a request's response stream carries.
-pub type EventTx = mpsc::Sender<Result<pb::DecodeEvent, Status>>;
-
-/// Work for the engine thread.
-pub enum Cmd {
-    /// A placed import's reservation exists, before its target is handed out: the fence
-    /// that ends the transfer and tells whether a sender attached (see
-    /// [`HOLD_AFTER_FAILED_IMPORT`]). The reply is false (and the fence closed) when the
-    /// request was dropped meanwhile: the target must not be handed out.
-    Watch {
-        /// Request id.
-        id: u64,
-        /// Ends the transfer; says whether a sender attached.
-        fence: TransferFence,
-        /// Whether the import is still wanted.
-        reply: tokio::sync::oneshot::Sender<bool>,
-    },
-    /// A hold may have ended.
-    Wake,
-    /// Reserve blocks for a placed import of `tokens` tokens (before its header arrives);
-    /// the reply carries the block table the sender writes into.
-    Reserve {
-        /// Request id (= sequence id).
-        id: u64,
-        /// Prompt tokens whose KV will arrive.
-        tokens: usize,
-        /// The block table, or why not.
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u32>, Status>>,
-    },
-    /// The KV header arrived: reserve blocks for the import.
-    Begin {
-        /// Request id (= sequence id).
-        id: u64,
-        /// The exporter's header.
-        header: Box<KvHeader>,
-        /// Where this request's tokens and errors go.
-        out: EventTx,
-    },
-    /// One layer chunk: rows `start..start+count` of `layer`.
-    Rows {
-        /// Request id.
-        id: u64,
-        /// Layer.
-        layer: u32,
-        /// Chunk tag (`start << 32 | count`).
-        tag: u64,
-        /// The bytes, verified while copied into the KV blocks (or, placed, where the
-        /// sender wrote them).
-        data: Payload,
-    },
-    /// The resume state (first token, sampler position) arrived.
-    Resume {
-        /// Request id.
-        id: u64,
-        /// The state.
-        state: Box<ResumeState>,
-    },
-    /// The transfer completed: start decoding.
-    Finish {
-        /// Request id.
-        id: u64,
-    },
-    /// Combined mode: prefill `tokens` here, then decode.
-    Local {
-        /// Request id.
-        id: u64,
-        /// Prompt tokens.
-        tokens: Vec<u32>,
-        /// Sampling.
-        params: SamplingParams,
-        /// Where tokens go.
-        out: EventTx,
-    },
-    /// Drop the request and free everything it holds (idempotent).
-    Cancel {
-        /// Request id.
-        id: u64,
-        /// Counted as cancelled (the client left) rather than finished.
-        client_gone: bool,
-    },
-    /// Fail the request with this status and free it.
-    Fail {
-        /// Request id.
-        id: u64,
-        /// What went wrong.
-        status: Status,
-    },
-}
-
-struct Active {
-    out: EventTx,
-    decoding: bool,
-    last_token: Option<Instant>,
-    gaps: f64,
-    tokens: usize,
-}
-
-impl Active {
-    /// A request that is importing or prefilling: not decoding yet, no tokens out.
-    fn new(out: EventTx) -> Self {
-        Active {
-            out,
-            decoding: false,
-            last_token: None,
-            gaps: 0.0,
-            tokens: 0,
-        }
-    }
-}
 
 /// The engine thread's state.
 pub struct EngineLoop {
     engine: Engine,
     budget: Arc<Mutex<Budget>>,
     stats: SharedStats,
-    active: HashMap<u64, Active>,
-    local: VecDeque<u64>,
+    /// Every request this thread holds, by id.
+    requests: HashMap<u64, Request>,
     tpot: Ema,
     ttft: Ema,
-    started: HashMap<u64, Instant>,
     role: &'static str,
     delay: Option<std::time::Duration>,
-    /// Placed imports in flight: their transfer's fence.
-    placed: HashMap<u64, TransferFence>,
-    /// Failed placed imports whose blocks (and budget promise) stay out of use until
-    /// then: their sender may still write into them.
-    held: HashMap<u64, Instant>,
     /// Wakes the loop when a hold ends (weak: it must not keep the channel open).
     wake: mpsc::WeakSender<Cmd>,
+    /// Test knob: panic at this decode step (`XPYD_DEBUG_PANIC`).
+    panic_at: Option<u64>,
+    /// Decode steps run.
+    steps: u64,
 }
 
 /// How long a failed placed import keeps its blocks after the failure. Removing it closes
@@ -168,29 +64,49 @@ impl EngineLoop {
             engine,
             budget,
             stats,
-            active: HashMap::new(),
-            local: VecDeque::new(),
+            requests: HashMap::new(),
             tpot: Ema::new(0.2),
             ttft: Ema::new(0.2),
-            started: HashMap::new(),
             role,
             delay,
-            placed: HashMap::new(),
-            held: HashMap::new(),
             wake,
+            panic_at: None,
+            steps: 0,
         }
     }
 
-    /// Removes a request's sequence from the engine and frees its budget promise. A
-    /// placed import that had not completed keeps both: if no sender ever attached (the
-    /// fence closes the reservation first), they are freed at once; otherwise after
+    /// Test knob: panic at decode step `n` (see `xpyd_runtime::lifecycle::debug_panic_after`).
+    pub fn panic_after(mut self, n: Option<u64>) -> Self {
+        self.panic_at = n;
+        self
+    }
+
+    fn stage(&self, id: u64) -> Option<Stage> {
+        self.requests.get(&id).map(|r| r.stage)
+    }
+
+    fn held(&self, id: u64) -> bool {
+        self.requests.get(&id).is_some_and(Request::held)
+    }
+
+    /// Ids of the requests at `stage`.
+    fn at(&self, stage: Stage) -> impl Iterator<Item = u64> + '_ {
+        self.requests
+            .iter()
+            .filter(move |(_, r)| r.stage == stage)
+            .map(|(id, _)| *id)
+    }
+
+    /// Frees a request's sequence and budget promise. A placed import that had not
+    /// completed keeps both: if no sender ever attached (the fence closes the
+    /// reservation first), they are freed at once; otherwise the request is held for
     /// [`HOLD_AFTER_FAILED_IMPORT`].
-    fn remove(&mut self, id: u64) {
-        if self.held.contains_key(&id) {
+    fn free(&mut self, id: u64) {
+        if self.held(id) {
             return; // Already held (e.g. a cancel after the failure): the hold stands.
         }
+        let fence = self.requests.remove(&id).and_then(|r| r.fence);
         self.engine.remove(id);
-        let fence = self.placed.remove(&id);
         if !self.engine.holds(id) {
             self.budget_release(id);
             return;
@@ -198,19 +114,19 @@ impl EngineLoop {
         match fence {
             Some(fence) if fence.close() => {
                 let until = Instant::now() + HOLD_AFTER_FAILED_IMPORT;
-                if self.held.insert(id, until).is_none() {
-                    // Wakes an idle loop when the hold ends (without it, the next command
-                    // releases the blocks).
-                    let wake = self.wake.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("kv-hold".into())
-                        .spawn(move || {
-                            std::thread::sleep(until.saturating_duration_since(Instant::now()));
-                            if let Some(tx) = wake.upgrade() {
-                                let _ = tx.blocking_send(Cmd::Wake);
-                            }
-                        });
-                }
+                self.requests
+                    .insert(id, Request::new(Stage::Held { until }, None));
+                // Wakes an idle loop when the hold ends (without it, the next command
+                // releases the blocks).
+                let wake = self.wake.clone();
+                let _ = std::thread::Builder::new()
+                    .name("kv-hold".into())
+                    .spawn(move || {
+                        std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                        if let Some(tx) = wake.upgrade() {
+                            let _ = tx.blocking_send(Cmd::Wake);
+                        }
+                    });
             }
             // No sender can write: the target never left, or nobody attached before the
             // reservation closed.
@@ -225,13 +141,13 @@ impl EngineLoop {
     fn release_due(&mut self) {
         let now = Instant::now();
         let due: Vec<u64> = self
-            .held
+            .requests
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, r)| matches!(r.stage, Stage::Held { until } if until <= now))
             .map(|(id, _)| *id)
             .collect();
         for id in &due {
-            self.held.remove(id);
+            self.requests.remove(id);
             self.engine.release_held(*id);
             self.budget_release(*id);
         }
@@ -243,7 +159,10 @@ impl EngineLoop {
     /// Runs until the command channel closes.
     pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
         loop {
-            let idle = self.local.is_empty() && !self.active.values().any(|a| a.decoding);
+            let idle = self
+                .requests
+                .values()
+                .all(|r| !matches!(r.stage, Stage::Prefilling | Stage::Decoding));
             if idle {
                 self.publish();
                 match rx.blocking_recv() {
@@ -272,32 +191,42 @@ impl EngineLoop {
                         .reserve_import(id, tokens)
                         .map_err(|e| engine_status(&e))
                 } else {
-                    Err(Status::cancelled("the request was cancelled"))
+                    Err(xpyd_runtime::worker::cancelled_status(
+                        "the request was cancelled",
+                    ))
                 };
                 let reserved = res.is_ok();
+                if reserved {
+                    self.requests
+                        .insert(id, Request::new(Stage::Reserved, None));
+                }
                 if reply.send(res).is_err() && reserved {
                     // The request went away while waiting: nothing was handed out.
-                    self.remove(id);
+                    self.free(id);
                 }
             }
             Cmd::Watch { id, fence, reply } => {
-                let wanted = self.engine.is_reserved(id) && !self.held.contains_key(&id);
-                if wanted {
-                    self.placed.insert(id, fence);
-                } else {
-                    fence.close();
+                let wanted = self.stage(id) == Some(Stage::Reserved) && self.engine.is_reserved(id);
+                match self.requests.get_mut(&id) {
+                    Some(r) if wanted => r.fence = Some(fence),
+                    _ => {
+                        fence.close();
+                    }
                 }
                 if reply.send(wanted).is_err() && wanted {
-                    self.remove(id);
+                    self.free(id);
                 }
             }
             Cmd::Wake => {}
             // A header for a request that ended (cancelled, failed, held) is dropped: it
             // must not bring the request back.
-            Cmd::Begin { id, .. } if self.held.contains_key(&id) || !self.budget_holds(id) => {}
+            Cmd::Begin { id, .. } if self.held(id) || !self.budget_holds(id) => {}
             Cmd::Begin { id, header, out } => {
-                self.started.insert(id, Instant::now());
-                self.active.insert(id, Active::new(out));
+                // A placed import keeps the fence its reservation got.
+                let fence = self.requests.remove(&id).and_then(|r| r.fence);
+                let mut r = Request::new(Stage::Importing, Some(out));
+                r.fence = fence;
+                self.requests.insert(id, r);
                 if let Err(e) = self.engine.begin_import(id, &header) {
                     self.fail(id, engine_status(&e));
                 }
@@ -308,7 +237,7 @@ impl EngineLoop {
                 tag,
                 data,
             } => {
-                if !self.active.contains_key(&id) {
+                if self.stage(id) != Some(Stage::Importing) {
                     return;
                 }
                 match xpyd_runtime::kv_pool::import_chunk(&mut self.engine, id, layer, tag, &data) {
@@ -320,54 +249,74 @@ impl EngineLoop {
                 }
             }
             Cmd::Resume { id, state } => {
-                if self.active.contains_key(&id)
+                if self.stage(id) == Some(Stage::Importing)
                     && let Err(e) = self.engine.import_resume(id, *state)
                 {
                     self.fail(id, engine_status(&e));
                 }
             }
-            Cmd::Finish { id } => {
-                if !self.active.contains_key(&id) {
-                    return;
-                }
-                let done = self
-                    .engine
-                    .finish_import(id)
-                    .and_then(|()| self.engine.resume_state(id));
-                match done {
-                    Err(e) => self.fail(id, engine_status(&e)),
-                    // The first token already ended the request (max_tokens 1, EOS, stop).
-                    Ok(state) if state.finish.is_some() => self.end(id, false),
-                    Ok(_) => {
-                        if let Some(a) = self.active.get_mut(&id) {
-                            a.decoding = true;
-                            a.last_token = Some(Instant::now());
-                        }
-                    }
-                }
-            }
+            Cmd::Finish { id } => self.finish_import(id),
             Cmd::Local {
                 id,
                 tokens,
+                prompt_len,
                 params,
                 out,
             } => {
-                self.started.insert(id, Instant::now());
-                self.active.insert(id, Active::new(out));
-                match self.engine.add_sequence(id, tokens, params) {
-                    Ok(()) => self.local.push_back(id),
-                    Err(e) => self.fail(id, engine_status(&e)),
+                self.requests
+                    .insert(id, Request::new(Stage::Prefilling, Some(out)));
+                let admitted = if prompt_len < tokens.len() {
+                    self.engine.add_resumed(id, tokens, prompt_len, params)
+                } else {
+                    self.engine.add_sequence(id, tokens, params)
+                };
+                if let Err(e) = admitted {
+                    self.fail(id, engine_status(&e));
                 }
             }
             Cmd::Cancel { id, client_gone } => {
-                if self.active.contains_key(&id) {
+                if self.requests.get(&id).is_some_and(|r| r.out.is_some()) {
                     self.end(id, client_gone);
                 } else {
                     // Possibly blocks reserved for an import whose header never came.
-                    self.remove(id);
+                    self.free(id);
                 }
             }
             Cmd::Fail { id, status } => self.fail(id, status),
+            Cmd::Evict => {
+                let streaming: Vec<u64> = self
+                    .requests
+                    .iter()
+                    .filter(|(_, r)| r.out.is_some() && !r.held())
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in streaming {
+                    self.fail(id, xpyd_runtime::worker::draining_status());
+                }
+            }
+        }
+    }
+
+    /// The transfer completed: the sequence joins the running batch (or ends, when its
+    /// first token already ended it).
+    fn finish_import(&mut self, id: u64) {
+        if self.stage(id) != Some(Stage::Importing) {
+            return;
+        }
+        let done = self
+            .engine
+            .finish_import(id)
+            .and_then(|()| self.engine.resume_state(id));
+        match done {
+            Err(e) => self.fail(id, engine_status(&e)),
+            // The first token already ended the request (max_tokens 1, EOS, stop).
+            Ok(state) if state.finish.is_some() => self.end(id, false),
+            Ok(_) => {
+                if let Some(r) = self.requests.get_mut(&id) {
+                    r.stage = Stage::Decoding;
+                    r.last_token = Some(Instant::now());
+                }
+            }
         }
     }
 
@@ -385,17 +334,15 @@ impl EngineLoop {
             .release(id);
     }
 
-    /// Frees the request's KV and promise (see [`EngineLoop::remove`]); the stream ends
+    /// Frees the request's KV and promise (see [`EngineLoop::free`]); the stream ends
     /// when its sender drops.
     fn end(&mut self, id: u64, cancelled: bool) {
-        self.remove(id);
-        self.local.retain(|x| *x != id);
-        self.started.remove(&id);
-        if let Some(a) = self.active.remove(&id)
-            && a.tokens > 1
+        if let Some(r) = self.requests.get(&id)
+            && r.tokens > 1
         {
-            self.tpot.observe(a.gaps / (a.tokens - 1) as f64 * 1e3);
+            self.tpot.observe(r.gaps / (r.tokens - 1) as f64 * 1e3);
         }
+        self.free(id);
         let outcome = if cancelled { "cancelled" } else { "ok" };
         metrics::counter!(m::WORKER_REQUESTS_TOTAL, "role" => self.role, "outcome" => outcome)
             .increment(1);
@@ -407,43 +354,45 @@ impl EngineLoop {
 
     fn fail(&mut self, id: u64, status: Status) {
         tracing::warn!(request_id = id, %status, "request failed");
-        if let Some(a) = self.active.get(&id) {
-            let _ = a.out.try_send(Err(status));
+        if let Some(out) = self.requests.get(&id).and_then(|r| r.out.as_ref()) {
+            let _ = out.try_send(Err(status));
         }
         metrics::counter!(m::WORKER_REQUESTS_TOTAL, "role" => self.role, "outcome" => "error")
             .increment(1);
-        self.remove(id);
-        self.local.retain(|x| *x != id);
-        self.started.remove(&id);
-        self.active.remove(&id);
+        self.free(id);
     }
 
     /// Sends one token; false when the client is gone.
     fn emit(&mut self, ev: &xpyd_engine::TokenEvent) -> bool {
-        let Some(a) = self.active.get_mut(&ev.seq) else {
+        let Some(r) = self.requests.get_mut(&ev.seq) else {
             return false;
         };
         let now = Instant::now();
-        if let Some(t) = a.last_token {
-            a.gaps += (now - t).as_secs_f64();
+        if let Some(t) = r.last_token {
+            r.gaps += (now - t).as_secs_f64();
         }
-        a.last_token = Some(now);
-        a.tokens += 1;
+        r.last_token = Some(now);
+        r.tokens += 1;
         self.send(ev.seq, pb::decode_event::Event::Token(token_to_pb(ev)))
     }
 
     /// Sends one event of request `id`'s stream; false when the client is gone.
     fn send(&self, id: u64, event: pb::decode_event::Event) -> bool {
-        self.active.get(&id).is_some_and(|a| {
-            a.out
-                .try_send(Ok(pb::DecodeEvent { event: Some(event) }))
-                .is_ok()
-        })
+        self.requests
+            .get(&id)
+            .and_then(|r| r.out.as_ref())
+            .is_some_and(|out| {
+                out.try_send(Ok(pb::DecodeEvent { event: Some(event) }))
+                    .is_ok()
+            })
     }
 
     /// One prefill chunk of the oldest local request (combined mode).
     fn local_chunk(&mut self) {
-        let Some(&id) = self.local.front() else {
+        let Some(id) = self
+            .at(Stage::Prefilling)
+            .min_by_key(|id| self.requests[id].started)
+        else {
             return;
         };
         let t0 = Instant::now();
@@ -454,9 +403,8 @@ impl EngineLoop {
             Err(e) => self.fail(id, engine_status(&e)),
             Ok(None) => {}
             Ok(Some(ev)) => {
-                self.local.pop_front();
-                if let Some(t) = self.started.remove(&id) {
-                    self.ttft.observe(t.elapsed().as_secs_f64() * 1e3);
+                if let Some(r) = self.requests.get(&id) {
+                    self.ttft.observe(r.started.elapsed().as_secs_f64() * 1e3);
                 }
                 let cached_tokens = self.engine.reused_tokens(id) as u32;
                 let alive = self.send(
@@ -465,8 +413,8 @@ impl EngineLoop {
                 ) && self.emit(&ev);
                 if !alive || ev.finish.is_some() {
                     self.end(id, !alive);
-                } else if let Some(a) = self.active.get_mut(&id) {
-                    a.decoding = true;
+                } else if let Some(r) = self.requests.get_mut(&id) {
+                    r.stage = Stage::Decoding;
                 }
             }
         }
@@ -474,16 +422,18 @@ impl EngineLoop {
 
     /// One batched decode step over every decoding sequence.
     fn decode_step(&mut self) {
-        let mut ids: Vec<u64> = self
-            .active
-            .iter()
-            .filter(|(_, a)| a.decoding)
-            .map(|(id, _)| *id)
-            .collect();
+        let mut ids: Vec<u64> = self.at(Stage::Decoding).collect();
         if ids.is_empty() {
             return;
         }
         ids.sort_unstable();
+        self.steps += 1;
+        if self.panic_at == Some(self.steps) {
+            panic!(
+                "XPYD_DEBUG_PANIC: the engine thread panics at decode step {}",
+                self.steps
+            );
+        }
         let t0 = Instant::now();
         match self.engine.decode_step(&ids) {
             Ok(events) => {
@@ -523,11 +473,12 @@ impl EngineLoop {
         };
         let (ttft, tpot) = (self.ttft.get(), self.tpot.get());
         let prefix = self.engine.prefix_stats();
+        let queued = self.at(Stage::Prefilling).count();
         self.stats_mut(|s| {
             s.prefix_lookup_tokens = prefix.lookup_tokens;
             s.prefix_hit_tokens = prefix.hit_tokens;
             s.running = running as u32;
-            s.queued = self.local.len() as u32;
+            s.queued = queued as u32;
             s.kv_blocks_used = kv.used_blocks as u32;
             s.kv_blocks_free = kv.free_blocks as u32;
             s.kv_blocks_reserved = reserved as u32;
@@ -535,7 +486,7 @@ impl EngineLoop {
             s.tpot_ms = tpot;
         });
         metrics::gauge!(m::WORKER_RUNNING, "role" => self.role).set(running as f64);
-        metrics::gauge!(m::WORKER_QUEUE_DEPTH, "role" => self.role).set(self.local.len() as f64);
+        metrics::gauge!(m::WORKER_QUEUE_DEPTH, "role" => self.role).set(queued as f64);
         metrics::gauge!(m::WORKER_KV_BLOCKS_USED).set(kv.used_blocks as f64);
         metrics::gauge!(m::WORKER_KV_BLOCKS_FREE).set(kv.free_blocks as f64);
     }
