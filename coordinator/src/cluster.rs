@@ -4,7 +4,7 @@
 //! it all (every operation is short and synchronous); waiters are woken with oneshots.
 
 use crate::router::{AdmissionQueue, Candidate, Ema, PolicyKind, Pushed, RouteInput, Router};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -56,6 +56,12 @@ impl Worker {
         self.lease.is_none_or(|(_, until)| until > now) && self.down_until.is_none_or(|t| t <= now)
     }
 
+    /// Takes new requests: ready and not draining (a draining worker still serves the
+    /// streams it has).
+    fn routable(&self, now: Instant) -> bool {
+        self.ready(now) && !self.load.draining
+    }
+
     fn capacity(&self) -> u32 {
         if self.info.max_running == 0 {
             16
@@ -74,6 +80,8 @@ pub struct RouteFacts {
     pub tokens: Arc<[u32]>,
     /// SLO class 0..=3.
     pub class: u8,
+    /// gRPC URLs of workers that already failed this request: it never goes back to them.
+    pub exclude: Vec<String>,
 }
 
 /// Why no worker was assigned.
@@ -100,6 +108,8 @@ struct State {
     routers: [Router; 2],
     waiting: AdmissionQueue<Waiter>,
     next_lease: u64,
+    /// Worker ids the supervisor took out of routing (readiness failed, draining).
+    unroutable: HashSet<String>,
 }
 
 /// Shared cluster state.
@@ -115,6 +125,8 @@ pub struct Slot {
     pub worker_id: String,
     /// Its gRPC channel.
     pub channel: Channel,
+    /// Its gRPC URL (a rebuilt worker of the same id has a new one).
+    pub url: String,
     leg: Leg,
     released: bool,
 }
@@ -145,6 +157,15 @@ impl Drop for Slot {
     }
 }
 
+/// How many worker ids may be out of routing at once (the admin switch's set is bounded
+/// whatever callers send; a cluster has far fewer workers).
+pub const MAX_UNROUTABLE: usize = 1024;
+
+/// How often the coordinator pings each worker connection.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a ping may go unanswered before the connection counts as dead.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
+
 fn leg_index(l: Leg) -> usize {
     match l {
         Leg::Prefill => 0,
@@ -161,6 +182,7 @@ impl Cluster {
                 routers: [prefill, decode],
                 waiting: AdmissionQueue::new(max_queue),
                 next_lease: 1,
+                unroutable: HashSet::new(),
             })),
         }
     }
@@ -192,10 +214,16 @@ impl Cluster {
                 }
             }
             _ => {
+                // HTTP/2 and TCP keepalive: a frozen or partitioned worker stops answering
+                // pings, its connection fails within about 1.5 s, and its streams migrate.
                 let channel = Endpoint::from_shared(info.grpc_url.clone())
                     .map(|e| {
                         e.connect_timeout(Duration::from_secs(2))
                             .tcp_nodelay(true)
+                            .tcp_keepalive(Some(Duration::from_secs(1)))
+                            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                            .keep_alive_while_idle(true)
                             .connect_lazy()
                     })
                     .unwrap_or_else(|_| {
@@ -309,12 +337,16 @@ impl Cluster {
         }
     }
 
-    fn candidates(st: &State, leg: Leg, need_capacity: bool) -> Vec<Candidate> {
+    /// Ready workers of `leg` (with room when `need_capacity`), except those at the
+    /// `exclude`d URLs.
+    fn candidates(st: &State, leg: Leg, need_capacity: bool, exclude: &[String]) -> Vec<Candidate> {
         let now = Instant::now();
         let mut c: Vec<Candidate> = st
             .workers
             .values()
-            .filter(|w| w.leg() == Some(leg) && w.ready(now))
+            .filter(|w| w.leg() == Some(leg) && w.routable(now))
+            .filter(|w| !st.unroutable.contains(&w.info.worker_id))
+            .filter(|w| !exclude.contains(&w.info.grpc_url))
             .filter(|w| !need_capacity || w.inflight < w.capacity())
             .map(|w| {
                 let total = w.load.kv_blocks_used + w.load.kv_blocks_free;
@@ -344,7 +376,7 @@ impl Cluster {
         facts: &RouteFacts,
         gate: bool,
     ) -> Option<Slot> {
-        let cands = Self::candidates(st, leg, gate);
+        let cands = Self::candidates(st, leg, gate, &facts.exclude);
         let input = RouteInput {
             source_ip: facts.source_ip,
             tokens: &facts.tokens,
@@ -360,6 +392,7 @@ impl Cluster {
             cluster: self.clone(),
             worker_id: id,
             channel: w.channel.clone(),
+            url: w.info.grpc_url.clone(),
             leg,
             released: false,
         })
@@ -387,7 +420,7 @@ impl Cluster {
         let (tx, mut rx) = oneshot::channel();
         let ticket = {
             let mut st = self.lock();
-            if Self::candidates(&st, Leg::Decode, false).is_empty() {
+            if Self::candidates(&st, Leg::Decode, false, &facts.exclude).is_empty() {
                 return Err(Overload::NoWorkers("decode"));
             }
             if st.waiting.is_empty()
@@ -440,13 +473,16 @@ impl Cluster {
     pub fn dispatch(&self) {
         let mut st = self.lock();
         while !st.waiting.is_empty() {
-            if Self::candidates(&st, Leg::Decode, true).is_empty() {
+            if Self::candidates(&st, Leg::Decode, true, &[]).is_empty() {
                 break;
             }
-            let Some((_, w)) = st.waiting.pop() else {
+            let Some((class, w)) = st.waiting.pop() else {
                 break;
             };
             let Some(slot) = self.assign_locked(&mut st, Leg::Decode, &w.facts, true) else {
+                // Only workers this request already failed on have room: it waits on
+                // (behind the others of its class).
+                let _ = st.waiting.push(class, w);
                 break;
             };
             if let Err(mut slot) = w.tx.send(slot) {
@@ -472,7 +508,12 @@ impl Cluster {
                 role: w.info.role.clone(),
                 grpc_url: w.info.grpc_url.clone(),
                 http_url: w.info.http_url.clone(),
-                state: if w.ready(now) { "ready" } else { "down" },
+                state: match (w.ready(now), w.load.draining) {
+                    _ if st.unroutable.contains(&w.info.worker_id) => "unroutable",
+                    (true, false) => "ready",
+                    (true, true) => "draining",
+                    (false, _) => "down",
+                },
                 inflight: w.inflight,
                 routed: w.routed,
                 queued: w.load.queued,
@@ -491,6 +532,38 @@ impl Cluster {
     pub fn queued(&self) -> usize {
         self.lock().waiting.len()
     }
+
+    /// Takes worker `id` out of routing (both legs) or puts it back; the mark outlives
+    /// its registration. Returns (registered now, the mark changed), or `None` when
+    /// [`MAX_UNROUTABLE`] ids are out already and `id` is not one of them (the set is
+    /// bounded whatever a caller sends).
+    pub fn set_routable(&self, id: &str, routable: bool) -> Option<(bool, bool)> {
+        let mut st = self.lock();
+        if !routable && !st.unroutable.contains(id) && st.unroutable.len() >= MAX_UNROUTABLE {
+            return None;
+        }
+        let changed = if routable {
+            st.unroutable.remove(id)
+        } else {
+            st.unroutable.insert(id.to_string())
+        };
+        let registered = st.workers.contains_key(id);
+        self.publish(&st);
+        drop(st);
+        if routable && changed {
+            self.dispatch();
+        }
+        Some((registered, changed))
+    }
+
+    /// True while worker `id` is registered at `url` (not gone, not replaced by a rebuilt
+    /// process of the same id).
+    pub fn is_member(&self, id: &str, url: &str) -> bool {
+        self.lock()
+            .workers
+            .get(id)
+            .is_some_and(|w| w.info.grpc_url == url)
+    }
 }
 
 /// One worker as `/v1/cluster` shows it.
@@ -504,7 +577,7 @@ pub struct WorkerView {
     pub grpc_url: String,
     /// HTTP endpoint.
     pub http_url: String,
-    /// ready or down.
+    /// ready, draining, unroutable (taken out by the supervisor) or down.
     pub state: &'static str,
     /// Requests in flight from this coordinator.
     pub inflight: u32,
@@ -522,4 +595,29 @@ pub struct WorkerView {
     pub ttft_ms: f64,
     /// Reported TPOT (ms).
     pub tpot_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::{PolicyKind, Router, RouterConfig};
+
+    #[test]
+    fn the_routing_switch_is_bounded_and_idempotent() {
+        let router = || Router::new(PolicyKind::RoundRobin, RouterConfig::default());
+        let c = Cluster::new(router(), router(), 8);
+        for i in 0..MAX_UNROUTABLE {
+            assert_eq!(
+                c.set_routable(&format!("w-{i}"), false),
+                Some((false, true))
+            );
+        }
+        // Full: a new id is refused, one already out is accepted (unchanged), and
+        // putting one back makes room.
+        assert_eq!(c.set_routable("one-more", false), None);
+        assert_eq!(c.set_routable("w-0", false), Some((false, false)));
+        assert_eq!(c.set_routable("w-0", true), Some((false, true)));
+        assert_eq!(c.set_routable("w-0", true), Some((false, false)));
+        assert_eq!(c.set_routable("one-more", false), Some((false, true)));
+    }
 }

@@ -143,26 +143,6 @@ impl From<Overload> for ApiError {
     }
 }
 
-/// The client-facing error for a worker's gRPC status.
-pub fn from_worker(leg: &str, s: &tonic::Status) -> ApiError {
-    let status = match s.code() {
-        Code::InvalidArgument | Code::OutOfRange => 400,
-        Code::ResourceExhausted => 429,
-        Code::Unavailable => 503,
-        Code::DeadlineExceeded => 504,
-        _ => 500,
-    };
-    ApiError::upstream(status, format!("{leg} worker: {}", s.message()))
-}
-
-/// True when the same request may succeed on another worker pair.
-pub fn retryable(s: &tonic::Status) -> bool {
-    !matches!(
-        s.code(),
-        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition | Code::NotFound
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,7 +156,5 @@ mod tests {
         assert_eq!(e.grpc().code(), Code::Unavailable);
         let b = ApiError::invalid("temperature", "3 is outside 0..=2").body();
         assert_eq!(b["error"]["param"], "temperature");
-        assert!(!retryable(&tonic::Status::invalid_argument("x")));
-        assert!(retryable(&tonic::Status::unavailable("x")));
     }
 }

@@ -34,6 +34,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/ws", get(crate::ws::upgrade))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(crate::admin_api::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(app)
 }

@@ -5,8 +5,10 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin_api;
 pub mod cluster;
 pub mod error;
+pub mod events_api;
 pub mod flow;
 pub mod grpc_api;
 pub mod http_api;
@@ -65,6 +67,12 @@ pub struct Config {
     pub first_token_timeout_s: u64,
     /// Hard end-to-end cap.
     pub request_timeout_s: u64,
+    /// How many times one request may be sent to another worker pair after a leg fails
+    /// (before or after its first token), `0..=16`.
+    pub max_migrations: u32,
+    /// A client that leaves a streamed token unread this long is cut off and its KV
+    /// freed, `1..=3600` s.
+    pub client_stall_timeout_s: u64,
     /// Request body limit.
     pub max_request_bytes: usize,
     /// KV backend requested from decode workers (`auto`, `tcp`, `shm`, `ucx`, `nccl`).
@@ -73,6 +81,8 @@ pub struct Config {
     pub transfer_deadline_ms: u32,
     /// Membership source.
     pub membership: Membership,
+    /// How long and how many cluster events are kept.
+    pub events: xpyd_runtime::events::Retention,
     /// Embedded registry lease TTL.
     pub lease_ttl: Duration,
     /// Embedded registry renewal interval.
@@ -93,10 +103,13 @@ impl Config {
             queue_timeout_ms: 10_000,
             first_token_timeout_s: 120,
             request_timeout_s: 3600,
+            max_migrations: 3,
+            client_stall_timeout_s: 30,
             max_request_bytes: 10 << 20,
             kv_backend: "auto".into(),
             transfer_deadline_ms: 30_000,
             membership: Membership::Embedded,
+            events: xpyd_runtime::events::Retention::default(),
             lease_ttl: Duration::from_secs(2),
             renew_interval: Duration::from_millis(500),
         }
@@ -125,6 +138,18 @@ impl Config {
                 self.request_timeout_s
             ));
         }
+        if self.max_migrations > 16 {
+            return Err(format!(
+                "max_migrations: {} is out of range 0..=16",
+                self.max_migrations
+            ));
+        }
+        if !(1..=3600).contains(&self.client_stall_timeout_s) {
+            return Err(format!(
+                "client_stall_timeout_s: {} is out of range 1..=3600",
+                self.client_stall_timeout_s
+            ));
+        }
         if self.renew_interval * 2 > self.lease_ttl {
             return Err("renew_interval: must be at most half the lease TTL".into());
         }
@@ -144,6 +169,8 @@ pub struct App {
     pub cluster: Cluster,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// The cluster's event log (`/v1/events`).
+    pub events: events_api::EventStore,
     ids: AtomicU64,
 }
 
@@ -213,6 +240,7 @@ pub async fn run(
         model_id,
         cluster: cluster.clone(),
         metrics: xpyd_runtime::metrics::install(),
+        events: events_api::EventStore::new(cfg.events),
         ids: AtomicU64::new(base << 8),
     });
     let membership = match &cfg.membership {

@@ -1,0 +1,284 @@
+//! One request through the cluster. Disaggregated: take a decode slot (priority queue,
+//! decode policy), pick a prefill worker (prefill policy), open the decode stream (which
+//! reserves KV and returns the transfer target), run the prefill against that target,
+//! emit its first token, then relay the decode stream (`legs`). Single mode: one combined
+//! worker does both.
+//!
+//! A leg that fails on a worker — before the first token or after tokens went out —
+//! sends the request to another pair, never back to the workers that failed it: the new
+//! prefill computes prompt + the tokens already sent and continues with the same sampler,
+//! detokenizer and stop-string state, so the client's stream goes on with the very tokens
+//! an uninterrupted run gives (a migration). At most `max_migrations` re-sends. A client
+//! that leaves (its receiver dropped, or it stops reading past the stall timeout) or a
+//! deadline ends every leg, and dropping the worker calls frees their KV.
+
+mod error;
+mod legs;
+
+pub use error::{Failure, FlowError};
+
+use crate::App;
+use crate::cluster::RouteFacts;
+use crate::error::ApiError;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use xpyd_engine::{FinishReason, SamplingParams};
+use xpyd_proto as pb;
+use xpyd_runtime::metrics as m;
+
+/// A validated request, tokenized once.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Prompt tokens.
+    pub tokens: Arc<[u32]>,
+    /// Sampling.
+    pub params: SamplingParams,
+    /// SLO class 0..=3.
+    pub class: u8,
+    /// Client address.
+    pub source_ip: Option<std::net::IpAddr>,
+    /// Which API (metrics label).
+    pub api: &'static str,
+}
+
+/// Token usage of a finished request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Both.
+    pub total_tokens: u32,
+    /// Prompt tokens whose KV came from a worker's prefix cache.
+    pub cached_tokens: u32,
+}
+
+/// OpenAI's shape: `cached_tokens` under `prompt_tokens_details`.
+impl serde::Serialize for Usage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Details {
+            cached_tokens: u32,
+        }
+        #[derive(serde::Serialize)]
+        struct OpenAi {
+            prompt_tokens: u32,
+            completion_tokens: u32,
+            total_tokens: u32,
+            prompt_tokens_details: Details,
+        }
+        OpenAi {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: self.total_tokens,
+            prompt_tokens_details: Details {
+                cached_tokens: self.cached_tokens,
+            },
+        }
+        .serialize(s)
+    }
+}
+
+/// What the API layer streams to its client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// Text of one token (may be empty while a stop string is pending).
+    Text {
+        /// The text.
+        text: String,
+        /// The token id.
+        id: u32,
+    },
+    /// The end.
+    Done {
+        /// Why generation stopped.
+        finish: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The request failed.
+    Error(ApiError),
+}
+
+fn finish_from_pb(v: i32) -> Option<FinishReason> {
+    match pb::FinishReason::try_from(v).unwrap_or(pb::FinishReason::Unspecified) {
+        pb::FinishReason::Unspecified => None,
+        pb::FinishReason::Stop => Some(FinishReason::Stop),
+        pb::FinishReason::Length => Some(FinishReason::Length),
+        pb::FinishReason::Eos => Some(FinishReason::Eos),
+    }
+}
+
+/// Per-request emission state: the tokens sent so far (what a migration resumes from),
+/// counts and latency metrics.
+struct Emitter<'a> {
+    tx: &'a mpsc::Sender<Delta>,
+    start: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    /// Token ids sent to the client, in order.
+    generated: Vec<u32>,
+    prompt: u32,
+    /// Prompt tokens the worker reused from its prefix cache.
+    cached: u32,
+    /// How long a client may leave a token unread before it counts as gone.
+    stall: Duration,
+}
+
+impl Emitter<'_> {
+    /// Sends one token; returns its finish reason. `ClientGone` when the client left or
+    /// did not take the token within the stall timeout.
+    async fn token(&mut self, t: &pb::Token) -> Result<Option<FinishReason>, FlowError> {
+        let now = Instant::now();
+        match self.last {
+            None => {
+                self.first = Some(now);
+                metrics::histogram!(m::COORD_TTFT_SECONDS).record((now - self.start).as_secs_f64());
+            }
+            Some(l) => {
+                metrics::histogram!(m::COORD_TOKEN_LATENCY_SECONDS).record((now - l).as_secs_f64())
+            }
+        }
+        self.last = Some(now);
+        self.generated.push(t.id);
+        let d = Delta::Text {
+            text: t.text.clone(),
+            id: t.id,
+        };
+        match self.tx.send_timeout(d, self.stall).await {
+            Ok(()) => Ok(finish_from_pb(t.finish_reason)),
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                metrics::counter!(m::COORD_STALLED_CLIENTS_TOTAL).increment(1);
+                tracing::warn!(
+                    stall_s = self.stall.as_secs(),
+                    "client stopped reading; cut off"
+                );
+                Err(FlowError::ClientGone)
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(FlowError::ClientGone),
+        }
+    }
+
+    fn usage(&self) -> Usage {
+        let tokens = self.generated.len() as u32;
+        Usage {
+            prompt_tokens: self.prompt,
+            completion_tokens: tokens,
+            total_tokens: self.prompt + tokens,
+            cached_tokens: self.cached,
+        }
+    }
+}
+
+/// Runs one request to its end, streaming into `tx`. Returns when done, failed, or the
+/// client is gone (then every leg has been dropped).
+pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
+    let start = Instant::now();
+    metrics::gauge!(m::COORD_CONNECTIONS).increment(1.0);
+    let mut em = Emitter {
+        tx: &tx,
+        start,
+        first: None,
+        last: None,
+        generated: Vec::new(),
+        prompt: p.tokens.len() as u32,
+        cached: 0,
+        stall: Duration::from_secs(app.cfg.client_stall_timeout_s),
+    };
+    let hard = Duration::from_secs(app.cfg.request_timeout_s);
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(hard, run(&app, &p, &mut em)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(FlowError::Timeout("request")),
+        },
+        _ = tx.closed() => Err(FlowError::ClientGone),
+    };
+    let code = outcome.as_ref().map_or_else(FlowError::code, |_| 200);
+    metrics::counter!(m::COORD_REQUESTS_TOTAL, "api" => p.api, "code" => code.to_string())
+        .increment(1);
+    metrics::gauge!(m::COORD_CONNECTIONS).decrement(1.0);
+    match outcome {
+        Ok(finish) => {
+            let usage = em.usage();
+            metrics::histogram!(m::COORD_E2E_SECONDS).record(start.elapsed().as_secs_f64());
+            metrics::histogram!(m::COORD_INPUT_TOKENS).record(usage.prompt_tokens as f64);
+            metrics::histogram!(m::COORD_OUTPUT_TOKENS).record(usage.completion_tokens as f64);
+            if let (Some(f), Some(l)) = (em.first, em.last)
+                && usage.completion_tokens > 1
+            {
+                let tpot = (l - f).as_secs_f64() / (usage.completion_tokens - 1) as f64;
+                metrics::histogram!(m::COORD_TPOT_SECONDS).record(tpot);
+            }
+            let _ = tx.send(Delta::Done { finish, usage }).await;
+        }
+        Err(e) => {
+            if let Some(api) = e.api() {
+                tracing::warn!(error = ?e, status = api.status, "request failed");
+                let _ = tx.send(Delta::Error(api)).await;
+            }
+        }
+    }
+}
+
+/// Sends the request to worker pairs until it finishes: the first pair, then — when a
+/// leg fails on a worker — another pair that excludes every worker that failed it, up to
+/// `max_migrations` re-sends.
+async fn run(app: &App, p: &Prepared, em: &mut Emitter<'_>) -> Result<FinishReason, FlowError> {
+    let mut facts = RouteFacts {
+        source_ip: p.source_ip,
+        tokens: p.tokens.clone(),
+        class: p.class,
+        exclude: Vec::new(),
+    };
+    let first_deadline = Duration::from_secs(app.cfg.first_token_timeout_s);
+    let mut resends = 0;
+    loop {
+        let started = if app.cfg.single {
+            legs::start_combined(app, p, &facts, em).await
+        } else {
+            legs::start_disaggregated(app, p, &facts, em).await
+        };
+        let result = match started {
+            Ok(s) => legs::relay(app, s, em, first_deadline).await,
+            Err(e) => Err(e),
+        };
+        let e = match result {
+            Ok(finish) => return Ok(finish),
+            Err(e) if !e.retryable() => return Err(e),
+            Err(e) => e,
+        };
+        let FlowError::Worker {
+            url,
+            failure,
+            worker,
+            ..
+        } = &e
+        else {
+            return Err(e);
+        };
+        if resends >= app.cfg.max_migrations {
+            return Err(FlowError::Exhausted {
+                attempts: resends + 1,
+                last: Box::new(e),
+            });
+        }
+        resends += 1;
+        let metric = if em.generated.is_empty() {
+            m::COORD_RETRIES_TOTAL
+        } else {
+            m::COORD_MIGRATIONS_TOTAL
+        };
+        metrics::counter!(metric, "reason" => failure.reason()).increment(1);
+        app.events
+            .resent(worker, failure.reason(), !em.generated.is_empty());
+        tracing::warn!(
+            error = ?e,
+            tokens_sent = em.generated.len(),
+            resend = resends,
+            "sending the request to another worker pair"
+        );
+        facts.exclude.push(url.clone());
+    }
+}
