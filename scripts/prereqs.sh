@@ -16,6 +16,7 @@ PACKAGES=(
   libucx-dev   # UCX headers and libraries: the `ucx` feature (xpyd-ucx-sys)
   libclang-dev # libclang, loaded by bindgen in xpyd-ucx-sys's build script
   etcd-server  # `etcd`, started by the membership tests
+  iproute2     # `ip netns`: the tests that put workers on separate network hosts
 )
 
 installed() {

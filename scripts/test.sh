@@ -57,6 +57,12 @@ log "tests: clusters of real processes (one at a time: they time routing and lea
 cargo test --release --workspace --test cluster_tiny -- --ignored --test-threads=1
 cargo test --release --workspace --test cluster_real -- --ignored --test-threads=1
 cargo test --release --workspace --test cluster_bench -- --ignored --test-threads=1
+log "tests: failures cost no request (killed, frozen, panicking, draining, partitioned workers)"
+cargo test --release --workspace --test cluster_chaos -- --ignored --test-threads=1
+cargo test --release --workspace --test cluster_netns -- --ignored --test-threads=1
+cargo test --release --workspace --test cluster_chaos_real -- --ignored --test-threads=1
+log "tests: the supervisor (probes, scoped rebuild, drain, rolling upgrade and scale, events)"
+cargo test --release --workspace --test cluster_supervisor -- --ignored --test-threads=1
 
 log "tests: kv-transfer with the nccl feature (no GPU here: the clean-failure path)"
 cargo test --release -p xpyd-kv-transfer --features nccl

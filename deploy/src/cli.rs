@@ -1,11 +1,12 @@
 //! Command-line interface: parses the flags and calls into the crates — the role crates
-//! through `roles`, the supervisor (`up`), the small clients, and xpyd-bench for
+//! through `roles`, the supervisor (`up`) and its control-plane clients (`ops`: `down`,
+//! `scale`, `upgrade`, `events`), the small clients, and xpyd-bench for
 //! `xpyd bench …` and the hidden `xpyd kv-harness`. What only the binary knows (where
 //! it is, where the default model lives) is handed to the bench drivers as a [`Host`].
 
 use crate::exit::UsageError;
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{client, generate, roles, up};
+use crate::{client, generate, ops, roles, supervisor};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -48,7 +49,15 @@ enum Cmd {
         cmd: BenchCmd,
     },
     /// Start a cluster from a manifest: coordinator and workers as separate processes.
-    Up(up::UpArgs),
+    Up(supervisor::UpArgs),
+    /// Stop a running cluster gracefully (coordinator, then workers).
+    Down(ops::DownArgs),
+    /// Change the number of workers of a role of a running cluster.
+    Scale(ops::ScaleArgs),
+    /// Roll a running cluster to a changed manifest (rolled back if a new worker fails).
+    Upgrade(ops::UpgradeArgs),
+    /// The cluster's events: state changes, probe failures, rebuilds, scaling, upgrades.
+    Events(ops::EventsArgs),
     /// Show a running cluster's topology and load.
     Status(client::Target),
     /// Chat with a running cluster (streams the answer).
@@ -131,6 +140,10 @@ impl Cli {
             | Cmd::Model { .. }
             | Cmd::KvHarness { .. }
             | Cmd::Up(_)
+            | Cmd::Down(_)
+            | Cmd::Scale(_)
+            | Cmd::Upgrade(_)
+            | Cmd::Events(_)
             | Cmd::Status(_)
             | Cmd::Chat(_)
             | Cmd::Coordinator(_) => return Ok(()),
@@ -160,7 +173,11 @@ impl Cli {
             }
             Cmd::Bench { cmd } => bench(cmd),
             Cmd::KvHarness { cmd } => kv_harness::run(cmd, &host()?),
-            Cmd::Up(a) => up::run(&a),
+            Cmd::Up(a) => supervisor::run(&a),
+            Cmd::Down(a) => ops::down(&a),
+            Cmd::Scale(a) => ops::scale(&a),
+            Cmd::Upgrade(a) => ops::upgrade(&a),
+            Cmd::Events(a) => ops::events(&a),
             Cmd::Status(t) => client::status(&t),
             Cmd::Chat(a) => client::chat(&a),
             Cmd::Coordinator(a) => roles::coordinator(&a),

@@ -14,8 +14,6 @@ use xpyd_bench::http::get_json;
 
 /// Bound of `xpyd status`'s request.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
-/// Bound of one readiness poll of `xpyd up` (it polls every 200 ms until its deadline).
-const POLL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound of connecting to the coordinator.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest silence of a streamed chat answer (each read restarts it): above the
@@ -32,14 +30,40 @@ pub fn state_file(name: &str) -> PathBuf {
         .join(format!("{name}.json"))
 }
 
-/// Records the URLs of a cluster.
-pub fn write_state(name: &str, http: &str, grpc: &str) -> Result<()> {
+/// Where a running cluster listens (the state file's content).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterState {
+    /// The coordinator's HTTP URL.
+    pub http: String,
+    /// The coordinator's gRPC URL.
+    pub grpc: String,
+    /// The supervisor's control endpoint.
+    #[serde(default)]
+    pub control: String,
+    /// The `xpyd up` process.
+    pub pid: u32,
+}
+
+/// Records where a cluster listens.
+pub fn write_state(name: &str, state: &ClusterState) -> Result<()> {
     let p = state_file(name);
     if let Some(d) = p.parent() {
         std::fs::create_dir_all(d)?;
     }
-    let v = json!({"http": http, "grpc": grpc, "pid": std::process::id()});
-    std::fs::write(&p, v.to_string()).with_context(|| format!("write {}", p.display()))
+    let v = serde_json::to_string(state)?;
+    std::fs::write(&p, v).with_context(|| format!("write {}", p.display()))
+}
+
+/// The state of the running cluster of the manifest at `file`.
+///
+/// # Errors
+/// A manifest that does not load, or no running cluster of that name.
+pub fn read_state(file: &std::path::Path) -> Result<ClusterState> {
+    let m = crate::manifest::Manifest::load(file)?;
+    let p = state_file(&m.name);
+    let s = std::fs::read_to_string(&p)
+        .with_context(|| format!("no running cluster `{}` ({} missing)", m.name, p.display()))?;
+    serde_json::from_str(&s).with_context(|| format!("{} is not a cluster state", p.display()))
 }
 
 /// Which cluster a client talks to.
@@ -54,31 +78,19 @@ pub struct Target {
 }
 
 impl Target {
-    fn http(&self) -> Result<String> {
+    /// The coordinator's HTTP URL: `--url`, or from the running cluster's state file.
+    ///
+    /// # Errors
+    /// Neither given, or no running cluster of that manifest.
+    pub fn http(&self) -> Result<String> {
         if let Some(u) = &self.url {
             return Ok(u.trim_end_matches('/').to_string());
         }
         let Some(f) = &self.file else {
             return Err(UsageError("give --url or -f MANIFEST".into()).into());
         };
-        let m = crate::manifest::Manifest::load(f)?;
-        let p = state_file(&m.name);
-        let s = std::fs::read_to_string(&p).with_context(|| {
-            format!("no running cluster `{}` ({} missing)", m.name, p.display())
-        })?;
-        let v: Value = serde_json::from_str(&s)?;
-        Ok(v["http"].as_str().unwrap_or_default().to_string())
+        Ok(read_state(f)?.http)
     }
-}
-
-/// Ready workers according to the coordinator's `/v1/cluster` (one poll, at most
-/// `POLL_TIMEOUT`).
-pub fn ready_workers(url: &str) -> Result<usize> {
-    let v = get_json(url, POLL_TIMEOUT)?;
-    Ok(v["workers"]
-        .as_array()
-        .map(|a| a.iter().filter(|w| w["state"] == "ready").count())
-        .unwrap_or(0))
 }
 
 /// `xpyd status`.

@@ -9,8 +9,9 @@ mod exit;
 mod generate;
 mod manifest;
 mod model_fetch;
+mod ops;
 mod roles;
-mod up;
+mod supervisor;
 
 use clap::Parser;
 use std::process::ExitCode;

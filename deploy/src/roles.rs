@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::net::TcpListener;
 use xpyd_runtime::RegistryBackend;
-use xpyd_runtime::shutdown::on_signal;
+use xpyd_runtime::shutdown::{CancellationToken, on_signal};
 use xpyd_runtime::worker::Membership;
 
 /// Flags of `xpyd coordinator`.
@@ -28,6 +28,9 @@ pub struct CoordinatorArgs {
     /// Override `coordinator.grpc_port`.
     #[arg(long)]
     pub grpc_port: Option<u16>,
+    /// Stop when this process (the `xpyd up` that started it) is gone.
+    #[arg(long, hide = true)]
+    pub supervisor_pid: Option<i32>,
 }
 
 /// Flags of `xpyd worker`.
@@ -48,6 +51,13 @@ pub struct WorkerArgs {
     /// The coordinator's gRPC URL (embedded registry).
     #[arg(long)]
     pub registry_url: Option<String>,
+    /// Stop when this process (the `xpyd up` that started it) is gone.
+    #[arg(long, hide = true)]
+    pub supervisor_pid: Option<i32>,
+    /// Address to bind and advertise (default: the manifest's `coordinator.host`); a
+    /// worker on another host or network namespace gives its own.
+    #[arg(long)]
+    pub host: Option<String>,
 }
 
 /// `--role` of `xpyd worker`.
@@ -132,11 +142,17 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
     cfg.queue_timeout_ms = c.queue_timeout_ms as u64;
     cfg.first_token_timeout_s = c.first_token_timeout_s as u64;
     cfg.request_timeout_s = c.request_timeout_s as u64;
+    cfg.max_migrations = c.max_migrations;
+    cfg.client_stall_timeout_s = c.client_stall_timeout_s as u64;
     cfg.max_request_bytes = c.max_request_bytes as usize;
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
     cfg.lease_ttl = Duration::from_millis(m.registry.lease_ttl_ms as u64);
     cfg.renew_interval = Duration::from_millis(m.registry.renew_interval_ms as u64);
+    cfg.events = xpyd_runtime::events::Retention {
+        max_age: Duration::from_secs(m.events.retention_s),
+        max_events: m.events.max_events as usize,
+    };
     if m.registry.backend == manifest::RegistryBackend::Etcd {
         cfg.membership = xpyd_coordinator::Membership::Etcd {
             endpoints: m.registry.endpoints.clone(),
@@ -152,9 +168,39 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         });
         println!("{urls}");
         let listeners = xpyd_coordinator::Listeners { http, grpc };
-        xpyd_coordinator::run(cfg, listeners, on_signal()).await?;
+        let shutdown = on_signal();
+        watch_parent(a.supervisor_pid, &shutdown, c.graceful_shutdown.timeout());
+        xpyd_coordinator::run(cfg, listeners, shutdown).await?;
         Ok(())
     })
+}
+
+/// How often a role process checks that its supervisor is still there.
+const PARENT_POLL: Duration = Duration::from_millis(200);
+
+/// Parent-death watchdog, the safe stand-in for `PR_SET_PDEATHSIG` (which needs `unsafe`
+/// in `pre_exec`): a thread polls `getppid()`; when it is no longer `parent` (the
+/// supervisor died, even by SIGKILL, and the process was re-parented), it starts the
+/// graceful stop as SIGTERM would and ends the process when `grace` has passed.
+fn watch_parent(parent: Option<i32>, shutdown: &CancellationToken, grace: Duration) {
+    let Some(parent) = parent else {
+        return;
+    };
+    let token = shutdown.clone();
+    let spawned = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || {
+            while nix::unistd::getppid().as_raw() == parent {
+                std::thread::sleep(PARENT_POLL);
+            }
+            eprintln!("xpyd: supervisor (pid {parent}) is gone; stopping");
+            token.cancel();
+            std::thread::sleep(grace);
+            std::process::exit(1);
+        });
+    if let Err(e) = spawned {
+        eprintln!("xpyd: parent watchdog: {e}");
+    }
 }
 
 /// The etcd key prefix of a manifest's cluster.
@@ -173,6 +219,15 @@ pub fn mock_latency_of_profile(path: &Path) -> Result<xpyd_engine::MockLatency> 
         .with_context(|| format!("{}: no valid `mock_latency` section", path.display()))?;
     l.validate()?;
     Ok(l)
+}
+
+/// How long a worker's drain waits for in-flight requests: its `graceful_shutdown`
+/// budget less a margin for closing down, so the process exits before the supervisor's
+/// SIGKILL at the end of that budget.
+fn drain_timeout(budget: Duration) -> Duration {
+    budget
+        .saturating_sub(Duration::from_millis(500))
+        .max(Duration::from_millis(500))
 }
 
 /// `xpyd worker`.
@@ -219,12 +274,23 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         renew: Duration::from_millis(m.registry.renew_interval_ms as u64),
     };
     let worker_id = format!("{}-{}", role.name(), a.index);
-    let host = m.coordinator.host.clone();
+    let host = a.host.clone().unwrap_or_else(|| m.coordinator.host.clone());
     let max_running = spec.max_running_for(role) as usize;
     runtime()?.block_on(async {
         let shutdown = on_signal();
+        watch_parent(
+            a.supervisor_pid,
+            &shutdown,
+            spec.graceful_shutdown.timeout(),
+        );
         let grpc = bind(&host, 0).await?;
         let http = bind(&host, 0).await?;
+        // The supervisor reads this line to probe the worker's HTTP port.
+        let urls = serde_json::json!({
+            "http": format!("http://{}", http.local_addr()?),
+            "grpc": format!("http://{}", grpc.local_addr()?),
+        });
+        println!("{urls}");
         match role {
             Role::Prefill => {
                 let cfg = xpyd_prefill_worker::Config {
@@ -233,6 +299,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
                     max_queue: max_running.max(1) * 64,
                     membership,
                     advertise_host: host,
+                    drain_timeout: drain_timeout(spec.graceful_shutdown.timeout()),
                 };
                 let l = xpyd_prefill_worker::Listeners { grpc, http };
                 xpyd_prefill_worker::run(cfg, l, shutdown).await?;
@@ -252,6 +319,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
                         .map_err(|e: String| anyhow::anyhow!("kv.backend: {e}"))?,
                     membership,
                     advertise_host: host,
+                    drain_timeout: drain_timeout(spec.graceful_shutdown.timeout()),
                 };
                 let l = xpyd_decode_worker::Listeners { grpc, http, kv };
                 xpyd_decode_worker::run(cfg, l, shutdown).await?;

@@ -1121,6 +1121,7 @@ fn worker_cancel_rpcs_stop_a_prefill_and_free_a_decode_reservation() {
                 ..Default::default()
             }),
             target_json: r.target_json,
+            prompt_len: 0,
         };
         let mut pc2 = pc.clone();
         let prefill = tokio::spawn(async move { pc2.prefill(preq).await });

@@ -5,16 +5,22 @@
 //! values of the first problem it finds (`roles.decode.replicas: 0 is out of range
 //! 1..=64`). See `deploy/examples/*.yaml` for commented manifests.
 
+mod reliability;
 mod types;
+mod upgrade;
 mod validate;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_reliability;
 
+pub use reliability::{EventsSpec, Probe, ProbeAction, ProbeKind, RebuildScope, UpgradeSpec};
 pub use types::{
     CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RegistryBackend, RegistrySpec,
     RoleSpec, RolesSpec, RoutingPolicy, RoutingSpec,
 };
+pub use upgrade::UpgradeChanges;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -140,6 +146,12 @@ pub struct Manifest {
     pub kv: KvSpec,
     /// Worker roles; which ones are allowed depends on [`Manifest::mode`]. Required.
     pub roles: RolesSpec,
+    /// Rolling-upgrade strategy of `xpyd upgrade`.
+    #[serde(default)]
+    pub upgrade: UpgradeSpec,
+    /// Retention of the cluster's events.
+    #[serde(default)]
+    pub events: EventsSpec,
 }
 
 fn default_model() -> String {
@@ -228,6 +240,7 @@ impl Manifest {
     }
 
     /// Total worker processes the manifest asks for.
+    #[cfg(test)]
     pub fn total_replicas(&self) -> u32 {
         self.worker_roles().iter().map(|(_, s)| s.replicas).sum()
     }

@@ -370,6 +370,16 @@ fn coordinator_ranges_name_their_fields() {
         "exceeds coordinator.request_timeout_s",
     );
     assert_invalid(
+        c("max_migrations: 17"),
+        "coordinator.max_migrations",
+        "0..=16",
+    );
+    assert_invalid(
+        c("client_stall_timeout_s: 0"),
+        "coordinator.client_stall_timeout_s",
+        "1..=3600",
+    );
+    assert_invalid(
         c("max_request_bytes: 1000"),
         "coordinator.max_request_bytes",
         "1048576..=52428800",

@@ -1,6 +1,7 @@
 //! The manifest's subsystem sections and enums, with their serde defaults.
 
 use super::Role;
+use super::reliability::{GracefulShutdown, ProbesSpec, RebuildScope};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::fmt;
 
@@ -24,6 +25,14 @@ pub struct CoordinatorSpec {
     pub request_timeout_s: u32,
     /// Largest request body, 1 MiB..=50 MiB (default 10 MiB).
     pub max_request_bytes: u64,
+    /// Re-sends of one request after a worker failed it (in-flight migration), `0..=16`
+    /// (default 3); beyond them the client gets a clear error.
+    pub max_migrations: u32,
+    /// A client that reads nothing of its stream for this long is cut off and its KV
+    /// freed, `1..=3600` s (default 30).
+    pub client_stall_timeout_s: u32,
+    /// How `xpyd up` stops the coordinator (after which it stops the workers).
+    pub graceful_shutdown: GracefulShutdown,
 }
 
 impl Default for CoordinatorSpec {
@@ -37,6 +46,9 @@ impl Default for CoordinatorSpec {
             first_token_timeout_s: 120,
             request_timeout_s: 3600,
             max_request_bytes: 10 * 1024 * 1024,
+            max_migrations: 3,
+            client_stall_timeout_s: 30,
+            graceful_shutdown: GracefulShutdown::default(),
         }
     }
 }
@@ -350,6 +362,16 @@ pub struct RoleSpec {
     /// Only with `engine: mock`, and not together with `mock_latency`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mock_profile: Option<std::path::PathBuf>,
+    /// Health probes run by `xpyd up`: `startup`, `readiness`, `liveness`.
+    #[serde(default)]
+    pub probes: ProbesSpec,
+    /// What a failed worker's rebuild restarts: `process` (default), `unit_replica`,
+    /// `unit` or `deployment_replica`.
+    #[serde(default)]
+    pub rebuild_scope: RebuildScope,
+    /// How a worker of this role is stopped.
+    #[serde(default)]
+    pub graceful_shutdown: GracefulShutdown,
 }
 
 fn default_threads() -> u32 {
@@ -379,6 +401,9 @@ impl RoleSpec {
             engine: EngineKind::Real,
             mock_latency: None,
             mock_profile: None,
+            probes: ProbesSpec::default(),
+            rebuild_scope: RebuildScope::Process,
+            graceful_shutdown: GracefulShutdown::default(),
         }
     }
 

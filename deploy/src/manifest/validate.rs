@@ -1,8 +1,9 @@
 //! Range and consistency checks for a parsed manifest; each error names its field path.
 
+use super::reliability::{GracefulShutdown, PROBE_MAX, ProbeKind, ProbeSpec};
 use super::{
-    CoordinatorSpec, EngineKind, KvSpec, Manifest, ManifestError, Mode, PinScope, RegistryBackend,
-    RegistrySpec, Role, RoleSpec, RoutingSpec,
+    CoordinatorSpec, EngineKind, EventsSpec, KvSpec, Manifest, ManifestError, Mode, PinScope,
+    RegistryBackend, RegistrySpec, Role, RoleSpec, RoutingSpec, UpgradeSpec,
 };
 use std::fmt::Display;
 
@@ -27,6 +28,8 @@ pub(super) fn manifest(m: &Manifest) -> Result {
     registry(&m.registry)?;
     routing(&m.routing)?;
     kv(&m.kv)?;
+    upgrade(&m.upgrade)?;
+    events(&m.events)?;
     for role in Role::ALL {
         if let Some(spec) = m.roles.get(role) {
             role_spec(role, spec)?;
@@ -120,6 +123,13 @@ fn coordinator(c: &CoordinatorSpec) -> Result {
         1,
         3600,
     )?;
+    range("coordinator.max_migrations", c.max_migrations, 0, 16)?;
+    range(
+        "coordinator.client_stall_timeout_s",
+        c.client_stall_timeout_s,
+        1,
+        3600,
+    )?;
     if c.first_token_timeout_s > c.request_timeout_s {
         return Err(ManifestError::invalid(
             "coordinator.first_token_timeout_s",
@@ -135,7 +145,8 @@ fn coordinator(c: &CoordinatorSpec) -> Result {
         c.max_request_bytes,
         MIB,
         50 * MIB,
-    )
+    )?;
+    graceful("coordinator.graceful_shutdown", &c.graceful_shutdown)
 }
 
 /// An IP address or a DNS host name.
@@ -289,7 +300,106 @@ fn role_spec(role: Role, s: &RoleSpec) -> Result {
         0,
         10_000_000,
     )?;
+    for kind in ProbeKind::ALL {
+        probe(&f(&format!("probes.{kind}")), s.probes.get(kind))?;
+    }
+    graceful(&f("graceful_shutdown"), &s.graceful_shutdown)?;
     mock_latency(role, s)
+}
+
+/// `^/[a-zA-Z0-9-_/]{0,1024}$`: the probe paths the managed product allows.
+fn http_path(field: &str, p: &str) -> Result {
+    let ok = p.starts_with('/')
+        && p.len() <= 1025
+        && p[1..]
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'/');
+    if ok {
+        return Ok(());
+    }
+    Err(ManifestError::invalid(
+        field,
+        format!("`{p}` must match ^/[a-zA-Z0-9-_/]{{0,1024}}$ (e.g. /health)"),
+    ))
+}
+
+/// A command: a non-empty list whose first element (the program) is not empty.
+fn command(field: &str, c: &[String]) -> Result {
+    let body_empty = c.len() == 3 && c[0] == "sh" && c[1] == "-c" && c[2].trim().is_empty();
+    if c.is_empty() || c[0].trim().is_empty() || body_empty {
+        return Err(ManifestError::invalid(
+            field,
+            "must be a non-empty command: a string (run with sh -c) or a list [program, args…]",
+        ));
+    }
+    Ok(())
+}
+
+fn probe(field: &str, p: &ProbeSpec) -> Result {
+    if p.http_path.is_some() && p.command.is_some() {
+        return Err(ManifestError::invalid(
+            format!("{field}.command"),
+            "give either http_path or command, not both",
+        ));
+    }
+    if let Some(path) = &p.http_path {
+        http_path(&format!("{field}.http_path"), path)?;
+    }
+    if let Some(c) = &p.command {
+        command(&format!("{field}.command"), c)?;
+    }
+    for (name, v) in [
+        ("delay_s", p.delay_s),
+        ("interval_s", p.interval_s),
+        ("timeout_s", p.timeout_s),
+        ("failure_threshold", p.failure_threshold),
+    ] {
+        if let Some(v) = v {
+            range(format!("{field}.{name}"), v, 1, PROBE_MAX)?;
+        }
+    }
+    Ok(())
+}
+
+fn graceful(field: &str, g: &GracefulShutdown) -> Result {
+    range(format!("{field}.timeout_s"), g.timeout_s, 1, 3600)?;
+    if let Some(c) = &g.shutdown_command {
+        command(&format!("{field}.shutdown_command"), c)?;
+    }
+    Ok(())
+}
+
+fn upgrade(u: &UpgradeSpec) -> Result {
+    if u.preset.is_some() && (u.max_surge_percent.is_some() || u.max_unavailable_percent.is_some())
+    {
+        let f = if u.max_surge_percent.is_some() {
+            "upgrade.max_surge_percent"
+        } else {
+            "upgrade.max_unavailable_percent"
+        };
+        return Err(ManifestError::invalid(
+            f,
+            "give either upgrade.preset or the two percentages, not both",
+        ));
+    }
+    let (surge, unavailable) = u.percents();
+    range("upgrade.max_surge_percent", surge, 0, 100)?;
+    range("upgrade.max_unavailable_percent", unavailable, 0, 100)?;
+    if let Some(d) = u.progress_deadline_s {
+        range("upgrade.progress_deadline_s", d, 10, 3600)?;
+    }
+    if surge == 0 && unavailable == 0 {
+        return Err(ManifestError::invalid(
+            "upgrade.max_surge_percent",
+            "and upgrade.max_unavailable_percent are both 0: an upgrade could never make progress",
+        ));
+    }
+    Ok(())
+}
+
+fn events(e: &EventsSpec) -> Result {
+    range("events.retention_s", e.retention_s, 60, 31_536_000)?;
+    range("events.max_events", e.max_events, 100, 1_000_000)
 }
 
 fn mock_latency(role: Role, s: &RoleSpec) -> Result {

@@ -41,6 +41,12 @@ impl Up {
     /// Like [`Up::start`], with the workers' debug step delays (`XPYD_DEBUG_DELAY`, e.g.
     /// `decode-1=50`) set for the processes it starts.
     pub fn start_env(yaml: &str, model: &Path, delays: &str) -> Up {
+        Up::start_with(yaml, model, &[("XPYD_DEBUG_DELAY", delays)])
+    }
+
+    /// Like [`Up::start`], with these environment variables set for the processes it
+    /// starts (test knobs such as `XPYD_DEBUG_DELAY` and `XPYD_DEBUG_PANIC`).
+    pub fn start_with(yaml: &str, model: &Path, env: &[(&str, &str)]) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("cluster.yaml");
         std::fs::write(&manifest, yaml).unwrap();
@@ -50,7 +56,7 @@ impl Up {
             .arg("--model")
             .arg(model)
             .args(["--grace-s", "20"])
-            .env("XPYD_DEBUG_DELAY", delays)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -162,19 +168,26 @@ impl Up {
     }
 }
 
+/// Stops `xpyd up` as Ctrl-C does (its children stop with it), or kills it when it has
+/// not exited within `limit`.
+pub fn interrupt_child(c: &mut Child, limit: Duration) {
+    let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGINT);
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if let Ok(Some(_)) = c.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
         if std::thread::panicking() {
             if let Some(mut c) = self.child.take() {
-                let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGINT);
-                let t0 = Instant::now();
-                while t0.elapsed() < Duration::from_secs(30) {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        return;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                let _ = c.kill();
+                interrupt_child(&mut c, Duration::from_secs(30));
             }
         } else {
             self.interrupt();
@@ -196,6 +209,22 @@ pub fn get(url: &str) -> (u16, Value) {
     let code = resp.status().as_u16();
     let s = resp.into_body().read_to_string().unwrap();
     (code, serde_json::from_str(&s).unwrap_or(Value::String(s)))
+}
+
+/// The sum over every series of metric `name` (a counter, or a histogram's `_count`)
+/// whose line contains `filter` (`""`: all), from `{http}/metrics`.
+pub fn metric_sum(http: &str, name: &str, filter: &str) -> f64 {
+    let text = agent()
+        .get(&format!("{http}/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// `POST` a raw body: (status, JSON body or string, Retry-After).
@@ -221,6 +250,29 @@ pub fn post_raw(
         serde_json::from_str(&s).unwrap_or(Value::String(s)),
         retry,
     )
+}
+
+/// `POST` a JSON body with at most `timeout` for the whole exchange: (status, JSON body or
+/// string), or the transport error (refused, reset, timeout, a truncated body) as text
+/// instead of a panic.
+pub fn try_post_raw(url: &str, body: &str, timeout: Duration) -> Result<(u16, Value), String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let resp = agent
+        .post(url)
+        .header("content-type", "application/json")
+        .send(body)
+        .map_err(|e| format!("{url}: {e}"))?;
+    let code = resp.status().as_u16();
+    let s = resp
+        .into_body()
+        .read_to_string()
+        .map_err(|e| format!("{url}: reading the body: {e}"))?;
+    let v = serde_json::from_str(&s).unwrap_or(Value::String(s));
+    Ok((code, v))
 }
 
 /// Streams `body` (with `stream: true`) over SSE: the content of every chunk in order and

@@ -1,0 +1,255 @@
+//! The supervisor's control endpoint (I/O), bound on 127.0.0.1 at an ephemeral port that
+//! the cluster's state file records. The CLI (`xpyd scale/upgrade/down`), and later the
+//! ratio advisor and the dashboard, call it:
+//!
+//! | call | answer |
+//! |---|---|
+//! | `GET /v1/supervisor` | service state, version, coordinator, every worker (state, pid, restarts), the upgrade in progress and the last one |
+//! | `POST /v1/scale {"role": R, "replicas": N}` | 200 `{role, from, to}`; 400 naming `role` or `replicas`; 409 during an upgrade or a stop |
+//! | `POST /v1/upgrade {"manifest": YAML, "dir": D}` | 202 `{from, to, roll}`; 400 naming the manifest field; 409 when busy |
+//! | `POST /v1/down` | 202; the cluster stops gracefully |
+//!
+//! Each call becomes a [`Command`] to the supervisor's actor over a bounded channel and
+//! waits for its reply. Errors are `{"error": {"message", "field"}}`.
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// A refused control call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlError {
+    /// HTTP status (400 bad input, 409 busy, 503 the supervisor is gone).
+    pub status: u16,
+    /// The field at fault, if any.
+    pub field: Option<String>,
+    /// What is wrong; starts with `field: ` when there is a field.
+    pub message: String,
+}
+
+impl CtlError {
+    /// 400 naming `field`.
+    pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Self {
+        CtlError {
+            status: 400,
+            field: Some(field.into()),
+            message: format!("{field}: {reason}"),
+        }
+    }
+
+    /// 409: not now.
+    pub fn busy(reason: impl Into<String>) -> Self {
+        CtlError {
+            status: 409,
+            field: None,
+            message: reason.into(),
+        }
+    }
+}
+
+impl IntoResponse for CtlError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        let body = json!({"error": {"message": self.message, "field": self.field}});
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// A reply to a control call.
+pub type Reply = oneshot::Sender<Result<Value, CtlError>>;
+
+/// What the endpoint asks the actor.
+pub enum Command {
+    /// `GET /v1/supervisor`.
+    Status(oneshot::Sender<Value>),
+    /// `POST /v1/scale`.
+    Scale {
+        /// Role name as given.
+        role: String,
+        /// Wanted replicas, `1..=64`.
+        replicas: u32,
+        /// The answer.
+        reply: Reply,
+    },
+    /// `POST /v1/upgrade`.
+    Upgrade {
+        /// The new manifest's YAML.
+        manifest: String,
+        /// Directory relative paths in it are relative to (where it was read).
+        dir: Option<PathBuf>,
+        /// The answer.
+        reply: Reply,
+    },
+    /// `POST /v1/down`.
+    Down(oneshot::Sender<()>),
+}
+
+/// Serves the control endpoint on `listener` until `stop`.
+pub async fn serve(listener: TcpListener, cmds: mpsc::Sender<Command>, stop: CancellationToken) {
+    let app = Router::new()
+        .route("/v1/supervisor", get(status))
+        .route("/v1/scale", post(scale))
+        .route("/v1/upgrade", post(upgrade))
+        .route("/v1/down", post(down))
+        .with_state(cmds);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(e) = served {
+        eprintln!("xpyd up: control endpoint: {e}");
+    }
+}
+
+fn gone() -> CtlError {
+    CtlError {
+        status: 503,
+        field: None,
+        message: "the supervisor is stopping".into(),
+    }
+}
+
+async fn ask(cmds: &mpsc::Sender<Command>, make: impl FnOnce(Reply) -> Command) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if cmds.send(make(tx)).await.is_err() {
+        return gone().into_response();
+    }
+    match rx.await {
+        Ok(Ok(v)) => {
+            let code = if v.get("accepted").is_some() {
+                StatusCode::ACCEPTED
+            } else {
+                StatusCode::OK
+            };
+            (code, axum::Json(v)).into_response()
+        }
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => gone().into_response(),
+    }
+}
+
+async fn status(State(cmds): State<mpsc::Sender<Command>>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if cmds.send(Command::Status(tx)).await.is_err() {
+        return gone().into_response();
+    }
+    match rx.await {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(_) => gone().into_response(),
+    }
+}
+
+fn json_body(body: &[u8]) -> Result<serde_json::Map<String, Value>, CtlError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(CtlError::invalid("body", "must be a JSON object")),
+        Err(e) => Err(CtlError::invalid("body", format!("invalid JSON: {e}"))),
+    }
+}
+
+/// `{role, replicas}` of a scale call.
+pub fn parse_scale(body: &[u8]) -> Result<(String, u32), CtlError> {
+    let m = json_body(body)?;
+    if let Some(k) = m.keys().find(|k| *k != "role" && *k != "replicas") {
+        return Err(CtlError::invalid(k, "unknown field (role, replicas)"));
+    }
+    let role = match m.get("role") {
+        Some(Value::String(r)) => r.clone(),
+        Some(v) => return Err(CtlError::invalid("role", format!("{v} is not a role name"))),
+        None => return Err(CtlError::invalid("role", "is required")),
+    };
+    let replicas = match m.get("replicas") {
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| CtlError::invalid("replicas", format!("{v} is out of range 1..=64")))?,
+        None => return Err(CtlError::invalid("replicas", "is required")),
+    };
+    Ok((role, replicas as u32))
+}
+
+async fn scale(State(cmds): State<mpsc::Sender<Command>>, body: Bytes) -> Response {
+    match parse_scale(&body) {
+        Ok((role, replicas)) => {
+            ask(&cmds, |reply| Command::Scale {
+                role,
+                replicas,
+                reply,
+            })
+            .await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn upgrade(State(cmds): State<mpsc::Sender<Command>>, body: Bytes) -> Response {
+    let m = match json_body(&body) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
+    let Some(Value::String(manifest)) = m.get("manifest").cloned() else {
+        return CtlError::invalid("manifest", "is required: the new manifest's YAML text")
+            .into_response();
+    };
+    let dir = m.get("dir").and_then(|d| d.as_str()).map(PathBuf::from);
+    ask(&cmds, |reply| Command::Upgrade {
+        manifest,
+        dir,
+        reply,
+    })
+    .await
+}
+
+async fn down(State(cmds): State<mpsc::Sender<Command>>) -> Response {
+    let (tx, rx) = oneshot::channel();
+    if cmds.send(Command::Down(tx)).await.is_err() || rx.await.is_err() {
+        return gone().into_response();
+    }
+    (StatusCode::ACCEPTED, axum::Json(json!({"accepted": true}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_bodies_are_checked_by_field() {
+        assert_eq!(
+            parse_scale(br#"{"role":"decode","replicas":3}"#).unwrap(),
+            ("decode".into(), 3)
+        );
+        for (body, field) in [
+            (&br#"{"replicas":3}"#[..], "role"),
+            (br#"{"role":7,"replicas":3}"#, "role"),
+            (br#"{"role":"decode"}"#, "replicas"),
+            (br#"{"role":"decode","replicas":0}"#, "replicas"),
+            (br#"{"role":"decode","replicas":65}"#, "replicas"),
+            (br#"{"role":"decode","replicas":"two"}"#, "replicas"),
+            (br#"{"role":"decode","replicas":-1}"#, "replicas"),
+            (br#"{"role":"decode","replicas":2,"force":true}"#, "force"),
+            (b"[1]", "body"),
+            (b"nope", "body"),
+        ] {
+            let e = parse_scale(body).unwrap_err();
+            assert_eq!(
+                e.field.as_deref(),
+                Some(field),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(e.status, 400);
+            assert!(
+                e.message.starts_with(&format!("{field}: ")),
+                "{}",
+                e.message
+            );
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! `xpyd up`: the local supervisor. Starts the coordinator and every worker of a manifest
+//! as processes of their own (this same binary, `xpyd coordinator` / `xpyd worker`),
+//! probes each worker (startup, readiness, liveness), keeps a state machine per worker
+//! and one for the service, takes workers out of routing when their readiness fails,
+//! rebuilds failed ones with their role's scope and a backoff, scales and rolls
+//! upgrades on request, and reports every change as an event to the coordinator's log.
+//!
+//! It prints `supervisor: URL` (its control endpoint, see [`control`]) at once, and
+//! `http:`, `grpc:` and `ready` once every worker is ready and routed. The URLs are also
+//! in the cluster's state file (`client::state_file`), which `xpyd status/scale/
+//! upgrade/down/events -f MANIFEST` read. Ctrl-C or SIGTERM stops the cluster gracefully
+//! (coordinator first, then the workers, each within its `graceful_shutdown`); a second
+//! one kills every child at once and exits with 130. Children are in process groups of
+//! their own and watch this process (`--supervisor-pid`): if it dies, even by SIGKILL,
+//! they stop too.
+//!
+//! Pure cores: `states` (state machines), `probes` (probe scheduling), `rebuild`
+//! (scopes, backoff), `plan` (rolling-upgrade steps). I/O: `process`, `probe_exec`,
+//! `report`, `control`. The actor that ties them: `actor`, `lifecycle`, `coord`,
+//! `rollout`.
+
+mod actor;
+pub mod control;
+mod coord;
+mod lifecycle;
+mod plan;
+mod probe_exec;
+mod probes;
+mod process;
+mod rebuild;
+mod report;
+mod rollout;
+mod states;
+
+use crate::client::{self, ClusterState};
+use crate::manifest::Manifest;
+use crate::roles;
+use actor::{Settings, Supervisor, Wiring};
+use anyhow::Result;
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `xpyd up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// The cluster manifest (see deploy/examples/).
+    #[arg(short = 'f', long)]
+    pub file: PathBuf,
+    /// Model file (default: from the manifest).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Send this chat message once the cluster is ready, stream the answer, then stop.
+    #[arg(long)]
+    pub ask: Option<String>,
+    /// `max_tokens` of the `--ask` request.
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: u32,
+    /// Give up if the cluster is not ready after this long.
+    #[arg(long, default_value_t = 600)]
+    pub ready_timeout_s: u64,
+    /// Time every process gets to stop after SIGTERM before SIGKILL (default: each
+    /// role's `graceful_shutdown.timeout_s`).
+    #[arg(long)]
+    pub grace_s: Option<u64>,
+}
+
+/// Runs `xpyd up`.
+///
+/// # Errors
+/// A bad manifest, a process that cannot start, or a deployment that gave up.
+pub fn run(a: &UpArgs) -> Result<()> {
+    let m = roles::check(&a.file)?;
+    // Fetch the model once here rather than in every child at the same time.
+    let model = roles::model_path(&m, &a.model)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(supervise(a, m, &model))
+}
+
+/// First signal: a graceful stop. Second: SIGKILL every child and exit with 130.
+fn on_signals(stop: CancellationToken, pids: process::Pids) {
+    tokio::spawn(async move {
+        xpyd_runtime::shutdown::signal().await;
+        stop.cancel();
+        xpyd_runtime::shutdown::signal().await;
+        eprintln!("xpyd up: second signal: killing every process now");
+        process::kill_all(&pids);
+        std::process::exit(xpyd_runtime::shutdown::SECOND_SIGNAL_EXIT);
+    });
+}
+
+async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let stop = CancellationToken::new();
+    let pids = process::Pids::default();
+    on_signals(stop.clone(), pids.clone());
+    let (msgs_tx, msgs_rx) = mpsc::channel(1024);
+    let coord = coord::start_coordinator(coord::CoordStart {
+        exe: &exe,
+        file: &a.file,
+        model,
+        pids: &pids,
+        msgs: &msgs_tx,
+    })
+    .await;
+    let coord = match coord {
+        Ok(c) => c,
+        Err(e) => {
+            process::kill_all(&pids);
+            return Err(e);
+        }
+    };
+    let (http, grpc) = (coord.http.clone(), coord.grpc.clone());
+    let bg = CancellationToken::new();
+    let reporter = report::spawn(http.clone(), bg.clone());
+    let routed = report::poll_cluster(http.clone(), bg.clone());
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let control_url = format!("http://{}", listener.local_addr()?);
+    let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    tokio::spawn(control::serve(listener, cmd_tx, bg.clone()));
+    println!("supervisor: {control_url}");
+    let _ = std::io::stdout().flush();
+    let state = ClusterState {
+        http: http.clone(),
+        grpc: grpc.clone(),
+        control: control_url,
+        pid: std::process::id(),
+    };
+    client::write_state(&m.name, &state)?;
+    let run_dir = client::state_file(&m.name)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir);
+    let settings = Settings {
+        name: m.name.clone(),
+        exe,
+        model: model.to_path_buf(),
+        file: a.file.clone(),
+        grace: a.grace_s.map(Duration::from_secs),
+        ready_timeout: Duration::from_secs(a.ready_timeout_s),
+        run_dir: run_dir.clone(),
+    };
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let name = m.name.clone();
+    let wiring = Wiring {
+        coord,
+        reporter,
+        msgs: msgs_tx,
+        pids,
+        routed,
+        ready_tx,
+    };
+    let sup = Supervisor::new(settings, m, wiring);
+    let mut actor = tokio::spawn(sup.run(cmd_rx, msgs_rx, stop.clone()));
+    let mut asked = Ok(());
+    let mut ended = None;
+    tokio::select! {
+        r = ready_rx => if r.is_ok() {
+            asked = announce(a, &http, &grpc).await;
+            if a.ask.is_some() {
+                stop.cancel();
+            }
+        },
+        r = &mut actor => ended = Some(r),
+    }
+    let ended = match ended {
+        Some(r) => r,
+        None => actor.await,
+    };
+    let result = ended.map_err(anyhow::Error::from).and_then(|r| r);
+    bg.cancel();
+    cleanup(&name, &run_dir);
+    result.and(asked)
+}
+
+/// Prints the URLs and `ready`; with `--ask`, streams that one question's answer.
+async fn announce(a: &UpArgs, http: &str, grpc: &str) -> Result<()> {
+    println!("http: {http}");
+    println!("grpc: {grpc}");
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    let Some(q) = a.ask.clone() else {
+        return Ok(());
+    };
+    let (url, n) = (http.to_string(), a.max_tokens);
+    tokio::task::spawn_blocking(move || client::chat_once(&url, &q, n, &mut std::io::stdout()))
+        .await?
+}
+
+/// Removes the state file and the upgraded manifests of cluster `name`.
+fn cleanup(name: &str, run_dir: &Path) {
+    let _ = std::fs::remove_file(client::state_file(name));
+    if let Ok(dir) = std::fs::read_dir(run_dir) {
+        let prefix = format!("{name}-v");
+        for e in dir.flatten() {
+            let f = e.file_name().to_string_lossy().into_owned();
+            if f.starts_with(&prefix) && f.ends_with(".yaml") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
