@@ -119,6 +119,11 @@ fn source_ip_hash_is_sticky_and_spreads() {
     }
     let distinct: std::collections::HashSet<&String> = home.values().collect();
     assert!(distinct.len() >= 2, "6 sources all on one worker: {home:?}");
+    // Nothing failed, so nothing was re-sent: a two-token request whose decode leg
+    // finishes before the prefill's answer arrives is not a failure.
+    let resent = common::cluster::metric_sum(&up.http, "xpyd_coordinator_retries_total", "")
+        + common::cluster::metric_sum(&up.http, "xpyd_coordinator_migrations_total", "");
+    assert_eq!(resent, 0.0, "requests were re-sent on a healthy cluster");
 }
 
 #[test]

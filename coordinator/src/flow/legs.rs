@@ -171,13 +171,16 @@ pub(super) async fn start_disaggregated(
     let prefill = async {
         let call = pclient.prefill(preq);
         tokio::pin!(call);
+        let mut ended = false;
         loop {
             tokio::select! {
                 r = &mut call => return r.map_err(|s| prefill_failed(&pslot, &dslot, &s)),
-                m = stream.message() => match m {
+                m = stream.message(), if !ended => match m {
                     Ok(Some(ev)) => early.push(ev),
-                    Ok(None) => return Err(FlowError::worker(Leg::Decode, &dslot, Failure::Ended,
-                        "the decode worker ended the stream before the prefill")),
+                    // A short output can finish on the decode worker before the prefill's
+                    // answer reaches us: keep what it sent and wait for the answer (the
+                    // relay decides whether the stream ended with its finish).
+                    Ok(None) => ended = true,
                     Err(s) => return Err(failed(Leg::Decode, &dslot, &s)),
                 },
             }
