@@ -248,7 +248,9 @@ pub fn run(a: &ProfileArgs, host: &Host) -> Result<()> {
                      "usable_cpus": std::thread::available_parallelism().map_or(0, |n| n.get())},
         "threads": threads,
         "cpus": a.engine.cpus,
-        "model": {"path": cfg.model_path, "fingerprint": engine.fingerprint(), "kv_dtype": cfg.kv_dtype},
+        "model": {"path": cfg.model_path, "fingerprint": engine.fingerprint(), "kv_dtype": cfg.kv_dtype,
+                  "layers": engine.model_config().n_layer,
+                  "kv_bytes_per_token": kv_bytes_per_token(engine.model_config(), cfg.kv_dtype)},
         "block_size": cfg.block_size,
         "prefill": {"points": prefill_points, "fit_by_chunk": prefill_models,
                     "fit_note": "seconds = c0 + c1·prompt_tokens + c2·prompt_tokens², one fit per chunk size"},
@@ -268,6 +270,11 @@ pub fn run(a: &ProfileArgs, host: &Host) -> Result<()> {
     print_fits(&profile);
     eprintln!("wrote {}", a.out.display());
     Ok(())
+}
+
+/// Bytes of KV one token takes over all layers (K and V), what a transfer moves.
+fn kv_bytes_per_token(m: &xpyd_engine::ModelConfig, dtype: xpyd_engine::KvDtype) -> usize {
+    m.n_layer * 2 * m.n_kv_head * m.head_dim * dtype.size()
 }
 
 /// KV transfer time by bytes over `backend`, with a linear fit.

@@ -6,7 +6,7 @@
 
 use crate::exit::UsageError;
 use crate::model_fetch::{self, DEFAULT_MODEL};
-use crate::{client, generate, ops, roles, supervisor};
+use crate::{client, generate, ops, recommend, roles, supervisor};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -58,6 +58,9 @@ enum Cmd {
     Upgrade(ops::UpgradeArgs),
     /// The cluster's events: state changes, probe failures, rebuilds, scaling, upgrades.
     Events(ops::EventsArgs),
+    /// The best split of a budget of workers (xPyD or aggregated) for a workload and SLOs,
+    /// by simulation on a performance profile.
+    Recommend(recommend::RecommendArgs),
     /// Show a running cluster's topology and load.
     Status(client::Target),
     /// Chat with a running cluster (streams the answer).
@@ -144,6 +147,7 @@ impl Cli {
             | Cmd::Scale(_)
             | Cmd::Upgrade(_)
             | Cmd::Events(_)
+            | Cmd::Recommend(_)
             | Cmd::Status(_)
             | Cmd::Chat(_)
             | Cmd::Coordinator(_) => return Ok(()),
@@ -178,6 +182,7 @@ impl Cli {
             Cmd::Scale(a) => ops::scale(&a),
             Cmd::Upgrade(a) => ops::upgrade(&a),
             Cmd::Events(a) => ops::events(&a),
+            Cmd::Recommend(a) => recommend::run(&a),
             Cmd::Status(t) => client::status(&t),
             Cmd::Chat(a) => client::chat(&a),
             Cmd::Coordinator(a) => roles::coordinator(&a),

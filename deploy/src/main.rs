@@ -10,6 +10,7 @@ mod generate;
 mod manifest;
 mod model_fetch;
 mod ops;
+mod recommend;
 mod roles;
 mod supervisor;
 

@@ -1,9 +1,18 @@
 //! Workloads: input/output length distributions, seeded arrivals, and the plan of
-//! requests a run sends. Everything here is deterministic given the seed.
+//! requests a run sends — the same for the load generator (`xpyd bench load`) and the
+//! simulator. Everything here is deterministic given the seed.
 
-use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
+
+/// SplitMix64's output function (the same generator as the engine's sampler; the bench
+/// crate checks that the two agree).
+pub fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
 
 /// A small, fast, seedable generator (SplitMix64): runs are reproducible across
 /// platforms and dependency versions.
@@ -18,7 +27,7 @@ impl Rng {
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        let out = xpyd_engine::sampling::splitmix64(self.0);
+        let out = splitmix64(self.0);
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         out
     }
@@ -49,11 +58,37 @@ impl Rng {
         let u2 = self.unit();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
+
+    /// Gamma-distributed with shape `k > 0` and scale 1 (Marsaglia–Tsang; shape below 1
+    /// by the boost `G(k) = G(k + 1) · U^(1/k)`).
+    pub fn gamma(&mut self, k: f64) -> f64 {
+        if k < 1.0 {
+            let u = 1.0 - self.unit();
+            return self.gamma(k + 1.0) * u.powf(1.0 / k);
+        }
+        let d = k - 1.0 / 3.0;
+        let c = 1.0 / (9.0 * d).sqrt();
+        loop {
+            let x = self.normal();
+            let v = (1.0 + c * x).powi(3);
+            if v <= 0.0 {
+                continue;
+            }
+            let u = 1.0 - self.unit();
+            if u.ln() < 0.5 * x * x + d - d * v + d * v.ln() {
+                return d * v;
+            }
+        }
+    }
 }
 
 /// A distribution of token counts.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(tag = "kind", rename_all = "snake_case")
+)]
 pub enum LengthDist {
     /// Always `n`.
     Fixed {
@@ -88,6 +123,26 @@ impl LengthDist {
             LengthDist::LongTail { lo, median, hi } => {
                 let x = median as f64 * rng.normal().exp();
                 (x.round() as usize).clamp(lo, hi)
+            }
+        }
+    }
+
+    /// The mean of a draw (for a long tail, of the clamped log-normal, by quadrature).
+    pub fn mean(&self) -> f64 {
+        match *self {
+            LengthDist::Fixed { n } => n as f64,
+            LengthDist::Uniform { lo, hi } => (lo + hi) as f64 / 2.0,
+            LengthDist::LongTail { lo, median, hi } => {
+                // E[clamp(m·e^Z, lo, hi)] over Z ~ N(0, 1), on a fine grid of Z.
+                let (steps, span) = (4000, 8.0);
+                let dz = 2.0 * span / steps as f64;
+                (0..steps)
+                    .map(|i| {
+                        let z = -span + (i as f64 + 0.5) * dz;
+                        let pdf = (-0.5 * z * z).exp() / (std::f64::consts::TAU).sqrt();
+                        (median as f64 * z.exp()).clamp(lo as f64, hi as f64) * pdf * dz
+                    })
+                    .sum()
             }
         }
     }
@@ -168,7 +223,8 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
 }
 
 /// What a run sends: lengths and seed.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Workload {
     /// Prompt tokens.
     pub input: LengthDist,
