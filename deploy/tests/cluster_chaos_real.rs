@@ -1,5 +1,5 @@
 //! The acceptance run on the real model: 1P2D, then 2P2D, 16 concurrent streaming
-//! requests (greedy and seeded, SSE and gRPC) while a decode worker is SIGKILLed, then a
+//! requests (greedy and seeded; SSE through OpenAI's Python client, and gRPC) while a decode worker is SIGKILLed, then a
 //! prefill worker, then a decode worker is SIGSTOPped — every stream ends with exactly
 //! its single-process reference, nothing fails, and the killed workers are rebuilt. Prints
 //! the stall migrated streams saw (their longest gap between two chunks, over the usual
@@ -9,7 +9,7 @@ mod common;
 
 use common::cluster::{Up, eventually, metric_sum};
 use common::real_model;
-use common::streams::{mix, reference, run_round};
+use common::streams::{OpenAi, Req, mix, reference, run_round};
 use nix::sys::signal::Signal;
 use std::path::Path;
 use std::time::Duration;
@@ -59,18 +59,29 @@ fn metric(up: &Up, name: &str) -> f64 {
     metric_sum(&up.http, name, "")
 }
 
-fn chaos(model: &Path, prefill: u32) {
+fn chaos(model: &Path, python: &str, prefill: u32) {
     let yaml = format!(
         "name: chaos-real-{prefill}p\nmode: disaggregated\ncoordinator: {{ http_port: 0, grpc_port: 0 }}\nroles:\n  prefill: {{ replicas: {prefill} }}\n  decode: {{ replicas: 2 }}\n"
     );
     let up = Up::start(&yaml, model);
     let m = up.manifest.clone();
+    let openai = OpenAi {
+        python: python.to_string(),
+        model: up.cluster_model(),
+    };
     let mut migrated = Vec::new();
     for (round, what) in ["SIGKILL decode", "SIGKILL prefill", "SIGSTOP decode"]
         .into_iter()
         .enumerate()
     {
-        let reqs = mix(round, 16);
+        // The HTTP half through OpenAI's own Python client, as a new user would.
+        let reqs: Vec<Req> = mix(round, 16)
+            .into_iter()
+            .map(|r| Req {
+                openai: (!r.grpc).then(|| openai.clone()),
+                ..r
+            })
+            .collect();
         let refs: Vec<String> = reqs.iter().map(|r| reference(model, r)).collect();
         let mut frozen = None;
         let migrations = metric(&up, "xpyd_coordinator_migrations_total");
@@ -126,6 +137,9 @@ fn chaos(model: &Path, prefill: u32) {
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn real_model_streams_survive_killed_and_frozen_workers_1p2d_then_2p2d() {
     let Some(model) = real_model() else { return };
-    chaos(&model, 1);
-    chaos(&model, 2);
+    let Some(python) = common::python_with("openai") else {
+        return;
+    };
+    chaos(&model, &python, 1);
+    chaos(&model, &python, 2);
 }

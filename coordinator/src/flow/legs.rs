@@ -55,9 +55,10 @@ fn failed(leg: Leg, slot: &Slot, s: &tonic::Status) -> FlowError {
 /// it has again (one of them may have failed for a cause elsewhere, e.g. a transfer).
 const EXCLUSION_GRACE: Duration = Duration::from_secs(2);
 
-/// Gets a slot from `pick`. A fresh request takes "no worker ready" as final; a re-send
-/// waits for one, up to the first-token deadline (a rebuilt worker, say), and after
-/// [`EXCLUSION_GRACE`] also considers workers it failed on that are ready again.
+/// Gets a slot from `pick`. When no worker of the leg is ready (the only one died and is
+/// being rebuilt, say) the request waits for one: a fresh request up to the admission
+/// queue's timeout, a re-send up to the first-token deadline; a re-send also considers,
+/// after [`EXCLUSION_GRACE`], workers it failed on that are ready again.
 async fn slot_with<F, Fut>(
     app: &App,
     facts: &RouteFacts,
@@ -69,11 +70,16 @@ where
     Fut: std::future::Future<Output = Result<Slot, Overload>>,
 {
     let t0 = Instant::now();
-    let deadline = t0 + Duration::from_secs(app.cfg.first_token_timeout_s);
+    let deadline = t0
+        + if resend {
+            Duration::from_secs(app.cfg.first_token_timeout_s)
+        } else {
+            Duration::from_millis(app.cfg.queue_timeout_ms)
+        };
     let mut facts = facts.clone();
     loop {
         match pick(facts.clone()).await {
-            Err(Overload::NoWorkers(_)) if resend && Instant::now() < deadline => {
+            Err(Overload::NoWorkers(_)) if Instant::now() < deadline => {
                 if t0.elapsed() > EXCLUSION_GRACE {
                     facts.exclude.clear();
                 }

@@ -22,6 +22,56 @@ pub struct Req {
     pub seed: u64,
     /// Over gRPC `Generate` (else HTTP SSE).
     pub grpc: bool,
+    /// HTTP through OpenAI's Python client (else a plain HTTP client).
+    pub openai: Option<OpenAi>,
+}
+
+/// OpenAI's Python client, as a new user would stream with it.
+#[derive(Clone)]
+pub struct OpenAi {
+    /// A Python that imports `openai`.
+    pub python: String,
+    /// The model name the cluster serves.
+    pub model: String,
+}
+
+/// Streams a completion with OpenAI's client (no retries of its own: an error must
+/// show), printing each chunk as `[monotonic time, text]`.
+const OPENAI_STREAM: &str = r#"
+import json, sys, time, openai
+url, model, prompt, max_tokens, temperature, seed = sys.argv[1:7]
+c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+s = c.completions.create(model=model, prompt=prompt, max_tokens=int(max_tokens),
+    temperature=float(temperature), seed=int(seed), stream=True, extra_body={"ignore_eos": True})
+for ch in s:
+    if ch.choices:
+        print(json.dumps([time.monotonic(), ch.choices[0].text]), flush=True)
+"#;
+
+fn stream_openai(c: &OpenAi, http: &str, r: &Req) -> Result<(String, std::time::Duration), String> {
+    let out = std::process::Command::new(&c.python)
+        .args(["-c", OPENAI_STREAM, http, &c.model, &r.prompt])
+        .arg(TOKENS.to_string())
+        .arg(r.temperature.to_string())
+        .arg(r.seed.to_string())
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "openai client: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let (mut text, mut last, mut max) = (String::new(), None::<f64>, 0.0f64);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let v: (f64, String) = serde_json::from_str(line).map_err(|e| format!("{line}: {e}"))?;
+        if let Some(l) = last {
+            max = max.max(v.0 - l);
+        }
+        last = Some(v.0);
+        text.push_str(&v.1);
+    }
+    Ok((text, std::time::Duration::from_secs_f64(max)))
 }
 
 /// The `n` requests of round `round`: every other one seeded sampling, a quarter of them
@@ -33,6 +83,7 @@ pub fn mix(round: usize, n: usize) -> Vec<Req> {
             temperature: if i % 2 == 0 { 0.0 } else { 0.9 },
             seed: 1000 + i as u64,
             grpc: i % 4 >= 2,
+            openai: None,
         })
         .collect()
 }
@@ -74,6 +125,9 @@ impl Gaps {
 pub fn stream(http: &str, grpc: &str, r: &Req) -> Result<(String, std::time::Duration), String> {
     if r.grpc {
         return stream_grpc(grpc, r);
+    }
+    if let Some(c) = &r.openai {
+        return stream_openai(c, http, r);
     }
     let body = json!({"prompt": r.prompt, "max_tokens": TOKENS, "temperature": r.temperature,
         "seed": r.seed, "ignore_eos": true, "stream": true});
