@@ -14,8 +14,11 @@
 //! - [`queueing`] — closed forms (M/M/c, M/D/1) and the analytic capacity bound the
 //!   search prunes with;
 //! - [`search`] — goodput (the highest rate at which ≥ 90 % of requests meet both SLOs)
-//!   and the ranking of every split of a budget.
+//!   and the ranking of every split of a budget;
+//! - [`advisor`] — from a window of finished requests: calibration, a rate forecast, the
+//!   best split and whether to keep, suggest or apply it (hysteresis and cool-down).
 
+pub mod advisor;
 pub mod queueing;
 pub mod search;
 pub mod service;

@@ -1,0 +1,669 @@
+//! The advisor: given the requests the cluster finished in the last window, what split
+//! to run next. Pure: the caller passes the time and the window.
+//!
+//! Each [`Advisor::observe`]:
+//! 1. turns the window into a trace (arrival, prompt, cached, output) and its rate;
+//! 2. calibrates the service model per role — the current layout is simulated on the
+//!    window and its predicted mean TTFT and TPOT are compared with what was observed
+//!    (factor clamped to `0.5..=2`);
+//! 3. forecasts the next window's rate (Holt's linear smoothing of window rates);
+//! 4. ranks every split of the budget by simulated goodput on the window's mix, and
+//!    predicts TTFT/TPOT at the forecast rate for the current and the best split;
+//! 5. decides: `keep`, `suggest` (a better split for `streak` windows in a row, by more
+//!    than the noise — the larger of `min_gain` and twice the fits' error) or `apply`
+//!    (the same, in auto mode, outside the cool-down after the last change).
+
+use crate::PlanError;
+use crate::search::{self, RunStats, Slo};
+use crate::service::ServiceModel;
+use crate::sim::{ClusterConfig, Layout, simulate};
+use crate::traffic::{SimRequest, Traffic};
+
+/// One request the coordinator finished (or failed) in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Finished {
+    /// Arrival, seconds (any origin; only differences matter).
+    pub arrival: f64,
+    /// Prompt tokens.
+    pub input: u32,
+    /// Of those, prefix-cache hits.
+    pub cached: u32,
+    /// Output tokens.
+    pub output: u32,
+    /// Observed TTFT, seconds (NaN if it failed before a first token).
+    pub ttft: f64,
+    /// Observed TPOT, seconds (NaN for one token or a failure).
+    pub tpot: f64,
+}
+
+/// Manual: suggest only. Auto: apply a suggestion outside the cool-down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Mode {
+    /// Suggest; an operator applies.
+    Manual,
+    /// Apply on its own.
+    Auto,
+}
+
+/// What the advisor is asked to do.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AdvisorConfig {
+    /// The objectives.
+    pub slo: Slo,
+    /// Workers to split.
+    pub budget: u32,
+    /// Manual or auto.
+    pub mode: Mode,
+    /// Smallest relative goodput gain worth a change.
+    pub min_gain: f64,
+    /// Windows in a row the same better split must win before it is suggested.
+    pub streak: u32,
+    /// Seconds after a change during which nothing is applied.
+    pub cooldown_s: f64,
+    /// Goodput search precision.
+    pub precision: f64,
+    /// Windows whose requests the ranking uses (this one and the ones before): one
+    /// window's mix can tip a near tie either way, several steady it; a shift still
+    /// wins within two windows of three.
+    pub history: u32,
+}
+
+impl AdvisorConfig {
+    /// Defaults for `slo` and `budget`: manual, 10 % gain, 2 windows, 10 min cool-down.
+    pub fn new(slo: Slo, budget: u32) -> Self {
+        AdvisorConfig {
+            slo,
+            budget,
+            mode: Mode::Manual,
+            min_gain: 0.1,
+            streak: 2,
+            cooldown_s: 600.0,
+            precision: 0.05,
+            history: 3,
+        }
+    }
+
+    /// Checks the settings.
+    ///
+    /// # Errors
+    /// [`PlanError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), PlanError> {
+        self.slo.validate()?;
+        if self.budget == 0 || self.budget > 1024 {
+            return Err(PlanError::invalid(
+                "budget",
+                format!("{} is outside 1..=1024", self.budget),
+            ));
+        }
+        if !(0.0..=10.0).contains(&self.min_gain) {
+            return Err(PlanError::invalid(
+                "min_gain",
+                format!("{} is outside 0..=10", self.min_gain),
+            ));
+        }
+        if self.streak == 0 || self.streak > 100 {
+            return Err(PlanError::invalid(
+                "streak",
+                format!("{} is outside 1..=100", self.streak),
+            ));
+        }
+        if self.history == 0 || self.history > 60 {
+            return Err(PlanError::invalid(
+                "history",
+                format!("{} is outside 1..=60", self.history),
+            ));
+        }
+        if !(self.cooldown_s.is_finite() && self.cooldown_s >= 0.0) {
+            return Err(PlanError::invalid("cooldown_s", "not a time ≥ 0"));
+        }
+        Ok(())
+    }
+}
+
+/// What to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Action {
+    /// Stay.
+    Keep,
+    /// Recommend the change to an operator.
+    Suggest,
+    /// Change now (auto mode).
+    Apply,
+}
+
+/// One observation's advice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Advice {
+    /// The split running now.
+    pub current: Layout,
+    /// The best split found.
+    pub recommended: Layout,
+    /// What to do.
+    pub action: Action,
+    /// The window's rate (requests/s).
+    pub observed_rate: f64,
+    /// The next window's forecast rate.
+    pub forecast_rate: f64,
+    /// Predicted goodput of the current and the recommended split (requests/s).
+    pub goodput: (f64, f64),
+    /// Predicted run of the current split at the forecast rate.
+    pub now: RunStats,
+    /// Predicted run of the recommended split at the forecast rate.
+    pub after: RunStats,
+    /// Every split with its goodput (`None`: pruned by its bound).
+    pub curve: Vec<(Layout, Option<f64>)>,
+    /// Calibration factors applied (prefill, decode).
+    pub calibration: (f64, f64),
+    /// Why, in words.
+    pub why: String,
+    /// 0..1: less with few requests in the window or loose fits.
+    pub confidence: f64,
+}
+
+/// Holt's linear smoothing of window rates.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+struct Forecast {
+    level: Option<f64>,
+    trend: f64,
+}
+
+impl Forecast {
+    const ALPHA: f64 = 0.5;
+    const BETA: f64 = 0.3;
+
+    fn add(&mut self, x: f64) -> f64 {
+        match self.level {
+            None => self.level = Some(x),
+            Some(l) => {
+                let level = Self::ALPHA * x + (1.0 - Self::ALPHA) * (l + self.trend);
+                self.trend = Self::BETA * (level - l) + (1.0 - Self::BETA) * self.trend;
+                self.level = Some(level);
+            }
+        }
+        (self.level.unwrap_or(x) + self.trend).max(0.0)
+    }
+}
+
+/// The advisor's state across windows.
+#[derive(Debug, Clone)]
+pub struct Advisor {
+    cfg: AdvisorConfig,
+    model: ServiceModel,
+    base: ClusterConfig,
+    current: Layout,
+    forecast: Forecast,
+    streak: Option<(Layout, u32)>,
+    last_change: Option<f64>,
+    /// The previous windows' requests (arrivals from each window's start) and lengths.
+    past: std::collections::VecDeque<(Vec<SimRequest>, f64)>,
+}
+
+/// Precision of the goodputs the decision compares.
+const FINE_PRECISION: f64 = 0.01;
+
+/// The smallest window that gets advice (fewer requests say too little).
+pub const MIN_WINDOW_REQUESTS: usize = 10;
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (mut s, mut n) = (0.0, 0usize);
+    for x in xs.filter(|x| x.is_finite()) {
+        s += x;
+        n += 1;
+    }
+    (n > 0).then(|| s / n as f64)
+}
+
+impl Advisor {
+    /// An advisor for a cluster running `current`, with `base` giving every other
+    /// setting of its workers and `model` the profile's service model.
+    ///
+    /// # Errors
+    /// A bad config, model or cluster.
+    pub fn new(
+        cfg: AdvisorConfig,
+        model: ServiceModel,
+        base: ClusterConfig,
+        current: Layout,
+    ) -> Result<Self, PlanError> {
+        cfg.validate()?;
+        model.validate()?;
+        ClusterConfig {
+            layout: current,
+            ..base.clone()
+        }
+        .validate()?;
+        Ok(Advisor {
+            cfg,
+            model,
+            base,
+            current,
+            forecast: Forecast::default(),
+            streak: None,
+            last_change: None,
+            past: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// The split running now.
+    pub fn current(&self) -> Layout {
+        self.current
+    }
+
+    /// The cluster now runs `layout` (applied at `now`, seconds): the cool-down starts.
+    pub fn applied(&mut self, now: f64, layout: Layout) {
+        self.current = layout;
+        self.last_change = Some(now);
+        self.streak = None;
+    }
+
+    /// Advice from the window `[now − window_s, now]` of finished requests.
+    ///
+    /// # Errors
+    /// [`PlanError::Invalid`] for a window too small or malformed (naming the field),
+    /// [`PlanError::Infeasible`] when no split meets the SLOs on this traffic.
+    pub fn observe(
+        &mut self,
+        now: f64,
+        window_s: f64,
+        window: &[Finished],
+    ) -> Result<Advice, PlanError> {
+        if !(window_s.is_finite() && window_s > 0.0) {
+            return Err(PlanError::invalid("window_s", "not a time > 0"));
+        }
+        if window.len() < MIN_WINDOW_REQUESTS {
+            return Err(PlanError::invalid(
+                "window",
+                format!(
+                    "{} requests; advice needs at least {MIN_WINDOW_REQUESTS}",
+                    window.len()
+                ),
+            ));
+        }
+        let mut sorted = window.to_vec();
+        sorted.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+        let t0 = sorted[0].arrival;
+        let trace: Vec<SimRequest> = sorted
+            .iter()
+            .map(|f| SimRequest {
+                arrival: f.arrival - t0,
+                input: f.input.max(1),
+                cached: f.cached.min(f.input.max(1) - 1),
+                output: f.output.max(1),
+            })
+            .collect();
+        Traffic::Trace(trace.clone()).validate()?;
+        // The ranking's traffic: this window after the ones before it, end to end.
+        self.past.push_back((trace.clone(), window_s));
+        while self.past.len() > self.cfg.history as usize {
+            self.past.pop_front();
+        }
+        let mut union = Vec::new();
+        let mut offset = 0.0;
+        for (w, len) in &self.past {
+            union.extend(w.iter().map(|r| SimRequest {
+                arrival: r.arrival + offset,
+                ..*r
+            }));
+            offset += len.max(w.last().map_or(0.0, |r| r.arrival));
+        }
+        let traffic = Traffic::Trace(union.clone());
+        traffic.validate()?;
+        let observed_rate = window.len() as f64 / window_s;
+        let forecast_rate = self.forecast.add(observed_rate).max(1e-6);
+        // Calibration: the current layout on the window as it arrived.
+        let current_cfg = ClusterConfig {
+            layout: self.current,
+            ..self.base.clone()
+        };
+        let predicted = simulate(&self.model, &current_cfg, &trace)?;
+        let ratio = |obs: Option<f64>, pred: Option<f64>| match (obs, pred) {
+            (Some(o), Some(p)) if p > 0.0 => (o / p).clamp(0.5, 2.0),
+            _ => 1.0,
+        };
+        let cal = (
+            ratio(
+                mean(sorted.iter().map(|f| f.ttft)),
+                mean(predicted.requests.iter().map(|q| q.ttft)),
+            ),
+            ratio(
+                mean(sorted.iter().map(|f| f.tpot)),
+                mean(predicted.requests.iter().map(|q| q.tpot)),
+            ),
+        );
+        let model = self.model.calibrated(cal.0, cal.1);
+        let ranked = search::rank(
+            &model,
+            &self.base,
+            &traffic,
+            &self.cfg.slo,
+            self.cfg.budget,
+            self.cfg.precision,
+        )?;
+        let curve: Vec<(Layout, Option<f64>)> = ranked
+            .iter()
+            .map(|r| (r.layout, r.goodput.as_ref().map(|g| g.rate)))
+            .collect();
+        let best = &ranked[0];
+        let at = |layout: Layout| -> Result<RunStats, PlanError> {
+            let c = ClusterConfig {
+                layout,
+                ..self.base.clone()
+            };
+            let r = simulate(&model, &c, &traffic.at_rate(forecast_rate))?;
+            Ok(search::stats(&r, &self.cfg.slo, forecast_rate))
+        };
+        // The two that matter, measured finely (the ranking's bracket alone could make
+        // a tie look like a gain), on the whole window and on each half of it: how far
+        // the gain moves between halves is the window's sampling noise.
+        let fine = |layout: Layout, t: &Traffic| -> Result<f64, PlanError> {
+            let c = ClusterConfig {
+                layout,
+                ..self.base.clone()
+            };
+            Ok(search::goodput(&model, &c, t, &self.cfg.slo, FINE_PRECISION)?.rate)
+        };
+        let gain_of = |best: f64, current: f64| {
+            if current > 0.0 {
+                best / current - 1.0
+            } else if best > 0.0 {
+                f64::INFINITY
+            } else {
+                0.0
+            }
+        };
+        let best_rate = fine(best.layout, &traffic)?;
+        let current_rate = fine(self.current, &traffic)?;
+        let gain = gain_of(best_rate, current_rate);
+        let spread = if best.layout == self.current {
+            0.0
+        } else {
+            let mut gains = [gain; 2];
+            for (k, g) in gains.iter_mut().enumerate() {
+                let h = Traffic::Trace(union.iter().skip(k).step_by(2).copied().collect());
+                if h.validate().is_ok() {
+                    *g = gain_of(fine(best.layout, &h)?, fine(self.current, &h)?);
+                }
+            }
+            (gains[0] - gains[1]).abs().min(10.0)
+        };
+        let now_stats = at(self.current)?;
+        let after = at(best.layout)?;
+        let noise = self
+            .cfg
+            .min_gain
+            .max(2.0 * (model.errors.prefill.max(model.errors.decode)).min(1.0))
+            .max(spread);
+        // The current split misses the SLOs at the forecast rate and the best meets them:
+        // a change is worth it whatever the goodput gain.
+        let rescue = now_stats.attainment < self.cfg.slo.attainment
+            && after.attainment >= self.cfg.slo.attainment;
+        let better = best.layout != self.current && (gain > noise || rescue);
+        let count = match (&self.streak, better) {
+            (Some((l, n)), true) if *l == best.layout => n + 1,
+            (_, true) => 1,
+            (_, false) => 0,
+        };
+        self.streak = better.then_some((best.layout, count));
+        let cooling = self
+            .last_change
+            .is_some_and(|t| now - t < self.cfg.cooldown_s);
+        let action = if !better || count < self.cfg.streak {
+            Action::Keep
+        } else if self.cfg.mode == Mode::Auto && !cooling {
+            Action::Apply
+        } else {
+            Action::Suggest
+        };
+        let bottleneck = best.goodput.as_ref().map_or("", |g| g.bottleneck.explain());
+        let why = if best.layout == self.current {
+            format!(
+                "{} is already the best split of {} workers for this traffic (goodput {best_rate:.3} requests/s); past it: {bottleneck}",
+                self.current, self.cfg.budget
+            )
+        } else if !better {
+            format!(
+                "{} would give {best_rate:.3} requests/s against {current_rate:.3} now ({:+.0}%), within the noise of ±{:.0}%: keep {}",
+                best.layout,
+                100.0 * gain.min(99.99),
+                100.0 * noise,
+                self.current
+            )
+        } else {
+            let base = if rescue {
+                format!(
+                    "at the forecast {forecast_rate:.3} requests/s, {} meets the SLOs for {:.0}% of requests and {} for {:.0}%",
+                    self.current,
+                    100.0 * now_stats.attainment,
+                    best.layout,
+                    100.0 * after.attainment
+                )
+            } else {
+                format!(
+                    "{} gives {best_rate:.3} requests/s of goodput against {current_rate:.3} for {} ({:+.0}%)",
+                    best.layout,
+                    self.current,
+                    100.0 * gain.min(99.99)
+                )
+            };
+            let when = match action {
+                Action::Keep => format!(
+                    "; window {count} of {} before suggesting it",
+                    self.cfg.streak
+                ),
+                Action::Suggest if cooling => "; in the cool-down after the last change".into(),
+                _ => String::new(),
+            };
+            format!("{base}; limit of {}: {bottleneck}{when}", best.layout)
+        };
+        let sample = (window.len() as f64 / 200.0).min(1.0);
+        let fit = (1.0 - model.errors.prefill - model.errors.decode).clamp(0.0, 1.0);
+        let calibrated = 1.0 - ((cal.0.ln().abs() + cal.1.ln().abs()) / (2.0 * 2f64.ln())) * 0.5;
+        Ok(Advice {
+            current: self.current,
+            recommended: best.layout,
+            action,
+            observed_rate,
+            forecast_rate,
+            goodput: (current_rate, best_rate),
+            now: now_stats,
+            after,
+            curve,
+            calibration: cal,
+            why,
+            confidence: (sample * fit * calibrated).clamp(0.0, 1.0),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::tests::model;
+    use crate::sim::Outcome;
+    use crate::traffic::Process;
+
+    fn slo() -> Slo {
+        Slo {
+            ttft_s: 2.0,
+            tpot_s: 0.06,
+            attainment: 0.9,
+        }
+    }
+
+    /// A window of `traffic` at `rate` as the simulator says `layout` serves it.
+    fn window(traffic: &Traffic, rate: f64, layout: Layout, t0: f64) -> Vec<Finished> {
+        let reqs = traffic.at_rate(rate);
+        let c = ClusterConfig::defaults(layout);
+        let r = simulate(&model(), &c, &reqs).unwrap();
+        reqs.iter()
+            .zip(&r.requests)
+            .map(|(q, o)| Finished {
+                arrival: t0 + q.arrival,
+                input: q.input,
+                cached: q.cached,
+                output: q.output,
+                ttft: o.ttft,
+                tpot: if o.outcome == Outcome::Finished {
+                    o.tpot
+                } else {
+                    f64::NAN
+                },
+            })
+            .collect()
+    }
+
+    fn mix(input: &str, output: &str, seed: u64) -> Traffic {
+        Traffic::Generated {
+            input: input.parse().unwrap(),
+            output: output.parse().unwrap(),
+            process: Process::Poisson,
+            prefix_hit: 0.0,
+            requests: 300,
+            seed,
+        }
+    }
+
+    fn advisor(mode: Mode, current: Layout) -> Advisor {
+        let cfg = AdvisorConfig {
+            mode,
+            cooldown_s: 300.0,
+            ..AdvisorConfig::new(slo(), 4)
+        };
+        Advisor::new(
+            cfg,
+            model(),
+            ClusterConfig::defaults(Layout::Aggregated { workers: 1 }),
+            current,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_wrong_split_is_suggested_after_the_streak_and_applied_in_auto_mode() {
+        // Long prompts, short outputs on 1P3D: prefill-bound.
+        let long_in = mix("uniform:1500-2500", "uniform:4-16", 3);
+        let wrong = Layout::Disaggregated {
+            prefill: 1,
+            decode: 3,
+        };
+        let mut a = advisor(Mode::Manual, wrong);
+        let w = window(&long_in, 0.5, wrong, 0.0);
+        let first = a.observe(60.0, 600.0, &w).unwrap();
+        assert_ne!(first.recommended, wrong, "{}", first.why);
+        if let Layout::Disaggregated { prefill, decode } = first.recommended {
+            assert!(prefill > decode, "{}", first.recommended);
+        }
+        assert!(first.goodput.1 > first.goodput.0 * 1.1, "{first:?}");
+        assert_eq!(first.action, Action::Keep, "{}", first.why);
+        assert!(first.why.contains("window 1 of 2"), "{}", first.why);
+        let second = a.observe(120.0, 600.0, &w).unwrap();
+        assert_eq!(second.action, Action::Suggest, "{}", second.why);
+        assert_eq!(second.recommended, first.recommended);
+        // Auto mode applies it after the streak…
+        let mut auto = advisor(Mode::Auto, wrong);
+        assert_eq!(auto.observe(60.0, 600.0, &w).unwrap().action, Action::Keep);
+        let applied = auto.observe(120.0, 600.0, &w).unwrap();
+        assert_eq!(applied.action, Action::Apply, "{}", applied.why);
+        // … and when the cluster is set back to the wrong split right after, the cool-down
+        // (300 s from the change) holds the next change to a suggestion until it ends.
+        auto.applied(130.0, wrong);
+        auto.observe(180.0, 600.0, &w).unwrap();
+        let held = auto.observe(240.0, 600.0, &w).unwrap();
+        assert_eq!(held.action, Action::Suggest, "{}", held.why);
+        assert!(held.why.contains("cool-down"), "{}", held.why);
+        let later = auto.observe(440.0, 600.0, &w).unwrap();
+        assert_eq!(later.action, Action::Apply, "{}", later.why);
+    }
+
+    #[test]
+    fn a_stationary_load_on_the_best_split_changes_nothing_for_ten_windows() {
+        // The split to start from: the best on a long sample of the mix (3,000 requests).
+        let long = match mix("uniform:50-400", "uniform:16-96", 5) {
+            Traffic::Generated {
+                input,
+                output,
+                process,
+                prefix_hit,
+                seed,
+                ..
+            } => Traffic::Generated {
+                input,
+                output,
+                process,
+                prefix_hit,
+                requests: 3000,
+                seed,
+            },
+            t => t,
+        };
+        let base = ClusterConfig::defaults(Layout::Aggregated { workers: 1 });
+        let best = crate::search::rank(&model(), &base, &long, &slo(), 4, 0.01).unwrap()[0].layout;
+        let mut a = advisor(Mode::Auto, best);
+        for k in 0..10 {
+            let traffic = mix("uniform:50-400", "uniform:16-96", 100 + k);
+            let w = window(&traffic, 2.0, best, 60.0 * k as f64);
+            let adv = a.observe(60.0 * (k + 1) as f64, 150.0, &w).unwrap();
+            assert_eq!(adv.action, Action::Keep, "window {k}: {}", adv.why);
+        }
+    }
+
+    #[test]
+    fn forecasts_follow_a_trend_and_bad_windows_are_named() {
+        let mut f = Forecast::default();
+        let mut last = 0.0;
+        for x in [1.0, 2.0, 3.0, 4.0, 5.0] {
+            last = f.add(x);
+        }
+        assert!(last > 5.0 && last < 6.5, "{last}");
+        let mut a = advisor(Mode::Manual, Layout::Aggregated { workers: 4 });
+        let field = |r: Result<Advice, PlanError>| match r {
+            Err(PlanError::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(a.observe(1.0, 60.0, &[])), "window");
+        assert_eq!(field(a.observe(1.0, 0.0, &[])), "window_s");
+        let cfg = AdvisorConfig::new(slo(), 0);
+        assert!(matches!(
+            Advisor::new(cfg, model(), ClusterConfig::defaults(Layout::Aggregated { workers: 1 }), Layout::Aggregated { workers: 1 }),
+            Err(PlanError::Invalid { field, .. }) if field == "budget"
+        ));
+    }
+
+    #[test]
+    fn calibration_follows_slower_workers() {
+        let chat = mix("uniform:50-400", "uniform:16-96", 8);
+        let layout = Layout::Disaggregated {
+            prefill: 1,
+            decode: 3,
+        };
+        let mut w = window(&chat, 1.0, layout, 0.0);
+        for f in &mut w {
+            f.tpot *= 1.5;
+        }
+        let mut a = advisor(Mode::Manual, layout);
+        let adv = a.observe(60.0, 300.0, &w).unwrap();
+        assert!(
+            (1.3..=1.7).contains(&adv.calibration.1),
+            "{:?}",
+            adv.calibration
+        );
+        assert!(
+            (0.8..=1.2).contains(&adv.calibration.0),
+            "{:?}",
+            adv.calibration
+        );
+        assert!(adv.confidence > 0.0 && adv.confidence < 1.0);
+    }
+}
