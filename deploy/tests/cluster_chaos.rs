@@ -5,33 +5,15 @@
 
 mod common;
 
-use common::cluster::{Up, eventually, get, metric_sum};
+use common::cluster::{Up, eventually, get, metric_sum, worker_pid, worker_pids};
 use common::streams::{mix, reference, run_round};
 use common::tiny_model;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 fn manifest(name: &str, roles: &str) -> String {
     format!(
         "name: {name}\nmode: disaggregated\ncoordinator: {{ http_port: 0, grpc_port: 0 }}\nkv: {{ backend: tcp }}\nroles:\n{roles}"
     )
-}
-
-fn pid_of(manifest: &Path, role: &str, index: u32) -> i32 {
-    let out = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!(
-                "worker -f {} --role {role} --index {index} ",
-                manifest.display()
-            ),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {role}-{index} process"))
 }
 
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
@@ -89,21 +71,30 @@ fn killed_frozen_and_drained_workers_lose_no_request() {
         run_round(&up.http, &up.grpc, &reqs, &refs, || match what {
             "SIGKILL decode" => {
                 std::thread::sleep(Duration::from_millis(700));
-                signal(pid_of(&m, "decode", 1), nix::sys::signal::Signal::SIGKILL);
+                signal(
+                    worker_pid(&m, "decode", 1),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             "SIGKILL prefill" => {
                 std::thread::sleep(Duration::from_millis(100));
-                signal(pid_of(&m, "prefill", 0), nix::sys::signal::Signal::SIGKILL);
+                signal(
+                    worker_pid(&m, "prefill", 0),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
             "SIGSTOP decode" => {
                 std::thread::sleep(Duration::from_millis(700));
-                let pid = pid_of(&m, "decode", 0);
+                let pid = worker_pid(&m, "decode", 0);
                 signal(pid, nix::sys::signal::Signal::SIGSTOP);
                 frozen = Some(pid);
             }
             _ => {
                 std::thread::sleep(Duration::from_millis(700));
-                signal(pid_of(&m, "decode", 1), nix::sys::signal::Signal::SIGTERM);
+                signal(
+                    worker_pid(&m, "decode", 1),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
             }
         });
         eprintln!("{what}: {n} streams exact in {:?}", t0.elapsed());
@@ -163,23 +154,13 @@ fn a_panicking_engine_makes_its_worker_fail_and_be_rebuilt_without_loss() {
         ],
     );
     let m = up.manifest.clone();
-    let before = pid_of(&m, "decode", 0);
+    let before = worker_pid(&m, "decode", 0);
     let reqs = mix(9, 12);
     let refs: Vec<String> = reqs.iter().map(|r| reference(&model, r)).collect();
     run_round(&up.http, &up.grpc, &reqs, &refs, || {});
     eventually(Duration::from_secs(60), "decode-0 rebuilt", || {
-        std::process::Command::new("pgrep")
-            .args([
-                "-f",
-                &format!("worker -f {} --role decode --index 0 ", m.display()),
-            ])
-            .output()
-            .map(|o| {
-                let s = String::from_utf8_lossy(&o.stdout).to_string();
-                !s.trim().is_empty() && !s.lines().any(|l| l.trim() == before.to_string())
-            })
-            .unwrap_or(false)
-            && ready(&up, "decode-0")
+        let now = worker_pids(&m, "decode", Some(0));
+        !now.is_empty() && !now.contains(&before) && ready(&up, "decode-0")
     });
     assert!(counter(&up, "xpyd_coordinator_migrations_total") >= 1.0);
 }

@@ -7,29 +7,12 @@
 
 mod common;
 
-use common::cluster::{Up, eventually, metric_sum};
+use common::cluster::{Up, eventually, metric_sum, worker_pid};
 use common::real_model;
 use common::streams::{OpenAi, Req, mix, reference, run_round};
 use nix::sys::signal::Signal;
 use std::path::Path;
 use std::time::Duration;
-
-fn pid_of(manifest: &Path, role: &str, index: u32) -> i32 {
-    let out = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!(
-                "worker -f {} --role {role} --index {index} ",
-                manifest.display()
-            ),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {role}-{index} process"))
-}
 
 fn signal(pid: i32, sig: Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
@@ -95,10 +78,10 @@ fn chaos(model: &Path, python: &str, prefill: u32) {
                 metric(&up, "xpyd_coordinator_ttft_seconds_count") >= firsts + wanted
             });
             match what {
-                "SIGKILL decode" => signal(pid_of(&m, "decode", 1), Signal::SIGKILL),
-                "SIGKILL prefill" => signal(pid_of(&m, "prefill", 0), Signal::SIGKILL),
+                "SIGKILL decode" => signal(worker_pid(&m, "decode", 1), Signal::SIGKILL),
+                "SIGKILL prefill" => signal(worker_pid(&m, "prefill", 0), Signal::SIGKILL),
                 _ => {
-                    let pid = pid_of(&m, "decode", 0);
+                    let pid = worker_pid(&m, "decode", 0);
                     signal(pid, Signal::SIGSTOP);
                     frozen = Some(pid);
                 }

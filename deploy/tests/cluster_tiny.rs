@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::cluster::{Up, eventually, post_raw, sse};
+use common::cluster::{Up, eventually, post_raw, sse, worker_pid, worker_pids};
 use common::tiny_model;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -615,20 +615,6 @@ fn invalid_manifest_fields_are_named() {
     }
 }
 
-fn pids_of(manifest: &Path, role: &str) -> Vec<i32> {
-    let out = std::process::Command::new("pgrep")
-        .args([
-            "-f",
-            &format!("worker -f {} --role {role}", manifest.display()),
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
-}
-
 #[test]
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() {
@@ -642,7 +628,7 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
         &model,
     );
     let manifest = up.manifest.clone();
-    let victim = pids_of(&manifest, "decode");
+    let victim = worker_pids(&manifest, "decode", None);
     assert_eq!(victim.len(), 2, "{victim:?}");
     // Which worker the first pid is, and where it serves.
     let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", victim[0])).unwrap();
@@ -684,7 +670,7 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
         Duration::from_secs(60),
         "restarted worker back in routing",
         || {
-            let pids = pids_of(&manifest, "decode");
+            let pids = worker_pids(&manifest, "decode", None);
             pids.len() == 2
                 && !pids.contains(&victim[0])
                 && up
@@ -697,7 +683,7 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
     );
     // A silent (frozen) worker leaves routing when its lease lapses: TTL 2 s + renewal.
     let other = if index == "0" { "decode-1" } else { "decode-0" };
-    let pid = pids_of(&manifest, "decode")
+    let pid = worker_pids(&manifest, "decode", None)
         .into_iter()
         .find(|p| {
             let c = std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default();
@@ -832,7 +818,7 @@ fn etcd_membership_a_silent_worker_leaves_routing_within_its_lease() {
     let up = Up::start(&yaml, &model);
     assert_eq!(up.workers("decode").len(), 2);
     assert_eq!(up.post("/v1/completions", &body("via etcd", 3)).0, 200);
-    let pids = pids_of(&up.manifest, "decode");
+    let pids = worker_pids(&up.manifest, "decode", None);
     let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", pids[0])).unwrap();
     let index = cmd
         .split('\0')
@@ -939,7 +925,7 @@ fn a_dead_prefill_worker_costs_a_retry_not_a_failed_request() {
         ),
         &model,
     );
-    let pid = pids_of(&up.manifest, "prefill")[0];
+    let pid = worker_pids(&up.manifest, "prefill", None)[0];
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -966,7 +952,7 @@ fn requests_arriving_while_the_only_prefill_worker_is_rebuilt_wait_for_it() {
         ),
         &model,
     );
-    let pid = pids_of(&up.manifest, "prefill")[0];
+    let pid = worker_pid(&up.manifest, "prefill", 0);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
@@ -992,7 +978,7 @@ fn requests_arriving_while_the_only_prefill_worker_is_rebuilt_wait_for_it() {
     for (i, (code, v)) in answers.iter().enumerate() {
         assert_eq!(*code, 200, "request {i}: {v}");
     }
-    assert_ne!(pids_of(&up.manifest, "prefill")[0], pid, "not rebuilt");
+    assert_ne!(worker_pid(&up.manifest, "prefill", 0), pid, "not rebuilt");
 }
 
 #[test]

@@ -211,6 +211,32 @@ pub fn get(url: &str) -> (u16, Value) {
     (code, serde_json::from_str(&s).unwrap_or(Value::String(s)))
 }
 
+/// Pids of the worker processes of `role` (only replica `index`, with one) that
+/// `xpyd up -f manifest` runs, found by their command line.
+pub fn worker_pids(manifest: &Path, role: &str, index: Option<u32>) -> Vec<i32> {
+    let mut pattern = format!("worker -f {} --role {role}", manifest.display());
+    if let Some(i) = index {
+        // The trailing space keeps index 1 from matching 10.
+        pattern.push_str(&format!(" --index {i} "));
+    }
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &pattern])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// The pid of worker `role`-`index` (it must run).
+pub fn worker_pid(manifest: &Path, role: &str, index: u32) -> i32 {
+    worker_pids(manifest, role, Some(index))
+        .first()
+        .copied()
+        .unwrap_or_else(|| panic!("no {role}-{index} process"))
+}
+
 /// The sum over every series of metric `name` (a counter, or a histogram's `_count`)
 /// whose line contains `filter` (`""`: all), from `{http}/metrics`.
 pub fn metric_sum(http: &str, name: &str, filter: &str) -> f64 {
