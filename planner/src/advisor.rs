@@ -32,8 +32,10 @@ pub struct Finished {
     /// Output tokens.
     pub output: u32,
     /// Observed TTFT, seconds (NaN if it failed before a first token).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::nan_or_number"))]
     pub ttft: f64,
     /// Observed TPOT, seconds (NaN for one token or a failure).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::nan_or_number"))]
     pub tpot: f64,
 }
 
@@ -49,6 +51,36 @@ pub enum Mode {
     Manual,
     /// Apply on its own.
     Auto,
+}
+
+/// Which layouts the advisor may recommend: a running cluster can change its split
+/// (and size) but not its mode without a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum Shapes {
+    /// xPyD splits and aggregated.
+    #[default]
+    Any,
+    /// xPyD splits only (a disaggregated cluster).
+    Disaggregated,
+    /// Aggregated only (a single-mode cluster).
+    Aggregated,
+}
+
+impl Shapes {
+    /// Whether `l` is one of these.
+    pub fn allows(self, l: Layout) -> bool {
+        matches!(
+            (self, l),
+            (Shapes::Any, _)
+                | (Shapes::Disaggregated, Layout::Disaggregated { .. })
+                | (Shapes::Aggregated, Layout::Aggregated { .. })
+        )
+    }
 }
 
 /// What the advisor is asked to do.
@@ -73,6 +105,9 @@ pub struct AdvisorConfig {
     /// window's mix can tip a near tie either way, several steady it; a shift still
     /// wins within two windows of three.
     pub history: u32,
+    /// The layouts it may recommend (the curve still shows every split).
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub shapes: Shapes,
 }
 
 impl AdvisorConfig {
@@ -87,6 +122,7 @@ impl AdvisorConfig {
             cooldown_s: 600.0,
             precision: 0.05,
             history: 3,
+            shapes: Shapes::Any,
         }
     }
 
@@ -145,6 +181,7 @@ pub enum Action {
 
 /// One observation's advice.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Advice {
     /// The split running now.
     pub current: Layout,
@@ -261,6 +298,32 @@ impl Advisor {
         self.current
     }
 
+    /// The settings in force.
+    pub fn config(&self) -> &AdvisorConfig {
+        &self.cfg
+    }
+
+    /// New settings (SLOs, budget, mode, hysteresis); the rate forecast and the past
+    /// windows are kept, the streak toward a suggestion starts over.
+    ///
+    /// # Errors
+    /// A bad config (the advisor keeps the old one).
+    pub fn set_config(&mut self, cfg: AdvisorConfig) -> Result<(), PlanError> {
+        cfg.validate()?;
+        self.cfg = cfg;
+        self.streak = None;
+        Ok(())
+    }
+
+    /// The cluster was seen running `layout` (workers came or went without an apply):
+    /// no cool-down starts, but a streak toward another split starts over.
+    pub fn observed_layout(&mut self, layout: Layout) {
+        if layout != self.current {
+            self.current = layout;
+            self.streak = None;
+        }
+    }
+
     /// The cluster now runs `layout` (applied at `now`, seconds): the cool-down starts.
     pub fn applied(&mut self, now: f64, layout: Layout) {
         self.current = layout;
@@ -343,19 +406,39 @@ impl Advisor {
             ),
         );
         let model = self.model.calibrated(cal.0, cal.1);
-        let ranked = search::rank(
+        let shapes = self.cfg.shapes;
+        let ranked = search::rank_preferring(
             &model,
             &self.base,
             &traffic,
             &self.cfg.slo,
             self.cfg.budget,
             self.cfg.precision,
+            &|l| shapes.allows(l),
         )?;
         let curve: Vec<(Layout, Option<f64>)> = ranked
             .iter()
             .map(|r| (r.layout, r.goodput.as_ref().map(|g| g.rate)))
             .collect();
-        let best = &ranked[0];
+        let overall = &ranked[0];
+        let best = ranked
+            .iter()
+            .find(|r| self.cfg.shapes.allows(r.layout))
+            .ok_or_else(|| {
+                PlanError::invalid("shapes", "no split of the budget is of the allowed kind")
+            })?;
+        // The best overall is another mode: worth saying, not applying.
+        let other_mode = (overall.layout != best.layout)
+            .then(|| {
+                overall.goodput.as_ref().map(|g| {
+                    format!(
+                        "; {} would give {:.3} requests/s, but changing the mode needs a restart",
+                        overall.layout, g.rate
+                    )
+                })
+            })
+            .flatten()
+            .unwrap_or_default();
         let at = |layout: Layout| -> Result<RunStats, PlanError> {
             let c = ClusterConfig {
                 layout,
@@ -470,6 +553,7 @@ impl Advisor {
         let sample = (window.len() as f64 / 200.0).min(1.0);
         let fit = (1.0 - model.errors.prefill - model.errors.decode).clamp(0.0, 1.0);
         let calibrated = 1.0 - ((cal.0.ln().abs() + cal.1.ln().abs()) / (2.0 * 2f64.ln())) * 0.5;
+        let why = why + &other_mode;
         Ok(Advice {
             current: self.current,
             recommended: best.layout,
@@ -665,5 +749,35 @@ mod tests {
             adv.calibration
         );
         assert!(adv.confidence > 0.0 && adv.confidence < 1.0);
+    }
+
+    #[test]
+    fn only_allowed_shapes_are_recommended() {
+        let l = Layout::Disaggregated {
+            prefill: 1,
+            decode: 3,
+        };
+        let agg = Layout::Aggregated { workers: 4 };
+        assert!(Shapes::Any.allows(agg) && Shapes::Any.allows(l));
+        assert!(Shapes::Disaggregated.allows(l) && !Shapes::Disaggregated.allows(agg));
+        assert!(Shapes::Aggregated.allows(agg) && !Shapes::Aggregated.allows(l));
+        // A single-mode cluster of 4 has one shape: it is kept, whatever the traffic.
+        let mut cfg = AdvisorConfig::new(slo(), 4);
+        cfg.shapes = Shapes::Aggregated;
+        cfg.streak = 1;
+        let mut a = Advisor::new(cfg, model(), ClusterConfig::defaults(agg), agg).unwrap();
+        let traffic = Traffic::Generated {
+            input: crate::workload::LengthDist::Fixed { n: 1500 },
+            output: crate::workload::LengthDist::Fixed { n: 8 },
+            process: Process::Poisson,
+            prefix_hit: 0.0,
+            requests: 200,
+            seed: 3,
+        };
+        let advice = a
+            .observe(60.0, 60.0, &window(&traffic, 3.0, agg, 0.0))
+            .unwrap();
+        assert_eq!((advice.recommended, advice.action), (agg, Action::Keep));
+        assert_eq!(advice.curve.len(), 4, "the curve shows every split");
     }
 }

@@ -54,3 +54,10 @@ impl PlanError {
         }
     }
 }
+
+/// JSON has no NaN: `serde_json` writes it as `null`; this reads `null` back as NaN.
+#[cfg(feature = "serde")]
+fn nan_or_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}

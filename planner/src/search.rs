@@ -48,10 +48,13 @@ impl Slo {
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Percentiles {
     /// Median.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::nan_or_number"))]
     pub p50: f64,
     /// 90th percentile.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::nan_or_number"))]
     pub p90: f64,
     /// 99th percentile.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::nan_or_number"))]
     pub p99: f64,
 }
 
@@ -225,6 +228,7 @@ pub fn bottleneck(
 
 /// A layout's goodput and the run at it.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Goodput {
     /// Requests/s (0: the SLOs are not met even at a trickle).
     pub rate: f64,
@@ -327,6 +331,7 @@ pub const PRUNE_MARGIN: f64 = 1.1;
 
 /// One split of a budget, ranked.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Ranked {
     /// The split.
     pub layout: Layout,
@@ -351,6 +356,24 @@ pub fn rank(
     units: u32,
     precision: f64,
 ) -> Result<Vec<Ranked>, PlanError> {
+    rank_preferring(m, base, traffic, slo, units, precision, &|_| true)
+}
+
+/// As [`rank`], for a caller that can only run the layouts `allowed` admits (a running
+/// cluster cannot change its mode): those are pruned only against the best of their
+/// own kind, so each has its goodput unless another of its kind beats its bound.
+///
+/// # Errors
+/// As [`rank`].
+pub fn rank_preferring(
+    m: &ServiceModel,
+    base: &ClusterConfig,
+    traffic: &Traffic,
+    slo: &Slo,
+    units: u32,
+    precision: f64,
+    allowed: &dyn Fn(Layout) -> bool,
+) -> Result<Vec<Ranked>, PlanError> {
     if units == 0 {
         return Err(PlanError::invalid("budget", "0 units: nothing to split"));
     }
@@ -373,9 +396,10 @@ pub fn rank(
         })
         .collect();
     ranked.sort_by(|a, b| b.bound.total_cmp(&a.bound));
-    let mut best = 0.0f64;
+    let (mut best, mut best_allowed) = (0.0f64, 0.0f64);
     for r in &mut ranked {
-        if r.bound * PRUNE_MARGIN < best {
+        let ok = allowed(r.layout);
+        if r.bound * PRUNE_MARGIN < if ok { best_allowed } else { best } {
             continue; // cannot beat the best found
         }
         let c = ClusterConfig {
@@ -384,6 +408,9 @@ pub fn rank(
         };
         let g = goodput(m, &c, traffic, slo, precision)?;
         best = best.max(g.rate);
+        if ok {
+            best_allowed = best_allowed.max(g.rate);
+        }
         r.goodput = Some(g);
     }
     ranked.sort_by(|a, b| {

@@ -73,6 +73,9 @@ pub enum Traffic {
 /// Most requests one simulated workload may hold.
 pub const MAX_REQUESTS: usize = 10_000_000;
 
+/// Fewest requests a trace is simulated with (a shorter one repeats).
+pub const MIN_TRACE_REQUESTS: usize = 1000;
+
 impl Traffic {
     /// Checks the workload.
     ///
@@ -178,7 +181,8 @@ impl Traffic {
         }
     }
 
-    /// The requests at `rate` requests/s (`rate` > 0; a trace is rescaled in time).
+    /// The requests at `rate` requests/s (`rate` > 0; a trace is rescaled in time, and one
+    /// shorter than [`MIN_TRACE_REQUESTS`] repeated until it is not).
     pub fn at_rate(&self, rate: f64) -> Vec<SimRequest> {
         match self {
             Traffic::Generated {
@@ -216,11 +220,20 @@ impl Traffic {
             }
             Traffic::Trace(reqs) => {
                 let t0 = reqs[0].arrival;
-                let scale = self.native_rate().unwrap_or(rate) / rate;
-                reqs.iter()
-                    .map(|r| SimRequest {
-                        arrival: (r.arrival - t0) * scale,
-                        ..*r
+                let native = self.native_rate().unwrap_or(rate);
+                let scale = native / rate;
+                // A short trace (one window of a quiet cluster) repeats end to end, one
+                // mean gap apart, so queues can build as they would under a steady
+                // stream: a few dozen requests say nothing about the rate a split
+                // sustains.
+                let period = reqs.len() as f64 / native;
+                let copies = MIN_TRACE_REQUESTS.div_ceil(reqs.len()).max(1);
+                (0..copies)
+                    .flat_map(|k| {
+                        reqs.iter().map(move |r| SimRequest {
+                            arrival: (r.arrival - t0 + k as f64 * period) * scale,
+                            ..*r
+                        })
                     })
                     .collect()
             }
@@ -309,10 +322,13 @@ mod tests {
         trace.validate().unwrap();
         assert_eq!(trace.native_rate(), Some(0.5));
         let r = trace.at_rate(1.0);
+        // Repeated end to end, one mean gap apart: the rate holds throughout.
+        assert_eq!(r.len(), 1002);
         assert_eq!(
-            r.iter().map(|x| x.arrival).collect::<Vec<_>>(),
-            [0.0, 1.0, 2.0]
+            r.iter().take(7).map(|x| x.arrival).collect::<Vec<_>>(),
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
         );
+        assert_eq!((r[3].input, r[4].cached), (5, 4));
         assert_eq!(trace.means(), (19.0 / 3.0, 5.0 / 3.0));
         let field = |t: Traffic| match t.validate() {
             Err(PlanError::Invalid { field, .. }) => field,
