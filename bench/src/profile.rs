@@ -314,6 +314,7 @@ fn mock_latency(prefill: Option<&Model>, decode: &Model, ctx: f64) -> xpyd_engin
         prefill_per_token_us: us(pt),
         decode_base_us: us(db),
         decode_per_seq_us: us(ds),
+        ..Default::default()
     }
 }
 

@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 pub const MAX_MOCK_LATENCY_US: u64 = 10_000_000;
 
 /// Simulated compute time of the mock backend, in microseconds; all zero (the default)
-/// means no delay. A latency profile fills these from measurements of the real engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// means no delay. A latency profile fills these from measurements of the real engine:
+/// either the linear fields, or the fitted polynomials the ratio advisor's simulator
+/// uses (`prefill_fit`, `decode_fit`), so a mock cluster runs at the speed the
+/// simulator predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MockLatency {
     /// Fixed cost of one prefill chunk.
@@ -32,7 +35,19 @@ pub struct MockLatency {
     pub decode_base_us: u64,
     /// Added per sequence in the decode batch.
     pub decode_per_seq_us: u64,
+    /// Seconds of prefill as `t(n) = a + b·n + c·n²` for `[a, b, c]`, `n` the prompt
+    /// tokens computed so far: a chunk ending at `n` costs `t(n) − t(start)` (the first
+    /// `t(n)`). Replaces the two linear prefill fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_fit: Option<[f64; 3]>,
+    /// Seconds of a decode step as `c0 + c1·batch + c2·mean context + c3·total context`
+    /// for `[c0, c1, c2, c3]`. Replaces the two linear decode fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decode_fit: Option<[f64; 4]>,
 }
+
+/// Shortest simulated pass under a fit (the simulator's floor too).
+const MIN_FIT_STEP_S: f64 = 1e-6;
 
 impl MockLatency {
     /// Checks every field is within `0..=MAX_MOCK_LATENCY_US`; the error names it.
@@ -53,12 +68,47 @@ impl MockLatency {
                 });
             }
         }
+        let fits = [
+            ("mock.prefill_fit", self.prefill_fit.map(|f| f.to_vec())),
+            ("mock.decode_fit", self.decode_fit.map(|f| f.to_vec())),
+        ];
+        for (field, fit) in fits {
+            if let Some(c) = fit
+                && c.iter().any(|x| !x.is_finite() || x.abs() > 10.0)
+            {
+                return Err(EngineError::InvalidParam {
+                    field,
+                    reason: format!("{c:?}: every coefficient must be finite, |c| ≤ 10 s"),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// Seconds as a duration, floored and capped like the linear fields.
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s.clamp(MIN_FIT_STEP_S, MAX_MOCK_LATENCY_US as f64 / 1e6))
     }
 
     /// The simulated duration of a pass: base + per-token × chunk tokens for prefill,
     /// base + per-sequence × batch size for decode.
     pub fn of(&self, pass: &Pass<'_>) -> Duration {
+        match (pass, self.prefill_fit, self.decode_fit) {
+            (Pass::Prefill { start, tokens, .. }, Some([a, b, c]), _) => {
+                let t = |n: usize| {
+                    let n = n as f64;
+                    a + b * n + c * n * n
+                };
+                let from = if *start == 0 { 0.0 } else { t(*start) };
+                return Self::secs(t(start + tokens.len()) - from);
+            }
+            (Pass::Decode(items), _, Some([c0, c1, c2, c3])) if !items.is_empty() => {
+                let n = items.len() as f64;
+                let ctx: f64 = items.iter().map(|it| (it.pos + 1) as f64).sum();
+                return Self::secs(c0 + c1 * n + c2 * ctx / n + c3 * ctx);
+            }
+            _ => {}
+        }
         let (base, each, n) = match pass {
             Pass::Prefill { tokens, .. } => (
                 self.prefill_base_us,
@@ -277,6 +327,43 @@ mod tests {
         assert_eq!(l.of(&pass), Duration::from_micros(25));
         assert_eq!(l.of(&Pass::Decode(&[])), Duration::ZERO);
         assert!(serde_json::from_str::<MockLatency>(r#"{"decode_us": 1}"#).is_err());
+    }
+
+    #[test]
+    fn fitted_latency_follows_the_simulators_service_model() {
+        let l = MockLatency {
+            prefill_fit: Some([0.004, 0.0004, 2e-8]),
+            decode_fit: Some([0.012, 0.001, 1e-6, 2e-7]),
+            ..Default::default()
+        };
+        let t = |n: f64| 0.004 + 0.0004 * n + 2e-8 * n * n;
+        let toks = [1u32; 256];
+        let chunk = |start| {
+            l.of(&Pass::Prefill {
+                table: &[],
+                start,
+                tokens: &toks,
+            })
+            .as_secs_f64()
+        };
+        assert!((chunk(0) - t(256.0)).abs() < 1e-9);
+        assert!((chunk(256) - (t(512.0) - t(256.0))).abs() < 1e-9);
+        let items: Vec<crate::model::DecodeItem<'_>> = [99usize, 199]
+            .iter()
+            .map(|&pos| crate::model::DecodeItem {
+                table: &[],
+                token: 1,
+                pos,
+            })
+            .collect();
+        let step = l.of(&Pass::Decode(&items)).as_secs_f64();
+        let want = 0.012 + 0.001 * 2.0 + 1e-6 * 300.0 / 2.0 + 2e-7 * 300.0;
+        assert!((step - want).abs() < 1e-9, "{step} vs {want}");
+        let bad = MockLatency {
+            decode_fit: Some([f64::NAN, 0.0, 0.0, 0.0]),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
     }
 
     #[test]

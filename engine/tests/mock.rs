@@ -280,6 +280,7 @@ fn latency_slows_but_does_not_change_the_stream() {
             prefill_per_token_us: 5,
             decode_base_us: 200,
             decode_per_seq_us: 50,
+            ..Default::default()
         })
     });
     let p = prompt(60, 5);
