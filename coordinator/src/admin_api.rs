@@ -26,6 +26,7 @@ pub(crate) fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/v1/workers/{id}/routing", post(routing))
         .merge(crate::events_api::routes())
+        .merge(crate::advisor::api::routes())
 }
 
 #[derive(Debug, Deserialize)]

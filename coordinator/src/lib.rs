@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod admin_api;
+pub mod advisor;
 pub mod cluster;
 pub mod error;
 pub mod events_api;
@@ -87,6 +88,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     /// Embedded registry renewal interval.
     pub renew_interval: Duration,
+    /// The ratio advisor (`/v1/advisor`).
+    pub advisor: advisor::Setup,
 }
 
 impl Config {
@@ -112,6 +115,7 @@ impl Config {
             events: xpyd_runtime::events::Retention::default(),
             lease_ttl: Duration::from_secs(2),
             renew_interval: Duration::from_millis(500),
+            advisor: advisor::Setup::default(),
         }
     }
 
@@ -171,6 +175,8 @@ pub struct App {
     pub metrics: PrometheusHandle,
     /// The cluster's event log (`/v1/events`).
     pub events: events_api::EventStore,
+    /// The live ratio advisor (`/v1/advisor`).
+    pub advisor: advisor::Live,
     ids: AtomicU64,
 }
 
@@ -241,6 +247,7 @@ pub async fn run(
         cluster: cluster.clone(),
         metrics: xpyd_runtime::metrics::install(),
         events: events_api::EventStore::new(cfg.events),
+        advisor: advisor::Live::new(cfg.advisor.clone()),
         ids: AtomicU64::new(base << 8),
     });
     let membership = match &cfg.membership {
@@ -252,6 +259,7 @@ pub async fn run(
             shutdown.clone(),
         )),
     };
+    let advisor_loop = tokio::spawn(advisor::api::run_loop(app.clone(), shutdown.clone()));
     let http_addr = listeners.http.local_addr().ok();
     let http = tokio::spawn(xpyd_runtime::http::serve(
         http_api::router(app.clone()),
@@ -290,5 +298,6 @@ pub async fn run(
     let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
     let _ = http.await;
     let _ = membership.await;
+    let _ = advisor_loop.await;
     served.map_err(|e| CoordinatorError::Serve(e.to_string()))
 }

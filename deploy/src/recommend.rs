@@ -1,8 +1,10 @@
-//! `xpyd recommend` (offline): ranks every split of a budget of workers — xP(N−x)D and
-//! aggregated ×N — by simulated goodput on a workload, from a performance profile
-//! (`xpyd bench profile`), and prints the table with the bottleneck of each and the
-//! recommendation. The planner does the work (`xpyd_planner::search`); this reads files,
-//! checks flags and prints.
+//! `xpyd recommend`: ranks every split of a budget of workers — xP(N−x)D and
+//! aggregated ×N — by simulated goodput on a workload and prints the table with the
+//! bottleneck of each and the recommendation. Offline, from a performance profile
+//! (`xpyd bench profile`) and a workload or trace; online (`--url`), a running
+//! coordinator ranks the requests of its recent windows with its own profile
+//! (`POST /v1/advisor/whatif`). The planner does the work (`xpyd_planner::search`);
+//! this reads files, checks flags and prints.
 
 use crate::exit::UsageError;
 use anyhow::{Context, Result};
@@ -18,12 +20,15 @@ use xpyd_planner::workload::LengthDist;
 /// Flags of `xpyd recommend`.
 #[derive(Debug, Args)]
 pub struct RecommendArgs {
-    /// Performance profile (JSON from `xpyd bench profile`).
-    #[arg(long)]
-    pub profile: PathBuf,
-    /// Workers to split, 1..=128.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=128))]
-    pub budget: u32,
+    /// Performance profile (JSON from `xpyd bench profile`); required offline.
+    #[arg(long, required_unless_present = "url")]
+    pub profile: Option<PathBuf>,
+    /// A running coordinator's HTTP URL: rank its recent traffic with its profile.
+    #[arg(long, conflicts_with_all = ["profile", "trace", "cv", "prefix_hit"])]
+    pub url: Option<String>,
+    /// Workers to split, 1..=128 (online: default the workers the cluster runs).
+    #[arg(long, required_unless_present = "url", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub budget: Option<u32>,
     /// TTFT and TPOT objectives in milliseconds, e.g. `2000,100`.
     #[arg(long, value_parser = parse_slo)]
     pub slo: (f64, f64),
@@ -142,50 +147,19 @@ fn row_json(r: &Ranked) -> Value {
 /// Runs `xpyd recommend`.
 ///
 /// # Errors
-/// Bad flags or files (usage errors naming the field), or SLOs no split can meet.
+/// Bad flags or files (usage errors naming the field), SLOs no split can meet, or an
+/// unreachable coordinator.
 pub fn run(a: &RecommendArgs) -> Result<()> {
-    let text = std::fs::read_to_string(&a.profile)
-        .with_context(|| format!("reading the profile {}", a.profile.display()))?;
-    let model = xpyd_planner::profile::service_model(&text, a.chunk).map_err(|e| match e {
-        PlanError::Invalid { field, reason } => anyhow::Error::new(UsageError(format!(
-            "profile {}: {field}: {reason}",
-            a.profile.display()
-        ))),
-        other => plan_error(other),
-    })?;
-    let traffic = match &a.trace {
-        Some(p) => Traffic::Trace(read_trace(p)?),
-        None => Traffic::Generated {
-            input: a.input,
-            output: a.output,
-            process: a.cv.map_or(Process::Poisson, |cv| Process::Gamma { cv }),
-            prefix_hit: a.prefix_hit,
-            requests: a.requests as usize,
-            seed: a.seed,
-        },
-    };
     let slo = Slo {
         ttft_s: a.slo.0,
         tpot_s: a.slo.1,
         attainment: a.attainment,
     };
     slo.validate().map_err(plan_error)?;
-    let base = ClusterConfig {
-        max_running: a.max_running,
-        kv_blocks: a.kv_blocks,
-        prefill_policy: Policy::RoundRobin,
-        decode_policy: Policy::LeastConnections,
-        ..ClusterConfig::defaults(Layout::Aggregated { workers: 1 })
-    };
     let t0 = std::time::Instant::now();
-    let ranked =
-        search::rank(&model, &base, &traffic, &slo, a.budget, a.precision).map_err(plan_error)?;
-    let fewest = match a.rate {
-        Some(rate) => Some(
-            search::fewest_units(&model, &base, &traffic, &slo, rate, 128, a.precision)
-                .map_err(plan_error)?,
-        ),
-        None => None,
+    let (ranked, fewest, budget, fit) = match &a.url {
+        Some(url) => online(a, url, &slo)?,
+        None => offline(a, &slo)?,
     };
     let took = t0.elapsed();
     let best = &ranked[0];
@@ -198,13 +172,13 @@ pub fn run(a: &RecommendArgs) -> Result<()> {
     let why = best.goodput.as_ref().map_or("", |g| g.bottleneck.explain());
     if a.json {
         let out = json!({
-            "budget": a.budget,
+            "budget": budget,
             "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s, "attainment": slo.attainment},
             "recommended": row_json(best),
             "why": format!("highest simulated goodput of the {} splits; as the rate grows past it: {why}", ranked.len()),
             "ranked": ranked.iter().map(row_json).collect::<Vec<_>>(),
             "fewest_units": fewest.map(|f| f.as_ref().map(row_json)),
-            "model_fit_error": {"prefill": model.errors.prefill, "decode": model.errors.decode, "transfer": model.errors.transfer},
+            "model_fit_error": fit,
             "seconds": took.as_secs_f64(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -246,7 +220,7 @@ pub fn run(a: &RecommendArgs) -> Result<()> {
     }
     let vs = match aggregated {
         Some(agg) if agg > 0.0 && !matches!(best.layout, Layout::Aggregated { .. }) => {
-            format!(" ({:.2}× aggregated ×{})", best_rate / agg, a.budget)
+            format!(" ({:.2}× aggregated ×{budget})", best_rate / agg)
         }
         _ => String::new(),
     };
@@ -275,8 +249,112 @@ pub fn run(a: &RecommendArgs) -> Result<()> {
     eprintln!(
         "(simulated in {:.2} s; profile fit error: prefill {:.1}%, decode {:.1}%)",
         took.as_secs_f64(),
-        100.0 * model.errors.prefill,
-        100.0 * model.errors.decode
+        100.0 * fit["prefill"].as_f64().unwrap_or(f64::NAN),
+        100.0 * fit["decode"].as_f64().unwrap_or(f64::NAN)
     );
     Ok(())
+}
+
+/// The ranking, the fewest units (with `--rate`), the budget and the fits' errors.
+type Outcome = (Vec<Ranked>, Option<Option<Ranked>>, u32, Value);
+
+fn offline(a: &RecommendArgs, slo: &Slo) -> Result<Outcome> {
+    let path = a
+        .profile
+        .as_ref()
+        .context("--profile is required offline")?;
+    let budget = a.budget.context("--budget is required offline")?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    let model = xpyd_planner::profile::service_model(&text, a.chunk).map_err(|e| match e {
+        PlanError::Invalid { field, reason } => anyhow::Error::new(UsageError(format!(
+            "profile {}: {field}: {reason}",
+            path.display()
+        ))),
+        other => plan_error(other),
+    })?;
+    let traffic = match &a.trace {
+        Some(p) => Traffic::Trace(read_trace(p)?),
+        None => Traffic::Generated {
+            input: a.input,
+            output: a.output,
+            process: a.cv.map_or(Process::Poisson, |cv| Process::Gamma { cv }),
+            prefix_hit: a.prefix_hit,
+            requests: a.requests as usize,
+            seed: a.seed,
+        },
+    };
+    let base = ClusterConfig {
+        max_running: a.max_running,
+        kv_blocks: a.kv_blocks,
+        prefill_policy: Policy::RoundRobin,
+        decode_policy: Policy::LeastConnections,
+        ..ClusterConfig::defaults(Layout::Aggregated { workers: 1 })
+    };
+    let ranked =
+        search::rank(&model, &base, &traffic, slo, budget, a.precision).map_err(plan_error)?;
+    let fewest = match a.rate {
+        Some(rate) => Some(
+            search::fewest_units(&model, &base, &traffic, slo, rate, 128, a.precision)
+                .map_err(plan_error)?,
+        ),
+        None => None,
+    };
+    let fit = json!({"prefill": model.errors.prefill, "decode": model.errors.decode, "transfer": model.errors.transfer});
+    Ok((ranked, fewest, budget, fit))
+}
+
+/// Asks the coordinator at `url` to rank its recent traffic.
+fn online(a: &RecommendArgs, url: &str, slo: &Slo) -> Result<Outcome> {
+    let mut body = json!({
+        "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3, "attainment": slo.attainment},
+    });
+    if let Some(b) = a.budget {
+        body["budget"] = json!(b);
+    }
+    if let Some(r) = a.rate {
+        body["rate"] = json!(r);
+    }
+    let endpoint = format!("{}/v1/advisor/whatif", url.trim_end_matches('/'));
+    let resp = ureq::post(&endpoint)
+        .header("content-type", "application/json")
+        .config()
+        .timeout_global(Some(std::time::Duration::from_secs(300)))
+        .http_status_as_error(false)
+        .build()
+        .send(body.to_string())
+        .with_context(|| format!("POST {endpoint}"))?;
+    let code = resp.status().as_u16();
+    let text = resp.into_body().read_to_string()?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{endpoint}: not JSON: {text}"))?;
+    if code != 200 {
+        let msg = v["error"]["message"].as_str().unwrap_or(&text).to_string();
+        if code == 400 {
+            return Err(UsageError(format!("the coordinator: {msg}")).into());
+        }
+        anyhow::bail!("{endpoint}: HTTP {code}: {msg}");
+    }
+    let ranked: Vec<Ranked> = serde_json::from_value(v["ranked"].clone())
+        .with_context(|| format!("{endpoint}: unexpected ranking"))?;
+    if ranked.is_empty() {
+        anyhow::bail!("{endpoint}: an empty ranking");
+    }
+    let fewest = match a.rate {
+        Some(_) => Some(serde_json::from_value(v["fewest_units"].clone())?),
+        None => None,
+    };
+    let budget = v["budget"].as_u64().unwrap_or(0) as u32;
+    let status: Value = ureq::get(&format!("{}/v1/advisor", url.trim_end_matches('/')))
+        .call()
+        .ok()
+        .and_then(|r| r.into_body().read_to_string().ok())
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    Ok((
+        ranked,
+        fewest,
+        budget,
+        status["profile"]["fit_error"].clone(),
+    ))
 }

@@ -153,6 +153,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         max_age: Duration::from_secs(m.events.retention_s),
         max_events: m.events.max_events as usize,
     };
+    cfg.advisor = advisor_setup(&m, &a.file);
     if m.registry.backend == manifest::RegistryBackend::Etcd {
         cfg.membership = xpyd_coordinator::Membership::Etcd {
             endpoints: m.registry.endpoints.clone(),
@@ -173,6 +174,86 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         xpyd_coordinator::run(cfg, listeners, shutdown).await?;
         Ok(())
     })
+}
+
+/// Where a measured profile of the manifest's model (`default` or a file) on this
+/// machine is cached.
+pub fn cached_profile(model: &str) -> PathBuf {
+    let stem = Path::new(model)
+        .file_stem()
+        .map_or_else(|| "default".into(), |s| s.to_string_lossy().into_owned());
+    model_fetch::models_dir()
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        .join("profiles")
+        .join(format!("{stem}.json"))
+}
+
+/// The advisor's setup from the manifest: its settings, the service model of its
+/// profile (or why there is none) and the workers' settings that shape latency.
+fn advisor_setup(m: &Manifest, file: &Path) -> xpyd_coordinator::advisor::Setup {
+    use xpyd_planner::sim::{ClusterConfig, Layout, Policy};
+    let a = &m.advisor;
+    let single = m.mode == manifest::Mode::Single;
+    let (front, back) = if single {
+        (Role::Combined, Role::Combined)
+    } else {
+        (Role::Prefill, Role::Decode)
+    };
+    let chunk = m.roles.get(front).map_or(256, |s| s.prefill_chunk);
+    let back_spec = m.roles.get(back);
+    let block_size = 16;
+    let sim_policy = |p: manifest::RoutingPolicy| match p {
+        manifest::RoutingPolicy::RoundRobin => Policy::RoundRobin,
+        _ => Policy::LeastConnections,
+    };
+    let base = ClusterConfig {
+        max_running: back_spec.map_or(16, |s| s.max_running_for(back)),
+        kv_blocks: back_spec
+            .map(|s| s.kv_blocks)
+            .filter(|&b| b > 0)
+            .unwrap_or((xpyd_engine::config::DEFAULT_KV_TOKENS / block_size) as u32),
+        block_size: block_size as u32,
+        max_queue: m.coordinator.max_queue as usize,
+        queue_timeout_s: f64::from(m.coordinator.queue_timeout_ms) / 1e3,
+        prefill_policy: sim_policy(m.routing.prefill),
+        decode_policy: sim_policy(m.routing.decode),
+        ..ClusterConfig::defaults(Layout::Aggregated { workers: 1 })
+    };
+    let path = match &a.profile {
+        Some(p) => file.parent().unwrap_or(Path::new(".")).join(p),
+        None => cached_profile(&m.model),
+    };
+    let model = match std::fs::read_to_string(&path) {
+        Ok(text) => xpyd_planner::profile::service_model(&text, chunk)
+            .map_err(|e| format!("profile {}: {e}", path.display())),
+        Err(e) if a.profile.is_none() && e.kind() == std::io::ErrorKind::NotFound => Err(format!(
+            "no performance profile: name one under `advisor.profile` in the manifest, or measure this machine's with `xpyd bench profile --out {}`",
+            path.display()
+        )),
+        Err(e) => Err(format!("profile {}: {e}", path.display())),
+    };
+    if let Err(e) = &model
+        && a.enabled
+    {
+        eprintln!("coordinator: advisor: {e}");
+    }
+    let mut config = a.planner_config();
+    // A running cluster changes its split, not its mode.
+    config.shapes = if single {
+        xpyd_planner::advisor::Shapes::Aggregated
+    } else {
+        xpyd_planner::advisor::Shapes::Disaggregated
+    };
+    xpyd_coordinator::advisor::Setup {
+        enabled: a.enabled,
+        window: Duration::from_secs(a.window_s),
+        config,
+        budget_from_cluster: a.budget.is_none(),
+        model,
+        profile: path.display().to_string(),
+        base,
+    }
 }
 
 /// How often a role process checks that its supervisor is still there.
@@ -210,9 +291,20 @@ fn etcd_prefix(m: &Manifest) -> String {
 
 /// The `mock_latency` section of a performance profile (the JSON the profiling command
 /// writes).
-pub fn mock_latency_of_profile(path: &Path) -> Result<xpyd_engine::MockLatency> {
+pub fn mock_latency_of_profile(path: &Path, chunk: u32) -> Result<xpyd_engine::MockLatency> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    // The simulator's own service model when the profile has its fits: the mock then
+    // runs exactly as fast as the ratio advisor predicts.
+    if let Ok(m) = xpyd_planner::profile::service_model(&text, chunk) {
+        let l = xpyd_engine::MockLatency {
+            prefill_fit: Some(m.prefill),
+            decode_fit: Some(m.decode),
+            ..Default::default()
+        };
+        l.validate()?;
+        return Ok(l);
+    }
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
     let l: xpyd_engine::MockLatency = serde_json::from_value(v["mock_latency"].clone())
@@ -239,8 +331,11 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     // The mock computes nothing but still uses the model file's tokenizer and geometry.
     if spec.engine == manifest::EngineKind::Mock {
         engine.mock = Some(match &spec.mock_profile {
-            Some(p) => mock_latency_of_profile(&a.file.parent().unwrap_or(Path::new(".")).join(p))
-                .with_context(|| format!("roles.{}.mock_profile", role.name()))?,
+            Some(p) => mock_latency_of_profile(
+                &a.file.parent().unwrap_or(Path::new(".")).join(p),
+                spec.prefill_chunk,
+            )
+            .with_context(|| format!("roles.{}.mock_profile", role.name()))?,
             None => spec.mock_latency.unwrap_or_default(),
         });
     }
@@ -347,14 +442,33 @@ mod tests {
             r#"{"version":1,"mock_latency":{"prefill_base_us":12,"prefill_per_token_us":3,"decode_base_us":4000,"decode_per_seq_us":70}}"#,
         )
         .unwrap();
-        let l = mock_latency_of_profile(&p).unwrap();
+        let l = mock_latency_of_profile(&p, 256).unwrap();
         assert_eq!((l.prefill_base_us, l.prefill_per_token_us), (12, 3));
         assert_eq!((l.decode_base_us, l.decode_per_seq_us), (4000, 70));
         std::fs::write(&p, r#"{"version":1}"#).unwrap();
-        let e = format!("{:#}", mock_latency_of_profile(&p).unwrap_err());
+        let e = format!("{:#}", mock_latency_of_profile(&p, 256).unwrap_err());
         assert!(e.contains("mock_latency"), "{e}");
         std::fs::write(&p, r#"{"mock_latency":{"decode_base_us":99999999999}}"#).unwrap();
-        assert!(mock_latency_of_profile(&p).is_err());
-        assert!(mock_latency_of_profile(&dir.path().join("missing.json")).is_err());
+        assert!(mock_latency_of_profile(&p, 256).is_err());
+        assert!(mock_latency_of_profile(&dir.path().join("missing.json"), 256).is_err());
+    }
+
+    #[test]
+    fn a_profile_with_fits_gives_the_simulators_own_latency() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("profile.json");
+        let fit = |kind: &str, c: &[f64]| serde_json::json!({"model": {"kind": kind, "coeffs": c}, "fit_error": {"mean_abs_rel": 0.02}});
+        let profile = serde_json::json!({
+            "version": 1, "kind": "xpyd-performance-profile",
+            "model": {"kv_bytes_per_token": 23040, "layers": 30},
+            "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0004, 2e-8])}},
+            "decode_step": {"fit": fit("bilinear", &[0.012, 0.001, 1e-6, 2e-7])},
+            "kv_transfer": null,
+            "mock_latency": {"decode_base_us": 1},
+        });
+        std::fs::write(&p, profile.to_string()).unwrap();
+        let l = mock_latency_of_profile(&p, 256).unwrap();
+        assert_eq!(l.prefill_fit, Some([0.004, 0.0004, 2e-8]));
+        assert_eq!(l.decode_fit, Some([0.012, 0.001, 1e-6, 2e-7]));
     }
 }

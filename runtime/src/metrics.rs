@@ -28,6 +28,12 @@ pub const COORD_RETRIES_TOTAL: &str = "xpyd_coordinator_retries_total";
 pub const COORD_MIGRATIONS_TOTAL: &str = "xpyd_coordinator_migrations_total";
 /// Coordinator: clients cut off because they stopped reading their stream.
 pub const COORD_STALLED_CLIENTS_TOTAL: &str = "xpyd_coordinator_stalled_clients_total";
+/// Advisor: replicas per `role` of the `split` running (`current`) and advised (`recommended`).
+pub const ADVISOR_REPLICAS: &str = "xpyd_advisor_replicas";
+/// Advisor: predicted TTFT p90 at the forecast rate, by `split` (`current`, `recommended`).
+pub const ADVISOR_PREDICTED_TTFT_P90_SECONDS: &str = "xpyd_advisor_predicted_ttft_p90_seconds";
+/// Advisor: predicted TPOT p90 at the forecast rate, by `split`.
+pub const ADVISOR_PREDICTED_TPOT_P90_SECONDS: &str = "xpyd_advisor_predicted_tpot_p90_seconds";
 /// Coordinator: workers by `role` and `state`.
 pub const COORD_WORKERS: &str = "xpyd_coordinator_workers";
 /// Coordinator: requests refused for overload, by `reason`.

@@ -199,6 +199,7 @@ pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
     metrics::counter!(m::COORD_REQUESTS_TOTAL, "api" => p.api, "code" => code.to_string())
         .increment(1);
     metrics::gauge!(m::COORD_CONNECTIONS).decrement(1.0);
+    record_finished(&app, &p, &em, outcome.as_ref().map(|_| ()));
     match outcome {
         Ok(finish) => {
             let usage = em.usage();
@@ -220,6 +221,35 @@ pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
             }
         }
     }
+}
+
+/// Puts the request into the advisor's window: what it asked for and what it saw. A
+/// client that left tells nothing about the cluster and is left out; a failure keeps
+/// NaN latencies (a miss) and the output it asked for.
+fn record_finished(app: &App, p: &Prepared, em: &Emitter<'_>, outcome: Result<(), &FlowError>) {
+    if matches!(outcome, Err(FlowError::ClientGone)) {
+        return;
+    }
+    let generated = em.generated.len() as u32;
+    let ttft = em.first.map_or(f64::NAN, |f| (f - em.start).as_secs_f64());
+    let tpot = match (outcome, em.first, em.last) {
+        (Ok(()), Some(f), Some(l)) if generated > 1 => {
+            (l - f).as_secs_f64() / f64::from(generated - 1)
+        }
+        _ => f64::NAN,
+    };
+    let output = match outcome {
+        Ok(()) => generated,
+        Err(_) => generated.max(p.params.max_tokens.min(4096) as u32),
+    };
+    app.advisor.record(xpyd_planner::advisor::Finished {
+        arrival: app.advisor.at(em.start),
+        input: em.prompt,
+        cached: em.cached,
+        output: output.max(1),
+        ttft,
+        tpot,
+    });
 }
 
 /// Sends the request to worker pairs until it finishes: the first pair, then — when a

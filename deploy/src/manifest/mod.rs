@@ -15,7 +15,9 @@ mod tests;
 #[cfg(test)]
 mod tests_reliability;
 
-pub use reliability::{EventsSpec, Probe, ProbeAction, ProbeKind, RebuildScope, UpgradeSpec};
+pub use reliability::{
+    AdvisorSpec, EventsSpec, Probe, ProbeAction, ProbeKind, RebuildScope, UpgradeSpec,
+};
 pub use types::{
     CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RegistryBackend, RegistrySpec,
     RoleSpec, RolesSpec, RoutingPolicy, RoutingSpec,
@@ -152,6 +154,9 @@ pub struct Manifest {
     /// Retention of the cluster's events.
     #[serde(default)]
     pub events: EventsSpec,
+    /// The ratio advisor.
+    #[serde(default)]
+    pub advisor: AdvisorSpec,
 }
 
 fn default_model() -> String {

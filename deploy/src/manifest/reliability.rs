@@ -345,3 +345,108 @@ fn de_command<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D:
     }
     d.deserialize_any(V)
 }
+
+/// The ratio advisor (`/v1/advisor`): monitoring, objectives, the budget it splits and
+/// how it acts. Everything here can also be changed at run time through
+/// `PUT /v1/advisor/config` (except `profile`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdvisorSpec {
+    /// Monitoring on: the advisor observes every window (default false).
+    pub enabled: bool,
+    /// Window length, seconds, `5..=3600` (default 60).
+    pub window_s: u64,
+    /// Objectives.
+    pub slo: AdvisorSlo,
+    /// Workers to split, `1..=1024`; absent = the workers the cluster runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<u32>,
+    /// `manual` (suggest; an operator applies) or `auto` (apply outside the cool-down).
+    pub mode: AdvisorMode,
+    /// Smallest relative goodput gain worth a change, `0..=10` (default 0.1).
+    pub min_gain: f64,
+    /// Windows in a row a better split must win before it is suggested, `1..=100`
+    /// (default 2).
+    pub streak: u32,
+    /// Seconds after a change during which nothing is applied (default 600).
+    pub cooldown_s: f64,
+    /// Windows whose requests the ranking uses, `1..=60` (default 3).
+    pub history: u32,
+    /// Performance profile (JSON from `xpyd bench profile`), relative to the manifest;
+    /// absent = the profile cached for this model and machine, if one was measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<std::path::PathBuf>,
+}
+
+/// The advisor's objectives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdvisorSlo {
+    /// Time to first token, ms (default 2000).
+    pub ttft_ms: f64,
+    /// Time per output token, ms (default 100).
+    pub tpot_ms: f64,
+    /// Share of requests that must meet both, `(0, 1]` (default 0.9).
+    pub attainment: f64,
+}
+
+impl Default for AdvisorSlo {
+    fn default() -> Self {
+        AdvisorSlo {
+            ttft_ms: 2000.0,
+            tpot_ms: 100.0,
+            attainment: 0.9,
+        }
+    }
+}
+
+/// How the advisor acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvisorMode {
+    /// Suggest only.
+    #[default]
+    Manual,
+    /// Apply on its own.
+    Auto,
+}
+
+impl Default for AdvisorSpec {
+    fn default() -> Self {
+        AdvisorSpec {
+            enabled: false,
+            window_s: 60,
+            slo: AdvisorSlo::default(),
+            budget: None,
+            mode: AdvisorMode::Manual,
+            min_gain: 0.1,
+            streak: 2,
+            cooldown_s: 600.0,
+            history: 3,
+            profile: None,
+        }
+    }
+}
+
+impl AdvisorSpec {
+    /// The planner's settings (the budget filled in later when absent).
+    pub fn planner_config(&self) -> xpyd_planner::advisor::AdvisorConfig {
+        let mut c = xpyd_planner::advisor::AdvisorConfig::new(
+            xpyd_planner::search::Slo {
+                ttft_s: self.slo.ttft_ms / 1e3,
+                tpot_s: self.slo.tpot_ms / 1e3,
+                attainment: self.slo.attainment,
+            },
+            self.budget.unwrap_or(1),
+        );
+        c.mode = match self.mode {
+            AdvisorMode::Manual => xpyd_planner::advisor::Mode::Manual,
+            AdvisorMode::Auto => xpyd_planner::advisor::Mode::Auto,
+        };
+        c.min_gain = self.min_gain;
+        c.streak = self.streak;
+        c.cooldown_s = self.cooldown_s;
+        c.history = self.history;
+        c
+    }
+}

@@ -281,6 +281,7 @@ fn mock_latency_needs_engine_mock_and_names_its_fields() {
             prefill_per_token_us: 40,
             decode_base_us: 9000,
             decode_per_seq_us: 0,
+            ..Default::default()
         })
     );
     let bare = role("engine: mock").unwrap().roles.combined.unwrap();
@@ -600,4 +601,30 @@ fn mock_profile_needs_engine_mock_and_excludes_mock_latency() {
         "roles.combined.mock_profile",
         "not both",
     );
+}
+
+#[test]
+fn advisor_settings_name_their_fields() {
+    let m = with(
+        "advisor: { enabled: true, window_s: 10, mode: auto, budget: 4, slo: { ttft_ms: 500 } }\n",
+    )
+    .unwrap();
+    let c = m.advisor.planner_config();
+    assert!(m.advisor.enabled);
+    assert_eq!((c.budget, c.slo.ttft_s, c.slo.tpot_s), (4, 0.5, 0.1));
+    assert_eq!(c.mode, xpyd_planner::advisor::Mode::Auto);
+    assert_eq!(with("").unwrap().advisor, super::AdvisorSpec::default());
+    let a = |kv: &str| with(&format!("advisor: {{ {kv} }}\n"));
+    assert_invalid(a("window_s: 4"), "advisor.window_s", "5..=3600");
+    assert_invalid(a("budget: 0"), "advisor.budget", "1..=1024");
+    assert_invalid(a("slo: { ttft_ms: 0 }"), "advisor.slo.ttft_ms", "> 0");
+    assert_invalid(
+        a("slo: { attainment: 1.5 }"),
+        "advisor.slo.attainment",
+        "(0, 1]",
+    );
+    assert_invalid(a("streak: 0"), "advisor.streak", "1..=100");
+    assert_invalid(a("history: 61"), "advisor.history", "1..=60");
+    assert_parse_err(a("mode: sometimes"), &["advisor.mode", "sometimes"]);
+    assert_parse_err(a("colour: red"), &["advisor", "colour"]);
 }

@@ -90,6 +90,7 @@ impl Manifest {
             ("routing", json(&self.routing), json(&new.routing)),
             ("kv", json(&self.kv), json(&new.kv)),
             ("events", json(&self.events), json(&new.events)),
+            ("advisor", json(&self.advisor), json(&new.advisor)),
         ] {
             if let Some(field) = first_difference(name, &a, &b) {
                 return Err(refuse(

@@ -2,8 +2,8 @@
 
 use super::reliability::{GracefulShutdown, PROBE_MAX, ProbeKind, ProbeSpec};
 use super::{
-    CoordinatorSpec, EngineKind, EventsSpec, KvSpec, Manifest, ManifestError, Mode, PinScope,
-    RegistryBackend, RegistrySpec, Role, RoleSpec, RoutingSpec, UpgradeSpec,
+    AdvisorSpec, CoordinatorSpec, EngineKind, EventsSpec, KvSpec, Manifest, ManifestError, Mode,
+    PinScope, RegistryBackend, RegistrySpec, Role, RoleSpec, RoutingSpec, UpgradeSpec,
 };
 use std::fmt::Display;
 
@@ -30,6 +30,7 @@ pub(super) fn manifest(m: &Manifest) -> Result {
     kv(&m.kv)?;
     upgrade(&m.upgrade)?;
     events(&m.events)?;
+    advisor(&m.advisor)?;
     for role in Role::ALL {
         if let Some(spec) = m.roles.get(role) {
             role_spec(role, spec)?;
@@ -400,6 +401,30 @@ fn upgrade(u: &UpgradeSpec) -> Result {
 fn events(e: &EventsSpec) -> Result {
     range("events.retention_s", e.retention_s, 60, 31_536_000)?;
     range("events.max_events", e.max_events, 100, 1_000_000)
+}
+
+fn advisor(a: &AdvisorSpec) -> Result {
+    range("advisor.window_s", a.window_s, 5, 3600)?;
+    if let Some(b) = a.budget {
+        range("advisor.budget", b, 1, 1024)?;
+    }
+    a.planner_config().validate().map_err(|e| match e {
+        xpyd_planner::PlanError::Invalid { field, reason } => ManifestError::Invalid {
+            field: format!(
+                "advisor.{}",
+                match field.as_str() {
+                    "slo.ttft_s" => "slo.ttft_ms",
+                    "slo.tpot_s" => "slo.tpot_ms",
+                    f => f,
+                }
+            ),
+            reason,
+        },
+        other => ManifestError::Invalid {
+            field: "advisor".into(),
+            reason: other.to_string(),
+        },
+    })
 }
 
 fn mock_latency(role: Role, s: &RoleSpec) -> Result {

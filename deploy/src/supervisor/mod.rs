@@ -27,6 +27,7 @@ mod plan;
 mod probe_exec;
 mod probes;
 mod process;
+mod ratio;
 mod rebuild;
 mod report;
 mod rollout;
@@ -124,6 +125,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let control_url = format!("http://{}", listener.local_addr()?);
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
+    ratio::spawn(http.clone(), cmd_tx.clone(), bg.clone());
     tokio::spawn(control::serve(listener, cmd_tx, bg.clone()));
     println!("supervisor: {control_url}");
     let _ = std::io::stdout().flush();

@@ -268,6 +268,12 @@ fn lock(results: &Mutex<(u64, Vec<String>)>) -> MutexGuard<'_, (u64, Vec<String>
 impl Load {
     /// Starts `clients` closed-loop clients against `http`.
     pub fn start(http: &str, clients: usize) -> Load {
+        Load::shaped(http, clients, 0, 6)
+    }
+
+    /// As [`Load::start`], each prompt padded with `pad` more words and asking for
+    /// `max_tokens` tokens.
+    pub fn shaped(http: &str, clients: usize, pad: usize, max_tokens: u32) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let results = Arc::new(Mutex::new((0u64, Vec::new())));
         let threads = (0..clients)
@@ -278,8 +284,9 @@ impl Load {
                     let mut n = 0;
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
-                        let body = json!({"prompt": format!("client {i} request {n}"),
-                            "max_tokens": 6, "temperature": 0, "ignore_eos": true});
+                        let prompt = format!("client {i} request {n}{}", " word".repeat(pad));
+                        let body = json!({"prompt": prompt,
+                            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true});
                         let got = try_post_raw(&url, &body.to_string(), LOAD_TIMEOUT);
                         let mut r = lock(&results);
                         match got {

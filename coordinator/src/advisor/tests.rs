@@ -1,0 +1,145 @@
+use super::*;
+
+fn live() -> Live {
+    Live::new(Setup::default())
+}
+
+#[test]
+fn apply_bodies_name_the_role() {
+    assert_eq!(parse_apply(b"", false).unwrap(), None);
+    assert_eq!(parse_apply(b"{}", true).unwrap(), None);
+    assert_eq!(
+        parse_apply(br#"{"prefill": 1, "decode": 3}"#, false).unwrap(),
+        Some(Layout::Disaggregated {
+            prefill: 1,
+            decode: 3
+        })
+    );
+    assert_eq!(
+        parse_apply(br#"{"combined": 4}"#, true).unwrap(),
+        Some(Layout::Aggregated { workers: 4 })
+    );
+    for (body, single, field) in [
+        (&br#"{"router": 1}"#[..], false, "role"),
+        (br#"{"prefill": 1}"#, false, "role"),
+        (br#"{"combined": 2}"#, false, "role"),
+        (br#"{"prefill": 1, "decode": 1}"#, true, "role"),
+        (br#"{"prefill": 0, "decode": 1}"#, false, "prefill"),
+        (br#"{"prefill": 1, "decode": "x"}"#, false, "decode"),
+        (b"[1]", false, "body"),
+    ] {
+        let e = parse_apply(body, single).unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (400, Some(field)),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
+    }
+}
+
+#[test]
+fn config_patches_are_checked_by_field_and_keep_the_rest() {
+    let l = live();
+    let v = l
+        .patch_config(
+            br#"{"enabled": true, "window_s": 10, "slo": {"ttft_ms": 500}, "mode": "auto"}"#,
+        )
+        .unwrap();
+    assert_eq!(v["enabled"], true);
+    assert_eq!(v["window_s"], 10);
+    assert_eq!(v["slo"]["ttft_ms"], 500.0);
+    assert_eq!(
+        v["slo"]["tpot_ms"], 100.0,
+        "untouched keys keep their value"
+    );
+    assert_eq!(v["mode"], "auto");
+    assert_eq!(l.schedule(), (true, Duration::from_secs(10)));
+    for (body, field) in [
+        (&br#"{"window_s": 1}"#[..], "window_s"),
+        (br#"{"budget": 0}"#, "budget"),
+        (br#"{"slo": {"ttft_ms": -1}}"#, "slo.ttft_s"),
+        (br#"{"slo": {"attainment": 2}}"#, "slo.attainment"),
+        (br#"{"mode": "sometimes"}"#, "mode"),
+        (br#"{"streak": 0}"#, "streak"),
+        (br#"{"colour": "red"}"#, "colour"),
+        (b"not json", "body"),
+    ] {
+        let e = l.patch_config(body).unwrap_err();
+        assert_eq!(
+            (e.status, e.param.as_deref()),
+            (400, Some(field)),
+            "{}: {}",
+            String::from_utf8_lossy(body),
+            e.message
+        );
+    }
+    // A refused patch changed nothing.
+    assert_eq!(l.schedule(), (true, Duration::from_secs(10)));
+    assert_eq!(l.config_json()["mode"], "auto");
+}
+
+#[test]
+fn the_ring_is_bounded_and_read_by_arrival() {
+    let l = live();
+    for i in 0..(RING_CAP + 10) {
+        l.record(Finished {
+            arrival: i as f64,
+            input: 10,
+            cached: 0,
+            output: 5,
+            ttft: 0.1,
+            tpot: 0.01,
+        });
+    }
+    assert_eq!(l.ring().len(), RING_CAP);
+    assert_eq!(l.since(0.0)[0].arrival, 10.0, "the oldest fell out");
+    assert_eq!(l.since((RING_CAP as f64) + 5.0).len(), 5);
+}
+
+#[test]
+fn a_window_is_in_arrival_order_though_requests_finish_out_of_order() {
+    let l = live();
+    for arrival in [3.0, 1.0, 2.0, 0.5] {
+        l.record(Finished {
+            arrival,
+            input: 10,
+            cached: 0,
+            output: 5,
+            ttft: 0.1,
+            tpot: 0.01,
+        });
+    }
+    let w: Vec<f64> = l.since(0.9).iter().map(|f| f.arrival).collect();
+    assert_eq!(w, [1.0, 2.0, 3.0]);
+}
+
+#[test]
+fn apply_records_desired_generations_and_history() {
+    let l = live();
+    assert!(l.desired().is_none());
+    assert_eq!(l.recommendation().unwrap_err().status, 409);
+    let a = Layout::Disaggregated {
+        prefill: 1,
+        decode: 3,
+    };
+    let b = Layout::Disaggregated {
+        prefill: 2,
+        decode: 2,
+    };
+    assert_eq!(l.apply(a, Some(b), "operator", None).generation, 1);
+    let d = l.apply(b, Some(a), "advisor (auto)", Some((1.0, 1.5)));
+    assert_eq!((d.generation, d.layout), (2, b));
+    assert_eq!(d.replicas(), json!({"prefill": 2, "decode": 2}));
+    let s = l.status_json(Some(a), 0);
+    assert_eq!(s["converged"], false);
+    assert_eq!(s["history"].as_array().unwrap().len(), 2);
+    assert_eq!(s["history"][1]["by"], "advisor (auto)");
+    assert_eq!(s["desired"]["layout"], "2P2D");
+    assert!(
+        s["profile"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("advisor.profile")
+    );
+}
