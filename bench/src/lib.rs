@@ -24,4 +24,5 @@ pub mod kv_bench;
 pub mod kv_harness;
 pub mod load_cmd;
 pub mod overhead;
+pub mod planner_bench;
 pub mod profile;

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use xpyd_bench::engine_args::EngineArgs;
 use xpyd_bench::host::Host;
-use xpyd_bench::{engine_bench, kv_bench, kv_harness, load_cmd, overhead, profile};
+use xpyd_bench::{engine_bench, kv_bench, kv_harness, load_cmd, overhead, planner_bench, profile};
 use xpyd_engine::compute;
 
 /// xpyd: prefill/decode-disaggregated LLM serving.
@@ -97,6 +97,8 @@ enum BenchCmd {
     Profile(profile::ProfileArgs),
     /// Latency the serving path adds, against zero-latency mock workers.
     Overhead(overhead::OverheadArgs),
+    /// Speed of the ratio advisor's core: a large recommendation and a large simulation.
+    Planner(planner_bench::PlannerBenchArgs),
 }
 
 /// The default model, fetched into the models directory when missing.
@@ -138,7 +140,11 @@ impl Cli {
             }
             Cmd::Bench {
                 cmd:
-                    BenchCmd::Kv(_) | BenchCmd::Load(_) | BenchCmd::Compare(_) | BenchCmd::Overhead(_),
+                    BenchCmd::Kv(_)
+                    | BenchCmd::Load(_)
+                    | BenchCmd::Compare(_)
+                    | BenchCmd::Overhead(_)
+                    | BenchCmd::Planner(_),
             }
             | Cmd::Model { .. }
             | Cmd::KvHarness { .. }
@@ -207,5 +213,6 @@ fn bench(cmd: BenchCmd) -> Result<()> {
             a.validate().map_err(UsageError)?;
             overhead::run(&a, &host)
         }
+        BenchCmd::Planner(a) => planner_bench::run(&a),
     }
 }

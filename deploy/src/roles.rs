@@ -245,12 +245,15 @@ fn advisor_setup(m: &Manifest, file: &Path) -> xpyd_coordinator::advisor::Setup 
     } else {
         xpyd_planner::advisor::Shapes::Disaggregated
     };
+    // The default profile may be measured by `xpyd up` after this start.
+    let reload = (a.profile.is_none() && model.is_err()).then(|| (path.clone(), chunk));
     xpyd_coordinator::advisor::Setup {
         enabled: a.enabled,
         window: Duration::from_secs(a.window_s),
         config,
         budget_from_cluster: a.budget.is_none(),
         model,
+        reload,
         profile: path.display().to_string(),
         base,
     }

@@ -179,8 +179,7 @@ async fn whatif_inner(app: &Arc<App>, body: &[u8]) -> Result<serde_json::Value, 
     let w: WhatIf = parse_body(body)?;
     let model = app
         .advisor
-        .model
-        .clone()
+        .model()
         .map_err(|e| ApiError::invalid("profile", e))?;
     let cfg = app.advisor.lock().config.clone();
     let slo = w.slo.as_ref().map_or(cfg.slo, |s| s.over(cfg.slo));

@@ -45,6 +45,9 @@ pub struct Setup {
     pub model: Result<ServiceModel, String>,
     /// Where the model came from (shown in the status).
     pub profile: String,
+    /// A profile that may appear later (measured by `xpyd up` at first start) and the
+    /// prefill chunk to read it at: read again while there is no model.
+    pub reload: Option<(std::path::PathBuf, u32)>,
     /// Every setting of the workers but the layout.
     pub base: ClusterConfig,
 }
@@ -65,6 +68,7 @@ impl Default for Setup {
             budget_from_cluster: true,
             model: Err("no performance profile: name one under `advisor.profile` in the manifest (the JSON `xpyd bench profile` writes)".into()),
             profile: String::new(),
+            reload: None,
             base: ClusterConfig::defaults(Layout::Aggregated { workers: 1 }),
         }
     }
@@ -130,7 +134,8 @@ struct State {
 #[derive(Debug)]
 pub struct Live {
     origin: Instant,
-    model: Result<ServiceModel, String>,
+    model: Mutex<Result<ServiceModel, String>>,
+    reload: Option<(std::path::PathBuf, u32)>,
     profile: String,
     base: ClusterConfig,
     ring: Mutex<VecDeque<Finished>>,
@@ -276,7 +281,8 @@ impl Live {
     pub fn new(setup: Setup) -> Self {
         Live {
             origin: Instant::now(),
-            model: setup.model,
+            model: Mutex::new(setup.model),
+            reload: setup.reload,
             profile: setup.profile,
             base: setup.base,
             ring: Mutex::new(VecDeque::new()),
@@ -303,6 +309,20 @@ impl Live {
 
     fn ring(&self) -> std::sync::MutexGuard<'_, VecDeque<Finished>> {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The service model, reading the profile again if it was missing and may since
+    /// have been measured.
+    pub(crate) fn model(&self) -> Result<ServiceModel, String> {
+        let mut m = self.model.lock().unwrap_or_else(|p| p.into_inner());
+        if m.is_err()
+            && let Some((path, chunk)) = &self.reload
+            && let Ok(text) = std::fs::read_to_string(path)
+        {
+            *m = xpyd_planner::profile::service_model(&text, *chunk)
+                .map_err(|e| format!("profile {}: {e}", path.display()));
+        }
+        m.clone()
     }
 
     /// Seconds since the coordinator started: the clock of arrivals and of the advisor.
@@ -432,7 +452,7 @@ impl Live {
         };
         json!({
             "config": config,
-            "profile": match &self.model {
+            "profile": match &self.model() {
                 Ok(m) => json!({"source": self.profile, "fit_error": {"prefill": m.errors.prefill, "decode": m.errors.decode, "transfer": m.errors.transfer}}),
                 Err(e) => json!({"source": self.profile, "error": e}),
             },
@@ -499,7 +519,7 @@ impl Live {
     /// The advisor to run on the next window (built on first use with `current`), or
     /// why there is none.
     fn take_advisor(&self, current: Layout) -> Result<(Advisor, u64), String> {
-        let model = self.model.clone()?;
+        let model = self.model()?;
         let mut s = self.lock();
         let generation = s.desired.as_ref().map_or(0, |d| d.generation);
         if let Some(a) = &mut s.advisor {

@@ -143,3 +143,27 @@ fn apply_records_desired_generations_and_history() {
             .contains("advisor.profile")
     );
 }
+
+#[test]
+fn a_profile_measured_after_the_start_is_picked_up() {
+    let path =
+        std::env::temp_dir().join(format!("xpyd-advisor-profile-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = Live::new(Setup {
+        reload: Some((path.clone(), 256)),
+        ..Setup::default()
+    });
+    assert!(l.model().is_err());
+    let fit = |kind: &str, c: &[f64]| json!({"model": {"kind": kind, "coeffs": c}, "fit_error": {"mean_abs_rel": 0.02}});
+    let profile = json!({
+        "version": 1, "kind": "xpyd-performance-profile",
+        "model": {"kv_bytes_per_token": 23040, "layers": 30},
+        "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0004, 2e-8])}},
+        "decode_step": {"fit": fit("bilinear", &[0.012, 0.001, 1e-6, 2e-7])},
+        "kv_transfer": null,
+    });
+    std::fs::write(&path, profile.to_string()).unwrap();
+    assert_eq!(l.model().unwrap().prefill, [0.004, 0.0004, 2e-8]);
+    std::fs::remove_file(&path).unwrap();
+    assert!(l.model().is_ok(), "kept once read");
+}

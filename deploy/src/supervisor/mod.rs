@@ -22,6 +22,7 @@
 mod actor;
 pub mod control;
 mod coord;
+mod first_profile;
 mod lifecycle;
 mod plan;
 mod probe_exec;
@@ -140,6 +141,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(std::env::temp_dir);
+    let profile_job = first_profile::needed(&m).map(|(out, threads)| (exe.clone(), out, threads));
     let settings = Settings {
         name: m.name.clone(),
         exe,
@@ -165,6 +167,9 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let mut ended = None;
     tokio::select! {
         r = ready_rx => if r.is_ok() {
+            if let Some((exe, out, threads)) = profile_job {
+                first_profile::spawn(exe, model.to_path_buf(), out, threads, bg.clone());
+            }
             asked = announce(a, &http, &grpc).await;
             if a.ask.is_some() {
                 stop.cancel();
