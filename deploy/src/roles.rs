@@ -228,7 +228,7 @@ fn advisor_setup(m: &Manifest, file: &Path) -> xpyd_coordinator::advisor::Setup 
         Ok(text) => xpyd_planner::profile::service_model(&text, chunk)
             .map_err(|e| format!("profile {}: {e}", path.display())),
         Err(e) if a.profile.is_none() && e.kind() == std::io::ErrorKind::NotFound => Err(format!(
-            "no performance profile: name one under `advisor.profile` in the manifest, or measure this machine's with `xpyd bench profile --out {}`",
+            "no performance profile yet: `xpyd up` measures one in the background once a cluster of real workers is ready (a few minutes), or name one under `advisor.profile`, or measure it with `xpyd bench profile --out {}`",
             path.display()
         )),
         Err(e) => Err(format!("profile {}: {e}", path.display())),
