@@ -20,8 +20,8 @@ use xpyd_planner::workload::LengthDist;
 /// Flags of `xpyd bench planner`.
 #[derive(Debug, Args)]
 pub struct PlannerBenchArgs {
-    /// Performance profile (`xpyd bench profile` JSON); default: fixed fits of the
-    /// SmolLM2-135M profile measured on a 2-vCPU Xeon (stated in the output).
+    /// Performance profile (`xpyd bench profile` JSON); default: a built-in
+    /// approximation of SmolLM2-135M on 2 threads (stated in the output).
     #[arg(long)]
     pub profile: Option<PathBuf>,
     /// Workers split by the large recommendation, 8..=1024.
@@ -41,8 +41,9 @@ pub struct PlannerBenchArgs {
     pub out: Option<PathBuf>,
 }
 
-/// Fits of `xpyd bench profile` on SmolLM2-135M-Instruct Q4_1, 2 threads, Intel Xeon
-/// (2 vCPUs), rounded: the default model of this benchmark.
+/// A round-number approximation of SmolLM2-135M-Instruct Q4_1 on 2 threads of a 2-vCPU
+/// Xeon (about 4 ms per prompt token, a decode step of 11 ms plus 1.6 ms per sequence):
+/// the default model of this benchmark. Speed depends little on the fits' values.
 fn default_model() -> ServiceModel {
     ServiceModel {
         prefill: [0.004, 0.0038, 1.2e-7],
@@ -130,7 +131,7 @@ pub fn run(a: &PlannerBenchArgs) -> Result<()> {
         }
         None => (
             default_model(),
-            "built-in SmolLM2-135M Q4_1 fits (2-vCPU Xeon)".into(),
+            "built-in approximation of SmolLM2-135M Q4_1 on 2 threads".into(),
         ),
     };
     let slo = Slo {

@@ -209,6 +209,21 @@ pub struct Advice {
     pub confidence: f64,
 }
 
+/// Finished requests (in arrival order) as a trace to simulate: arrivals from the first,
+/// at least one prompt and one output token, at least one prompt token computed.
+pub fn trace_of(window: &[Finished]) -> Vec<SimRequest> {
+    let t0 = window.first().map_or(0.0, |f| f.arrival);
+    window
+        .iter()
+        .map(|f| SimRequest {
+            arrival: f.arrival - t0,
+            input: f.input.max(1),
+            cached: f.cached.min(f.input.max(1) - 1),
+            output: f.output.max(1),
+        })
+        .collect()
+}
+
 /// Holt's linear smoothing of window rates.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 struct Forecast {
@@ -356,16 +371,7 @@ impl Advisor {
         }
         let mut sorted = window.to_vec();
         sorted.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
-        let t0 = sorted[0].arrival;
-        let trace: Vec<SimRequest> = sorted
-            .iter()
-            .map(|f| SimRequest {
-                arrival: f.arrival - t0,
-                input: f.input.max(1),
-                cached: f.cached.min(f.input.max(1) - 1),
-                output: f.output.max(1),
-            })
-            .collect();
+        let trace = trace_of(&sorted);
         Traffic::Trace(trace.clone()).validate()?;
         // The ranking's traffic: this window after the ones before it, end to end.
         self.past.push_back((trace.clone(), window_s));

@@ -125,6 +125,22 @@ impl ServiceModel {
         self.t(tokens).max(MIN_STEP_S)
     }
 
+    /// A model for examples and tests, shaped like SmolLM2-135M's profile but ten times
+    /// faster at prefill (~0.4 ms/token; a decode step ~12 ms + 1 ms per sequence),
+    /// with exact fits.
+    pub fn example() -> ServiceModel {
+        ServiceModel {
+            prefill: [0.004, 0.0004, 2e-8],
+            chunk: 512,
+            decode: [0.012, 0.001, 1e-6, 2e-7],
+            transfer_latency_s: 0.001,
+            transfer_bytes_per_s: 2e9,
+            kv_bytes_per_token: 23_040.0,
+            layers: 30,
+            errors: FitErrors::default(),
+        }
+    }
+
     /// The chunk covering prompt tokens `from..to` (the first chunk pays the fixed cost).
     pub fn chunk_time(&self, from: u32, to: u32) -> f64 {
         let start = if from == 0 { 0.0 } else { self.t(from) };
@@ -160,19 +176,8 @@ impl ServiceModel {
 pub(crate) mod tests {
     use super::*;
 
-    /// A model shaped like SmolLM2-135M on 2 cores (prefill ~0.4 ms/token, a decode
-    /// step ~12 ms + 1 ms per sequence).
     pub fn model() -> ServiceModel {
-        ServiceModel {
-            prefill: [0.004, 0.0004, 2e-8],
-            chunk: 512,
-            decode: [0.012, 0.001, 1e-6, 2e-7],
-            transfer_latency_s: 0.001,
-            transfer_bytes_per_s: 2e9,
-            kv_bytes_per_token: 23_040.0,
-            layers: 30,
-            errors: FitErrors::default(),
-        }
+        ServiceModel::example()
     }
 
     #[test]

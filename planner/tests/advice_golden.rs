@@ -14,18 +14,12 @@ use xpyd_planner::workload::LengthDist;
 
 fn model() -> ServiceModel {
     ServiceModel {
-        prefill: [0.004, 0.0004, 2e-8],
-        chunk: 512,
-        decode: [0.012, 0.001, 1e-6, 2e-7],
-        transfer_latency_s: 0.001,
-        transfer_bytes_per_s: 2e9,
-        kv_bytes_per_token: 23_040.0,
-        layers: 30,
         errors: FitErrors {
             prefill: 0.02,
             decode: 0.03,
             transfer: 0.01,
         },
+        ..ServiceModel::example()
     }
 }
 

@@ -127,16 +127,7 @@ fn littles_law_holds_on_the_prefill_queue() {
 
 /// A SmolLM2-like model on 2 cores.
 fn smol() -> ServiceModel {
-    ServiceModel {
-        prefill: [0.004, 0.0004, 2e-8],
-        chunk: 512,
-        decode: [0.012, 0.001, 1e-6, 2e-7],
-        transfer_latency_s: 0.001,
-        transfer_bytes_per_s: 2e9,
-        kv_bytes_per_token: 23_040.0,
-        layers: 30,
-        errors: FitErrors::default(),
-    }
+    ServiceModel::example()
 }
 
 fn traffic(input: &str, output: &str, seed: u64) -> Traffic {

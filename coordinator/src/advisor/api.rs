@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use xpyd_planner::advisor::Action;
 use xpyd_planner::search;
 use xpyd_planner::sim::Layout;
-use xpyd_planner::traffic::{Process, SimRequest, Traffic};
+use xpyd_planner::traffic::{Process, Traffic};
 use xpyd_planner::workload::LengthDist;
 use xpyd_runtime::events::{Event, Severity};
 
@@ -221,18 +221,7 @@ async fn whatif_inner(app: &Arc<App>, body: &[u8]) -> Result<serde_json::Value, 
                 ),
             ));
         }
-        let t0 = recent[0].arrival;
-        Traffic::Trace(
-            recent
-                .iter()
-                .map(|f| SimRequest {
-                    arrival: f.arrival - t0,
-                    input: f.input.max(1),
-                    cached: f.cached.min(f.input.max(1) - 1),
-                    output: f.output.max(1),
-                })
-                .collect(),
-        )
+        Traffic::Trace(xpyd_planner::advisor::trace_of(&recent))
     };
     let base = app.advisor.base.clone();
     let precision = cfg.precision;
