@@ -925,18 +925,18 @@ fn a_dead_prefill_worker_costs_a_retry_not_a_failed_request() {
         ),
         &model,
     );
-    let pid = worker_pids(&up.manifest, "prefill", None)[0];
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // Until its lease lapses the dead worker is still routed to: those requests fail over.
+    // Frozen, not killed: the process stays, so the supervisor sees no exit and cannot
+    // take it out of routing first (with SIGKILL it sometimes did, before the first
+    // request — no retry, a flaky test). Until its lease lapses the frozen worker is
+    // still routed to; the channel's keepalive finds it dead and the requests fail over.
+    let pid = nix::unistd::Pid::from_raw(worker_pids(&up.manifest, "prefill", None)[0]);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
     for i in 0..6 {
         let (code, v, _) = up.post("/v1/completions", &body(&format!("after the crash {i}"), 3));
         assert_eq!(code, 200, "request {i}: {v}");
     }
     let retries = common::cluster::metric_sum(&up.http, "xpyd_coordinator_retries_total", "");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
     assert!(retries >= 1.0, "no retry recorded");
 }
 
