@@ -39,6 +39,7 @@ async fn get(url: String) -> Option<Value> {
 
 async fn run(http: String, cmds: mpsc::Sender<Command>, stop: CancellationToken) {
     let mut done = 0u64;
+    let mut waiting = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -65,23 +66,49 @@ async fn run(http: String, cmds: mpsc::Sender<Command>, stop: CancellationToken)
             .unwrap_or_default();
         tokio::select! {
             _ = stop.cancelled() => return,
-            r = converge(&cmds, &want) => if let Err(e) = r {
-                eprintln!("xpyd up: applying the advised split (generation {generation}): {e}");
+            r = converge(&cmds, &want) => match r {
+                Ok(()) => done = generation,
+                Err(Failed::Later(e)) => {
+                    // Busy (an upgrade or a stop): try again once it is over.
+                    if waiting != Some(generation) {
+                        eprintln!("xpyd up: the advised split (generation {generation}) waits: {e}");
+                        waiting = Some(generation);
+                    }
+                    tokio::time::sleep(BUSY_RETRY).await;
+                }
+                Err(Failed::Never(e)) => {
+                    eprintln!("xpyd up: applying the advised split (generation {generation}): {e}");
+                    done = generation;
+                }
             },
         }
-        done = generation;
     }
 }
 
-async fn status(cmds: &mpsc::Sender<Command>) -> Result<Value, String> {
-    let (tx, rx) = oneshot::channel();
-    cmds.send(Command::Status(tx))
-        .await
-        .map_err(|_| "the supervisor stopped")?;
-    rx.await.map_err(|_| "the supervisor stopped".into())
+/// Why a split was not applied.
+#[derive(Debug)]
+enum Failed {
+    /// Not now (the supervisor is upgrading or stopping): the same generation is tried
+    /// again.
+    Later(String),
+    /// Not at all (refused as invalid, or the new workers never became ready).
+    Never(String),
 }
 
-async fn scale(cmds: &mpsc::Sender<Command>, role: &str, replicas: u32) -> Result<(), String> {
+/// Pause before trying a split the supervisor was too busy for.
+const BUSY_RETRY: Duration = Duration::from_secs(5);
+
+fn stopped<T>(_: T) -> Failed {
+    Failed::Later("the supervisor stopped".into())
+}
+
+async fn status(cmds: &mpsc::Sender<Command>) -> Result<Value, Failed> {
+    let (tx, rx) = oneshot::channel();
+    cmds.send(Command::Status(tx)).await.map_err(stopped)?;
+    rx.await.map_err(stopped)
+}
+
+async fn scale(cmds: &mpsc::Sender<Command>, role: &str, replicas: u32) -> Result<(), Failed> {
     let (reply, rx) = oneshot::channel();
     cmds.send(Command::Scale {
         role: role.into(),
@@ -89,11 +116,18 @@ async fn scale(cmds: &mpsc::Sender<Command>, role: &str, replicas: u32) -> Resul
         reply,
     })
     .await
-    .map_err(|_| "the supervisor stopped")?;
+    .map_err(stopped)?;
     match rx.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("scale {role} to {replicas}: {}", e.message)),
-        Err(_) => Err("the supervisor stopped".into()),
+        Ok(Err(e)) => {
+            let msg = format!("scale {role} to {replicas}: {}", e.message);
+            Err(if e.status == 409 {
+                Failed::Later(msg)
+            } else {
+                Failed::Never(msg)
+            })
+        }
+        Err(e) => Err(stopped(e)),
     }
 }
 
@@ -110,7 +144,7 @@ fn ready(s: &Value, role: &str) -> usize {
 async fn converge(
     cmds: &mpsc::Sender<Command>,
     want: &BTreeMap<String, u32>,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let s = status(cmds).await?;
     let have = |role: &str| s["roles"][role]["replicas"].as_u64().unwrap_or(0) as u32;
     let grow: Vec<(&String, u32)> = want
@@ -133,9 +167,9 @@ async fn converge(
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!(
+            return Err(Failed::Never(format!(
                 "the grown roles were not ready within {GROW_TIMEOUT:?}; nothing was drained"
-            ));
+            )));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -148,6 +182,7 @@ async fn converge(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::supervisor::control::CtlError;
     use serde_json::json;
 
     #[test]
@@ -161,5 +196,59 @@ mod tests {
         assert_eq!(ready(&s, "decode"), 2);
         assert_eq!(ready(&s, "prefill"), 1);
         assert_eq!(ready(&s, "combined"), 0);
+    }
+
+    /// A fake actor: one decode worker (Ready) and one prefill worker; every `scale`
+    /// gets `answer`.
+    fn actor(answer: Result<Value, CtlError>) -> mpsc::Sender<Command> {
+        let (tx, mut rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                match cmd {
+                    Command::Status(reply) => {
+                        let _ = reply.send(json!({
+                            "roles": {"prefill": {"replicas": 1}, "decode": {"replicas": 1}},
+                            "workers": [
+                                {"role": "prefill", "state": "Ready"},
+                                {"role": "decode", "state": "Ready"},
+                            ],
+                        }));
+                    }
+                    Command::Scale { reply, .. } => {
+                        let _ = reply.send(answer.clone());
+                    }
+                    _ => {}
+                }
+            }
+        });
+        tx
+    }
+
+    #[tokio::test]
+    async fn a_busy_supervisor_means_try_again_and_a_refusal_means_give_up() {
+        let want: BTreeMap<String, u32> = [("decode".to_string(), 0), ("prefill".into(), 1)].into();
+        // An upgrade in progress (409): the split waits and is tried again.
+        let busy = actor(Err(CtlError::busy("an upgrade is in progress")));
+        match converge(&busy, &want).await {
+            Err(Failed::Later(m)) => assert!(m.contains("upgrade"), "{m}"),
+            other => panic!("expected Later, got {other:?}"),
+        }
+        // Bad input (400): tried once, never again.
+        let refused = actor(Err(CtlError::invalid("replicas", "must be 1..=64")));
+        match converge(&refused, &want).await {
+            Err(Failed::Never(m)) => assert!(m.contains("replicas"), "{m}"),
+            other => panic!("expected Never, got {other:?}"),
+        }
+        // A gone supervisor is "later" too: the loop stops on its own token.
+        let (gone, rx) = mpsc::channel(1);
+        drop(rx);
+        assert!(matches!(
+            converge(&gone, &want).await,
+            Err(Failed::Later(_))
+        ));
+        // Nothing to do: converged.
+        let ok = actor(Ok(json!({})));
+        let same: BTreeMap<String, u32> = [("decode".to_string(), 1), ("prefill".into(), 1)].into();
+        assert!(converge(&ok, &same).await.is_ok());
     }
 }
