@@ -245,6 +245,12 @@ impl GoodputSearch {
     pub fn goodput(&self) -> f64 {
         goodput_of(&self.points, self.target)
     }
+
+    /// The lowest rate that missed the target, if any did: the goodput lies in
+    /// `[goodput(), failed_at())`.
+    pub fn failed_at(&self) -> Option<f64> {
+        bracket(&self.points, self.target).1
+    }
 }
 
 /// Goodput of an already measured sweep, e.g. for several SLOs from the same runs: the
@@ -410,6 +416,8 @@ mod tests {
             run(&mut s, step(boundary), 30);
             let g = s.goodput();
             assert!(g <= boundary && boundary / g < 1.05, "{boundary}: {g}");
+            let hi = s.failed_at().unwrap();
+            assert!(hi > boundary && hi / g <= 1.05, "{boundary}: [{g}, {hi})");
         }
     }
 
@@ -419,6 +427,7 @@ mod tests {
         run(&mut s, step(100.0), 10);
         assert_eq!(s.points().len(), 5);
         assert_eq!(s.goodput(), 16.0);
+        assert_eq!(s.failed_at(), None);
     }
 
     #[test]

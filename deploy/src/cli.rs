@@ -93,6 +93,9 @@ enum BenchCmd {
     Load(load_cmd::LoadArgs),
     /// The same workload against an aggregated and a disaggregated cluster, side by side.
     Compare(load_cmd::CompareArgs),
+    /// The ratio advisor against measured goodput: a mock cluster per split of a
+    /// budget, the advisor's regret and the Dynamo-formula split beside it.
+    Advisor(load_cmd::AdvisorArgs),
     /// Per-role performance profiles of the real engine, with fitted models (JSON).
     Profile(profile::ProfileArgs),
     /// Latency the serving path adds, against zero-latency mock workers.
@@ -143,6 +146,7 @@ impl Cli {
                     BenchCmd::Kv(_)
                     | BenchCmd::Load(_)
                     | BenchCmd::Compare(_)
+                    | BenchCmd::Advisor(_)
                     | BenchCmd::Overhead(_)
                     | BenchCmd::Planner(_),
             }
@@ -205,6 +209,7 @@ fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Kv(a) => kv_bench::run(&a, &host),
         BenchCmd::Load(a) => load_cmd::load(&a, &host),
         BenchCmd::Compare(a) => load_cmd::compare(&a, &host),
+        BenchCmd::Advisor(a) => load_cmd::advisor(&a, &host),
         BenchCmd::Profile(a) => {
             a.validate().map_err(UsageError)?;
             profile::run(&a, &host)

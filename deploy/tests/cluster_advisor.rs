@@ -16,22 +16,6 @@ use serde_json::{Value, json};
 use std::time::Duration;
 use supervisor::{Load, Sup};
 
-/// A profile whose prefill is slow per token (0.1 ms) and whose decode steps are fast:
-/// long prompts make one prefill worker the bottleneck.
-fn profile() -> Value {
-    let fit = |kind: &str, c: &[f64]| {
-        json!({"model": {"kind": kind, "coeffs": c},
-               "fit_error": {"r2": 0.99, "mean_abs_rel": 0.02, "max_abs_rel": 0.05}})
-    };
-    json!({
-        "version": 1, "kind": "xpyd-performance-profile",
-        "model": {"kv_bytes_per_token": 2048, "layers": 2},
-        "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0002, 0.0])}},
-        "decode_step": {"fit": fit("bilinear", &[0.002, 0.0002, 0.0, 0.0])},
-        "kv_transfer": null,
-    })
-}
-
 fn manifest(profile: &str) -> String {
     let role = format!("engine: mock, mock_profile: {profile}, prefill_chunk: 256");
     format!(
@@ -70,7 +54,7 @@ fn the_live_advisor_suggests_then_applies_more_prefill_for_long_prompts() {
     let (_d, model) = tiny_model();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("profile.json");
-    std::fs::write(&path, profile().to_string()).unwrap();
+    std::fs::write(&path, common::slow_prefill_profile().to_string()).unwrap();
     let up = Sup::start(&manifest(&path.display().to_string()), &model, &[], true);
     let http = up.http.clone();
     let advisor = |path: &str| get(&format!("{http}/v1/advisor{path}"));

@@ -1,17 +1,20 @@
 //! `xpyd bench compare`: the same workload against an aggregated and a disaggregated
-//! cluster (each started from its manifest through `xpyd up`), unloaded latency first,
-//! then a sweep of rates; attainment and goodput on a grid of SLOs derived from the
-//! unloaded latency, the disaggregated/aggregated ratios, JSON and SVG plots.
+//! cluster (each started from its manifest through `xpyd up`): unloaded latency first,
+//! then one SLO (given, or derived from the slower mode's unloaded latency), and each
+//! mode's goodput at it found by search — the rate doubled or halved until attainment
+//! crosses 90%, then bisected until the bracket is within the tolerance — so the
+//! disaggregated/aggregated ratio is measured, not bounded by a fixed grid. JSON, the
+//! records and SVG plots.
 
 use super::{
-    GOODPUT_ATTAINMENT, Point, WorkloadArgs, emit, finite, measure_at, print_table, runtime,
-    write_records,
+    GOODPUT_ATTAINMENT, Point, Searched, WorkloadArgs, emit, finite, measure_at, parse_slo,
+    print_table, runtime, search_goodput, write_records,
 };
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::host::Host;
 use crate::loadgen::{Arrival, Prompts};
 use crate::plot::{Chart, Series};
-use crate::stats::{self, RequestRecord, Slo, Summary};
+use crate::stats::{GoodputSearch, RequestRecord, Slo};
 use crate::workload::parse_rate;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -19,13 +22,9 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// TTFT SLOs as multiples of the unloaded TTFT.
-const TTFT_FACTORS: [f64; 2] = [3.0, 5.0];
-/// TPOT SLOs as multiples of the unloaded TPOT.
-const TPOT_FACTORS: [f64; 3] = [1.5, 2.0, 3.0];
 /// Requests of the unloaded (one at a time) measurement.
 const UNLOADED_REQUESTS: usize = 8;
-/// Prompt set of the unloaded measurement (rate points use their index).
+/// Prompt set of the unloaded measurement (search points use their index).
 const UNLOADED_POINT: u64 = 1 << 20;
 
 /// Flags of `xpyd bench compare`.
@@ -37,17 +36,30 @@ pub struct CompareArgs {
     /// Disaggregated manifest.
     #[arg(long, default_value = "deploy/examples/bench-1p1d.yaml")]
     pub disaggregated: PathBuf,
-    /// Open-loop rates (requests/s) to measure both modes at; default: derived from
-    /// the aggregated mode's unloaded latency.
-    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
-    pub rates: Vec<f64>,
-    /// Rate multipliers of the derived rates.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,1,1.5", value_parser = parse_rate)]
-    pub rate_factors: Vec<f64>,
+    /// The SLO, `TTFT_S,TPOT_S` in seconds; default: `--ttft-factor` and
+    /// `--tpot-factor` times the slower mode's unloaded TTFT and TPOT.
+    #[arg(long, value_parser = parse_slo)]
+    pub slo: Option<Slo>,
+    /// Derived TTFT SLO as a multiple of the unloaded TTFT.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_rate)]
+    pub ttft_factor: f64,
+    /// Derived TPOT SLO as a multiple of the unloaded TPOT.
+    #[arg(long, default_value_t = 2.0, value_parser = parse_rate)]
+    pub tpot_factor: f64,
+    /// First rate of both searches (requests/s); default: the aggregated mode's workers
+    /// over its unloaded end-to-end latency.
+    #[arg(long, value_parser = parse_rate)]
+    pub start_rate: Option<f64>,
+    /// The search stops when the goodput is bracketed within this share (0.05: 5%).
+    #[arg(long, default_value_t = 0.05, value_parser = parse_rate)]
+    pub tolerance: f64,
+    /// Most rate points per mode.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub max_points: u32,
     /// Workload.
     #[command(flatten)]
     pub work: WorkloadArgs,
-    /// Directory for the JSON result and the SVG plots.
+    /// Directory for the JSON result, the records and the SVG plots.
     #[arg(long, default_value = "bench-out")]
     pub out_dir: PathBuf,
     /// Print the result as JSON on stdout.
@@ -57,18 +69,10 @@ pub struct CompareArgs {
 
 /// One mode's measurements.
 struct Mode {
-    name: String,
+    name: &'static str,
     manifest: PathBuf,
     unloaded: Point,
-    points: Vec<Point>,
-}
-
-/// Unloaded TTFT and TPOT: medians of requests sent one at a time.
-fn unloaded_slo_base(p: &Point) -> Slo {
-    Slo {
-        ttft: p.summary.ttft.p50,
-        tpot: p.summary.tpot.p50,
-    }
+    found: Searched,
 }
 
 /// What every mode's run shares.
@@ -79,64 +83,58 @@ struct Run<'a> {
     host: &'a Host,
 }
 
-fn run_mode(run: &Run<'_>, name: &str, manifest: &Path, rates: &mut Vec<f64>) -> Result<Mode> {
-    let Run {
-        rt,
-        prompts,
-        a,
-        host,
-    } = *run;
-    eprintln!("== {name}: starting {}", manifest.display());
-    let cluster = Cluster::start(ClusterSpec {
-        exe: &host.exe,
-        manifest,
-        model: &a.work.model_path(host)?,
-        ready_timeout: Duration::from_secs(600),
-    })?;
-    let target = (cluster.grpc.as_str(), Some(cluster.http.as_str()));
-    let unloaded = measure_at(
-        rt,
-        prompts,
-        &a.work,
-        target,
-        (Arrival::Closed(1), None),
-        (UNLOADED_REQUESTS, UNLOADED_POINT),
-        &format!("{name} unloaded"),
-    )?;
-    if unloaded.summary.errors > 0 {
-        bail!(
-            "{name}: {} unloaded requests failed",
-            unloaded.summary.errors
-        );
+impl Run<'_> {
+    fn start(&self, name: &str, manifest: &Path) -> Result<Cluster> {
+        eprintln!("== {name}: starting {}", manifest.display());
+        Cluster::start(ClusterSpec {
+            exe: &self.host.exe,
+            manifest,
+            model: &self.a.work.model_path(self.host)?,
+            ready_timeout: Duration::from_secs(600),
+        })
     }
-    if rates.is_empty() {
-        // One request at a time per worker, without batching gains: a load the cluster
-        // sustains, to scale the sweep from.
-        let workers = count_workers(&cluster.topology()?)?.max(1) as f64;
-        let base = workers / unloaded.summary.e2e.mean;
-        rates.extend(a.rate_factors.iter().map(|f| round3(base * f).max(0.001)));
-        eprintln!("rates derived from {name}: {rates:?} requests/s");
-    }
-    let mut points = Vec::new();
-    for (i, &rate) in rates.iter().enumerate() {
+
+    fn unloaded(&self, name: &str, cluster: &Cluster) -> Result<Point> {
         let p = measure_at(
-            rt,
-            prompts,
-            &a.work,
-            target,
-            (Arrival::Open, Some(rate)),
-            (a.work.requests, i as u64),
-            &format!("{name} {rate}/s"),
+            self.rt,
+            self.prompts,
+            &self.a.work,
+            (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+            (Arrival::Closed(1), None),
+            (UNLOADED_REQUESTS, UNLOADED_POINT),
+            &format!("{name} unloaded"),
         )?;
-        points.push(p);
+        if p.summary.errors > 0 {
+            bail!("{name}: {} unloaded requests failed", p.summary.errors);
+        }
+        Ok(p)
     }
-    drop(cluster);
-    Ok(Mode {
-        name: name.to_string(),
-        manifest: manifest.to_path_buf(),
-        unloaded,
-        points,
-    })
+
+    fn search(&self, name: &str, cluster: &Cluster, slo: &Slo, start: f64) -> Result<Searched> {
+        let search = GoodputSearch::new(
+            start,
+            GOODPUT_ATTAINMENT,
+            self.a.tolerance,
+            self.a.max_points as usize,
+        );
+        search_goodput(
+            self.rt,
+            self.prompts,
+            &self.a.work,
+            (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+            slo,
+            search,
+            &format!("{name} "),
+        )
+    }
+}
+
+/// Unloaded TTFT and TPOT: medians of requests sent one at a time.
+fn unloaded_slo_base(p: &Point) -> Slo {
+    Slo {
+        ttft: p.summary.ttft.p50,
+        tpot: p.summary.tpot.p50,
+    }
 }
 
 fn round3(x: f64) -> f64 {
@@ -171,116 +169,93 @@ pub fn compare(a: &CompareArgs, host: &Host) -> Result<()> {
         a,
         host,
     };
-    let mut rates = a.rates.clone();
-    let agg = run_mode(&run, "aggregated", &a.aggregated, &mut rates)?;
-    let dis = run_mode(&run, "disaggregated", &a.disaggregated, &mut rates)?;
-    // One absolute SLO grid for both modes: multiples of the slower unloaded value.
+    // Three cluster starts: the aggregated mode's unloaded latency (and the start rate
+    // it gives), then the disaggregated mode's unloaded latency and search on one
+    // start, once the SLO is known, then the aggregated search.
+    let (agg_unloaded, start) = {
+        let c = run.start("aggregated", &a.aggregated)?;
+        let p = run.unloaded("aggregated", &c)?;
+        // One request at a time per worker, without batching gains: a load the cluster
+        // sustains, to start from.
+        let workers = count_workers(&c.topology()?)?.max(1) as f64;
+        let start = a
+            .start_rate
+            .unwrap_or_else(|| round3(workers / p.summary.e2e.mean).max(0.001));
+        (p, start)
+    };
+    let c = run.start("disaggregated", &a.disaggregated)?;
+    let dis_unloaded = run.unloaded("disaggregated", &c)?;
     let (ua, ud) = (
-        unloaded_slo_base(&agg.unloaded),
-        unloaded_slo_base(&dis.unloaded),
+        unloaded_slo_base(&agg_unloaded),
+        unloaded_slo_base(&dis_unloaded),
     );
+    // One absolute SLO for both modes: multiples of the slower unloaded value.
     let base = Slo {
         ttft: ua.ttft.max(ud.ttft),
         tpot: ua.tpot.max(ud.tpot),
     };
-    let grid: Vec<(String, Slo)> = TTFT_FACTORS
-        .iter()
-        .flat_map(|ft| {
-            TPOT_FACTORS.iter().map(move |fp| {
-                (
-                    format!("ttft<={ft}x,tpot<={fp}x"),
-                    Slo {
-                        ttft: base.ttft * ft,
-                        tpot: base.tpot * fp,
-                    },
-                )
-            })
-        })
-        .collect();
-    let modes_json: Vec<Value> = [&agg, &dis].iter().map(|md| mode_json(md, &grid)).collect();
-    let goodput =
-        |md: &Mode, slo: &Slo| stats::goodput_of(&attainment_points(md, slo), GOODPUT_ATTAINMENT);
-    let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::NAN };
-    let per_slo: Vec<Value> = grid
-        .iter()
-        .map(|(name, slo)| {
-            let (ga, gd) = (goodput(&agg, slo), goodput(&dis, slo));
-            let r = GoodputRatio::of(bracket(&rates, ga), bracket(&rates, gd));
-            json!({"slo": name, "ttft_s": slo.ttft, "tpot_s": slo.tpot,
-                   "aggregated": ga, "disaggregated": gd, "ratio": r.value,
-                   "ratio_kind": r.kind, "ratio_range": r.range})
-        })
-        .collect();
-    // Headline: the tightest TPOT SLO (with the looser TTFT) at which either mode has
-    // a goodput, and latency ratios at the highest rate both served without errors.
-    let loose_ttft = base.ttft * TTFT_FACTORS[TTFT_FACTORS.len() - 1];
-    let candidates: Vec<&(String, Slo)> =
-        grid.iter().filter(|(_, s)| s.ttft == loose_ttft).collect();
-    let (head_name, head_slo) = candidates
-        .iter()
-        .find(|(_, s)| goodput(&agg, s) > 0.0 || goodput(&dis, s) > 0.0)
-        .or(candidates.first())
-        .map(|c| (*c).clone())
-        .expect("the grid holds every factor pair");
-    let (ga, gd) = (goodput(&agg, &head_slo), goodput(&dis, &head_slo));
-    let head = GoodputRatio::of(bracket(&rates, ga), bracket(&rates, gd));
-    let mut by_rate: Vec<usize> = (0..rates.len()).collect();
-    by_rate.sort_by(|&i, &j| rates[i].total_cmp(&rates[j]));
-    let common = by_rate
-        .into_iter()
-        .rev()
-        .find(|&i| agg.points[i].summary.errors == 0 && dis.points[i].summary.errors == 0);
-    let at = |f: fn(&Summary) -> f64| {
-        common.map(|i| finite(ratio(f(&dis.points[i].summary), f(&agg.points[i].summary))))
+    let slo = a.slo.unwrap_or(Slo {
+        ttft: base.ttft * a.ttft_factor,
+        tpot: base.tpot * a.tpot_factor,
+    });
+    if !(slo.ttft.is_finite() && slo.tpot.is_finite()) {
+        bail!("no SLO could be derived: the unloaded runs measured no TTFT or TPOT; give --slo");
+    }
+    eprintln!(
+        "SLO: TTFT <= {:.0} ms, TPOT <= {:.1} ms for {:.0}% of requests; searches start at {start} requests/s",
+        slo.ttft * 1e3,
+        slo.tpot * 1e3,
+        GOODPUT_ATTAINMENT * 100.0
+    );
+    let dis = Mode {
+        name: "disaggregated",
+        manifest: a.disaggregated.clone(),
+        found: run.search("disaggregated", &c, &slo, start)?,
+        unloaded: dis_unloaded,
     };
+    drop(c);
+    let agg = Mode {
+        name: "aggregated",
+        manifest: a.aggregated.clone(),
+        found: {
+            let c = run.start("aggregated", &a.aggregated)?;
+            run.search("aggregated", &c, &slo, start)?
+        },
+        unloaded: agg_unloaded,
+    };
+    let bracket = |m: &Mode| (m.found.goodput, m.found.failed_at.unwrap_or(f64::INFINITY));
+    let head = GoodputRatio::of(bracket(&agg), bracket(&dis));
     let result = json!({
         "workload": a.work.workload(),
         "requests_per_point": a.work.requests,
-        "rates": rates,
         "unloaded": {"aggregated": ua, "disaggregated": ud},
-        "slo": {"name": head_name, "ttft_s": head_slo.ttft, "tpot_s": head_slo.tpot,
-                "derived_from": base, "attainment": GOODPUT_ATTAINMENT},
-        "modes": modes_json,
+        "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "attainment": GOODPUT_ATTAINMENT,
+                "derived_from": a.slo.is_none().then_some(base),
+                "factors": a.slo.is_none().then_some([a.ttft_factor, a.tpot_factor])},
+        "search": {"start_rate": start, "tolerance": a.tolerance, "max_points": a.max_points},
+        "modes": [mode_json(&agg), mode_json(&dis)],
+        "goodput": {"aggregated": agg.found.goodput, "disaggregated": dis.found.goodput},
         "goodput_ratio": head.value,
         "goodput_ratio_kind": head.kind,
         "goodput_ratio_range": head.range,
-        "goodput": {"aggregated": ga, "disaggregated": gd},
-        "tpot_p99_ratio": at(|s| s.tpot.p99),
-        "ttft_p90_ratio": at(|s| s.ttft.p90),
-        "ratios_at_rate": common.map(|i| rates[i]),
-        "goodput_by_slo": per_slo,
     });
     std::fs::create_dir_all(&a.out_dir)
         .with_context(|| format!("creating {}", a.out_dir.display()))?;
-    write_plots(&a.out_dir, &[&agg, &dis], &head_slo, &head_name)?;
+    write_plots(&a.out_dir, &[&agg, &dis], &slo)?;
     let runs: Vec<(String, Vec<RequestRecord>)> = [&agg, &dis]
         .iter()
         .flat_map(|md| {
             std::iter::once((format!("{} unloaded", md.name), md.unloaded.records.clone())).chain(
-                md.points.iter().map(|p| {
-                    (
-                        format!("{} {}/s", md.name, p.rate.unwrap_or(0.0)),
-                        p.records.clone(),
-                    )
-                }),
+                md.found
+                    .records()
+                    .into_iter()
+                    .map(|(l, r)| (format!("{} {l}", md.name), r)),
             )
         })
         .collect();
     write_records(Some(&a.out_dir.join("records.jsonl")), &runs)?;
     print_compare(&[&agg, &dis], &result);
     emit(&result, a.json, Some(&a.out_dir.join("compare.json")))
-}
-
-/// Where a goodput measured on a rate sweep really lies: at or above the highest rate
-/// that met the SLO (`lo`, 0 if none did) and below the next measured rate (`hi`, or
-/// unbounded when the highest rate met it).
-fn bracket(rates: &[f64], goodput: f64) -> (f64, f64) {
-    let hi = rates
-        .iter()
-        .copied()
-        .filter(|r| *r > goodput)
-        .fold(f64::INFINITY, f64::min);
-    (goodput, hi)
 }
 
 /// Disaggregated / aggregated goodput from two brackets.
@@ -307,72 +282,54 @@ impl GoodputRatio {
     }
 }
 
-fn attainment_points(md: &Mode, slo: &Slo) -> Vec<(f64, f64)> {
-    md.points
-        .iter()
-        .filter_map(|p| Some((p.rate?, stats::attainment(&p.records, slo))))
-        .collect()
-}
-
-fn mode_json(md: &Mode, grid: &[(String, Slo)]) -> Value {
-    let points: Vec<Value> = md
-        .points
-        .iter()
-        .map(|p| {
-            let att: serde_json::Map<String, Value> = grid
-                .iter()
-                .map(|(n, s)| (n.clone(), json!(stats::attainment(&p.records, s))))
-                .collect();
-            json!({"point": p, "attainment": att})
-        })
-        .collect();
-    let goodput: serde_json::Map<String, Value> = grid
-        .iter()
-        .map(|(n, s)| {
-            (
-                n.clone(),
-                json!(stats::goodput_of(
-                    &attainment_points(md, s),
-                    GOODPUT_ATTAINMENT
-                )),
-            )
-        })
-        .collect();
+fn mode_json(md: &Mode) -> Value {
     json!({
         "name": md.name,
         "manifest": md.manifest,
         "unloaded": md.unloaded,
-        "points": points,
-        "goodput": goodput,
+        "points": md.found.points_json(),
+        "goodput": md.found.goodput,
+        "goodput_below": md.found.failed_at,
+        "at_goodput": md.found.at_goodput().map(|p| &p.summary),
     })
 }
 
-fn write_plots(dir: &Path, modes: &[&Mode], slo: &Slo, slo_name: &str) -> Result<()> {
-    let series = |f: &dyn Fn(&Mode, &Point) -> f64| -> Vec<Series> {
+/// A mode's points in rate order.
+fn by_rate(md: &Mode) -> Vec<&(Point, f64)> {
+    let mut v: Vec<&(Point, f64)> = md.found.points.iter().collect();
+    v.sort_by(|x, y| x.0.rate.unwrap_or(0.0).total_cmp(&y.0.rate.unwrap_or(0.0)));
+    v
+}
+
+fn write_plots(dir: &Path, modes: &[&Mode], slo: &Slo) -> Result<()> {
+    let series = |f: &dyn Fn(&Point, f64) -> f64| -> Vec<Series> {
         modes
             .iter()
             .map(|md| Series {
-                name: md.name.clone(),
-                points: md
-                    .points
-                    .iter()
-                    .filter_map(|p| Some((p.rate?, f(md, p))))
+                name: md.name.to_string(),
+                points: by_rate(md)
+                    .into_iter()
+                    .filter_map(|(p, att)| Some((p.rate?, f(p, *att))))
                     .collect(),
             })
             .collect()
     };
     let att = Chart {
-        title: format!("SLO attainment ({slo_name})"),
+        title: format!(
+            "SLO attainment (TTFT <= {:.0} ms, TPOT <= {:.1} ms)",
+            slo.ttft * 1e3,
+            slo.tpot * 1e3
+        ),
         x_label: "request rate (requests/s)".into(),
         y_label: "attainment (%)".into(),
-        series: series(&|_, p| 100.0 * stats::attainment(&p.records, slo)),
+        series: series(&|_, att| 100.0 * att),
         hlines: vec![("90%".into(), 100.0 * GOODPUT_ATTAINMENT)],
     };
     let tpot = Chart {
         title: "TPOT p99".into(),
         x_label: "request rate (requests/s)".into(),
         y_label: "TPOT p99 (ms)".into(),
-        series: series(&|_, p| 1000.0 * p.summary.tpot.p99),
+        series: series(&|p, _| 1000.0 * p.summary.tpot.p99),
         hlines: vec![("SLO".into(), 1000.0 * slo.tpot)],
     };
     for (file, chart) in [("attainment.svg", att), ("tpot_p99.svg", tpot)] {
@@ -389,37 +346,32 @@ fn print_compare(modes: &[&Mode], r: &Value) {
         .iter()
         .flat_map(|md| {
             std::iter::once((format!("{} unloaded", md.name), &md.unloaded)).chain(
-                md.points
-                    .iter()
-                    .map(|p| (format!("{} {}/s", md.name, p.rate.unwrap_or(0.0)), p)),
+                by_rate(md)
+                    .into_iter()
+                    .map(|(p, _)| (format!("{} {}", md.name, Searched::label(p)), p)),
             )
         })
         .collect();
     let rows: Vec<(&str, &Point)> = labels.iter().map(|(n, p)| (n.as_str(), *p)).collect();
     print_table(&rows);
-    eprintln!("\ngoodput (requests/s with >= 90% attainment) by SLO:");
+    let show = |m: &Mode| match m.found.failed_at {
+        Some(hi) => format!("[{:.3}, {hi:.3})", m.found.goodput),
+        None => format!(">= {:.3}", m.found.goodput),
+    };
     eprintln!(
-        "{:<26} {:>11} {:>14} {:>7}",
-        "slo", "aggregated", "disaggregated", "ratio"
+        "\ngoodput (requests/s with >= 90% within TTFT <= {:.0} ms and TPOT <= {:.1} ms):",
+        r["slo"]["ttft_s"].as_f64().unwrap_or(f64::NAN) * 1e3,
+        r["slo"]["tpot_s"].as_f64().unwrap_or(f64::NAN) * 1e3
     );
-    for g in r["goodput_by_slo"].as_array().into_iter().flatten() {
-        eprintln!(
-            "{:<26} {:>11} {:>14} {:>7}",
-            g["slo"].as_str().unwrap_or(""),
-            g["aggregated"],
-            g["disaggregated"],
-            g["ratio"]
-                .as_f64()
-                .map_or("-".into(), |x| format!("{x:.2}"))
-        );
+    for m in modes {
+        eprintln!("  {:<14} {}", m.name, show(m));
     }
     eprintln!(
-        "\ngoodput_ratio {} ({}) at {}; tpot_p99_ratio {} and ttft_p90_ratio {} at {} requests/s",
-        r["goodput_ratio"],
+        "goodput_ratio {} ({}), range {}",
+        r["goodput_ratio"]
+            .as_f64()
+            .map_or("-".into(), |x| format!("{x:.2}")),
         r["goodput_ratio_kind"],
-        r["slo"]["name"],
-        r["tpot_p99_ratio"],
-        r["ttft_p90_ratio"],
-        r["ratios_at_rate"]
+        r["goodput_ratio_range"]
     );
 }

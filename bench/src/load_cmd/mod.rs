@@ -2,8 +2,10 @@
 //! goodput search) and `xpyd bench compare` (the same workload against clusters started
 //! from manifests, side by side, with SLOs derived from each mode's unloaded latency).
 
+mod advisor;
 mod compare;
 
+pub use advisor::{AdvisorArgs, Preset, advisor};
 pub use compare::{CompareArgs, compare};
 
 use crate::cluster::scrape;
@@ -173,6 +175,82 @@ fn measure_at(
     })
 }
 
+/// A goodput found by search on a running cluster.
+struct Searched {
+    /// Every point measured, in order, with its attainment.
+    points: Vec<(Point, f64)>,
+    /// The highest rate that met the SLO below every rate that missed it (0 if none).
+    goodput: f64,
+    /// The lowest rate that missed it, if any: the goodput lies in `[goodput, failed_at)`.
+    failed_at: Option<f64>,
+}
+
+impl Searched {
+    fn points_json(&self) -> Value {
+        json!(
+            self.points
+                .iter()
+                .map(|(p, att)| json!({"point": p, "attainment": att}))
+                .collect::<Vec<_>>()
+        )
+    }
+
+    /// The point at the goodput (the highest rate that met the SLO), if any.
+    fn at_goodput(&self) -> Option<&Point> {
+        self.points
+            .iter()
+            .map(|(p, _)| p)
+            .find(|p| self.goodput > 0.0 && p.rate == Some(self.goodput))
+    }
+
+    /// Records per point, labelled `{prefix}{rate}/s`.
+    fn records(&self) -> Vec<(String, Vec<RequestRecord>)> {
+        self.points
+            .iter()
+            .map(|(p, _)| (Self::label(p), p.records.clone()))
+            .collect()
+    }
+
+    fn label(p: &Point) -> String {
+        format!("{:.3}/s", p.rate.unwrap_or(0.0))
+    }
+}
+
+/// Bisects the open-loop rate on `target` until `search` stops (DistServe's goodput:
+/// the highest rate with ≥ 90% of requests within `slo`). Point `i` of the search uses
+/// prompt set `i`, so two clusters searched alike see the same requests at each step.
+fn search_goodput(
+    rt: &tokio::runtime::Runtime,
+    prompts: &Prompts,
+    work: &WorkloadArgs,
+    target: (&str, Option<&str>),
+    slo: &Slo,
+    mut search: GoodputSearch,
+    label: &str,
+) -> Result<Searched> {
+    let mut points = Vec::new();
+    while let Some(rate) = search.next_rate() {
+        let p = measure_at(
+            rt,
+            prompts,
+            work,
+            target,
+            (Arrival::Open, Some(rate)),
+            (work.requests, points.len() as u64),
+            &format!("{label}rate {rate:.3}/s"),
+        )?;
+        let att = stats::attainment(&p.records, slo);
+        eprintln!("{label}rate {rate:.3}/s: attainment {:.1}%", att * 100.0);
+        search.record(rate, att);
+        points.push((p, att));
+    }
+    Ok(Searched {
+        points,
+        goodput: search.goodput(),
+        failed_at: search.failed_at(),
+    })
+}
+
 /// Compares the bench's p50 TTFT and TPOT with the coordinator's histograms over the
 /// same window: the bucket each p50 falls in may differ by at most one.
 fn prom_check(before: &str, after: &str, s: &Summary) -> Value {
@@ -226,32 +304,15 @@ pub fn load(a: &LoadArgs, host: &Host) -> Result<()> {
     let target = (a.grpc.as_str(), a.http.as_deref());
     let mut out = json!({"target": a.grpc, "workload": a.work.workload()});
     if let Some(slo) = a.goodput {
-        let mut search =
+        let search =
             GoodputSearch::new(a.rate.unwrap_or(1.0), GOODPUT_ATTAINMENT, 0.1, a.max_points);
-        let mut points = Vec::new();
-        let mut all = Vec::new();
-        while let Some(rate) = search.next_rate() {
-            let label = format!("rate {rate:.2}/s");
-            let p = measure_at(
-                &rt,
-                &prompts,
-                &a.work,
-                target,
-                (Arrival::Open, Some(rate)),
-                (a.work.requests, points.len() as u64),
-                &label,
-            )?;
-            all.push((label, p.records.clone()));
-            let att = stats::attainment(&p.records, &slo);
-            eprintln!("rate {rate:.3}/s: attainment {:.1}%", att * 100.0);
-            search.record(rate, att);
-            points.push(json!({"point": p, "attainment": att}));
-        }
+        let found = search_goodput(&rt, &prompts, &a.work, target, &slo, search, "")?;
         out["slo"] = json!(slo);
-        out["points"] = json!(points);
-        out["goodput"] = json!(search.goodput());
-        eprintln!("goodput {:.3} requests/s at {slo:?}", search.goodput());
-        write_records(a.records.as_deref(), &all)?;
+        out["points"] = found.points_json();
+        out["goodput"] = json!(found.goodput);
+        out["goodput_below"] = json!(found.failed_at);
+        eprintln!("goodput {:.3} requests/s at {slo:?}", found.goodput);
+        write_records(a.records.as_deref(), &found.records())?;
     } else {
         let (arrival, label) = match a.rate {
             Some(r) => (Arrival::Open, format!("rate {r}/s")),

@@ -22,6 +22,24 @@ pub fn tiny_model() -> (tempfile::TempDir, PathBuf) {
     (dir, model)
 }
 
+/// A performance profile (the JSON `xpyd bench profile` writes) whose prefill is slow
+/// per token (0.2 ms) and whose decode steps are fast (2 ms + 0.2 ms per sequence): long
+/// prompts make one prefill worker the bottleneck. For mock workers and the advisor.
+pub fn slow_prefill_profile() -> serde_json::Value {
+    use serde_json::json;
+    let fit = |kind: &str, c: &[f64]| {
+        json!({"model": {"kind": kind, "coeffs": c},
+               "fit_error": {"r2": 0.99, "mean_abs_rel": 0.02, "max_abs_rel": 0.05}})
+    };
+    json!({
+        "version": 1, "kind": "xpyd-performance-profile",
+        "model": {"kv_bytes_per_token": 2048, "layers": 2},
+        "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0002, 0.0])}},
+        "decode_step": {"fit": fit("bilinear", &[0.002, 0.0002, 0.0, 0.0])},
+        "kv_transfer": null,
+    })
+}
+
 /// The Python interpreter (`XPYD_PYTHON`, default `python3`) when it can import `module`
 /// (a client library the compatibility tests drive); `None` (skip) locally when it
 /// cannot, a failure in CI. `./scripts/test.sh` installs the modules.

@@ -1,0 +1,614 @@
+//! `xpyd bench advisor`: the ratio advisor's validation instrument. For each budget of N
+//! workers and each workload it starts a cluster per split — xP(N−x)D for every x and
+//! aggregated ×N — of mock workers whose latency follows a measured profile (the same
+//! service model the simulator uses), with real processes and real KV transfers, and
+//! finds each split's goodput by search. It asks `xpyd recommend` for its split on the
+//! same profile, workload and SLO, and reports the advisor's regret (how much goodput
+//! the recommended split loses against the best measured one) beside the split NVIDIA
+//! Dynamo's SLA-planner formula gives (replicas = ⌈demand / per-engine rate at the
+//! SLO⌉ for each role) and its measured goodput.
+
+use super::{
+    GOODPUT_ATTAINMENT, Searched, WorkloadArgs, emit, parse_slo, runtime, search_goodput,
+    write_records,
+};
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::host::Host;
+use crate::loadgen::Prompts;
+use crate::stats::{GoodputSearch, RequestRecord, Slo};
+use crate::workload::{LengthDist, parse_rate};
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use xpyd_planner::service::ServiceModel;
+
+/// The workloads of the validation, each with an SLO that the profile can meet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Chat-like: prompts 32–256 tokens, outputs 24–96; TTFT ≤ 3 s, TPOT ≤ 60 ms.
+    Chat,
+    /// Long input: prompts 256–512 tokens, outputs 8–32; TTFT ≤ 6 s, TPOT ≤ 60 ms.
+    LongInput,
+    /// Long output: prompts 16–64 tokens, outputs 128–256; TTFT ≤ 3 s, TPOT ≤ 60 ms.
+    LongOutput,
+    /// Short both ways with a loose TPOT, where pooling wins: prompts 8–32 tokens,
+    /// outputs 8–32; TTFT ≤ 1 s, TPOT ≤ 100 ms.
+    Short,
+    /// `--input` and `--output` with `--slo`.
+    Custom,
+}
+
+impl Preset {
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Chat => "chat",
+            Preset::LongInput => "long-input",
+            Preset::LongOutput => "long-output",
+            Preset::Short => "short",
+            Preset::Custom => "custom",
+        }
+    }
+
+    /// Input, output and SLO; `None` for `custom`.
+    fn spec(self) -> Option<(&'static str, &'static str, Slo)> {
+        let slo = |ttft, tpot| Slo { ttft, tpot };
+        Some(match self {
+            Preset::Chat => ("uniform:32-256", "uniform:24-96", slo(3.0, 0.06)),
+            Preset::LongInput => ("uniform:256-512", "uniform:8-32", slo(6.0, 0.06)),
+            Preset::LongOutput => ("uniform:16-64", "uniform:128-256", slo(3.0, 0.06)),
+            Preset::Short => ("uniform:8-32", "uniform:8-32", slo(1.0, 0.1)),
+            Preset::Custom => return None,
+        })
+    }
+}
+
+/// Flags of `xpyd bench advisor`.
+#[derive(Debug, Args)]
+pub struct AdvisorArgs {
+    /// The performance profile the mock workers and the advisor both use (`xpyd bench
+    /// profile --out P`; `xpyd up` caches one per model under
+    /// `~/.cache/xpyd/profiles/`).
+    #[arg(long)]
+    pub profile: PathBuf,
+    /// Budgets (workers) to validate.
+    #[arg(long, value_delimiter = ',', default_value = "4",
+          value_parser = clap::value_parser!(u32).range(2..=16))]
+    pub budgets: Vec<u32>,
+    /// Workloads.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chat,long-input,long-output,short"
+    )]
+    pub workloads: Vec<Preset>,
+    /// The SLO of every workload, `TTFT_S,TPOT_S` in seconds (default: each preset's).
+    #[arg(long, value_parser = parse_slo)]
+    pub slo: Option<Slo>,
+    /// Prompt tokens of `custom`.
+    #[arg(long, default_value = "uniform:32-256")]
+    pub input: LengthDist,
+    /// Output tokens of `custom`.
+    #[arg(long, default_value = "uniform:24-96")]
+    pub output: LengthDist,
+    /// Requests per rate point.
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Seed of lengths, prompt text and arrival times (and of the simulation).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The search stops when a goodput is bracketed within this share (0.05: 5%).
+    #[arg(long, default_value_t = 0.05, value_parser = parse_rate)]
+    pub tolerance: f64,
+    /// Most rate points per split.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub max_points: u32,
+    /// Decode slots per worker (`max_running`), in the clusters and the simulation.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub max_running: u32,
+    /// Prefill chunk (tokens), in the clusters and the simulation.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=8192))]
+    pub chunk: u32,
+    /// Model file whose tokenizer the mock workers and the prompts use (default: the
+    /// fetched default model).
+    #[arg(long, env = xpyd_runtime::env::MODEL)]
+    pub model: Option<PathBuf>,
+    /// Directory for manifests, the JSON result and the records.
+    #[arg(long, default_value = "bench-out/advisor")]
+    pub out_dir: PathBuf,
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A split of a budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Disaggregated { prefill: u32, decode: u32 },
+    Aggregated(u32),
+}
+
+impl Split {
+    fn all(budget: u32) -> Vec<Split> {
+        (1..budget)
+            .map(|x| Split::Disaggregated {
+                prefill: x,
+                decode: budget - x,
+            })
+            .chain([Split::Aggregated(budget)])
+            .collect()
+    }
+
+    fn name(self) -> String {
+        match self {
+            Split::Disaggregated { prefill, decode } => format!("{prefill}P{decode}D"),
+            Split::Aggregated(n) => format!("aggregated ×{n}"),
+        }
+    }
+
+    fn file_name(self) -> String {
+        match self {
+            Split::Disaggregated { prefill, decode } => format!("{prefill}p{decode}d"),
+            Split::Aggregated(n) => format!("agg{n}"),
+        }
+    }
+
+    /// The split of a row of `xpyd recommend --json`.
+    fn of_row(row: &Value) -> Option<Split> {
+        let n = |k: &str| row[k].as_u64().and_then(|x| u32::try_from(x).ok());
+        match (n("prefill")?, n("decode")?, n("aggregated")?) {
+            (0, 0, w) if w > 0 => Some(Split::Aggregated(w)),
+            (p, d, 0) if p > 0 && d > 0 => Some(Split::Disaggregated {
+                prefill: p,
+                decode: d,
+            }),
+            _ => None,
+        }
+    }
+
+    /// A manifest of mock workers following `profile`.
+    fn manifest(self, profile: &Path, a: &AdvisorArgs) -> String {
+        let p = profile.display();
+        let (mr, chunk) = (a.max_running, a.chunk);
+        let mock = format!("engine: mock, mock_profile: \"{p}\", threads: 1");
+        let head = "coordinator: { http_port: 0, grpc_port: 0 }\n";
+        match self {
+            Split::Disaggregated { prefill, decode } => format!(
+                "name: adv-{}\nmodel: default\nmode: disaggregated\n{head}kv: {{ backend: auto }}\n\
+                 roles:\n  prefill: {{ replicas: {prefill}, {mock}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n  \
+                 decode: {{ replicas: {decode}, {mock}, max_running: {mr} }}\n",
+                self.file_name()
+            ),
+            Split::Aggregated(n) => format!(
+                "name: adv-{}\nmodel: default\nmode: single\n{head}routing: {{ decode: least_connections }}\n\
+                 roles:\n  combined: {{ replicas: {n}, {mock}, max_running: {mr}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n",
+                self.file_name()
+            ),
+        }
+    }
+}
+
+/// The split Dynamo's SLA planner would run for `budget` workers: per-engine rates at
+/// the SLO from the profile — a prefill engine serves `1 / prefill_time(mean prompt)`
+/// requests/s (when that meets the TTFT SLO), a decode engine the largest batch whose
+/// step meets the TPOT SLO, `batch / step` tokens/s — and per role `⌈demand / rate⌉`
+/// replicas at the highest demand the budget holds; workers left over go one at a time
+/// to the role with the higher load per replica. `None` when no engine meets the SLO.
+fn dynamo_split(
+    m: &ServiceModel,
+    (mean_in, mean_out): (f64, f64),
+    slo: &Slo,
+    max_running: u32,
+    budget: u32,
+) -> Option<Split> {
+    let prefill_s = m.prefill_time(mean_in.round() as u32);
+    if prefill_s > slo.ttft || budget < 2 {
+        return None;
+    }
+    let context = mean_in + mean_out / 2.0;
+    let (batch, step) = (1..=max_running)
+        .rev()
+        .map(|n| (n, m.decode_step(n, f64::from(n) * context)))
+        .find(|(_, s)| *s <= slo.tpot)?;
+    let decode_tokens_per_s = f64::from(batch) / step;
+    // Load (engines' worth of work) per role at `rate` requests/s.
+    let load = |rate: f64| (rate * prefill_s, rate * mean_out / decode_tokens_per_s);
+    let need = |rate: f64| {
+        let (p, d) = load(rate);
+        ((p.ceil() as u32).max(1), (d.ceil() as u32).max(1))
+    };
+    let fits = |rate: f64| {
+        let (p, d) = need(rate);
+        p + d <= budget
+    };
+    // The highest demand the budget holds, by bisection (need grows with rate).
+    let (mut lo, mut hi) = (0.0, 1.0);
+    while fits(hi) {
+        lo = hi;
+        hi *= 2.0;
+    }
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if fits(mid) { lo = mid } else { hi = mid }
+    }
+    let (mut p, mut d) = need(lo);
+    let (lp, ld) = load(lo);
+    while p + d < budget {
+        if lp / f64::from(p) >= ld / f64::from(d) {
+            p += 1;
+        } else {
+            d += 1;
+        }
+    }
+    Some(Split::Disaggregated {
+        prefill: p,
+        decode: d,
+    })
+}
+
+/// One split's measurement.
+struct Measured {
+    split: Split,
+    predicted: Option<f64>,
+    found: Searched,
+}
+
+/// `xpyd recommend --json` on the case.
+fn recommend(
+    host: &Host,
+    a: &AdvisorArgs,
+    budget: u32,
+    w: &WorkloadArgs,
+    slo: &Slo,
+) -> Result<Value> {
+    let out = Command::new(&host.exe)
+        .arg("recommend")
+        .arg("--profile")
+        .arg(&a.profile)
+        .args(["--budget", &budget.to_string()])
+        .args(["--slo", &format!("{},{}", slo.ttft * 1e3, slo.tpot * 1e3)])
+        .args([
+            "--input",
+            &w.input.to_string(),
+            "--output",
+            &w.output.to_string(),
+        ])
+        .args(["--max-running", &a.max_running.to_string()])
+        .args(["--chunk", &a.chunk.to_string()])
+        .args(["--seed", &a.seed.to_string()])
+        .args(["--attainment", &GOODPUT_ATTAINMENT.to_string()])
+        .arg("--json")
+        .output()
+        .context("running xpyd recommend")?;
+    if !out.status.success() {
+        bail!(
+            "xpyd recommend failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("xpyd recommend printed no JSON")
+}
+
+/// `xpyd bench advisor`.
+///
+/// # Errors
+/// When the profile or model cannot be read, a cluster does not start, the advisor
+/// cannot be asked, or writing a result fails; a split that misses the SLO at every
+/// rate has goodput 0, not an error.
+pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
+    let profile = std::path::absolute(&a.profile)
+        .with_context(|| format!("resolving {}", a.profile.display()))?;
+    let text = std::fs::read_to_string(&profile)
+        .with_context(|| format!("reading the profile {}", profile.display()))?;
+    let model = xpyd_planner::profile::service_model(&text, a.chunk)
+        .map_err(|e| anyhow::anyhow!("profile {}: {e}", profile.display()))?;
+    let rt = runtime()?;
+    let model_path = host.model(a.model.as_deref())?;
+    let prompts = Prompts::new(xpyd_engine::ModelInfo::load(&model_path)?.tokenizer)?;
+    let manifests = a.out_dir.join("manifests");
+    std::fs::create_dir_all(&manifests)
+        .with_context(|| format!("creating {}", manifests.display()))?;
+    let mut cases = Vec::new();
+    let mut runs: Vec<(String, Vec<RequestRecord>)> = Vec::new();
+    for &wl in &a.workloads {
+        let (input, output, preset_slo) = match wl.spec() {
+            Some((i, o, s)) => (i.parse()?, o.parse()?, Some(s)),
+            None => (a.input, a.output, None),
+        };
+        let Some(slo) = a.slo.or(preset_slo) else {
+            bail!("--slo: the custom workload needs one");
+        };
+        let work = WorkloadArgs {
+            requests: a.requests,
+            input,
+            output,
+            seed: a.seed,
+            timeout_s: 120,
+            model: Some(model_path.clone()),
+        };
+        for &budget in &a.budgets {
+            let case = format!("{} N={budget}", wl.name());
+            eprintln!(
+                "\n==== {case}: {input} in, {output} out, SLO TTFT {:.0} ms, TPOT {:.0} ms",
+                slo.ttft * 1e3,
+                slo.tpot * 1e3
+            );
+            let advice = recommend(host, a, budget, &work, &slo)?;
+            let row = |s: Split| {
+                advice["ranked"]
+                    .as_array()
+                    .and_then(|rows| rows.iter().find(|r| Split::of_row(r) == Some(s)))
+            };
+            let predicted = |s: Split| row(s).and_then(|r| r["goodput_rps"].as_f64());
+            let recommended =
+                Split::of_row(&advice["recommended"]).context("xpyd recommend gave no split")?;
+            let dynamo = dynamo_split(
+                &model,
+                (input.mean(), output.mean()),
+                &slo,
+                a.max_running,
+                budget,
+            );
+            let mut measured = Vec::new();
+            for split in Split::all(budget) {
+                let file = manifests.join(format!("{}.yaml", split.file_name()));
+                std::fs::write(&file, split.manifest(&profile, a))
+                    .with_context(|| format!("writing {}", file.display()))?;
+                eprintln!("== {case} {}", split.name());
+                let cluster = Cluster::start(ClusterSpec {
+                    exe: &host.exe,
+                    manifest: &file,
+                    model: &model_path,
+                    ready_timeout: Duration::from_secs(120),
+                })?;
+                // Start near the prediction (a pruned split: near its capacity bound)
+                // so the search spends its points where the boundary is.
+                let bound = row(split).and_then(|r| r["bound_rps"].as_f64());
+                let start = predicted(split)
+                    .or(bound.map(|b| 0.8 * b))
+                    .filter(|r| *r > 0.0)
+                    .unwrap_or(1.0);
+                let search = GoodputSearch::new(
+                    start,
+                    GOODPUT_ATTAINMENT,
+                    a.tolerance,
+                    a.max_points as usize,
+                );
+                let found = search_goodput(
+                    &rt,
+                    &prompts,
+                    &work,
+                    (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+                    &slo,
+                    search,
+                    &format!("{case} {} ", split.name()),
+                )?;
+                drop(cluster);
+                runs.extend(
+                    found
+                        .records()
+                        .into_iter()
+                        .map(|(l, r)| (format!("{case} {} {l}", split.name()), r)),
+                );
+                measured.push(Measured {
+                    split,
+                    predicted: predicted(split),
+                    found,
+                });
+            }
+            cases.push(case_json(
+                &case,
+                wl,
+                budget,
+                &slo,
+                &measured,
+                recommended,
+                dynamo,
+                &work,
+            ));
+            // Each case is long: keep what is measured so far, should the run be cut short.
+            print_case(&cases[cases.len() - 1]);
+            let partial = a.out_dir.join("advisor.partial.json");
+            std::fs::write(&partial, serde_json::to_string_pretty(&cases)?)
+                .with_context(|| format!("writing {}", partial.display()))?;
+        }
+    }
+    let result = json!({
+        "profile": profile,
+        "requests_per_point": a.requests,
+        "seed": a.seed,
+        "tolerance": a.tolerance,
+        "attainment": GOODPUT_ATTAINMENT,
+        "cases": cases,
+        "all_within_5_percent": cases.iter().all(|c| c["recommended_share_of_best"].as_f64().is_some_and(|x| x >= 0.95)),
+    });
+    eprintln!("\n==== summary");
+    for c in &cases {
+        print_case(c);
+    }
+    write_records(Some(&a.out_dir.join("records.jsonl")), &runs)?;
+    emit(&result, a.json, Some(&a.out_dir.join("advisor.json")))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn case_json(
+    case: &str,
+    wl: Preset,
+    budget: u32,
+    slo: &Slo,
+    measured: &[Measured],
+    recommended: Split,
+    dynamo: Option<Split>,
+    work: &WorkloadArgs,
+) -> Value {
+    let goodput = |s: Split| {
+        measured
+            .iter()
+            .find(|m| m.split == s)
+            .map(|m| m.found.goodput)
+    };
+    let best = measured
+        .iter()
+        .max_by(|x, y| x.found.goodput.total_cmp(&y.found.goodput))
+        .expect("a budget has at least two splits");
+    let best_g = best.found.goodput;
+    let share = |s: Split| goodput(s).filter(|_| best_g > 0.0).map(|g| g / best_g);
+    json!({
+        "case": case,
+        "workload": wl.name(),
+        "input": work.input.to_string(),
+        "output": work.output.to_string(),
+        "budget": budget,
+        "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot},
+        "splits": measured.iter().map(|m| json!({
+            "split": m.split.name(),
+            "predicted_goodput": m.predicted,
+            "goodput": m.found.goodput,
+            "goodput_below": m.found.failed_at,
+            "points": m.found.points.len(),
+        })).collect::<Vec<_>>(),
+        "best": best.split.name(),
+        "best_goodput": best_g,
+        "recommended": recommended.name(),
+        "recommended_goodput": goodput(recommended),
+        "recommended_share_of_best": share(recommended),
+        "regret": share(recommended).map(|s| 1.0 - s),
+        "dynamo": dynamo.map(Split::name),
+        "dynamo_goodput": dynamo.and_then(goodput),
+        "dynamo_share_of_best": dynamo.and_then(share),
+    })
+}
+
+fn print_case(c: &Value) {
+    let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
+    let pct = |v: &Value| {
+        v.as_f64()
+            .map_or("-".into(), |x| format!("{:.0}%", 100.0 * x))
+    };
+    eprintln!(
+        "\n{} (SLO TTFT {} s, TPOT {} s)",
+        c["case"].as_str().unwrap_or(""),
+        c["slo"]["ttft_s"],
+        c["slo"]["tpot_s"]
+    );
+    eprintln!(
+        "  {:<16} {:>10} {:>18} {:>7}",
+        "split", "predicted", "measured goodput", "points"
+    );
+    for s in c["splits"].as_array().into_iter().flatten() {
+        let measured = match s["goodput_below"].as_f64() {
+            Some(hi) => format!("[{}, {hi:.3})", f(&s["goodput"])),
+            None => format!(">= {}", f(&s["goodput"])),
+        };
+        eprintln!(
+            "  {:<16} {:>10} {:>18} {:>7}",
+            s["split"].as_str().unwrap_or(""),
+            f(&s["predicted_goodput"]),
+            measured,
+            s["points"]
+        );
+    }
+    eprintln!(
+        "  best {}; advisor {} ({} of best); Dynamo formula {} ({} of best)",
+        c["best"].as_str().unwrap_or(""),
+        c["recommended"].as_str().unwrap_or(""),
+        pct(&c["recommended_share_of_best"]),
+        c["dynamo"].as_str().unwrap_or("none"),
+        pct(&c["dynamo_share_of_best"]),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_cover_the_budget_and_parse_back_from_recommend_rows() {
+        let all = Split::all(4);
+        assert_eq!(
+            all.iter().map(|s| s.name()).collect::<Vec<_>>(),
+            ["1P3D", "2P2D", "3P1D", "aggregated ×4"]
+        );
+        let row = json!({"prefill": 2, "decode": 2, "aggregated": 0});
+        assert_eq!(Split::of_row(&row), Some(all[1]));
+        let row = json!({"prefill": 0, "decode": 0, "aggregated": 4});
+        assert_eq!(Split::of_row(&row), Some(all[3]));
+        assert_eq!(
+            Split::of_row(&json!({"prefill": 0, "decode": 0, "aggregated": 0})),
+            None
+        );
+    }
+
+    #[test]
+    fn dynamo_formula_follows_the_heavier_phase() {
+        let m = ServiceModel::example();
+        let slo = Slo {
+            ttft: 3.0,
+            tpot: 0.06,
+        };
+        // Long prompts, short outputs: prefill engines are what demand needs.
+        let long_in = dynamo_split(&m, (2000.0, 8.0), &slo, 16, 6).unwrap();
+        // Short prompts, long outputs: decode engines.
+        let long_out = dynamo_split(&m, (16.0, 400.0), &slo, 16, 6).unwrap();
+        let prefill = |s: Split| match s {
+            Split::Disaggregated { prefill, decode } => {
+                assert_eq!(prefill + decode, 6);
+                prefill
+            }
+            Split::Aggregated(_) => panic!("the formula never aggregates"),
+        };
+        assert!(
+            prefill(long_in) > prefill(long_out),
+            "{long_in:?} vs {long_out:?}"
+        );
+        // A TTFT SLO below one prefill: no engine meets it.
+        let tight = Slo {
+            ttft: 1e-4,
+            tpot: 0.06,
+        };
+        assert_eq!(dynamo_split(&m, (2000.0, 8.0), &tight, 16, 6), None);
+    }
+
+    #[test]
+    fn manifests_name_the_profile_and_every_split() {
+        let a = AdvisorArgs {
+            profile: "p.json".into(),
+            budgets: vec![4],
+            workloads: vec![Preset::Chat],
+            slo: None,
+            input: "16".parse().unwrap(),
+            output: "16".parse().unwrap(),
+            requests: 10,
+            seed: 1,
+            tolerance: 0.05,
+            max_points: 3,
+            max_running: 8,
+            chunk: 128,
+            model: None,
+            out_dir: "x".into(),
+            json: false,
+        };
+        let p = Path::new("/tmp/prof.json");
+        let dis = Split::Disaggregated {
+            prefill: 1,
+            decode: 3,
+        }
+        .manifest(p, &a);
+        assert!(
+            dis.contains("prefill: { replicas: 1,") && dis.contains("decode: { replicas: 3,"),
+            "{dis}"
+        );
+        assert!(
+            dis.contains("mock_profile: \"/tmp/prof.json\"") && dis.contains("max_running: 8"),
+            "{dis}"
+        );
+        let agg = Split::Aggregated(4).manifest(p, &a);
+        assert!(
+            agg.contains("mode: single") && agg.contains("combined: { replicas: 4,"),
+            "{agg}"
+        );
+        assert!(agg.contains("prefill_chunk: 128"), "{agg}");
+    }
+}
