@@ -15,7 +15,7 @@ use xpyd_planner::PlanError;
 use xpyd_planner::search::{self, Ranked, Slo};
 use xpyd_planner::sim::{ClusterConfig, Layout, Policy};
 use xpyd_planner::traffic::{Process, SimRequest, Traffic};
-use xpyd_planner::workload::LengthDist;
+use xpyd_planner::workload::{LengthDist, Phase};
 
 /// Flags of `xpyd recommend`.
 #[derive(Debug, Args)]
@@ -37,8 +37,13 @@ pub struct RecommendArgs {
     pub attainment: f64,
     /// A recorded trace to replay instead of drawn lengths: JSON lines of
     /// `{"arrival", "input", "cached", "output"}` (e.g. the coordinator's window).
-    #[arg(long, conflicts_with_all = ["input", "output", "cv", "prefix_hit"])]
+    #[arg(long, conflicts_with_all = ["input", "output", "cv", "prefix_hit", "phases"])]
     pub trace: Option<PathBuf>,
+    /// Phases instead of one length mix: `N*F:IN/OUT,…` — N requests at F × the rate,
+    /// with their own prompt and output lengths (a shift, a burst), Poisson arrivals.
+    /// Goodput is then the base rate the phases scale.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["input", "output", "cv", "requests"])]
+    pub phases: Vec<Phase>,
     /// Prompt tokens: `N`, `uniform:LO-HI` or `longtail:LO-MEDIAN-HI`.
     #[arg(long, default_value = "uniform:32-256")]
     pub input: LengthDist,
@@ -275,6 +280,11 @@ fn offline(a: &RecommendArgs, slo: &Slo) -> Result<Outcome> {
     })?;
     let traffic = match &a.trace {
         Some(p) => Traffic::Trace(read_trace(p)?),
+        None if !a.phases.is_empty() => Traffic::Phased {
+            phases: a.phases.clone(),
+            prefix_hit: a.prefix_hit,
+            seed: a.seed,
+        },
         None => Traffic::Generated {
             input: a.input,
             output: a.output,

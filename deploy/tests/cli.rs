@@ -198,7 +198,22 @@ fn help_lists_the_allowed_values_of_enumerated_flags() {
 
 #[test]
 fn usage_errors_exit_64_and_name_the_flag() {
-    let cases: [(&[&str], &str); 9] = [
+    let cases: [(&[&str], &str); 11] = [
+        (&["bench", "load", "--phases", "5*1:16"], "--phases"),
+        (
+            &[
+                "recommend",
+                "--profile",
+                "p.json",
+                "--budget",
+                "4",
+                "--slo",
+                "1,1",
+                "--phases",
+                "0*1:16/16",
+            ],
+            "--phases",
+        ),
         (&["worker", "-f", "m.yaml", "--role", "router"], "--role"),
         (
             &["generate", "--prompt", "hi", "--kv-dtype", "f8"],
@@ -334,4 +349,43 @@ fn every_environment_variable_is_in_the_one_list_and_the_readme() {
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn recommend_ranks_phases_by_what_each_phase_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("profile.json");
+    std::fs::write(&profile, common::slow_prefill_profile().to_string()).unwrap();
+    let goodput = |phases: &str| -> f64 {
+        let (code, stdout, stderr) = run(&[
+            "recommend",
+            "--profile",
+            profile.to_str().unwrap(),
+            "--budget",
+            "4",
+            "--slo",
+            "3000,20",
+            "--phases",
+            phases,
+            "--json",
+        ]);
+        assert_eq!(code, Some(0), "{phases}: {stderr}");
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(v["ranked"].as_array().unwrap().len(), 4, "{v}");
+        v["recommended"]["goodput_rps"].as_f64().unwrap()
+    };
+    // Short prompts, then long ones (the profile's prefill is slow per token).
+    let chat = "2000*1:uniform:16-64/uniform:64-128";
+    let long = "2000*1:uniform:600-900/2";
+    let (a, b) = (goodput(chat), goodput(long));
+    assert!(b < 0.5 * a, "long prompts {b} against short {a}");
+    // A shift from one to the other is bounded by its harder phase, not the first.
+    let shift = goodput(&format!("{chat},{long}"));
+    assert!(
+        shift < 0.5 * a && shift <= 1.05 * b,
+        "{shift} (alone {a}, {b})"
+    );
+    // A burst at three times the rate lowers the base rate the run sustains.
+    let burst = goodput(&format!("{chat},2000*3:uniform:16-64/uniform:64-128"));
+    assert!(burst < 0.6 * a, "{burst} against {a}");
 }

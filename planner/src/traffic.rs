@@ -9,7 +9,7 @@
 //! and `xpyd bench load` with the same seed send the same requests.
 
 use crate::PlanError;
-use crate::workload::{LengthDist, Rng};
+use crate::workload::{LengthDist, Phase, Rng, plan_phases};
 
 /// One request of a simulated run.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -68,6 +68,47 @@ pub enum Traffic {
     /// A recorded trace (e.g. the coordinator's live window), replayed; a rate other
     /// than its own compresses or stretches its time.
     Trace(Vec<SimRequest>),
+    /// Phases one after the other (a shift in lengths or a burst), Poisson arrivals; at
+    /// rate `r` a phase arrives at `r × rate_factor`. Drawn exactly as
+    /// [`crate::workload::plan_phases`] draws them for `xpyd bench load --phases`.
+    Phased {
+        /// The phases, in order.
+        phases: Vec<Phase>,
+        /// Share of prompt tokens found in the prefix cache, `0..1`.
+        prefix_hit: f64,
+        /// The seed of every draw.
+        seed: u64,
+    },
+}
+
+/// Checks a length distribution of field `field`.
+fn check_length(field: &str, d: &LengthDist) -> Result<(), PlanError> {
+    if d.max() == 0 || d.max() > u32::MAX as usize / 2 {
+        return Err(PlanError::invalid(field, format!("`{d}` is out of range")));
+    }
+    Ok(())
+}
+
+/// Checks a prefix-cache hit share.
+fn check_hit(prefix_hit: f64) -> Result<(), PlanError> {
+    if !(0.0..1.0).contains(&prefix_hit) {
+        return Err(PlanError::invalid(
+            "prefix_hit",
+            format!("{prefix_hit} is outside 0..1"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a request count.
+fn check_requests(field: &str, requests: usize) -> Result<(), PlanError> {
+    if requests == 0 || requests > MAX_REQUESTS {
+        return Err(PlanError::invalid(
+            field,
+            format!("{requests} is outside 1..={MAX_REQUESTS}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Most requests one simulated workload may hold.
@@ -91,23 +132,10 @@ impl Traffic {
                 requests,
                 ..
             } => {
-                for (field, d) in [("input", input), ("output", output)] {
-                    if d.max() == 0 || d.max() > u32::MAX as usize / 2 {
-                        return Err(PlanError::invalid(field, format!("`{d}` is out of range")));
-                    }
-                }
-                if !(0.0..1.0).contains(prefix_hit) {
-                    return Err(PlanError::invalid(
-                        "prefix_hit",
-                        format!("{prefix_hit} is outside 0..1"),
-                    ));
-                }
-                if *requests == 0 || *requests > MAX_REQUESTS {
-                    return Err(PlanError::invalid(
-                        "requests",
-                        format!("{requests} is outside 1..={MAX_REQUESTS}"),
-                    ));
-                }
+                check_length("input", input)?;
+                check_length("output", output)?;
+                check_hit(*prefix_hit)?;
+                check_requests("requests", *requests)?;
                 if let Process::Gamma { cv } = process
                     && !(0.05..=20.0).contains(cv)
                 {
@@ -117,6 +145,27 @@ impl Traffic {
                     ));
                 }
                 Ok(())
+            }
+            Traffic::Phased {
+                phases, prefix_hit, ..
+            } => {
+                if phases.is_empty() {
+                    return Err(PlanError::invalid("phases", "none given"));
+                }
+                for (i, p) in phases.iter().enumerate() {
+                    check_length(&format!("phases[{i}].input"), &p.input)?;
+                    check_length(&format!("phases[{i}].output"), &p.output)?;
+                    check_requests(&format!("phases[{i}].requests"), p.requests)?;
+                    let f = p.rate_factor;
+                    if !(f.is_finite() && f > 0.0 && f <= 1000.0) {
+                        return Err(PlanError::invalid(
+                            format!("phases[{i}].rate_factor"),
+                            format!("{f} is outside (0, 1000]"),
+                        ));
+                    }
+                }
+                check_requests("phases", phases.iter().map(|p| p.requests).sum())?;
+                check_hit(*prefix_hit)
             }
             Traffic::Trace(reqs) => {
                 if reqs.len() < 2 || reqs.len() > MAX_REQUESTS {
@@ -154,7 +203,7 @@ impl Traffic {
     /// The workload's own mean rate (a trace's), or `None` (generated: any rate).
     pub fn native_rate(&self) -> Option<f64> {
         match self {
-            Traffic::Generated { .. } => None,
+            Traffic::Generated { .. } | Traffic::Phased { .. } => None,
             Traffic::Trace(r) => {
                 let span = r[r.len() - 1].arrival - r[0].arrival;
                 Some((r.len() - 1) as f64 / span)
@@ -171,6 +220,18 @@ impl Traffic {
                 prefix_hit,
                 ..
             } => (input.mean() * (1.0 - prefix_hit), output.mean()),
+            Traffic::Phased {
+                phases, prefix_hit, ..
+            } => {
+                let n: usize = phases.iter().map(|p| p.requests).sum();
+                let mean = |f: &dyn Fn(&Phase) -> f64| {
+                    phases.iter().map(|p| p.requests as f64 * f(p)).sum::<f64>() / n as f64
+                };
+                (
+                    mean(&|p| p.input.mean()) * (1.0 - prefix_hit),
+                    mean(&|p| p.output.mean()),
+                )
+            }
             Traffic::Trace(r) => {
                 let n = r.len() as f64;
                 (
@@ -218,6 +279,22 @@ impl Traffic {
                     })
                     .collect()
             }
+            Traffic::Phased {
+                phases,
+                prefix_hit,
+                seed,
+            } => plan_phases(phases, *seed, Some(rate))
+                .into_iter()
+                .map(|p| {
+                    let input = p.input_tokens as u32;
+                    SimRequest {
+                        arrival: p.at,
+                        input,
+                        cached: ((f64::from(input) * prefix_hit) as u32).min(input - 1),
+                        output: p.output_tokens as u32,
+                    }
+                })
+                .collect(),
             Traffic::Trace(reqs) => {
                 let t0 = reqs[0].arrival;
                 let native = self.native_rate().unwrap_or(rate);
@@ -277,6 +354,71 @@ mod tests {
         for (x, y) in a.iter().zip(&b) {
             assert_eq!((x.input, x.output), (y.input, y.output));
             assert!((x.arrival - 4.0 * y.arrival).abs() < 1e-9 * x.arrival.max(1.0));
+        }
+    }
+
+    #[test]
+    fn phases_continue_the_draws_and_bad_phases_are_named() {
+        let Traffic::Generated { input, output, .. } = chat(Process::Poisson) else {
+            unreachable!()
+        };
+        let one = Phase {
+            requests: 4000,
+            rate_factor: 1.0,
+            input,
+            output,
+        };
+        let phased = |phases: Vec<Phase>| Traffic::Phased {
+            phases,
+            prefix_hit: 0.0,
+            seed: 42,
+        };
+        // One phase at factor 1 is the generated Poisson workload.
+        assert_eq!(
+            phased(vec![one]).at_rate(3.0),
+            chat(Process::Poisson).at_rate(3.0)
+        );
+        // A shift: the means weigh each phase by its requests.
+        let long = Phase {
+            requests: 1000,
+            rate_factor: 0.5,
+            input: LengthDist::Fixed { n: 1000 },
+            output: LengthDist::Fixed { n: 2 },
+        };
+        let two = phased(vec![one, long]);
+        two.validate().unwrap();
+        let (i, o) = two.means();
+        assert!((i - (0.8 * 255.0 + 0.2 * 1000.0)).abs() < 5.0, "{i}");
+        assert!(o < one.output.mean(), "{o}");
+        let reqs = two.at_rate(2.0);
+        assert_eq!(reqs.len(), 5000);
+        assert!(
+            reqs[4000..]
+                .iter()
+                .all(|r| r.input == 1000 && r.output == 2)
+        );
+        // Bad phases name the phase and the field.
+        for (bad, field) in [
+            (phased(vec![]), "phases"),
+            (
+                phased(vec![
+                    one,
+                    Phase {
+                        rate_factor: 0.0,
+                        ..long
+                    },
+                ]),
+                "phases[1].rate_factor",
+            ),
+            (
+                phased(vec![Phase { requests: 0, ..one }]),
+                "phases[0].requests",
+            ),
+        ] {
+            match bad.validate() {
+                Err(PlanError::Invalid { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
         }
     }
 

@@ -250,26 +250,99 @@ impl Workload {
     /// without it they all have `at = 0` (closed loop). The lengths depend only on the
     /// seed and `n`, not on the rate, so every rate of a sweep sends the same requests.
     pub fn plan(&self, n: usize, rate: Option<f64>) -> Vec<Planned> {
-        let mut lengths = Rng::new(self.seed);
-        let mut arrivals = Rng::new(self.seed ^ 0xA5A5_A5A5_5A5A_5A5A);
-        let mut t = 0.0;
-        (0..n)
-            .map(|_| {
-                let at = match rate {
-                    Some(r) => {
-                        t += arrivals.exp(r);
-                        t
-                    }
-                    None => 0.0,
-                };
-                Planned {
-                    at,
-                    input_tokens: self.input.sample(&mut lengths),
-                    output_tokens: self.output.sample(&mut lengths),
-                }
-            })
-            .collect()
+        let one = Phase {
+            requests: n,
+            rate_factor: 1.0,
+            input: self.input,
+            output: self.output,
+        };
+        plan_phases(&[one], self.seed, rate)
     }
+}
+
+/// A stretch of a workload with lengths and a rate of its own: `requests` requests
+/// arriving at `rate_factor` × the run's rate. Written `N*F:IN/OUT`, e.g.
+/// `300*1:uniform:16-64/uniform:128-256` (300 requests at the run's rate, prompts of
+/// 16–64 tokens, outputs of 128–256).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Phase {
+    /// Requests in the phase, ≥ 1.
+    pub requests: usize,
+    /// The phase's rate as a multiple of the run's, `0 < f ≤ 1000`.
+    pub rate_factor: f64,
+    /// Prompt tokens.
+    pub input: LengthDist,
+    /// Output tokens.
+    pub output: LengthDist,
+}
+
+/// A phase that does not parse or is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "`{0}` is not a phase: expected `N*F:IN/OUT` (N ≥ 1 requests at F × the rate, 0 < F ≤ 1000; \
+     lengths as `N`, `uniform:LO-HI` or `longtail:LO-MEDIAN-HI`), e.g. `300*1:uniform:16-64/uniform:128-256`"
+)]
+pub struct BadPhase(pub String);
+
+impl FromStr for Phase {
+    type Err = BadPhase;
+
+    fn from_str(s: &str) -> Result<Self, BadPhase> {
+        let bad = || BadPhase(s.to_string());
+        let (head, lengths) = s.trim().split_once(':').ok_or_else(bad)?;
+        let (n, f) = head.split_once('*').ok_or_else(bad)?;
+        let (input, output) = lengths.split_once('/').ok_or_else(bad)?;
+        let phase = Phase {
+            requests: n.trim().parse().map_err(|_| bad())?,
+            rate_factor: f.trim().parse().map_err(|_| bad())?,
+            input: input.trim().parse().map_err(|_| bad())?,
+            output: output.trim().parse().map_err(|_| bad())?,
+        };
+        let f = phase.rate_factor;
+        if phase.requests == 0 || !(f.is_finite() && f > 0.0 && f <= 1000.0) {
+            return Err(bad());
+        }
+        Ok(phase)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}*{}:{}/{}",
+            self.requests, self.rate_factor, self.input, self.output
+        )
+    }
+}
+
+/// The phases one after the other. Lengths and arrival gaps continue the same two
+/// random streams across phases (a phase only changes what is drawn and how fast time
+/// runs), so a single phase at factor 1 plans exactly what [`Workload::plan`] plans, and
+/// every rate of a sweep sends the same requests. Without `rate`, every `at` is 0.
+pub fn plan_phases(phases: &[Phase], seed: u64, rate: Option<f64>) -> Vec<Planned> {
+    let mut lengths = Rng::new(seed);
+    let mut arrivals = Rng::new(seed ^ 0xA5A5_A5A5_5A5A_5A5A);
+    let mut t = 0.0;
+    let mut out = Vec::with_capacity(phases.iter().map(|p| p.requests).sum());
+    for p in phases {
+        for _ in 0..p.requests {
+            let at = match rate {
+                Some(r) => {
+                    t += arrivals.exp(r * p.rate_factor);
+                    t
+                }
+                None => 0.0,
+            };
+            out.push(Planned {
+                at,
+                input_tokens: p.input.sample(&mut lengths),
+                output_tokens: p.output.sample(&mut lengths),
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -285,6 +358,66 @@ mod tests {
         let mut rng = Rng::new(3);
         assert!((0..100).all(|_| (2..=5).contains(&rng.range(5, 2))));
         rng.range(0, usize::MAX);
+    }
+
+    #[test]
+    fn phases_parse_print_and_plan_like_one_workload() {
+        let p: Phase = "300*1.5:uniform:16-64/uniform:128-256".parse().unwrap();
+        assert_eq!(p.requests, 300);
+        assert_eq!(p.rate_factor, 1.5);
+        assert_eq!(p.to_string(), "300*1.5:uniform:16-64/uniform:128-256");
+        for bad in [
+            "",
+            "300:16/16",
+            "0*1:16/16",
+            "5*0:16/16",
+            "5*-1:16/16",
+            "5*inf:16/16",
+            "5*1001:16/16",
+            "5*1:16",
+            "5*1:uniform:9-3/16",
+            "x*1:16/16",
+        ] {
+            let e = bad.parse::<Phase>().unwrap_err();
+            assert!(e.to_string().contains("N*F:IN/OUT"), "{bad}: {e}");
+        }
+        // One phase at factor 1 is the plain workload, request for request.
+        let w = Workload {
+            input: "uniform:8-64".parse().unwrap(),
+            output: "uniform:2-20".parse().unwrap(),
+            seed: 9,
+        };
+        let one = Phase {
+            requests: 50,
+            rate_factor: 1.0,
+            input: w.input,
+            output: w.output,
+        };
+        assert_eq!(plan_phases(&[one], 9, Some(3.0)), w.plan(50, Some(3.0)));
+        // A second phase at twice the rate with other lengths: its requests come twice
+        // as fast and are drawn from its own distributions.
+        let long = Phase {
+            requests: 2000,
+            rate_factor: 2.0,
+            input: LengthDist::Fixed { n: 500 },
+            output: LengthDist::Fixed { n: 3 },
+        };
+        let first = Phase {
+            requests: 2000,
+            ..one
+        };
+        let plan = plan_phases(&[first, long], 9, Some(4.0));
+        assert_eq!(plan.len(), 4000);
+        let span = |r: &[Planned]| r[r.len() - 1].at - r[0].at;
+        let (a, b) = plan.split_at(2000);
+        let ratio = span(a) / span(b);
+        assert!((ratio - 2.0).abs() < 0.2, "{ratio}");
+        assert!(a.iter().all(|r| (8..=64).contains(&r.input_tokens)));
+        assert!(
+            b.iter()
+                .all(|r| r.input_tokens == 500 && r.output_tokens == 3)
+        );
+        assert!(plan.windows(2).all(|w| w[0].at <= w[1].at));
     }
 
     #[test]

@@ -324,6 +324,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
             requests: a.requests,
             input,
             output,
+            phases: Vec::new(),
             seed: a.seed,
             timeout_s: 120,
             model: Some(model_path.clone()),

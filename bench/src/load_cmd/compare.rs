@@ -226,7 +226,7 @@ pub fn compare(a: &CompareArgs, host: &Host) -> Result<()> {
     let bracket = |m: &Mode| (m.found.goodput, m.found.failed_at.unwrap_or(f64::INFINITY));
     let head = GoodputRatio::of(bracket(&agg), bracket(&dis));
     let result = json!({
-        "workload": a.work.workload(),
+        "workload": a.work.describe(),
         "requests_per_point": a.work.requests,
         "unloaded": {"aggregated": ua, "disaggregated": ud},
         "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "attainment": GOODPUT_ATTAINMENT,

@@ -13,7 +13,7 @@ use crate::host::Host;
 use crate::loadgen::{self, Arrival, Prepared, Prompts, RunOptions};
 use crate::prom;
 use crate::stats::{self, GoodputSearch, RequestRecord, Slo, Summary};
-use crate::workload::{LengthDist, Workload, parse_rate};
+use crate::workload::{LengthDist, Phase, Planned, Workload, parse_rate, plan_phases};
 use anyhow::{Context, Result};
 use clap::Args;
 use serde::Serialize;
@@ -38,6 +38,11 @@ pub struct WorkloadArgs {
     /// Output tokens (enforced with max_tokens and ignore_eos), same syntax.
     #[arg(long, default_value = "uniform:24-96")]
     pub output: LengthDist,
+    /// Phases instead of one length mix: `N*F:IN/OUT,…` — N requests at F × the rate,
+    /// with their own prompt and output lengths (a shift in the mix, a burst), one after
+    /// the other; `--requests` is then their sum.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["input", "output", "requests"])]
+    pub phases: Vec<Phase>,
     /// Seed of lengths, prompt text and arrival times.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -55,6 +60,24 @@ impl WorkloadArgs {
             input: self.input,
             output: self.output,
             seed: self.seed,
+        }
+    }
+
+    /// The workload as JSON for results: the length mix, or the phases.
+    fn describe(&self) -> Value {
+        if self.phases.is_empty() {
+            json!(self.workload())
+        } else {
+            json!({"phases": self.phases, "seed": self.seed})
+        }
+    }
+
+    /// `n` requests of the length mix, or every request of the phases, paced at `rate`.
+    fn plan(&self, n: usize, rate: Option<f64>) -> Vec<Planned> {
+        if self.phases.is_empty() {
+            self.workload().plan(n, rate)
+        } else {
+            plan_phases(&self.phases, self.seed, rate)
         }
     }
 
@@ -145,9 +168,8 @@ fn measure_at(
     (n, point): (usize, u64),
     label: &str,
 ) -> Result<Point> {
-    let wl = work.workload();
-    let plan = wl.plan(n, rate);
-    let reqs: Vec<Prepared> = loadgen::prepare(prompts, &plan, wl.seed, point)?;
+    let plan = work.plan(n, rate);
+    let reqs: Vec<Prepared> = loadgen::prepare(prompts, &plan, work.seed, point)?;
     let before = http.map(scrape).transpose()?;
     let opts = RunOptions {
         target: grpc.to_string(),
@@ -302,7 +324,7 @@ pub fn load(a: &LoadArgs, host: &Host) -> Result<()> {
     let rt = runtime()?;
     let prompts = a.work.prompts(host)?;
     let target = (a.grpc.as_str(), a.http.as_deref());
-    let mut out = json!({"target": a.grpc, "workload": a.work.workload()});
+    let mut out = json!({"target": a.grpc, "workload": a.work.describe()});
     if let Some(slo) = a.goodput {
         let search =
             GoodputSearch::new(a.rate.unwrap_or(1.0), GOODPUT_ATTAINMENT, 0.1, a.max_points);
