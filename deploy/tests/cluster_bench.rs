@@ -240,6 +240,8 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
             "16",
             "--max-points",
             "2",
+            "--validate-at",
+            "0.5",
             "--out-dir",
             out.path().to_str().unwrap(),
             "--json",
@@ -278,6 +280,31 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
     }
     for f in ["advisor.json", "manifests/1p1d.yaml", "manifests/agg2.yaml"] {
         assert!(out.path().join(f).is_file(), "{f}");
+    }
+    // Every measured point beside the simulator's run of the same requests; a split
+    // with a goodput also has its validation point at half of it.
+    let validation = c["validation"].as_array().unwrap();
+    assert_eq!(validation.len(), 2, "{c}");
+    for (s, v) in c["splits"].as_array().unwrap().iter().zip(validation) {
+        assert_eq!(s["split"], v["split"]);
+        let points = v["points"].as_array().unwrap();
+        let extra = u64::from(s["goodput"].as_f64().unwrap() > 0.0);
+        assert_eq!(
+            points.len() as u64,
+            s["points"].as_u64().unwrap() + extra,
+            "{v}"
+        );
+        requests += 16 * extra;
+        for p in points {
+            for who in ["measured", "simulated"] {
+                let att = p[who]["attainment"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&att), "{p}");
+            }
+            let pp = p["attainment_error_pp"].as_f64().unwrap();
+            let diff = p["simulated"]["attainment"].as_f64().unwrap()
+                - p["measured"]["attainment"].as_f64().unwrap();
+            assert!((pp - 100.0 * diff).abs() < 1e-9, "{p}");
+        }
     }
     let records = std::fs::read_to_string(out.path().join("records.jsonl")).unwrap();
     assert_eq!(records.lines().count() as u64, requests);

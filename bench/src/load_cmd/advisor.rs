@@ -9,11 +9,12 @@
 //! SLO⌉ for each role) and its measured goodput.
 
 use super::{
-    GOODPUT_ATTAINMENT, Searched, WorkloadArgs, emit, parse_slo, runtime, search_goodput,
-    write_records,
+    GOODPUT_ATTAINMENT, Point, Searched, WorkloadArgs, emit, finite, measure_at, parse_slo,
+    runtime, search_goodput, write_records,
 };
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::host::Host;
+use crate::loadgen::Arrival;
 use crate::loadgen::Prompts;
 use crate::stats::{GoodputSearch, RequestRecord, Slo};
 use crate::workload::{LengthDist, parse_rate};
@@ -23,7 +24,10 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use xpyd_planner::search::{self, RunStats};
 use xpyd_planner::service::ServiceModel;
+use xpyd_planner::sim::{ClusterConfig, Layout, Policy};
+use xpyd_planner::traffic::{Process, Traffic};
 
 /// The workloads of the validation, each with an SLO that the profile can meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -105,6 +109,11 @@ pub struct AdvisorArgs {
     /// Most rate points per split.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub max_points: u32,
+    /// Also measure every split at these multiples of its measured goodput (e.g.
+    /// `0.3,0.6,0.9`), for the simulator-against-measurement table; the search's own
+    /// points are compared too.
+    #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
+    pub validate_at: Vec<f64>,
     /// Decode slots per worker (`max_running`), in the clusters and the simulation.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_running: u32,
@@ -152,6 +161,13 @@ impl Split {
         match self {
             Split::Disaggregated { prefill, decode } => format!("{prefill}p{decode}d"),
             Split::Aggregated(n) => format!("agg{n}"),
+        }
+    }
+
+    fn layout(self) -> Layout {
+        match self {
+            Split::Disaggregated { prefill, decode } => Layout::Disaggregated { prefill, decode },
+            Split::Aggregated(workers) => Layout::Aggregated { workers },
         }
     }
 
@@ -253,6 +269,61 @@ struct Measured {
     split: Split,
     predicted: Option<f64>,
     found: Searched,
+    /// Points at `--validate-at` multiples of the goodput.
+    extra: Vec<(Point, f64)>,
+}
+
+/// The simulator's run of one measured point: the same requests (lengths and Poisson
+/// arrivals drawn from the same seed as the load generator's plan) on the same split,
+/// with the settings `xpyd recommend` uses.
+fn simulate_point(
+    model: &ServiceModel,
+    split: Split,
+    a: &AdvisorArgs,
+    work: &WorkloadArgs,
+    (rate, n): (f64, usize),
+    slo: &Slo,
+) -> Result<RunStats> {
+    let traffic = Traffic::Generated {
+        input: work.input,
+        output: work.output,
+        process: Process::Poisson,
+        prefix_hit: 0.0,
+        requests: n,
+        seed: work.seed,
+    };
+    let cluster = ClusterConfig {
+        max_running: a.max_running,
+        prefill_policy: Policy::RoundRobin,
+        decode_policy: Policy::LeastConnections,
+        ..ClusterConfig::defaults(split.layout())
+    };
+    let r = xpyd_planner::sim::simulate(model, &cluster, &traffic.at_rate(rate))
+        .map_err(|e| anyhow::anyhow!("simulating {}: {e}", split.name()))?;
+    let slo = search::Slo {
+        ttft_s: slo.ttft,
+        tpot_s: slo.tpot,
+        attainment: GOODPUT_ATTAINMENT,
+    };
+    Ok(search::stats(&r, &slo, rate))
+}
+
+/// A measured point beside its simulation.
+fn point_json(p: &Point, attainment: f64, sim: &RunStats, goodput: f64) -> Value {
+    let rel = |sim: f64, real: f64| finite(sim / real - 1.0);
+    let (ttft, tpot) = (p.summary.ttft.p90, p.summary.tpot.p90);
+    let rate = p.rate.unwrap_or(f64::NAN);
+    json!({
+        "rate": rate,
+        "share_of_goodput": finite(rate / goodput),
+        "measured": {"ttft_p90_s": finite(ttft), "tpot_p90_s": finite(tpot), "attainment": attainment,
+                     "errors": p.summary.errors},
+        "simulated": {"ttft_p90_s": finite(sim.ttft.p90), "tpot_p90_s": finite(sim.tpot.p90),
+                      "attainment": sim.attainment},
+        "ttft_p90_error": rel(sim.ttft.p90, ttft),
+        "tpot_p90_error": rel(sim.tpot.p90, tpot),
+        "attainment_error_pp": 100.0 * (sim.attainment - attainment),
+    })
 }
 
 /// `xpyd recommend --json` on the case.
@@ -386,6 +457,27 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                     search,
                     &format!("{case} {} ", split.name()),
                 )?;
+                let mut extra = Vec::new();
+                for (k, f) in a.validate_at.iter().enumerate() {
+                    if found.goodput <= 0.0 {
+                        break;
+                    }
+                    let rate = f * found.goodput;
+                    let label = format!("{case} {} validate {rate:.3}/s", split.name());
+                    let p = measure_at(
+                        &rt,
+                        &prompts,
+                        &work,
+                        (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+                        (Arrival::Open, Some(rate)),
+                        (work.requests, 100 + k as u64),
+                        &label,
+                    )?;
+                    let att = crate::stats::attainment(&p.records, &slo);
+                    eprintln!("{label}: attainment {:.1}%", att * 100.0);
+                    runs.push((label, p.records.clone()));
+                    extra.push((p, att));
+                }
                 drop(cluster);
                 runs.extend(
                     found
@@ -397,9 +489,11 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                     split,
                     predicted: predicted(split),
                     found,
+                    extra,
                 });
             }
-            cases.push(case_json(
+            let validation = validation_json(&model, a, &work, &slo, &measured)?;
+            let mut c = case_json(
                 &case,
                 wl,
                 budget,
@@ -408,7 +502,9 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                 recommended,
                 dynamo,
                 &work,
-            ));
+            );
+            c["validation"] = validation;
+            cases.push(c);
             // Each case is long: keep what is measured so far, should the run be cut short.
             print_case(&cases[cases.len() - 1]);
             let partial = a.out_dir.join("advisor.partial.json");
@@ -482,6 +578,33 @@ fn case_json(
     })
 }
 
+/// Every measured point of every split beside the simulator's run of the same requests.
+fn validation_json(
+    model: &ServiceModel,
+    a: &AdvisorArgs,
+    work: &WorkloadArgs,
+    slo: &Slo,
+    measured: &[Measured],
+) -> Result<Value> {
+    let mut splits = Vec::new();
+    for m in measured {
+        let mut points = Vec::new();
+        for (p, att) in m.found.points.iter().chain(&m.extra) {
+            let Some(rate) = p.rate else { continue };
+            let sim = simulate_point(model, m.split, a, work, (rate, p.summary.requests), slo)?;
+            points.push(point_json(p, *att, &sim, m.found.goodput));
+        }
+        points.sort_by(|x, y| {
+            x["rate"]
+                .as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&y["rate"].as_f64().unwrap_or(0.0))
+        });
+        splits.push(json!({"split": m.split.name(), "points": points}));
+    }
+    Ok(json!(splits))
+}
+
 fn print_case(c: &Value) {
     let f = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{x:.3}"));
     let pct = |v: &Value| {
@@ -510,6 +633,42 @@ fn print_case(c: &Value) {
             measured,
             s["points"]
         );
+    }
+    let ms = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{:.0}", 1e3 * x));
+    let err = |v: &Value| {
+        v.as_f64()
+            .map_or("-".into(), |x| format!("{:+.0}%", 100.0 * x))
+    };
+    eprintln!(
+        "  {:<16} {:>8} {:>6} {:>17} {:>6} {:>17} {:>6} {:>15}",
+        "measured vs sim",
+        "rate",
+        "of gp",
+        "TTFT p90 ms",
+        "err",
+        "TPOT p90 ms",
+        "err",
+        "attainment %"
+    );
+    for s in c["validation"].as_array().into_iter().flatten() {
+        for p in s["points"].as_array().into_iter().flatten() {
+            let (m, q) = (&p["measured"], &p["simulated"]);
+            eprintln!(
+                "  {:<16} {:>8.3} {:>6} {:>17} {:>6} {:>17} {:>6} {:>15}",
+                s["split"].as_str().unwrap_or(""),
+                p["rate"].as_f64().unwrap_or(f64::NAN),
+                pct(&p["share_of_goodput"]),
+                format!("{} / {}", ms(&m["ttft_p90_s"]), ms(&q["ttft_p90_s"])),
+                err(&p["ttft_p90_error"]),
+                format!("{} / {}", ms(&m["tpot_p90_s"]), ms(&q["tpot_p90_s"])),
+                err(&p["tpot_p90_error"]),
+                format!(
+                    "{:.0} / {:.0}",
+                    100.0 * m["attainment"].as_f64().unwrap_or(f64::NAN),
+                    100.0 * q["attainment"].as_f64().unwrap_or(f64::NAN)
+                ),
+            );
+        }
     }
     eprintln!(
         "  best {}; advisor {} ({} of best); Dynamo formula {} ({} of best)",
@@ -588,6 +747,7 @@ mod tests {
             max_running: 8,
             chunk: 128,
             model: None,
+            validate_at: vec![],
             out_dir: "x".into(),
             json: false,
         };
