@@ -638,6 +638,13 @@ fn scale_up_and_down_under_load_fails_no_request_and_down_stops_all() {
     eventually(LONG, "decode-2 takes requests", || {
         load.ok() > n + 10 && up.routed("decode-2").unwrap().1 > 0
     });
+    // A planned scale-up is not an alarm (new workers starting count as starting, not
+    // missing).
+    assert!(
+        !up.has_event("sup-scale", "StateChanged", "Warning", "Running → Alarm"),
+        "{:?}",
+        up.events("subject=sup-scale")
+    );
     let decode = || {
         let mut v = up.pids();
         v.retain(|(id, _)| id.starts_with("decode-"));

@@ -132,6 +132,9 @@ impl Supervisor {
         let from = self.desired.insert(r, replicas).unwrap_or(0);
         let msg = format!("{r}: {from} → {replicas} replicas");
         self.event(Severity::Normal, &self.s.name.clone(), "Scaled", msg);
+        // Start (or drain) the workers now, not at the next tick: in between the service
+        // would count the new workers as missing and raise a false Alarm.
+        self.reconcile();
         Ok(json!({"role": r.name(), "from": from, "to": replicas}))
     }
 
