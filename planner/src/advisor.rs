@@ -268,6 +268,10 @@ const FINE_PRECISION: f64 = 0.01;
 /// The smallest window that gets advice (fewer requests say too little).
 pub const MIN_WINDOW_REQUESTS: usize = 10;
 
+/// A window whose mean prompt or output length differs from the past windows' by more
+/// than this factor starts the history over.
+pub const MIX_SHIFT: f64 = 1.5;
+
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     let (mut s, mut n) = (0.0, 0usize);
     for x in xs.filter(|x| x.is_finite()) {
@@ -346,6 +350,31 @@ impl Advisor {
         self.streak = None;
     }
 
+    /// Whether `trace`'s mean uncached prompt or mean output differs from the past
+    /// windows' by more than [`MIX_SHIFT`]×: why, if so.
+    fn mix_shift(&self, trace: &[SimRequest]) -> Option<String> {
+        if self.past.is_empty() {
+            return None;
+        }
+        let means = |rs: &mut dyn Iterator<Item = &SimRequest>| {
+            let (mut n, mut i, mut o) = (0.0, 0.0, 0.0);
+            for r in rs {
+                n += 1.0;
+                i += f64::from(r.input - r.cached);
+                o += f64::from(r.output);
+            }
+            (i / n, o / n)
+        };
+        let (pi, po) = means(&mut self.past.iter().flat_map(|(w, _)| w.iter()));
+        let (ni, no) = means(&mut trace.iter());
+        let apart = |a: f64, b: f64| a.max(b) / a.min(b).max(1e-9) > MIX_SHIFT;
+        (apart(pi, ni) || apart(po, no)).then(|| {
+            format!(
+                "the length mix shifted (mean prompt {pi:.0} → {ni:.0} tokens, output {po:.0} → {no:.0}): ranked on this window alone"
+            )
+        })
+    }
+
     /// Advice from the window `[now − window_s, now]` of finished requests.
     ///
     /// # Errors
@@ -373,6 +402,13 @@ impl Advisor {
         sorted.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
         let trace = trace_of(&sorted);
         Traffic::Trace(trace.clone()).validate()?;
+        // A shift in the length mix makes the older windows describe traffic that is
+        // gone: rank on this window alone (and count the streak from here).
+        let shift = self.mix_shift(&trace);
+        if shift.is_some() {
+            self.past.clear();
+            self.streak = None;
+        }
         // The ranking's traffic: this window after the ones before it, end to end.
         self.past.push_back((trace.clone(), window_s));
         while self.past.len() > self.cfg.history as usize {
@@ -559,7 +595,7 @@ impl Advisor {
         let sample = (window.len() as f64 / 200.0).min(1.0);
         let fit = (1.0 - model.errors.prefill - model.errors.decode).clamp(0.0, 1.0);
         let calibrated = 1.0 - ((cal.0.ln().abs() + cal.1.ln().abs()) / (2.0 * 2f64.ln())) * 0.5;
-        let why = why + &other_mode;
+        let why = why + &other_mode + &shift.map(|s| format!("; {s}")).unwrap_or_default();
         Ok(Advice {
             current: self.current,
             recommended: best.layout,
@@ -675,6 +711,38 @@ mod tests {
         assert!(held.why.contains("cool-down"), "{}", held.why);
         let later = auto.observe(440.0, 600.0, &w).unwrap();
         assert_eq!(later.action, Action::Apply, "{}", later.why);
+    }
+
+    #[test]
+    fn a_shift_in_the_length_mix_is_followed_within_the_streak() {
+        // Short prompts, long outputs for three windows (the history), then long
+        // prompts, short outputs: the old windows are dropped at once, so the advice
+        // turns at the first window after the shift and is suggested at the streak.
+        let split = Layout::Disaggregated {
+            prefill: 2,
+            decode: 2,
+        };
+        let mut a = advisor(Mode::Manual, split);
+        for k in 0..3 {
+            let short = mix("uniform:16-64", "uniform:128-256", 10 + k);
+            let w = window(&short, 2.0, split, 60.0 * k as f64);
+            let adv = a.observe(60.0 * (k + 1) as f64, 150.0, &w).unwrap();
+            assert!(!adv.why.contains("shifted"), "window {k}: {}", adv.why);
+        }
+        let long_in = mix("uniform:1500-2500", "uniform:4-16", 20);
+        let w = window(&long_in, 0.5, split, 180.0);
+        let first = a.observe(240.0, 150.0, &w).unwrap();
+        assert!(first.why.contains("length mix shifted"), "{}", first.why);
+        let Layout::Disaggregated { prefill, .. } = first.recommended else {
+            panic!("{}", first.recommended)
+        };
+        assert!(prefill > 2, "{}: {}", first.recommended, first.why);
+        assert_eq!(first.action, Action::Keep, "{}", first.why);
+        let second = a
+            .observe(300.0, 150.0, &window(&long_in, 0.5, split, 240.0))
+            .unwrap();
+        assert_eq!(second.action, Action::Suggest, "{}", second.why);
+        assert!(!second.why.contains("shifted"), "{}", second.why);
     }
 
     #[test]
