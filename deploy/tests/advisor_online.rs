@@ -37,18 +37,9 @@ const DECODE_BOUND: &str = "uniform:16-64/uniform:96-160";
 /// Long prompts, short outputs: prefill-bound.
 const PREFILL_BOUND: &str = "uniform:1200-1600/uniform:2-4";
 
+/// Prefill 4 ms + 0.2 ms per prompt token; a decode step 10 ms + 2 ms per sequence.
 fn profile() -> Value {
-    let fit = |kind: &str, c: &[f64]| {
-        json!({"model": {"kind": kind, "coeffs": c},
-               "fit_error": {"r2": 0.99, "mean_abs_rel": 0.02, "max_abs_rel": 0.05}})
-    };
-    json!({
-        "version": 1, "kind": "xpyd-performance-profile",
-        "model": {"kv_bytes_per_token": 2048, "layers": 2},
-        "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0002, 0.0])}},
-        "decode_step": {"fit": fit("bilinear", &[0.010, 0.002, 0.0, 0.0])},
-        "kv_transfer": null,
-    })
+    common::profile_with([0.004, 0.0002, 0.0], [0.010, 0.002, 0.0, 0.0])
 }
 
 fn manifest(profile: &Path) -> String {
@@ -101,15 +92,7 @@ fn advised(s: &Value) -> Option<String> {
 
 fn converged_on(up: &Sup, http: &str, split: &str) -> bool {
     let s = get(&format!("{http}/v1/advisor")).1;
-    s["converged"] == true
-        && s["current"] == split
-        && up.status()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "Ready")
-            .count()
-            == 4
+    s["converged"] == true && s["current"] == split && up.ready_workers() == 4
 }
 
 #[test]
@@ -230,10 +213,19 @@ fn the_advisor_follows_a_shifting_workload_without_flapping() {
     let mut applied_at = None;
     let mut history_len = 0;
     let mut converged_at = 0.0;
+    let mut said = String::new();
     while t1.elapsed() < Duration::from_secs((n / 3) as u64) {
         std::thread::sleep(Duration::from_secs(1));
         let s = advisor();
         let h = s["history"].as_array().map_or(0, Vec::len);
+        let now = format!(
+            "{} / {} → {}: {}",
+            s["status"], s["advice"]["action"], s["advice"]["recommended"], s["advice"]["why"]
+        );
+        if now != said {
+            eprintln!("{:6.1} s: {now}", t1.elapsed().as_secs_f64());
+            said = now;
+        }
         let auto = s["history"]
             .as_array()
             .is_some_and(|h| h.iter().any(|c| c["by"] == "advisor (auto)"));

@@ -179,13 +179,7 @@ fn the_live_advisor_suggests_then_applies_more_prefill_for_long_prompts() {
             let s = advisor("").1;
             s["converged"] == true
                 && split(&s["current_replicas"]) == target
-                && up.status()["workers"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|w| w["state"] == "Ready")
-                    .count()
-                    == 4
+                && up.ready_workers() == 4
         },
     );
     let n = load.ok();

@@ -714,6 +714,32 @@ mod tests {
     }
 
     #[test]
+    fn an_overloaded_split_is_changed_in_auto_mode() {
+        // Short prompts and long outputs at a rate one decode worker cannot carry: 3P1D
+        // queues without bound (TTFT grows through the window, requests time out), so
+        // its goodput on the window is 0 — the change must still be made.
+        let decode_bound = mix("uniform:16-64", "uniform:128-256", 7);
+        let wrong = Layout::Disaggregated {
+            prefill: 3,
+            decode: 1,
+        };
+        let mut a = advisor(Mode::Auto, wrong);
+        let mut actions = Vec::new();
+        for k in 0..3 {
+            let w = window(&decode_bound, 5.0, wrong, 60.0 * k as f64);
+            let adv = a.observe(60.0 * (k + 1) as f64, 60.0, &w).unwrap();
+            actions.push((adv.action, adv.recommended, adv.why));
+        }
+        assert_eq!(actions[0].0, Action::Keep, "{actions:#?}");
+        assert!(
+            actions[1..]
+                .iter()
+                .all(|(act, rec, _)| *act == Action::Apply && *rec != wrong),
+            "{actions:#?}"
+        );
+    }
+
+    #[test]
     fn a_shift_in_the_length_mix_is_followed_within_the_streak() {
         // Short prompts, long outputs for three windows (the history), then long
         // prompts, short outputs: the old windows are dropped at once, so the advice

@@ -22,10 +22,11 @@ pub fn tiny_model() -> (tempfile::TempDir, PathBuf) {
     (dir, model)
 }
 
-/// A performance profile (the JSON `xpyd bench profile` writes) whose prefill is slow
-/// per token (0.2 ms) and whose decode steps are fast (2 ms + 0.2 ms per sequence): long
-/// prompts make one prefill worker the bottleneck. For mock workers and the advisor.
-pub fn slow_prefill_profile() -> serde_json::Value {
+/// A performance profile (the JSON `xpyd bench profile` writes) with exact fits: a
+/// prompt of `L` tokens takes `p0 + p1·L + p2·L²` seconds, a decode step of `n`
+/// sequences of mean context `l` takes `d0 + d1·n + d2·l + d3·n·l`. For mock workers and
+/// the advisor.
+pub fn profile_with(prefill: [f64; 3], decode: [f64; 4]) -> serde_json::Value {
     use serde_json::json;
     let fit = |kind: &str, c: &[f64]| {
         json!({"model": {"kind": kind, "coeffs": c},
@@ -34,10 +35,16 @@ pub fn slow_prefill_profile() -> serde_json::Value {
     json!({
         "version": 1, "kind": "xpyd-performance-profile",
         "model": {"kv_bytes_per_token": 2048, "layers": 2},
-        "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0002, 0.0])}},
-        "decode_step": {"fit": fit("bilinear", &[0.002, 0.0002, 0.0, 0.0])},
+        "prefill": {"fit_by_chunk": {"256": fit("polynomial", &prefill)}},
+        "decode_step": {"fit": fit("bilinear", &decode)},
         "kv_transfer": null,
     })
+}
+
+/// A profile whose prefill is slow per token (0.2 ms) and whose decode steps are fast
+/// (2 ms + 0.2 ms per sequence): long prompts make one prefill worker the bottleneck.
+pub fn slow_prefill_profile() -> serde_json::Value {
+    profile_with([0.004, 0.0002, 0.0], [0.002, 0.0002, 0.0, 0.0])
 }
 
 /// The Python interpreter (`XPYD_PYTHON`, default `python3`) when it can import `module`

@@ -115,6 +115,13 @@ impl Sup {
         get(&format!("{}/v1/supervisor", self.control)).1
     }
 
+    /// Workers in state Ready.
+    pub fn ready_workers(&self) -> usize {
+        self.status()["workers"]
+            .as_array()
+            .map_or(0, |ws| ws.iter().filter(|w| w["state"] == "Ready").count())
+    }
+
     /// The worker `id` in the supervisor's status.
     pub fn worker(&self, id: &str) -> Option<Value> {
         self.status()["workers"]
