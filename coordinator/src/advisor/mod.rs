@@ -138,7 +138,8 @@ pub struct Live {
     reload: Option<(std::path::PathBuf, u32)>,
     profile: String,
     base: ClusterConfig,
-    ring: Mutex<VecDeque<Finished>>,
+    /// `(finished at, request)`, in finishing order.
+    ring: Mutex<VecDeque<(f64, Finished)>>,
     state: Mutex<State>,
     /// Wakes the loop after a config change.
     pub(crate) changed: tokio::sync::Notify,
@@ -307,7 +308,7 @@ impl Live {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn ring(&self) -> std::sync::MutexGuard<'_, VecDeque<Finished>> {
+    fn ring(&self) -> std::sync::MutexGuard<'_, VecDeque<(f64, Finished)>> {
         self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -335,24 +336,33 @@ impl Live {
         t.saturating_duration_since(self.origin).as_secs_f64()
     }
 
-    /// Records one finished (or failed) request.
+    /// Records one finished (or failed) request, finished now.
     pub fn record(&self, f: Finished) {
+        self.record_at(self.now(), f);
+    }
+
+    /// Records one request that finished at `finished_at` (on [`Live::now`]'s clock, not
+    /// before the last one recorded).
+    pub(crate) fn record_at(&self, finished_at: f64, f: Finished) {
         let mut r = self.ring();
         if r.len() >= RING_CAP {
             r.pop_front();
         }
-        r.push_back(f);
+        r.push_back((finished_at, f));
     }
 
-    /// Requests that arrived at or after `from` (seconds on [`Live::now`]'s clock), in
-    /// arrival order (the ring is in finishing order: a long request that arrived
-    /// early finishes after short ones that came later).
+    /// Requests that finished at or after `from` (seconds on [`Live::now`]'s clock), in
+    /// arrival order. By finish, not arrival: under overload a request can take longer
+    /// than a window, and a window of arrivals would then hold none that finished — the
+    /// advisor would go blind exactly when the split is wrong. The ring is in finishing
+    /// order, so only its tail is read.
     pub fn since(&self, from: f64) -> Vec<Finished> {
         let mut v: Vec<Finished> = self
             .ring()
             .iter()
-            .filter(|f| f.arrival >= from)
-            .copied()
+            .rev()
+            .take_while(|(t, _)| *t >= from)
+            .map(|(_, f)| *f)
             .collect();
         v.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
         v

@@ -83,14 +83,17 @@ fn config_patches_are_checked_by_field_and_keep_the_rest() {
 fn the_ring_is_bounded_and_read_by_arrival() {
     let l = live();
     for i in 0..(RING_CAP + 10) {
-        l.record(Finished {
-            arrival: i as f64,
-            input: 10,
-            cached: 0,
-            output: 5,
-            ttft: 0.1,
-            tpot: 0.01,
-        });
+        l.record_at(
+            i as f64,
+            Finished {
+                arrival: i as f64,
+                input: 10,
+                cached: 0,
+                output: 5,
+                ttft: 0.1,
+                tpot: 0.01,
+            },
+        );
     }
     assert_eq!(l.ring().len(), RING_CAP);
     assert_eq!(l.since(0.0)[0].arrival, 10.0, "the oldest fell out");
@@ -98,20 +101,25 @@ fn the_ring_is_bounded_and_read_by_arrival() {
 }
 
 #[test]
-fn a_window_is_in_arrival_order_though_requests_finish_out_of_order() {
+fn a_window_holds_what_finished_in_it_in_arrival_order() {
     let l = live();
-    for arrival in [3.0, 1.0, 2.0, 0.5] {
-        l.record(Finished {
-            arrival,
-            input: 10,
-            cached: 0,
-            output: 5,
-            ttft: 0.1,
-            tpot: 0.01,
-        });
+    // (arrival, finished): the first arrived long before the window (an overloaded
+    // cluster) but finished in it; the last arrived in it and is still running.
+    for (arrival, finished) in [(0.5, 4.0), (1.0, 10.0), (9.5, 10.5), (3.0, 11.0)] {
+        l.record_at(
+            finished,
+            Finished {
+                arrival,
+                input: 10,
+                cached: 0,
+                output: 5,
+                ttft: 0.1,
+                tpot: 0.01,
+            },
+        );
     }
-    let w: Vec<f64> = l.since(0.9).iter().map(|f| f.arrival).collect();
-    assert_eq!(w, [1.0, 2.0, 3.0]);
+    let w: Vec<f64> = l.since(9.0).iter().map(|f| f.arrival).collect();
+    assert_eq!(w, [1.0, 3.0, 9.5]);
 }
 
 #[test]
