@@ -1,6 +1,8 @@
 //! `xpyd bench load` (open/closed-loop load against a running coordinator, optionally a
-//! goodput search) and `xpyd bench compare` (the same workload against clusters started
-//! from manifests, side by side, with SLOs derived from each mode's unloaded latency).
+//! goodput search), `xpyd bench compare` (the same workload against an aggregated and a
+//! disaggregated cluster started from manifests, goodput of each by search) and `xpyd
+//! bench advisor` (a cluster per split of a budget, the ratio advisor's pick scored
+//! against the measured best).
 
 mod advisor;
 mod compare;
@@ -225,7 +227,7 @@ impl Searched {
             .find(|p| self.goodput > 0.0 && p.rate == Some(self.goodput))
     }
 
-    /// Records per point, labelled `{prefix}{rate}/s`.
+    /// Records per point, labelled `{rate}/s`.
     fn records(&self) -> Vec<(String, Vec<RequestRecord>)> {
         self.points
             .iter()
