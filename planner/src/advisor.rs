@@ -39,6 +39,25 @@ pub struct Finished {
     pub tpot: f64,
 }
 
+impl Finished {
+    /// `req` as the simulator served it (`result`): a failed request has NaN TPOT, as
+    /// the coordinator records it. For windows made from simulations (tests, examples).
+    pub fn observed(req: &SimRequest, result: &crate::sim::RequestResult) -> Finished {
+        Finished {
+            arrival: req.arrival,
+            input: req.input,
+            cached: req.cached,
+            output: req.output,
+            ttft: result.ttft,
+            tpot: if result.outcome == crate::sim::Outcome::Finished {
+                result.tpot
+            } else {
+                f64::NAN
+            },
+        }
+    }
+}
+
 /// Manual: suggest only. Auto: apply a suggestion outside the cool-down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(
@@ -617,7 +636,6 @@ impl Advisor {
 mod tests {
     use super::*;
     use crate::service::tests::model;
-    use crate::sim::Outcome;
     use crate::traffic::Process;
 
     fn slo() -> Slo {
@@ -637,15 +655,7 @@ mod tests {
             .zip(&r.requests)
             .map(|(q, o)| Finished {
                 arrival: t0 + q.arrival,
-                input: q.input,
-                cached: q.cached,
-                output: q.output,
-                ttft: o.ttft,
-                tpot: if o.outcome == Outcome::Finished {
-                    o.tpot
-                } else {
-                    f64::NAN
-                },
+                ..Finished::observed(q, o)
             })
             .collect()
     }

@@ -8,7 +8,7 @@ use std::fmt::Write;
 use xpyd_planner::advisor::{Advice, Advisor, AdvisorConfig, Finished, Mode};
 use xpyd_planner::search::{RunStats, Slo};
 use xpyd_planner::service::{FitErrors, ServiceModel};
-use xpyd_planner::sim::{ClusterConfig, Layout, Outcome, simulate};
+use xpyd_planner::sim::{ClusterConfig, Layout, simulate};
 use xpyd_planner::traffic::{Process, Traffic};
 use xpyd_planner::workload::LengthDist;
 
@@ -102,18 +102,7 @@ fn one_advice_matches_its_golden_snapshot() {
     let window: Vec<Finished> = reqs
         .iter()
         .zip(&observed.requests)
-        .map(|(q, o)| Finished {
-            arrival: q.arrival,
-            input: q.input,
-            cached: q.cached,
-            output: q.output,
-            ttft: o.ttft,
-            tpot: if o.outcome == Outcome::Finished {
-                o.tpot
-            } else {
-                f64::NAN
-            },
-        })
+        .map(|(q, o)| Finished::observed(q, o))
         .collect();
     let slo = Slo {
         ttft_s: 2.0,
