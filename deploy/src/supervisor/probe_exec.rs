@@ -187,15 +187,14 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.contains("no answer within"), "{e}");
-        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Bound but not listening: connections are refused, and the port stays ours
+        // (a dropped listener's port can be taken by a test running beside this one).
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let url = format!("http://{}", closed.local_addr().unwrap());
+        let e = http_get(&url, "/health", t).await.unwrap_err();
+        assert!(e.contains("connect"), "{e}");
         drop(closed);
-        assert!(
-            http_get(&url, "/health", t)
-                .await
-                .unwrap_err()
-                .contains("connect")
-        );
     }
 
     #[tokio::test]
