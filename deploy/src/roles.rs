@@ -325,6 +325,65 @@ fn drain_timeout(budget: Duration) -> Duration {
         .max(Duration::from_millis(500))
 }
 
+/// What `role` decides in a worker of `spec` once the model is loaded.
+fn role_settings(spec: &manifest::RoleSpec, role: Role) -> xpyd_worker::RoleSettings {
+    let max_running = spec.max_running_for(role) as usize;
+    xpyd_worker::RoleSettings {
+        role: match role {
+            Role::Prefill => xpyd_worker::Role::Prefill,
+            Role::Decode => xpyd_worker::Role::Decode,
+            Role::Combined => xpyd_worker::Role::Combined,
+        },
+        // A prefill worker queues: its bound is a multiple of what it runs at once.
+        max_running: match role {
+            Role::Prefill => max_running.max(1) * 64,
+            Role::Decode | Role::Combined => max_running,
+        },
+        prefill_chunk: spec.prefill_chunk as usize,
+        // Prefix caching pays where prompts are computed; a plain decode worker only
+        // imports.
+        prefix_cache_blocks: if role == Role::Decode {
+            0
+        } else {
+            spec.prefix_cache_blocks as usize
+        },
+    }
+}
+
+/// The role a worker of `role` may flip to without a restart, or why it may not: the
+/// other of prefill and decode, when the manifest runs both with engines a reload would
+/// not change (same engine kind, mock timing, KV dtype and pool, threads and pinning).
+fn flip_settings(m: &Manifest, role: Role) -> Result<xpyd_worker::RoleSettings, String> {
+    let other = match role {
+        Role::Prefill => Role::Decode,
+        Role::Decode => Role::Prefill,
+        Role::Combined => return Err("a combined worker has no other role".into()),
+    };
+    let (Some(a), Some(b)) = (m.roles.get(role), m.roles.get(other)) else {
+        return Err(format!("the manifest has no roles.{}", other.name()));
+    };
+    let mock = a.engine == manifest::EngineKind::Mock;
+    let differs = [
+        ("engine", a.engine != b.engine),
+        ("mock_latency", a.mock_latency != b.mock_latency),
+        ("mock_profile", a.mock_profile != b.mock_profile),
+        // A mock's timing from a profile is fitted at the chunk size.
+        ("prefill_chunk", mock && a.prefill_chunk != b.prefill_chunk),
+        ("kv_dtype", a.kv_dtype != b.kv_dtype),
+        ("kv_blocks", a.kv_blocks != b.kv_blocks),
+        ("threads", a.threads != b.threads),
+        ("cpus", a.cpus != b.cpus || a.pin != b.pin),
+    ];
+    if let Some((field, _)) = differs.iter().find(|(_, d)| *d) {
+        return Err(format!(
+            "roles.{} and roles.{} differ in `{field}`, which only a restart changes",
+            role.name(),
+            other.name()
+        ));
+    }
+    Ok(role_settings(b, other))
+}
+
 /// `xpyd worker`.
 pub fn worker(a: &WorkerArgs) -> Result<()> {
     let m = Manifest::load(&a.file)?;
@@ -342,17 +401,12 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             None => spec.mock_latency.unwrap_or_default(),
         });
     }
-    engine.prefill_chunk = spec.prefill_chunk as usize;
     engine.kv_dtype = match spec.kv_dtype {
         manifest::KvDtype::F32 => xpyd_engine::KvDtype::F32,
         manifest::KvDtype::F16 => xpyd_engine::KvDtype::F16,
     };
     if spec.kv_blocks > 0 {
         engine.num_blocks = Some(spec.kv_blocks as usize);
-    }
-    // Prefix caching pays where prompts are computed; a plain decode worker only imports.
-    if role != Role::Decode {
-        engine.prefix_cache_blocks = spec.prefix_cache_blocks as usize;
     }
     let registry = match m.registry.backend {
         manifest::RegistryBackend::Embedded => RegistryBackend::Embedded {
@@ -373,7 +427,6 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     };
     let worker_id = format!("{}-{}", role.name(), a.index);
     let host = a.host.clone().unwrap_or_else(|| m.coordinator.host.clone());
-    let max_running = spec.max_running_for(role) as usize;
     runtime()?.block_on(async {
         let shutdown = on_signal();
         watch_parent(
@@ -389,40 +442,24 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             "grpc": format!("http://{}", grpc.local_addr()?),
         });
         println!("{urls}");
-        match role {
-            Role::Prefill => {
-                let cfg = xpyd_prefill_worker::Config {
-                    worker_id,
-                    engine,
-                    max_queue: max_running.max(1) * 64,
-                    membership,
-                    advertise_host: host,
-                    drain_timeout: drain_timeout(spec.graceful_shutdown.timeout()),
-                };
-                let l = xpyd_prefill_worker::Listeners { grpc, http };
-                xpyd_prefill_worker::run(cfg, l, shutdown).await?;
-            }
-            Role::Decode | Role::Combined => {
-                let kv = bind(&host, 0).await?;
-                let cfg = xpyd_decode_worker::Config {
-                    worker_id,
-                    combined: role == Role::Combined,
-                    engine,
-                    max_running,
-                    kv_backend: m
-                        .kv
-                        .backend
-                        .name()
-                        .parse()
-                        .map_err(|e: String| anyhow::anyhow!("kv.backend: {e}"))?,
-                    membership,
-                    advertise_host: host,
-                    drain_timeout: drain_timeout(spec.graceful_shutdown.timeout()),
-                };
-                let l = xpyd_decode_worker::Listeners { grpc, http, kv };
-                xpyd_decode_worker::run(cfg, l, shutdown).await?;
-            }
-        }
+        let kv = bind(&host, 0).await?;
+        let cfg = xpyd_worker::Config {
+            worker_id,
+            engine,
+            role: role_settings(spec, role),
+            flip: flip_settings(&m, role),
+            kv_backend: m
+                .kv
+                .backend
+                .name()
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("kv.backend: {e}"))?,
+            membership,
+            advertise_host: host,
+            drain_timeout: drain_timeout(spec.graceful_shutdown.timeout()),
+        };
+        let l = xpyd_worker::Listeners { grpc, http, kv };
+        xpyd_worker::run(cfg, l, shutdown).await?;
         Ok(())
     })
 }

@@ -3,8 +3,8 @@
 //! long prompts and short outputs — prefill-bound — gets advice for more prefill
 //! workers within a few windows; the admin API names bad input; the window replays as
 //! a trace; `xpyd recommend --url` ranks the live traffic; switched to auto mode, the
-//! advisor applies the split itself and the supervisor converges to it with no request
-//! failed.
+//! advisor applies the split itself and the supervisor converges to it — flipping decode
+//! workers to prefill in place — with no request failed.
 //! Run: `cargo test --release -p xpyd --test cluster_advisor -- --ignored`.
 
 mod common;
@@ -182,6 +182,13 @@ fn the_live_advisor_suggests_then_applies_more_prefill_for_long_prompts() {
                 && up.ready_workers() == 4
         },
     );
+    // Same number of processes: the supervisor flipped decode workers in place.
+    let flips = up
+        .events("")
+        .iter()
+        .filter(|e| e["reason"] == "Flipped")
+        .count() as u64;
+    assert_eq!(flips, target.0 - 1, "one flip per prefill worker added");
     let n = load.ok();
     eventually(Duration::from_secs(30), "still serving", || {
         load.ok() > n + 10

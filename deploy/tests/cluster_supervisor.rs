@@ -3,8 +3,8 @@
 //! passes), each rebuild scope restarting exactly its workers, rolling upgrades under
 //! load (and one to a broken manifest, rolled back), scaling under load, the stop paths
 //! (SIGTERM with requests in flight, a second signal, `xpyd down`, SIGKILL of `xpyd up`),
-//! the events of each with their severities, and the control plane's refusals naming the
-//! field.
+//! the events of each with their severities, the control plane's refusals naming the
+//! field, and role flips (an applied split within the same processes).
 //! Run one at a time: `cargo test --release -p xpyd --test cluster_supervisor --
 //! --ignored --test-threads=1`.
 
@@ -828,4 +828,131 @@ fn sigkill_of_up_leaves_no_child() {
     eventually(Duration::from_secs(45), "every child gone", || {
         children.iter().all(|p| !alive(*p))
     });
+}
+
+/// The pid of worker `id` in a `Sup::pids` list.
+fn pid_of(pids: &[(String, u64)], id: &str) -> u64 {
+    pids.iter()
+        .find(|(w, _)| w == id)
+        .unwrap_or_else(|| panic!("no worker {id} in {pids:?}"))
+        .1
+}
+
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn an_applied_split_flips_a_worker_in_place_under_load_and_fails_no_request() {
+    let (_d, model) = tiny_model();
+    let yaml = "name: flip\nmode: disaggregated\nroles:\n  prefill: { replicas: 2 }\n  decode: { replicas: 1 }\n";
+    let up = Sup::start(yaml, &model, &[], true);
+    let before = up.pids();
+    assert_eq!(before.len(), 3, "{before:?}");
+    let load = Load::start(&up.http, 3);
+    eventually(Duration::from_secs(30), "load flowing", || load.ok() > 10);
+    let apply = |body: &str| {
+        let url = format!("{}/v1/advisor/apply", up.http);
+        let (code, v, _) = common::cluster::post_raw(&url, body, None);
+        assert_eq!(code, 200, "{v}");
+    };
+    // 2P1D → 1P2D keeps three processes: the highest-index prefill worker flips (its KV
+    // pools move into shared memory for placed transfers).
+    apply(r#"{"prefill": 1, "decode": 2}"#);
+    eventually(Duration::from_secs(60), "prefill-1 flipped", || {
+        up.has_event("decode-1", "Flipped", "Normal", "same process, no reload")
+    });
+    let flipped = up.pids();
+    assert_eq!(
+        pid_of(&flipped, "decode-1"),
+        pid_of(&before, "prefill-1"),
+        "the same process serves the new role: {flipped:?}"
+    );
+    let mut pids: Vec<u64> = flipped.iter().map(|p| p.1).collect();
+    let mut old: Vec<u64> = before.iter().map(|p| p.1).collect();
+    pids.sort_unstable();
+    old.sort_unstable();
+    assert_eq!(pids, old, "no process was started or stopped");
+    // The coordinator routes requests to it as a decode worker.
+    eventually(Duration::from_secs(30), "decode-1 decodes", || {
+        up.routed("decode-1")
+            .is_some_and(|(state, routed)| state == "ready" && routed > 2)
+    });
+    assert!(
+        up.routed("prefill-1").is_none(),
+        "the old identity is gone from the cluster"
+    );
+    let w = up.worker("decode-1").unwrap();
+    let worker_http = w["http"].as_str().unwrap().to_string();
+    let (code, role) = common::cluster::get(&format!("{worker_http}/role"));
+    assert_eq!(code, 200);
+    assert_eq!(
+        (role["role"].as_str(), role["worker_id"].as_str()),
+        (Some("decode"), Some("decode-1")),
+        "{role}"
+    );
+    // The supervisor refuses a flip that would leave a role empty, naming the field.
+    let (code, v) = up.control_post(
+        "/v1/flip",
+        &json!({"from": "prefill", "to": "decode", "count": 1}),
+    );
+    assert_eq!(
+        (code, v["error"]["field"].as_str()),
+        (400, Some("count")),
+        "{v}"
+    );
+    // Back: 1P2D → 2P1D flips the highest-index decode worker, this one.
+    apply(r#"{"prefill": 2, "decode": 1}"#);
+    eventually(Duration::from_secs(60), "decode-1 flipped back", || {
+        up.has_event("prefill-1", "Flipped", "Normal", "same process")
+    });
+    assert_eq!(
+        pid_of(&up.pids(), "prefill-1"),
+        pid_of(&before, "prefill-1")
+    );
+    eventually(Duration::from_secs(30), "prefill-1 prefills again", || {
+        up.routed("prefill-1")
+            .is_some_and(|(state, routed)| state == "ready" && routed > 2)
+    });
+    let flips =
+        common::cluster::metric_sum(&worker_http, "xpyd_worker_role_flip_seconds_count", "");
+    assert_eq!(flips, 2.0, "the worker counted its two flips");
+    // The worker's endpoint names what is wrong and changes nothing.
+    let post = |body: &str| common::cluster::post_raw(&format!("{worker_http}/role"), body, None);
+    for (body, field) in [
+        (r#"{"role": "router"}"#, "role"),
+        (r#"{"role": "combined"}"#, "role"),
+        (r#"{"role": "decode", "worker_id": "bad id!"}"#, "worker_id"),
+    ] {
+        let (code, v, _) = post(body);
+        assert_eq!(
+            (code, v["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{body}: {v}"
+        );
+    }
+    let (code, v, _) = post("not json");
+    assert_eq!(code, 400, "{v}");
+    assert_eq!(
+        common::cluster::get(&format!("{worker_http}/role")).1["role"],
+        "prefill"
+    );
+    let n = load.ok();
+    eventually(Duration::from_secs(30), "still serving", || {
+        load.ok() > n + 10
+    });
+    let (ok, failed) = load.stop();
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len() as u64
+    );
+    let events = up.events("");
+    assert!(
+        events.iter().all(|e| e["reason"] != "FlipFailed"),
+        "no flip failed: {events:?}"
+    );
+    assert!(
+        events.iter().all(|e| e["reason"] != "Started"
+            || before.iter().any(|(id, _)| e["subject"] == id.as_str())),
+        "no worker process was started for the new split"
+    );
 }

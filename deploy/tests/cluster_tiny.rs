@@ -997,15 +997,14 @@ fn grpc_health_reflection_status_and_chat_cli() {
         .enable_all()
         .build()
         .unwrap();
-    let mut urls = vec![up.grpc.clone()];
-    urls.extend(
-        up.cluster()["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|w| w["grpc_url"].as_str().unwrap().to_string()),
-    );
-    for url in urls {
+    let mut urls = vec![(up.grpc.clone(), String::new())];
+    urls.extend(up.cluster()["workers"].as_array().unwrap().iter().map(|w| {
+        (
+            w["grpc_url"].as_str().unwrap().to_string(),
+            w["role"].as_str().unwrap().to_string(),
+        )
+    }));
+    for (url, role) in urls {
         rt.block_on(async {
             let ch = tonic::transport::Endpoint::from_shared(url.clone())
                 .unwrap()
@@ -1032,14 +1031,42 @@ fn grpc_health_reflection_status_and_chat_cli() {
             alpha.sort();
             assert_eq!(names, alpha, "{url}: v1 and v1alpha differ");
             let own: Vec<&String> = names.iter().filter(|n| n.starts_with("xpyd.v1.")).collect();
+            // A worker port carries both worker services (a worker can flip role); gRPC
+            // health says which one serves now.
             let expected: &[&str] = if url == up.grpc {
                 &["xpyd.v1.Inference", "xpyd.v1.Registry"]
-            } else if own.iter().any(|n| *n == "xpyd.v1.PrefillWorker") {
-                &["xpyd.v1.PrefillWorker"]
             } else {
-                &["xpyd.v1.DecodeWorker"]
+                &["xpyd.v1.DecodeWorker", "xpyd.v1.PrefillWorker"]
             };
             assert_eq!(own, expected, "{url}: {names:?}");
+            if url != up.grpc {
+                let mut h = tonic_health::pb::health_client::HealthClient::new(
+                    tonic::transport::Endpoint::from_shared(url.clone())
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap(),
+                );
+                for (service, serves) in [
+                    ("xpyd.v1.PrefillWorker", role == "prefill"),
+                    ("xpyd.v1.DecodeWorker", role == "decode"),
+                ] {
+                    let st = h
+                        .check(tonic_health::pb::HealthCheckRequest {
+                            service: service.into(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .status;
+                    let want = if serves {
+                        tonic_health::pb::health_check_response::ServingStatus::Serving
+                    } else {
+                        tonic_health::pb::health_check_response::ServingStatus::NotServing
+                    };
+                    assert_eq!(st, want as i32, "{url} ({role}): {service}");
+                }
+            }
             for std in [
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1.ServerReflection",

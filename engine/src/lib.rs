@@ -20,7 +20,7 @@ pub mod tokenizer;
 pub use config::{EngineConfig, KvDtype, ModelConfig};
 pub use engine::{Engine, Generation, KvMemoryFactory, KvUsage, ModelInfo, fingerprint};
 pub use error::{EngineError, Result};
-pub use kv::{KvFormatError, KvHeader, KvLayout, KvMemory, LayerChunk};
+pub use kv::{HeapMemory, KvFormatError, KvHeader, KvLayout, KvMemory, LayerChunk};
 pub use mock::{MockLatency, MockModel};
 pub use sampling::SamplingParams;
 pub use sequence::{FinishReason, ResumeState, TokenEvent};

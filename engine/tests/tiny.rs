@@ -2,8 +2,8 @@
 
 use xpyd_engine::testing::{TinyModel, generate_split};
 use xpyd_engine::{
-    ChatMessage, Engine, EngineConfig, EngineError, FinishReason, KvDtype, KvFormatError,
-    LayerChunk, SamplingParams,
+    ChatMessage, Engine, EngineConfig, EngineError, FinishReason, HeapMemory, KvDtype,
+    KvFormatError, LayerChunk, SamplingParams,
 };
 
 struct Fixture {
@@ -493,6 +493,70 @@ fn prefix_cache_reuses_blocks_and_changes_nothing() {
     let st = cached.prefix_stats();
     assert_eq!(st.hit_tokens, 128);
     assert_eq!(st.lookup_tokens, 75 + 79 + 79);
+}
+
+#[test]
+fn retune_empties_the_prefix_cache_and_refuses_while_sequences_are_held() {
+    let f = tiny(5);
+    let mut e = engine(&f, |c| c.prefix_cache_blocks = 64);
+    let mut plain = engine(&f, |_| {});
+    let p = prompt(70, 2);
+    let want = run_single(&mut plain, p.clone(), SamplingParams::greedy(6));
+    let _ = run_single(&mut e, p.clone(), SamplingParams::greedy(6));
+    assert_eq!(e.prefix_stats().cached_blocks, 4);
+    // A held sequence blocks the change and leaves everything as it was.
+    e.add_sequence(7, prompt(5, 9), SamplingParams::greedy(2))
+        .unwrap();
+    match e.retune(32, 0) {
+        Err(EngineError::InvalidParam { field, .. }) => assert_eq!(field, "sequences"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(e.prefix_stats().cached_blocks, 4);
+    e.remove(7);
+    // Out of range: named, nothing changed.
+    match e.retune(1, 0) {
+        Err(EngineError::InvalidParam { field, .. }) => assert_eq!(field, "prefill_chunk"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    e.retune(32, 0).unwrap();
+    assert_eq!(e.prefix_stats().cached_blocks, 0);
+    assert_eq!(e.kv_usage().used_blocks, 0, "the cache's blocks went back");
+    assert_eq!(e.config().prefill_chunk, 32);
+    // The same engine computes the same tokens in its new settings (smaller chunks).
+    assert_eq!(
+        run_single(&mut e, p.clone(), SamplingParams::greedy(6)),
+        want
+    );
+    assert_eq!(e.prefix_stats().lookup_tokens, 0, "the cache is off now");
+    // The pools move to other memory only when empty, and compute the same there.
+    e.add_sequence(8, prompt(5, 9), SamplingParams::greedy(2))
+        .unwrap();
+    let _ = e.prefill(8, &mut |_| {}).unwrap();
+    let refused = e.move_kv_memory(Box::new(|n| Ok(Box::new(HeapMemory::new(n)))));
+    assert!(matches!(
+        refused,
+        Err(EngineError::InvalidParam {
+            field: "sequences",
+            ..
+        })
+    ));
+    e.remove(8);
+    let small = e.move_kv_memory(Box::new(|_| Ok(Box::new(HeapMemory::new(8)))));
+    assert!(matches!(
+        small,
+        Err(EngineError::InvalidParam {
+            field: "kv_memory",
+            ..
+        })
+    ));
+    let mut made = 0;
+    e.move_kv_memory(Box::new(|n| {
+        made = n;
+        Ok(Box::new(HeapMemory::new(n)))
+    }))
+    .unwrap();
+    assert!(made > 0);
+    assert_eq!(run_single(&mut e, p, SamplingParams::greedy(6)), want);
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //! - **aggregated**: combined workers run the decode worker's loop — each iteration one
 //!   prefill chunk of the oldest prefilling request, then one decode step over every
 //!   decoding sequence (including one whose prefill just finished), as
-//!   `decode-worker`'s engine loop does.
+//!   the worker's decode role (`worker/src/decode`) does.
 //!
 //! Output per request: TTFT, TPOT, E2E and queueing (or rejected / unfinished); per
 //! worker: utilisation, mean queue, mean batch, peak KV blocks.

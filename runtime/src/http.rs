@@ -42,6 +42,8 @@ async fn health(State(s): State<HealthState>) -> (StatusCode, &'static str) {
             "not ready: no registry lease\n",
         ),
         Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n"),
+        // A flip is short and the process stays: live, though routed nothing meanwhile.
+        Phase::Flipping => (StatusCode::OK, "ok: changing role\n"),
         Phase::Failed => (
             StatusCode::SERVICE_UNAVAILABLE,
             "failed: the engine stopped\n",

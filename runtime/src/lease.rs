@@ -118,8 +118,9 @@ pub fn etcd_key(prefix: &str, worker_id: &str) -> String {
 pub struct LeaseConfig {
     /// Where to register.
     pub backend: RegistryBackend,
-    /// Who this worker is.
-    pub info: WorkerInfo,
+    /// Who this worker is. A change (a role flip) gives up the lease and registers the
+    /// new identity.
+    pub info: watch::Receiver<WorkerInfo>,
     /// Lease time-to-live.
     pub ttl: Duration,
     /// Renewal interval (well under the TTL).
@@ -127,7 +128,8 @@ pub struct LeaseConfig {
 }
 
 /// Keeps the lease until `shutdown`, then deregisters. `ready` is true exactly while the
-/// worker holds a lease; `load` is sampled at every renewal.
+/// worker holds a lease; `load` is sampled at every renewal; a new identity in `cfg.info`
+/// is registered in place of the old one (readiness goes false in between).
 pub async fn keep_lease(
     cfg: LeaseConfig,
     load: impl Fn() -> Load + Send + Sync,
@@ -153,6 +155,27 @@ async fn pause(d: Duration, shutdown: &CancellationToken) -> bool {
     }
 }
 
+/// Why a held lease is given up.
+enum GiveUp {
+    /// The worker stops.
+    Shutdown,
+    /// The worker has a new identity to register.
+    NewIdentity,
+}
+
+/// Sleeps until the next renewal; `Err` when the lease is to be given up first.
+async fn renewal(
+    d: Duration,
+    shutdown: &CancellationToken,
+    info: &mut watch::Receiver<WorkerInfo>,
+) -> Result<(), GiveUp> {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => Ok(()),
+        _ = shutdown.cancelled() => Err(GiveUp::Shutdown),
+        Ok(()) = info.changed() => Err(GiveUp::NewIdentity),
+    }
+}
+
 async fn embedded(
     cfg: &LeaseConfig,
     url: String,
@@ -171,9 +194,10 @@ async fn embedded(
         }
     };
     let mut client = RegistryClient::new(channel);
+    let mut info = cfg.info.clone();
     'register: while !shutdown.is_cancelled() {
         let req = RegisterRequest {
-            worker: Some(cfg.info.clone()),
+            worker: Some(info.borrow_and_update().clone()),
             ttl_ms: cfg.ttl.as_millis() as u32,
         };
         // Ready as the registration goes out: the registry may route to us as soon as it
@@ -196,14 +220,17 @@ async fn embedded(
         let _ = ready.send(true);
         let mut renewed = Instant::now();
         loop {
-            if !pause(renew, shutdown).await {
+            if let Err(why) = renewal(renew, shutdown, &mut info).await {
                 let _ = ready.send(false);
                 let _ = client
                     .deregister(DeregisterRequest {
                         lease_id: lease.lease_id,
                     })
                     .await;
-                return;
+                match why {
+                    GiveUp::Shutdown => return,
+                    GiveUp::NewIdentity => continue 'register,
+                }
             }
             let hb = HeartbeatRequest {
                 lease_id: lease.lease_id,
@@ -236,9 +263,11 @@ async fn etcd(
     shutdown: &CancellationToken,
 ) {
     use etcd_client::{Client, ConnectOptions, PutOptions};
-    let key = etcd_key(prefix, &cfg.info.worker_id);
     let ttl_s = cfg.ttl.as_secs().max(1) as i64;
+    let mut info_rx = cfg.info.clone();
     while !shutdown.is_cancelled() {
+        let info = info_rx.borrow_and_update().clone();
+        let key = etcd_key(prefix, &info.worker_id);
         let opts = ConnectOptions::new()
             .with_connect_timeout(cfg.renew.max(Duration::from_millis(200)))
             .with_timeout(cfg.renew.max(Duration::from_millis(200)));
@@ -246,7 +275,7 @@ async fn etcd(
             let mut client = Client::connect(endpoints, Some(opts)).await?;
             let lease = client.lease_grant(ttl_s, None).await?.id();
             let record =
-                serde_json::to_string(&WorkerRecord::new(&cfg.info, &load())).unwrap_or_default();
+                serde_json::to_string(&WorkerRecord::new(&info, &load())).unwrap_or_default();
             client
                 .put(
                     key.clone(),
@@ -271,10 +300,13 @@ async fn etcd(
         let _ = ready.send(true);
         let mut renewed = Instant::now();
         loop {
-            if !pause(cfg.renew, shutdown).await {
+            if let Err(why) = renewal(cfg.renew, shutdown, &mut info_rx).await {
                 let _ = ready.send(false);
                 let _ = client.lease_revoke(lease).await;
-                return;
+                match why {
+                    GiveUp::Shutdown => return,
+                    GiveUp::NewIdentity => break,
+                }
             }
             let alive = async {
                 keeper.keep_alive().await?;
@@ -283,7 +315,7 @@ async fn etcd(
                     None => 0,
                 };
                 if ttl > 0 {
-                    let record = serde_json::to_string(&WorkerRecord::new(&cfg.info, &load()))
+                    let record = serde_json::to_string(&WorkerRecord::new(&info, &load()))
                         .unwrap_or_default();
                     client
                         .put(

@@ -8,7 +8,6 @@ pub mod ema;
 pub mod env;
 pub mod events;
 pub mod grpc;
-pub mod host;
 pub mod http;
 pub mod kv_pool;
 pub mod lease;

@@ -23,6 +23,9 @@ pub enum Phase {
     Serving,
     /// Shutting down gracefully: no new work; in-flight work finishes or migrates.
     Draining,
+    /// Changing role (a flip): no new work until the other role serves; the process,
+    /// its model and its listeners stay.
+    Flipping,
     /// The engine thread stopped (a panic, say): nothing can be served.
     Failed,
 }
@@ -33,6 +36,7 @@ impl Phase {
         match self {
             Phase::Serving => "serving",
             Phase::Draining => "draining",
+            Phase::Flipping => "flipping",
             Phase::Failed => "failed",
         }
     }
@@ -69,9 +73,31 @@ impl Lifecycle {
     /// Starts draining (no effect once failed).
     pub fn drain(&self) {
         self.phase.send_if_modified(|p| {
-            let change = *p == Phase::Serving;
+            let change = matches!(*p, Phase::Serving | Phase::Flipping);
             if change {
                 *p = Phase::Draining;
+            }
+            change
+        });
+    }
+
+    /// Starts a role flip: true when the worker was serving (and now takes no new work).
+    pub fn begin_flip(&self) -> bool {
+        self.phase.send_if_modified(|p| {
+            let change = *p == Phase::Serving;
+            if change {
+                *p = Phase::Flipping;
+            }
+            change
+        })
+    }
+
+    /// Ends a role flip: serving again, unless a drain or a failure came meanwhile.
+    pub fn end_flip(&self) {
+        self.phase.send_if_modified(|p| {
+            let change = *p == Phase::Flipping;
+            if change {
+                *p = Phase::Serving;
             }
             change
         });
@@ -107,7 +133,7 @@ impl Lifecycle {
                 Code::Unavailable,
                 "worker is not ready (starting, or without a registry lease)",
             )),
-            Phase::Draining => Err(crate::worker::draining_status()),
+            Phase::Draining | Phase::Flipping => Err(crate::worker::draining_status()),
             Phase::Failed => Err(pb::WorkerError::status(
                 Kind::Engine,
                 Code::Unavailable,
@@ -117,28 +143,31 @@ impl Lifecycle {
     }
 }
 
-/// Runs `f` (a worker's engine loop) on a thread of its own; if it returns or panics while
-/// the worker is not shutting down, the worker is marked failed.
+/// Runs `f` (a worker's engine loop) on a thread of its own; if it returns or panics
+/// before `expected_end` is cancelled (the worker stops, or its role changes), the worker
+/// is marked failed. The thread's result is `f`'s value (the engine, handed to the next
+/// role), or `None` after a panic.
 ///
 /// # Errors
 /// When the thread cannot be spawned.
-pub fn spawn_engine(
+pub fn spawn_engine<T: Send + 'static>(
     lifecycle: &Lifecycle,
-    stopping: CancellationToken,
-    f: impl FnOnce() + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
+    expected_end: CancellationToken,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<Option<T>>> {
     let lc = lifecycle.clone();
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-            if outcome.is_err() || !stopping.is_cancelled() {
+            if outcome.is_err() || !expected_end.is_cancelled() {
                 tracing::error!(
                     panicked = outcome.is_err(),
                     "the engine thread stopped; the worker reports itself failed"
                 );
                 lc.fail();
             }
+            outcome.ok()
         })
 }
 
@@ -228,6 +257,21 @@ mod tests {
             pb::WorkerError::kind_of(&lc.check(&rx).unwrap_err()),
             Some(Kind::Draining)
         );
+        // A flip takes no new work and comes back; a drain during a flip wins.
+        let lc2 = Lifecycle::new();
+        assert!(lc2.begin_flip());
+        assert!(!lc2.begin_flip(), "one flip at a time");
+        assert_eq!(
+            pb::WorkerError::kind_of(&lc2.check(&rx).unwrap_err()),
+            Some(Kind::Draining)
+        );
+        lc2.end_flip();
+        assert!(lc2.check(&rx).is_ok());
+        assert!(lc2.begin_flip());
+        lc2.drain();
+        lc2.end_flip();
+        assert_eq!(lc2.phase(), Phase::Draining);
+        assert!(!lc2.begin_flip(), "no flip while draining");
         lc.fail();
         lc.drain(); // no way back from failed
         assert_eq!(lc.phase(), Phase::Failed);
@@ -241,13 +285,16 @@ mod tests {
     fn an_engine_thread_that_panics_fails_the_worker() {
         let lc = Lifecycle::new();
         let stopping = CancellationToken::new();
-        let t = spawn_engine(&lc, stopping.clone(), || panic!("test")).unwrap();
-        let _ = t.join();
+        let t = spawn_engine(&lc, stopping.clone(), || -> u8 { panic!("test") }).unwrap();
+        assert_eq!(t.join().unwrap(), None);
         assert_eq!(lc.phase(), Phase::Failed);
         // Returning while the worker shuts down is the normal end.
         let lc = Lifecycle::new();
         stopping.cancel();
-        spawn_engine(&lc, stopping, || {}).unwrap().join().unwrap();
+        assert_eq!(
+            spawn_engine(&lc, stopping, || 7).unwrap().join().unwrap(),
+            Some(7)
+        );
         assert_eq!(lc.phase(), Phase::Serving);
     }
 }

@@ -57,6 +57,10 @@ pub const WORKER_DECODE_STEP_SECONDS: &str = "xpyd_worker_decode_step_seconds";
 pub const WORKER_DECODE_BATCH: &str = "xpyd_worker_decode_batch";
 /// Prefill worker: share of looked-up prompt tokens found in the prefix cache.
 pub const WORKER_PREFIX_CACHE_HIT_RATIO: &str = "xpyd_worker_prefix_cache_hit_ratio";
+/// Worker: time a role flip took, drain included (histogram, label `to`).
+pub const WORKER_ROLE_FLIP_SECONDS: &str = "xpyd_worker_role_flip_seconds";
+/// Worker: 1 for the role it serves now (label `role`), 0 for the others.
+pub const WORKER_ROLE: &str = "xpyd_worker_role";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -71,10 +71,11 @@ pub fn load_of(s: &pb::WorkerStats, draining: bool) -> pb::Load {
 }
 
 /// Starts keeping the lease (or marks the worker ready at once when standalone) and
-/// returns the readiness the gRPC handlers check before taking work.
+/// returns the readiness the gRPC handlers check before taking work. A new identity sent
+/// on `info` (a role flip) is registered in place of the old one.
 pub fn start_membership(
     m: &Membership,
-    info: pb::WorkerInfo,
+    info: watch::Receiver<pb::WorkerInfo>,
     stats: SharedStats,
     lifecycle: crate::lifecycle::Lifecycle,
     shutdown: CancellationToken,

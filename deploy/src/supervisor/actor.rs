@@ -44,6 +44,13 @@ pub enum Msg {
         /// Its HTTP URL.
         http: String,
     },
+    /// Process `generation` answered its role flip (the worker's report), or did not.
+    Flipped {
+        /// Its spawn generation.
+        generation: u64,
+        /// The worker's flip report, or why the flip failed.
+        result: Result<Value, String>,
+    },
     /// A probe of process `generation` finished.
     Probe {
         /// Its spawn generation.
@@ -128,6 +135,10 @@ pub struct Worker {
     pub after_exit: AfterExit,
     /// When its current process started.
     pub started_at: Instant,
+    /// The slot it moves to while it flips role (see `flip.rs`).
+    pub flipping: Option<Slot>,
+    /// The report of its last role flip.
+    pub last_flip: Option<Value>,
 }
 
 /// The coordinator process.
@@ -178,6 +189,8 @@ pub struct Supervisor {
     pub(super) ready_tx: Option<oneshot::Sender<()>>,
     /// The model file's fingerprint at start (an upgrade refuses a changed one).
     pub(super) model_stamp: Option<String>,
+    /// Role flips in progress.
+    pub(super) pending_flip: Option<super::flip::PendingFlip>,
 }
 
 /// What [`Supervisor::new`] needs besides the settings.
@@ -232,6 +245,7 @@ impl Supervisor {
             routed: w.routed,
             ready_tx: Some(w.ready_tx),
             model_stamp,
+            pending_flip: None,
             s,
         }
     }
@@ -312,6 +326,7 @@ impl Supervisor {
                     w.http = Some(http);
                 }
             }
+            Msg::Flipped { generation, result } => self.flipped(generation, result),
             Msg::Probe {
                 generation,
                 kind,
@@ -438,6 +453,12 @@ impl Supervisor {
             } => {
                 let _ = reply.send(self.upgrade(&manifest, dir));
             }
+            Command::Flip {
+                from,
+                to,
+                count,
+                reply,
+            } => self.flip(&from, &to, count, reply),
             Command::Down(tx) => {
                 self.begin_stop("xpyd down");
                 let _ = tx.send(());
@@ -458,6 +479,12 @@ impl Supervisor {
                 r.from, r.to
             )));
         }
+        if let Some(p) = &self.pending_flip {
+            return Err(CtlError::busy(format!(
+                "cannot {what}: {} role flip(s) are in progress",
+                p.left
+            )));
+        }
         Ok(())
     }
 
@@ -470,6 +497,7 @@ impl Supervisor {
                     "id": w.id, "role": w.slot.role.name(), "index": w.slot.index,
                     "version": w.version, "pid": w.pid, "state": w.state,
                     "restarts": w.restarts, "http": w.http,
+                    "flipping_to": w.flipping.map(|s| s.id()), "last_flip": w.last_flip,
                     "routed": self.routed.borrow().contains(&w.id),
                 })
             })

@@ -6,6 +6,7 @@
 //! |---|---|
 //! | `GET /v1/supervisor` | service state, version, coordinator, every worker (state, pid, restarts), the upgrade in progress and the last one |
 //! | `POST /v1/scale {"role": R, "replicas": N}` | 200 `{role, from, to}`; 400 naming `role` or `replicas`; 409 during an upgrade or a stop |
+//! | `POST /v1/flip {"from": R, "to": R, "count": N}` | 200 `{flipped: [{id, ok, worker_id, report} …]}` once every flip ended (N ready workers of `from` serve `to` in place, no reload); 400 naming the field; 409 when busy or too few are ready |
 //! | `POST /v1/upgrade {"manifest": YAML, "dir": D}` | 202 `{from, to, roll}`; 400 naming the manifest field; 409 when busy |
 //! | `POST /v1/down` | 202; the cluster stops gracefully |
 //!
@@ -88,6 +89,18 @@ pub enum Command {
         /// The answer.
         reply: Reply,
     },
+    /// Flip `count` ready workers of role `from` to role `to` (the ratio follower, when
+    /// a split keeps the number of processes).
+    Flip {
+        /// Role they serve now.
+        from: String,
+        /// Role they are to serve.
+        to: String,
+        /// How many.
+        count: u32,
+        /// The answer, once every flip has ended: `{"flipped": [{id, ok, …}]}`.
+        reply: Reply,
+    },
     /// `POST /v1/down`.
     Down(oneshot::Sender<()>),
 }
@@ -97,6 +110,7 @@ pub async fn serve(listener: TcpListener, cmds: mpsc::Sender<Command>, stop: Can
     let app = Router::new()
         .route("/v1/supervisor", get(status))
         .route("/v1/scale", post(scale))
+        .route("/v1/flip", post(flip))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/down", post(down))
         .with_state(cmds);
@@ -175,6 +189,45 @@ pub fn parse_scale(body: &[u8]) -> Result<(String, u32), CtlError> {
     Ok((role, replicas as u32))
 }
 
+/// `{from, to, count}` of a flip call (`count` 1..=64, default 1).
+pub fn parse_flip(body: &[u8]) -> Result<(String, String, u32), CtlError> {
+    let m = json_body(body)?;
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["from", "to", "count"].contains(&k.as_str()))
+    {
+        return Err(CtlError::invalid(k, "unknown field (from, to, count)"));
+    }
+    let role = |k: &str| match m.get(k) {
+        Some(Value::String(r)) => Ok(r.clone()),
+        Some(v) => Err(CtlError::invalid(k, format!("{v} is not a role name"))),
+        None => Err(CtlError::invalid(k, "is required")),
+    };
+    let count = match m.get("count") {
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=64).contains(n))
+            .ok_or_else(|| CtlError::invalid("count", format!("{v} is out of range 1..=64")))?,
+        None => 1,
+    };
+    Ok((role("from")?, role("to")?, count as u32))
+}
+
+async fn flip(State(cmds): State<mpsc::Sender<Command>>, body: Bytes) -> Response {
+    match parse_flip(&body) {
+        Ok((from, to, count)) => {
+            ask(&cmds, |reply| Command::Flip {
+                from,
+                to,
+                count,
+                reply,
+            })
+            .await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn scale(State(cmds): State<mpsc::Sender<Command>>, body: Bytes) -> Response {
     match parse_scale(&body) {
         Ok((role, replicas)) => {
@@ -218,6 +271,36 @@ async fn down(State(cmds): State<mpsc::Sender<Command>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn flip_bodies_are_checked_by_field() {
+        assert_eq!(
+            parse_flip(br#"{"from":"decode","to":"prefill"}"#).unwrap(),
+            ("decode".into(), "prefill".into(), 1)
+        );
+        assert_eq!(
+            parse_flip(br#"{"from":"a","to":"b","count":3}"#).unwrap().2,
+            3
+        );
+        for (body, field) in [
+            (&br#"{"to":"prefill"}"#[..], "from"),
+            (br#"{"from":"decode"}"#, "to"),
+            (br#"{"from":1,"to":"prefill"}"#, "from"),
+            (br#"{"from":"decode","to":"prefill","count":0}"#, "count"),
+            (br#"{"from":"decode","to":"prefill","count":65}"#, "count"),
+            (br#"{"from":"decode","to":"prefill","n":1}"#, "n"),
+            (b"nope", "body"),
+        ] {
+            let e = parse_flip(body).unwrap_err();
+            assert_eq!(
+                e.field.as_deref(),
+                Some(field),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+            assert_eq!(e.status, 400);
+        }
+    }
 
     #[test]
     fn scale_bodies_are_checked_by_field() {

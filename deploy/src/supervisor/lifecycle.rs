@@ -31,9 +31,9 @@ impl Supervisor {
     /// `version`, and starts it. Returns its id.
     pub(super) fn spawn_worker(&mut self, role: Role, version: u32) -> String {
         let index = (0..)
-            .find(|i| !self.workers.contains_key(&format!("{role}-{i}")))
+            .find(|i| !self.slot_taken(Slot { role, index: *i }))
             .unwrap_or(0);
-        let id = format!("{role}-{index}");
+        let id = Slot { role, index }.id();
         let now = Instant::now();
         self.workers.insert(
             id.clone(),
@@ -56,6 +56,8 @@ impl Supervisor {
                 fresh: true,
                 after_exit: AfterExit::Remove,
                 started_at: now,
+                flipping: None,
+                last_flip: None,
             },
         );
         self.start_process(&id);
@@ -348,6 +350,8 @@ impl Supervisor {
         w.exited = None;
         w.probes = None;
         w.http = None;
+        // A flip in progress ended with the process: it restarts in its old slot.
+        w.flipping = None;
         match w.state {
             WorkerState::Draining => self.finish_exit(id),
             s if s.is_live() => self.fail(id, format!("exited unexpectedly ({status})")),

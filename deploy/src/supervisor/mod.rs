@@ -23,6 +23,7 @@ mod actor;
 pub mod control;
 mod coord;
 mod first_profile;
+mod flip;
 mod lifecycle;
 mod plan;
 mod probe_exec;

@@ -1,6 +1,8 @@
 //! Following the ratio advisor: the coordinator records the split an operator (or the
 //! advisor in auto mode) applied (`GET /v1/advisor/desired`, one generation per apply);
-//! this task polls it and converges the cluster through the actor's own `scale` —
+//! this task polls it and converges the cluster. A split that keeps the number of
+//! processes and moves workers between prefill and decode flips them (`flip.rs`: same
+//! process, no model reload). Whatever is left goes through the actor's own `scale` —
 //! roles that grow first, and only once their new workers are ready do the roles that
 //! shrink drain theirs, so capacity never dips below either split and no request in
 //! flight is dropped (a drained worker finishes its streams before it stops).
@@ -140,8 +142,72 @@ fn ready(s: &Value, role: &str) -> usize {
     })
 }
 
-/// Grows, waits for the new workers, then shrinks.
+/// `(from, to, n)` when going from the replicas in status `s` to `want` only moves `n`
+/// workers from prefill to decode or back (the same total): a flip does it.
+fn flip_of(s: &Value, want: &BTreeMap<String, u32>) -> Option<(String, String, u32)> {
+    let have = |role: &str| s["roles"][role]["replicas"].as_u64().map(|n| n as u32);
+    let mut moved = vec![];
+    for (role, n) in want {
+        let h = have(role)?;
+        if h != *n {
+            moved.push((role.as_str(), i64::from(*n) - i64::from(h)));
+        }
+    }
+    match moved[..] {
+        [(a, da), (b, db)]
+            if da == -db && [a, b].iter().all(|r| *r == "prefill" || *r == "decode") =>
+        {
+            let (from, to, n) = if da < 0 { (a, b, db) } else { (b, a, da) };
+            Some((from.into(), to.into(), u32::try_from(n).ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// Flips workers when the split allows (a failed flip is left to `grow_then_shrink`);
+/// then grows, waits for the new workers, and shrinks.
 async fn converge(
+    cmds: &mpsc::Sender<Command>,
+    want: &BTreeMap<String, u32>,
+) -> Result<(), Failed> {
+    let s = status(cmds).await?;
+    if let Some((from, to, count)) = flip_of(&s, want) {
+        let (reply, rx) = oneshot::channel();
+        cmds.send(Command::Flip {
+            from: from.clone(),
+            to: to.clone(),
+            count,
+            reply,
+        })
+        .await
+        .map_err(stopped)?;
+        match rx.await.map_err(stopped)? {
+            Ok(v) => {
+                let failed = v["flipped"]
+                    .as_array()
+                    .map_or(0, |a| a.iter().filter(|r| r["ok"] != true).count());
+                if failed > 0 {
+                    eprintln!(
+                        "xpyd up: {failed} of {count} role flips failed; restarting workers instead"
+                    );
+                }
+            }
+            // Busy: the split waits. Otherwise (not enough ready workers, say) the usual
+            // way below.
+            Err(e) if e.status == 409 && !e.message.contains("ready to flip") => {
+                return Err(Failed::Later(format!(
+                    "flip {count} {from} → {to}: {}",
+                    e.message
+                )));
+            }
+            Err(e) => eprintln!("xpyd up: flipping {count} {from} → {to}: {}", e.message),
+        }
+    }
+    grow_then_shrink(cmds, want).await
+}
+
+/// Grows, waits for the new workers, then shrinks.
+async fn grow_then_shrink(
     cmds: &mpsc::Sender<Command>,
     want: &BTreeMap<String, u32>,
 ) -> Result<(), Failed> {
@@ -184,6 +250,29 @@ mod tests {
     use super::*;
     use crate::supervisor::control::CtlError;
     use serde_json::json;
+
+    #[test]
+    fn a_split_with_the_same_total_between_prefill_and_decode_is_a_flip() {
+        let s = json!({"roles": {"prefill": {"replicas": 1}, "decode": {"replicas": 3}}});
+        let want = |p: u32, d: u32| -> BTreeMap<String, u32> {
+            [("prefill".to_string(), p), ("decode".to_string(), d)].into()
+        };
+        assert_eq!(
+            flip_of(&s, &want(3, 1)),
+            Some(("decode".into(), "prefill".into(), 2))
+        );
+        let s2 = json!({"roles": {"prefill": {"replicas": 3}, "decode": {"replicas": 1}}});
+        assert_eq!(
+            flip_of(&s2, &want(2, 2)),
+            Some(("prefill".into(), "decode".into(), 1))
+        );
+        // More processes, fewer, nothing to do, or a role the cluster does not run.
+        assert_eq!(flip_of(&s, &want(2, 3)), None);
+        assert_eq!(flip_of(&s, &want(1, 2)), None);
+        assert_eq!(flip_of(&s, &want(1, 3)), None);
+        let odd: BTreeMap<String, u32> = [("combined".to_string(), 2)].into();
+        assert_eq!(flip_of(&s, &odd), None);
+    }
 
     #[test]
     fn ready_counts_only_ready_workers_of_the_role() {

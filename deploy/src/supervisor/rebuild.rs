@@ -24,6 +24,13 @@ pub struct Slot {
     pub index: u32,
 }
 
+impl Slot {
+    /// The worker id of the slot, `role-index`.
+    pub fn id(&self) -> String {
+        format!("{}-{}", self.role, self.index)
+    }
+}
+
 /// The workers among `all` that `scope` restarts when `failed` fails (`failed` included,
 /// in the order of `all`).
 pub fn scope_members(scope: RebuildScope, failed: Slot, all: &[Slot]) -> Vec<Slot> {

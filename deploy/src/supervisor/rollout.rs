@@ -71,7 +71,7 @@ impl Supervisor {
     fn staying(&self, role: Role) -> Vec<&super::actor::Worker> {
         self.workers
             .values()
-            .filter(|w| w.slot.role == role)
+            .filter(|w| Self::counted_role(w) == role)
             .filter(|w| match w.state {
                 WorkerState::Stopped => false,
                 WorkerState::Draining => matches!(w.after_exit, AfterExit::Restart(_)),

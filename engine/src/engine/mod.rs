@@ -299,6 +299,61 @@ impl Engine {
         self.seqs.len()
     }
 
+    /// Moves the KV pools into memory from `make(bytes)` (a worker that starts receiving
+    /// KV after a role flip puts them in shared memory). Nothing is copied: only while no
+    /// block is in use — no sequence, held import or prefix-cache entry.
+    ///
+    /// # Errors
+    /// `InvalidParam`: `sequences` while blocks are in use, `kv_memory` when the memory
+    /// cannot be made or is too small (the old memory stays).
+    pub fn move_kv_memory(&mut self, make: Box<KvMemoryFactory<'_>>) -> Result<()> {
+        if self.blocks.used_blocks() > 0 {
+            return Err(EngineError::InvalidParam {
+                field: "sequences",
+                reason: format!(
+                    "{} KV blocks are in use; the pools move only when empty",
+                    self.blocks.used_blocks()
+                ),
+            });
+        }
+        let shape = self.kv.shape();
+        self.kv = make(KvStore::bytes_needed(shape))
+            .and_then(|mem| KvStore::with_memory(shape, mem))
+            .map_err(|reason| EngineError::InvalidParam {
+                field: "kv_memory",
+                reason,
+            })?;
+        Ok(())
+    }
+
+    /// Changes what a worker's role decides without reloading the model (a role flip):
+    /// the prefill chunk and the prefix cache's size. The cache is emptied — its blocks
+    /// go back to the pool. Only between roles: no sequence or held block may remain.
+    ///
+    /// # Errors
+    /// `InvalidParam` naming the field out of range, or `sequences` while any is held.
+    pub fn retune(&mut self, prefill_chunk: usize, prefix_cache_blocks: usize) -> Result<()> {
+        if !self.seqs.is_empty() || !self.held.is_empty() {
+            return Err(EngineError::InvalidParam {
+                field: "sequences",
+                reason: format!(
+                    "{} sequences and {} held imports remain; a role changes only when idle",
+                    self.seqs.len(),
+                    self.held.len()
+                ),
+            });
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.prefill_chunk = prefill_chunk;
+        cfg.prefix_cache_blocks = prefix_cache_blocks;
+        cfg.validate()?;
+        while self.prefix.evict_one(&mut self.blocks) {}
+        self.prefix = PrefixCache::new(prefix_cache_blocks);
+        self.prefix_stats = PrefixStats::default();
+        self.cfg = cfg;
+        Ok(())
+    }
+
     fn check_prompt(&self, prompt: &[u32], params: &SamplingParams) -> Result<()> {
         params.validate()?;
         if prompt.is_empty() {

@@ -3,7 +3,7 @@
 //! the first token once the receiver has committed everything. A caller that goes away
 //! cancels the prefill (checked between chunks) and aborts the transfer.
 
-use crate::engine_loop::{Job, Outgoing};
+use super::engine_loop::{Job, Outgoing};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};

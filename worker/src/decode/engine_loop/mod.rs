@@ -12,7 +12,7 @@ mod request;
 pub use cmd::{Cmd, EventTx};
 pub use request::Stage;
 
-use crate::budget::Budget;
+use crate::decode::budget::Budget;
 use request::Request;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -156,8 +156,9 @@ impl EngineLoop {
         }
     }
 
-    /// Runs until the command channel closes.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+    /// Runs until the command channel closes; gives back the engine with no sequence
+    /// left (for the worker's next role).
+    pub fn run(mut self, mut rx: mpsc::Receiver<Cmd>) -> Engine {
         loop {
             let idle = self
                 .requests
@@ -167,7 +168,7 @@ impl EngineLoop {
                 self.publish();
                 match rx.blocking_recv() {
                     Some(c) => self.handle(c),
-                    None => return,
+                    None => return self.finish(),
                 }
             }
             self.release_due();
@@ -181,6 +182,32 @@ impl EngineLoop {
             self.decode_step();
             self.publish();
         }
+    }
+
+    /// Frees what is left once no command can come: holds of failed placed imports
+    /// run out first (a late write from their sender must still land in blocks nobody
+    /// uses), then every other entry goes.
+    fn finish(mut self) -> Engine {
+        let last = self
+            .requests
+            .values()
+            .filter_map(|r| match r.stage {
+                Stage::Held { until } => Some(until),
+                _ => None,
+            })
+            .max();
+        if let Some(until) = last {
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        }
+        let ids: Vec<u64> = self.requests.keys().copied().collect();
+        for id in ids {
+            self.requests.remove(&id);
+            self.engine.remove(id);
+            self.engine.release_held(id);
+            self.budget_release(id);
+        }
+        self.publish();
+        self.engine
     }
 
     fn handle(&mut self, cmd: Cmd) {

@@ -1,8 +1,8 @@
 //! The `xpyd.v1.DecodeWorker` gRPC service: admission against the KV budget, the KV
 //! reservation and its import task, and the token stream whose end cancels the request.
 
-use crate::budget::{Budget, Refusal};
-use crate::engine_loop::{Cmd, EventTx};
+use super::engine_loop::{Cmd, EventTx};
+use crate::decode::budget::{Budget, Refusal};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -37,7 +37,7 @@ pub struct Geometry {
 pub struct DecodeService {
     pub(crate) cmds: mpsc::Sender<Cmd>,
     pub(crate) budget: Arc<Mutex<Budget>>,
-    pub(crate) receiver: Option<Receiver>,
+    pub(crate) receiver: Option<std::sync::Arc<Receiver>>,
     pub(crate) stats: SharedStats,
     pub(crate) ready: watch::Receiver<bool>,
     pub(crate) lifecycle: xpyd_runtime::lifecycle::Lifecycle,

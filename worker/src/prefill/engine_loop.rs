@@ -84,14 +84,15 @@ impl EngineLoop {
         self
     }
 
-    /// Runs until the job channel closes and the queue is empty.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+    /// Runs until the job channel closes and the queue is empty; gives back the engine
+    /// (for the worker's next role).
+    pub fn run(mut self, mut rx: mpsc::Receiver<Job>) -> Engine {
         loop {
             if self.current.is_none() && self.queue.is_empty() {
                 self.publish();
                 match rx.blocking_recv() {
                     Some(j) => self.queue.push_back(j),
-                    None => return,
+                    None => return self.engine,
                 }
             }
             while let Ok(j) = rx.try_recv() {
