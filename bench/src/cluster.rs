@@ -20,6 +20,8 @@ pub struct Cluster {
     pub http: String,
     /// Coordinator gRPC URL.
     pub grpc: String,
+    /// The supervisor's control endpoint.
+    pub control: String,
 }
 
 /// How to start a cluster.
@@ -71,6 +73,7 @@ impl Cluster {
             child,
             http: String::new(),
             grpc: String::new(),
+            control: String::new(),
         };
         let deadline = Instant::now() + ready_timeout;
         loop {
@@ -82,6 +85,8 @@ impl Cluster {
                         c.http = u.to_string();
                     } else if let Some(u) = line.strip_prefix("grpc: ") {
                         c.grpc = u.to_string();
+                    } else if let Some(u) = line.strip_prefix("supervisor: ") {
+                        c.control = u.to_string();
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => bail!(

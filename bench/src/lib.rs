@@ -18,6 +18,7 @@ pub mod workload;
 pub mod cluster;
 pub mod engine_args;
 pub mod engine_bench;
+pub mod flip_bench;
 pub mod host;
 pub mod http;
 pub mod kv_bench;

@@ -12,7 +12,9 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use xpyd_bench::engine_args::EngineArgs;
 use xpyd_bench::host::Host;
-use xpyd_bench::{engine_bench, kv_bench, kv_harness, load_cmd, overhead, planner_bench, profile};
+use xpyd_bench::{
+    engine_bench, flip_bench, kv_bench, kv_harness, load_cmd, overhead, planner_bench, profile,
+};
 use xpyd_engine::compute;
 
 /// xpyd: prefill/decode-disaggregated LLM serving.
@@ -102,6 +104,8 @@ enum BenchCmd {
     Overhead(overhead::OverheadArgs),
     /// Speed of the ratio advisor's core: a large recommendation and a large simulation.
     Planner(planner_bench::PlannerBenchArgs),
+    /// A role flip (decode ⇄ prefill in place) against starting a worker, on a 1P2D cluster.
+    Flip(flip_bench::FlipArgs),
 }
 
 /// The default model, fetched into the models directory when missing.
@@ -148,7 +152,8 @@ impl Cli {
                     | BenchCmd::Compare(_)
                     | BenchCmd::Advisor(_)
                     | BenchCmd::Overhead(_)
-                    | BenchCmd::Planner(_),
+                    | BenchCmd::Planner(_)
+                    | BenchCmd::Flip(_),
             }
             | Cmd::Model { .. }
             | Cmd::KvHarness { .. }
@@ -219,5 +224,9 @@ fn bench(cmd: BenchCmd) -> Result<()> {
             overhead::run(&a, &host)
         }
         BenchCmd::Planner(a) => planner_bench::run(&a),
+        BenchCmd::Flip(a) => {
+            a.validate().map_err(UsageError)?;
+            flip_bench::run(&a, &host)
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Smoke runs of `xpyd bench load` and `xpyd bench compare` against tiny-model clusters
+//! Smoke runs of `xpyd bench load`, `compare`, `advisor` and `flip` against tiny-model clusters
 //! started by `xpyd up`: the load generator's records add up, the Prometheus histograms
 //! count the same requests, and compare produces every field it promises. No timing
 //! asserts: only counts, shapes and consistency.
@@ -308,4 +308,49 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
     }
     let records = std::fs::read_to_string(out.path().join("records.jsonl")).unwrap();
     assert_eq!(records.lines().count() as u64, requests);
+}
+
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn bench_flip_times_flips_both_ways_and_a_worker_start() {
+    let (_d, model) = tiny_model();
+    let v = run_json(
+        &["bench", "flip", "--rounds", "1", "--clients", "1", "--json"],
+        &model,
+    );
+    let rows = v["rounds"].as_array().unwrap();
+    let paths: Vec<&str> = rows.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        [
+            "flip decode→prefill",
+            "flip prefill→decode",
+            "start prefill worker"
+        ],
+        "{v}"
+    );
+    for r in &rows[..2] {
+        for k in [
+            "drain_ms",
+            "switch_ms",
+            "register_ms",
+            "worker_total_ms",
+            "routed_ms",
+        ] {
+            assert!(r[k].as_f64().is_some_and(|x| x >= 0.0), "{k}: {r}");
+        }
+        let parts = ["drain_ms", "switch_ms", "register_ms"]
+            .iter()
+            .map(|k| r[k].as_f64().unwrap())
+            .sum::<f64>();
+        let total = r["worker_total_ms"].as_f64().unwrap();
+        assert!((parts - total).abs() < 1.0, "the parts add up: {r}");
+    }
+    assert_eq!(rows[0]["worker_id"], "prefill-1", "{v}");
+    assert_eq!(rows[1]["worker_id"], "decode-1", "{v}");
+    assert!(rows[2]["routed_ms"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["start_over_flip"].as_f64().unwrap() > 0.0, "{v}");
+    assert_eq!(v["requests_failed"], 0, "{v}");
+    assert!(v["requests_ok"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["cpu"].is_string() && v["threads_per_worker"] == 1, "{v}");
 }
