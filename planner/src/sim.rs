@@ -4,10 +4,13 @@
 //! - **disaggregated xPyD**: the coordinator admits a request when a decode worker has a
 //!   free slot (`max_running`) and KV blocks for prompt + output (else it waits in the
 //!   admission queue, FCFS, up to `queue_timeout_s`, at most `max_queue` deep; beyond →
-//!   rejected); a prefill worker (round robin or fewest queued) computes the prompt
+//!   rejected); the decode worker's engine loop grants the KV reservation between its
+//!   steps (so a prompt reaches a prefill worker only when the decode step in progress
+//!   has ended); a prefill worker (round robin or fewest queued) computes the prompt
 //!   FCFS, one request at a time, and its first token; the KV streams to the decode
-//!   worker (only the exposed share of the transfer delays it); the decode worker runs
-//!   continuous-batching steps over every sequence it holds.
+//!   worker (only the exposed share of the transfer delays it), whose loop finishes the
+//!   import between steps too — the first token is answered once it has; then the
+//!   decode worker runs continuous-batching steps over every sequence it holds.
 //! - **aggregated**: combined workers run the decode worker's loop — each iteration one
 //!   prefill chunk of the oldest prefilling request, then one decode step over every
 //!   decoding sequence (including one whose prefill just finished), as
@@ -318,6 +321,10 @@ struct EngineW {
     context_sum: f64,
     /// Arrived (transfer done) since the iteration began: join the next.
     joining: Vec<u32>,
+    /// Admitted while an iteration ran: their KV reservation is granted when it ends.
+    reserving: Vec<u32>,
+    /// Transfers done while an iteration ran: their import ends when it ends.
+    committing: Vec<u32>,
     /// Finished by this iteration's prefill chunk (one output token).
     done_at_end: Vec<u32>,
     running: bool,
@@ -541,13 +548,20 @@ impl Sim<'_> {
             self.engine_queue_change(w);
             self.engines[w as usize].prefilling.push_back(i);
             self.kick(w);
+        } else if self.engines[w as usize].running {
+            self.engines[w as usize].reserving.push(i);
         } else {
-            let p = self.pick_prefill();
-            self.prefill_queue_change(p);
-            self.prefill[p as usize].queue.push_back(i);
-            if self.prefill[p as usize].current.is_none() {
-                self.start_prefill(p);
-            }
+            self.send_to_prefill(i);
+        }
+    }
+
+    /// Request `i` has its KV reservation: its prompt goes to a prefill worker.
+    fn send_to_prefill(&mut self, i: u32) {
+        let p = self.pick_prefill();
+        self.prefill_queue_change(p);
+        self.prefill[p as usize].queue.push_back(i);
+        if self.prefill[p as usize].current.is_none() {
+            self.start_prefill(p);
         }
     }
 
@@ -602,26 +616,39 @@ impl Sim<'_> {
         };
         let r = self.reqs[i as usize];
         let now = self.now;
+        self.st[i as usize].stage = Stage::Transfer;
+        let compute = self.m.prefill_time(r.input - r.cached);
+        let exposed = self.m.transfer_exposed(r.input, compute);
+        self.at(now + exposed, Ev::Joined(i));
+        self.start_prefill(p);
+    }
+
+    /// Request `i`'s KV has arrived: the decode worker's loop imports it between steps.
+    fn joined(&mut self, i: u32) {
+        let w = self.st[i as usize].worker;
+        if self.engines[w as usize].running {
+            self.engines[w as usize].committing.push(i);
+        } else {
+            self.committed(i);
+            self.kick(w);
+        }
+    }
+
+    /// Request `i`'s import has ended: its first token is answered, and it joins the
+    /// next decode step (or is done, with one output token).
+    fn committed(&mut self, i: u32) {
+        let now = self.now;
         let st = &mut self.st[i as usize];
         st.first = now;
         st.last = now;
         st.generated = 1;
-        if r.output <= 1 {
+        if self.reqs[i as usize].output <= 1 {
             self.finish(i);
         } else {
-            self.st[i as usize].stage = Stage::Transfer;
-            let compute = self.m.prefill_time(r.input - r.cached);
-            let exposed = self.m.transfer_exposed(r.input, compute);
-            self.at(now + exposed, Ev::Joined(i));
+            st.stage = Stage::Decoding;
+            let w = st.worker;
+            self.engines[w as usize].joining.push(i);
         }
-        self.start_prefill(p);
-    }
-
-    fn joined(&mut self, i: u32) {
-        let w = self.st[i as usize].worker;
-        self.st[i as usize].stage = Stage::Decoding;
-        self.engines[w as usize].joining.push(i);
-        self.kick(w);
     }
 
     /// Starts an iteration on worker `w` if it is idle and has work.
@@ -719,6 +746,13 @@ impl Sim<'_> {
         e.decoding = keep;
         if e.decoding.is_empty() {
             e.context_sum = 0.0; // no drift from float sums
+        }
+        // Between steps the loop answers reservations and finishes imports.
+        for i in std::mem::take(&mut self.engines[w as usize].reserving) {
+            self.send_to_prefill(i);
+        }
+        for i in std::mem::take(&mut self.engines[w as usize].committing) {
+            self.committed(i);
         }
         self.kick(w);
     }
