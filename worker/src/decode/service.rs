@@ -1,7 +1,7 @@
 //! The `xpyd.v1.DecodeWorker` gRPC service: admission against the KV budget, the KV
 //! reservation and its import task, and the token stream whose end cancels the request.
 
-use super::engine_loop::{Cmd, EventTx};
+use super::engine_loop::{Cmd, EventTx, ReserveFn};
 use crate::decode::budget::{Budget, Refusal};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use xpyd_proto as pb;
 use xpyd_proto::worker_error::Kind;
 use xpyd_runtime::kv_pool::SharedPool;
 use xpyd_runtime::worker::{
-    DropGuard, GuardedStream, SharedStats, cancelled_status, sampling_from_pb, transfer_status,
+    DropGuard, GuardedStream, SharedStats, sampling_from_pb, transfer_status,
 };
 
 /// A KV transfer that went wrong on this side (bad header or state, no outcome).
@@ -253,43 +253,36 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
             armed: true,
         };
         let deadline = Duration::from_millis(r.transfer_deadline_ms.max(1) as u64);
-        // Shared-memory transfers write straight into blocks reserved now.
-        let placement = match (&self.kv_pool, backend) {
-            (Some((pool, layout)), Backend::Shm | Backend::Auto) => {
-                let (reply, table) = oneshot::channel();
-                let cmd = Cmd::Reserve {
-                    id: r.request_id,
-                    tokens: r.prompt_tokens as usize,
-                    reply,
-                };
-                self.cmds.send(cmd).await.map_err(|_| engine_stopped())?;
-                Some(pool.placement(layout, table.await.map_err(|_| engine_stopped())??))
-            }
-            _ => None,
-        };
-        let placed = placement.is_some();
         let spec = ReserveSpec {
             transfer_id: r.request_id,
             backend,
             bytes: self.geometry.kv_bytes_per_token * r.prompt_tokens as u64,
             deadline,
-            placement,
+            placement: None,
         };
-        let (target, incoming) = receiver.reserve(spec).map_err(|e| transfer_status(&e))?;
-        if placed {
-            // The engine thread must know the fence before the target leaves; it says no
-            // when the request was cancelled meanwhile.
-            let (reply, wanted) = oneshot::channel();
-            let watch = Cmd::Watch {
-                id: r.request_id,
-                fence: incoming.fence(),
-                reply,
-            };
-            self.cmds.send(watch).await.map_err(|_| engine_stopped())?;
-            if !wanted.await.map_err(|_| engine_stopped())? {
-                return Err(cancelled_status("the request was cancelled"));
+        let (target, incoming) = match (&self.kv_pool, backend) {
+            // Shared-memory transfers write straight into blocks reserved now: the engine
+            // thread reserves them and the transfer, and keeps its fence, in one turn.
+            (Some((pool, layout)), Backend::Shm | Backend::Auto) => {
+                let (pool, layout, receiver) = (pool.clone(), layout.clone(), receiver.clone());
+                let reserve: ReserveFn = Box::new(move |blocks| {
+                    let placement = Some(pool.placement(&layout, blocks));
+                    receiver
+                        .reserve(ReserveSpec { placement, ..spec })
+                        .map_err(|e| transfer_status(&e))
+                });
+                let (reply, made) = oneshot::channel();
+                let cmd = Cmd::Reserve {
+                    id: r.request_id,
+                    tokens: r.prompt_tokens as usize,
+                    reserve,
+                    reply,
+                };
+                self.cmds.send(cmd).await.map_err(|_| engine_stopped())?;
+                made.await.map_err(|_| engine_stopped())??
             }
-        }
+            _ => receiver.reserve(spec).map_err(|e| transfer_status(&e))?,
+        };
         let target_json = serde_json::to_vec(&target).map_err(|e| {
             pb::WorkerError::status(
                 Kind::Engine,

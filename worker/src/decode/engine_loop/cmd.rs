@@ -3,37 +3,33 @@
 use tokio::sync::mpsc;
 use tonic::Status;
 use xpyd_engine::{KvHeader, ResumeState, SamplingParams};
-use xpyd_kv_transfer::{Payload, TransferFence};
+use xpyd_kv_transfer::{Incoming, Payload, TransferTarget};
 use xpyd_proto as pb;
 
 /// What a request's response stream carries.
 pub type EventTx = mpsc::Sender<Result<pb::DecodeEvent, Status>>;
 
+/// Makes a placed transfer's reservation from the block table its blocks got.
+pub type ReserveFn = Box<dyn FnOnce(Vec<u32>) -> Result<(TransferTarget, Incoming), Status> + Send>;
+
 /// Work for the engine thread.
 pub enum Cmd {
-    /// A placed import's reservation exists, before its target is handed out: the fence
-    /// that ends the transfer and tells whether a sender attached (see
-    /// [`HOLD_AFTER_FAILED_IMPORT`]). The reply is false (and the fence closed) when the
-    /// request was dropped meanwhile: the target must not be handed out.
-    Watch {
-        /// Request id.
-        id: u64,
-        /// Ends the transfer; says whether a sender attached.
-        fence: TransferFence,
-        /// Whether the import is still wanted.
-        reply: tokio::sync::oneshot::Sender<bool>,
-    },
     /// A hold may have ended.
     Wake,
-    /// Reserve blocks for a placed import of `tokens` tokens (before its header arrives);
-    /// the reply carries the block table the sender writes into.
+    /// Reserve blocks for a placed import of `tokens` tokens (before its header arrives)
+    /// and, in the same turn of the loop, the transfer that writes into them: `reserve`
+    /// makes it from the block table, and the loop keeps its fence (see
+    /// [`HOLD_AFTER_FAILED_IMPORT`]) before the reply hands the target out. One round
+    /// trip: a second one would wait out a whole decode step under load.
     Reserve {
         /// Request id (= sequence id).
         id: u64,
         /// Prompt tokens whose KV will arrive.
         tokens: usize,
-        /// The block table, or why not.
-        reply: tokio::sync::oneshot::Sender<Result<Vec<u32>, Status>>,
+        /// Makes the transfer's reservation from the block table.
+        reserve: ReserveFn,
+        /// The target to hand to the sender and what arrives, or why not.
+        reply: tokio::sync::oneshot::Sender<Result<(TransferTarget, Incoming), Status>>,
     },
     /// The KV header arrived: reserve blocks for the import.
     Begin {

@@ -9,7 +9,7 @@
 mod cmd;
 mod request;
 
-pub use cmd::{Cmd, EventTx};
+pub use cmd::{Cmd, EventTx, ReserveFn};
 pub use request::Stage;
 
 use crate::decode::budget::Budget;
@@ -212,7 +212,12 @@ impl EngineLoop {
 
     fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Reserve { id, tokens, reply } => {
+            Cmd::Reserve {
+                id,
+                tokens,
+                reserve,
+                reply,
+            } => {
                 let res = if self.budget_holds(id) {
                     self.engine
                         .reserve_import(id, tokens)
@@ -222,25 +227,24 @@ impl EngineLoop {
                         "the request was cancelled",
                     ))
                 };
-                let reserved = res.is_ok();
-                if reserved {
-                    self.requests
-                        .insert(id, Request::new(Stage::Reserved, None));
-                }
-                if reply.send(res).is_err() && reserved {
-                    // The request went away while waiting: nothing was handed out.
-                    self.free(id);
-                }
-            }
-            Cmd::Watch { id, fence, reply } => {
-                let wanted = self.stage(id) == Some(Stage::Reserved) && self.engine.is_reserved(id);
-                match self.requests.get_mut(&id) {
-                    Some(r) if wanted => r.fence = Some(fence),
-                    _ => {
-                        fence.close();
+                let table = match res {
+                    Ok(table) => table,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
                     }
+                };
+                // The blocks are this request's now; a failure below is undone by the
+                // service's cancel, as any failure after admission.
+                let mut r = Request::new(Stage::Reserved, None);
+                let made = reserve(table);
+                if let Ok((_, incoming)) = &made {
+                    r.fence = Some(incoming.fence());
                 }
-                if reply.send(wanted).is_err() && wanted {
+                let reserved = made.is_ok();
+                self.requests.insert(id, r);
+                if reply.send(made).is_err() && reserved {
+                    // The request went away while waiting: nothing was handed out.
                     self.free(id);
                 }
             }
