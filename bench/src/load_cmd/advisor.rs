@@ -120,6 +120,13 @@ pub struct AdvisorArgs {
     /// Prefill chunk (tokens), in the clusters and the simulation.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=8192))]
     pub chunk: u32,
+    /// Workers: `mock` (timed by `--profile`'s fits, one thread each, unpinned) or
+    /// `real` (the model, one thread each, every worker pinned to a core of its own —
+    /// as `xpyd bench compare` runs them; the budget must fit the cores). With `real`,
+    /// `--profile` should be measured the same way (`xpyd bench profile --threads 1
+    /// --cpus 0`): the simulation is validated against real processes.
+    #[arg(long, value_enum, default_value = "mock")]
+    pub engine: Workers,
     /// Model file whose tokenizer the mock workers and the prompts use (default: the
     /// fetched default model).
     #[arg(long, env = xpyd_runtime::env::MODEL)]
@@ -130,6 +137,15 @@ pub struct AdvisorArgs {
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// What the clusters of `xpyd bench advisor` run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workers {
+    /// Mock engines timed by the profile.
+    Mock,
+    /// The real model, one pinned core per worker.
+    Real,
 }
 
 /// A split of a budget.
@@ -184,23 +200,35 @@ impl Split {
         }
     }
 
-    /// A manifest of mock workers following `profile`.
+    /// A manifest of this split: mock workers following `profile`, or real ones with a
+    /// core each (prefill workers on the first cores, then decode).
     fn manifest(self, profile: &Path, a: &AdvisorArgs) -> String {
-        let p = profile.display();
         let (mr, chunk) = (a.max_running, a.chunk);
-        let mock = format!("engine: mock, mock_profile: \"{p}\", threads: 1");
+        let engine = |first: u32, n: u32| match a.engine {
+            Workers::Mock => format!(
+                "engine: mock, mock_profile: \"{}\", threads: 1",
+                profile.display()
+            ),
+            Workers::Real => format!(
+                "threads: 1, cpus: \"{first}-{}\", pin: replica",
+                first + n - 1
+            ),
+        };
         let head = "coordinator: { http_port: 0, grpc_port: 0 }\n";
         match self {
             Split::Disaggregated { prefill, decode } => format!(
                 "name: adv-{}\nmodel: default\nmode: disaggregated\n{head}kv: {{ backend: auto }}\n\
-                 roles:\n  prefill: {{ replicas: {prefill}, {mock}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n  \
-                 decode: {{ replicas: {decode}, {mock}, max_running: {mr} }}\n",
-                self.file_name()
+                 roles:\n  prefill: {{ replicas: {prefill}, {}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n  \
+                 decode: {{ replicas: {decode}, {}, max_running: {mr} }}\n",
+                self.file_name(),
+                engine(0, prefill),
+                engine(prefill, decode),
             ),
             Split::Aggregated(n) => format!(
                 "name: adv-{}\nmodel: default\nmode: single\n{head}routing: {{ decode: least_connections }}\n\
-                 roles:\n  combined: {{ replicas: {n}, {mock}, max_running: {mr}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n",
-                self.file_name()
+                 roles:\n  combined: {{ replicas: {n}, {}, max_running: {mr}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n",
+                self.file_name(),
+                engine(0, n),
             ),
         }
     }
@@ -375,6 +403,12 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
         .with_context(|| format!("reading the profile {}", profile.display()))?;
     let model = xpyd_planner::profile::service_model(&text, a.chunk)
         .map_err(|e| anyhow::anyhow!("profile {}: {e}", profile.display()))?;
+    if a.engine == Workers::Real {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(b) = a.budgets.iter().find(|&&b| b as usize > cores) {
+            bail!("--budgets: {b} real workers need a core each and this machine has {cores}");
+        }
+    }
     let rt = runtime()?;
     let model_path = host.model(a.model.as_deref())?;
     let prompts = Prompts::new(xpyd_engine::ModelInfo::load(&model_path)?.tokenizer)?;
@@ -514,6 +548,11 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
     }
     let result = json!({
         "profile": profile,
+        "cpu": crate::engine_bench::cpu_name(),
+        "workers": match a.engine {
+            Workers::Mock => "mock: the profile's fits, 1 thread each, unpinned",
+            Workers::Real => "real model: 1 thread each, one pinned core per worker",
+        },
         "requests_per_point": a.requests,
         "seed": a.seed,
         "tolerance": a.tolerance,
@@ -732,7 +771,7 @@ mod tests {
     }
 
     #[test]
-    fn manifests_name_the_profile_and_every_split() {
+    fn manifests_name_the_profile_every_split_and_the_cores_of_real_workers() {
         let a = AdvisorArgs {
             profile: "p.json".into(),
             budgets: vec![4],
@@ -746,6 +785,7 @@ mod tests {
             max_points: 3,
             max_running: 8,
             chunk: 128,
+            engine: Workers::Mock,
             model: None,
             validate_at: vec![],
             out_dir: "x".into(),
@@ -771,5 +811,33 @@ mod tests {
             "{agg}"
         );
         assert!(agg.contains("prefill_chunk: 128"), "{agg}");
+
+        // Real workers: no mock, one core each — prefill first, then decode.
+        let real = AdvisorArgs {
+            engine: Workers::Real,
+            ..a
+        };
+        let cpus = |m: &str, role: &str| {
+            let line = m.lines().find(|l| l.contains(role)).unwrap();
+            let list = line
+                .split("cpus: \"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            assert!(line.contains("pin: replica"), "{line}");
+            xpyd_engine::compute::parse_cpu_list(list).unwrap()
+        };
+        let dis = Split::Disaggregated {
+            prefill: 1,
+            decode: 3,
+        }
+        .manifest(p, &real);
+        assert!(!dis.contains("mock"), "{dis}");
+        assert_eq!(cpus(&dis, "prefill:"), [0]);
+        assert_eq!(cpus(&dis, "decode:"), [1, 2, 3]);
+        let agg = Split::Aggregated(2).manifest(p, &real);
+        assert_eq!(cpus(&agg, "combined:"), [0, 1]);
     }
 }
