@@ -510,13 +510,6 @@ impl Engine {
         Some(seq.state)
     }
 
-    /// True while `id` has blocks reserved by [`Engine::reserve_import`] and no header yet.
-    pub fn is_reserved(&self, id: u64) -> bool {
-        self.seqs
-            .get(&id)
-            .is_some_and(|s| s.phase == Phase::Reserved)
-    }
-
     /// True while a failed placed import `id` holds blocks.
     pub fn holds(&self, id: u64) -> bool {
         self.held.contains_key(&id)
