@@ -63,6 +63,11 @@ impl StopMatcher {
         (out, false)
     }
 
+    /// Bytes held back now.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Releases held-back text when generation ends for another reason.
     pub fn flush(&mut self) -> String {
         std::mem::take(&mut self.pending)
@@ -127,6 +132,34 @@ impl ResumeState {
             stop: StopMatcher::default(),
             finish: None,
         }
+    }
+
+    /// Checks a state that came from a peer before anything indexes with it: the prompt
+    /// within the tokens, every token within `vocab`, the detokenizer's positions within
+    /// the tokens, held-back text shorter than the longest stop string, and valid
+    /// sampling parameters. The error names what is wrong.
+    pub fn check(&self, vocab: usize) -> std::result::Result<(), String> {
+        let n = self.tokens.len();
+        if self.prompt_len == 0 || self.prompt_len > n {
+            return Err(format!("prompt_len {} outside 1..={n}", self.prompt_len));
+        }
+        if let Some(t) = self.tokens.iter().find(|t| **t as usize >= vocab) {
+            return Err(format!("token {t} outside the vocabulary of {vocab}"));
+        }
+        if !self.detok.fits(self.prompt_len, n) {
+            return Err(format!(
+                "detokenizer positions do not fit {n} tokens ({} prompt)",
+                self.prompt_len
+            ));
+        }
+        let longest = self.params.stop.iter().map(String::len).max().unwrap_or(0);
+        if self.stop.pending_len() > longest.saturating_sub(1) {
+            return Err(format!(
+                "{} bytes held back for stop strings of at most {longest}",
+                self.stop.pending_len()
+            ));
+        }
+        self.params.validate().map_err(|e| format!("params: {e}"))
     }
 
     /// Tokens generated so far.

@@ -221,6 +221,13 @@ impl Detokenizer {
         }
     }
 
+    /// Whether its positions are consistent with a sequence of `tokens` tokens whose
+    /// first `prompt_len` are the prompt (a state from a peer is checked with this before
+    /// [`Detokenizer::step`] slices with them).
+    pub fn fits(&self, prompt_len: usize, tokens: usize) -> bool {
+        prompt_len <= self.prefix && self.prefix <= self.read && self.read <= tokens
+    }
+
     /// The text that the tokens up to `tokens.len()` add, possibly empty.
     pub fn step(&mut self, tok: &Tokenizer, tokens: &[u32]) -> Result<String> {
         let before = tok.decode(&tokens[self.prefix..self.read])?;

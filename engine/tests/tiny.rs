@@ -213,6 +213,81 @@ fn layer_hook_streams_every_layer_of_every_chunk() {
     assert_eq!(out, reference);
 }
 
+/// A resume state from a peer whose offsets or held-back text lie is refused with a
+/// typed error at import, before the decode step would slice with it (a detokenizer
+/// position beyond the tokens used to panic the engine thread there).
+#[test]
+fn lying_resume_states_are_refused_before_they_are_used() {
+    let f = tiny(4);
+    let mut a = engine(&f, |_| {});
+    let mut b = engine(&f, |_| {});
+    let params = SamplingParams {
+        ignore_eos: true,
+        stop: vec!["zz".into()],
+        ..SamplingParams::greedy(6)
+    };
+    a.add_sequence(1, prompt(20, 1), params).unwrap();
+    let header = a.export_header(1).unwrap();
+    let mut chunks: Vec<LayerChunk> = Vec::new();
+    a.prefill(1, &mut |c| chunks.push(c)).unwrap();
+    let resume = a.resume_state(1).unwrap();
+    fn forge<T: serde::Serialize + serde::de::DeserializeOwned>(
+        x: &T,
+        at: &str,
+        edit: &dyn Fn(&mut serde_json::Value),
+    ) -> T {
+        let mut v = serde_json::to_value(x).unwrap();
+        edit(v.pointer_mut(at).unwrap());
+        serde_json::from_value(v).unwrap()
+    }
+    type Edit = fn(&mut serde_json::Value);
+    let lies: [(&str, Edit); 4] = [
+        ("detokenizer beyond the tokens", |v| {
+            v["detok"]["read"] = 1000.into()
+        }),
+        ("detokenizer prefix after read", |v| {
+            v["detok"]["prefix"] = 999.into()
+        }),
+        ("detokenizer inside the prompt", |v| {
+            v["detok"]["prefix"] = 0.into()
+        }),
+        ("held-back text", |v| {
+            v["stop"]["pending"] = "x".repeat(4096).into()
+        }),
+    ];
+    for (id, (what, edit)) in (10..).zip(lies) {
+        b.begin_import(id, &header).unwrap();
+        for c in &chunks {
+            b.import_chunk(id, c).unwrap();
+        }
+        let err = b.import_resume(id, forge(&resume, "", &edit)).unwrap_err();
+        assert!(
+            matches!(err, EngineError::KvImport(KvFormatError::Geometry(_))),
+            "{what}: {err}"
+        );
+        // The same lie inside a header is refused there.
+        let err = b
+            .begin_import(id, &forge(&header, "/resume", &edit))
+            .unwrap_err();
+        assert!(
+            matches!(err, EngineError::KvImport(KvFormatError::Geometry(_))),
+            "{what} in a header: {err}"
+        );
+    }
+    assert_eq!(
+        b.kv_usage().used_blocks,
+        0,
+        "refused imports hold no blocks"
+    );
+    b.begin_import(5, &header).unwrap();
+    for c in &chunks {
+        b.import_chunk(5, c).unwrap();
+    }
+    b.import_resume(5, resume).unwrap();
+    b.finish_import(5).unwrap();
+    b.run_to_end(5, &mut |_| {}).unwrap();
+}
+
 #[test]
 fn corrupt_and_mismatched_imports_are_typed_errors() {
     let f1 = tiny(5);

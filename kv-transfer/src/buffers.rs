@@ -12,6 +12,10 @@ pub struct BufPool {
 /// Buffers kept for reuse; more are freed.
 const KEEP: usize = 16;
 
+/// Bytes kept for reuse at most (a buffer that would go beyond is freed): what a pool
+/// holds between transfers stays bounded whatever sizes its transfers had.
+pub const KEEP_BYTES: usize = 256 << 20;
+
 impl BufPool {
     /// An empty pool.
     pub fn new() -> Arc<Self> {
@@ -32,6 +36,12 @@ impl BufPool {
             buf,
             pool: Some(self.clone()),
         }
+    }
+
+    /// Bytes the pool keeps for reuse now (at most [`KEEP_BYTES`]).
+    pub fn held_bytes(&self) -> usize {
+        let free = self.free.lock().expect("pool lock");
+        free.iter().map(Vec::capacity).sum()
     }
 }
 
@@ -88,7 +98,8 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
             let mut free = pool.free.lock().expect("pool lock");
-            if free.len() < KEEP {
+            let held: usize = free.iter().map(Vec::capacity).sum();
+            if free.len() < KEEP && held + self.buf.capacity() <= KEEP_BYTES {
                 free.push(std::mem::take(&mut self.buf));
             }
         }
@@ -108,5 +119,17 @@ mod tests {
         let b = pool.get(500);
         assert_eq!(b.as_ptr(), ptr, "the freed buffer is handed out again");
         assert_eq!(b.len(), 500);
+    }
+
+    #[test]
+    fn the_pool_keeps_a_bounded_number_of_bytes() {
+        let pool = BufPool::new();
+        let big: Vec<PooledBuf> = (0..3).map(|_| pool.get(KEEP_BYTES / 2)).collect();
+        drop(big);
+        assert!(pool.held_bytes() <= KEEP_BYTES, "{}", pool.held_bytes());
+        assert!(
+            pool.held_bytes() >= KEEP_BYTES / 2,
+            "a buffer is still kept"
+        );
     }
 }

@@ -21,6 +21,30 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Largest payload one frame may carry.
 pub const MAX_PAYLOAD: u64 = 1 << 31;
 
+/// Longest model fingerprint an `Open` may carry (fingerprints are short hashes).
+pub const MAX_FINGERPRINT: usize = 1024;
+
+/// What the next frame may carry, checked against its length fields before a byte of
+/// payload is read or allocated: an untrusted peer's length never decides an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Data bytes left in the reservation (inline, shm, placed or out-of-band chunks).
+    pub data: u64,
+    /// Metadata bytes left.
+    pub meta: u64,
+}
+
+impl Budget {
+    /// Nothing: only frames without a payload (`Open`, `Commit`, `Abort`, notices whose
+    /// length is then checked by the caller) can be read.
+    pub const NONE: Budget = Budget { data: 0, meta: 0 };
+    /// As much as one frame can carry at all.
+    pub const MAX: Budget = Budget {
+        data: MAX_PAYLOAD,
+        meta: MAX_PAYLOAD,
+    };
+}
+
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -303,10 +327,13 @@ pub async fn read_reply<R: AsyncRead + Unpin>(r: &mut R) -> std::result::Result<
 }
 
 /// Reads one frame, verifying data checksums. `None` on a clean end of stream. Data
-/// payloads are read into buffers from `pool`.
+/// payloads are read into buffers from `pool`, and only once their length is within
+/// `budget` (inline data against `budget.data`, metadata against `budget.meta`); a
+/// longer one fails with [`TransferError::Protocol`] before anything is allocated.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     pool: &Arc<BufPool>,
+    budget: Budget,
 ) -> Result<Option<Frame>> {
     let tag = match r.read_u8().await {
         Ok(t) => t,
@@ -318,6 +345,11 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             let transfer_id = r.read_u64_le().await?;
             let epoch = r.read_u64_le().await?;
             let n = r.read_u16_le().await? as usize;
+            if n > MAX_FINGERPRINT {
+                return Err(TransferError::Protocol(format!(
+                    "fingerprint of {n} bytes exceeds {MAX_FINGERPRINT}"
+                )));
+            }
             let mut fp = vec![0u8; n];
             r.read_exact(&mut fp).await?;
             let fingerprint = String::from_utf8(fp)
@@ -331,7 +363,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         b'D' => {
             let layer = r.read_u32_le().await?;
             let tag = r.read_u64_le().await?;
-            let (payload, crc) = read_payload(r, pool, checksum_start(layer, tag)).await?;
+            let (payload, crc) =
+                read_payload(r, pool, checksum_start(layer, tag), budget.data, "data").await?;
             let sum = r.read_u64_le().await?;
             if crc as u64 != sum {
                 return Err(TransferError::Checksum(format!(
@@ -364,7 +397,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             checksum: r.read_u64_le().await?,
         },
         b'M' => {
-            let (payload, crc) = read_payload(r, pool, checksum_start(u32::MAX, u64::MAX)).await?;
+            let start = checksum_start(u32::MAX, u64::MAX);
+            let (payload, crc) = read_payload(r, pool, start, budget.meta, "metadata").await?;
             let sum = r.read_u64_le().await?;
             if crc as u64 != sum {
                 return Err(TransferError::Checksum("metadata".into()));
@@ -382,18 +416,21 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some(frame))
 }
 
-/// Reads a length-prefixed payload, continuing `crc` over it piece by piece while the
-/// piece is still in cache.
+/// Reads a length-prefixed payload of at most `limit` bytes, continuing `crc` over it
+/// piece by piece while the piece is still in cache.
 async fn read_payload<R: AsyncRead + Unpin>(
     r: &mut R,
     pool: &Arc<BufPool>,
     mut crc: u32,
+    limit: u64,
+    what: &str,
 ) -> Result<(PooledBuf, u32)> {
     const PIECE: usize = 256 * 1024;
     let len = r.read_u64_le().await?;
-    if len > MAX_PAYLOAD {
+    let limit = limit.min(MAX_PAYLOAD);
+    if len > limit {
         return Err(TransferError::Protocol(format!(
-            "frame of {len} bytes exceeds {MAX_PAYLOAD}"
+            "{what} frame of {len} bytes goes beyond the {limit} bytes the transfer has left"
         )));
     }
     let mut payload = pool.get(len as usize);
@@ -505,7 +542,7 @@ mod tests {
         let mut r = buf.as_slice();
         let mut out = Vec::new();
         let pool = BufPool::new();
-        while let Some(f) = read_frame(&mut r, &pool).await.unwrap() {
+        while let Some(f) = read_frame(&mut r, &pool, Budget::MAX).await.unwrap() {
             out.push(f);
         }
         out
@@ -571,7 +608,7 @@ mod tests {
         for i in 0..buf.len() {
             let mut bad = buf.clone();
             bad[i] ^= 0x01;
-            let r = read_frame(&mut bad.as_slice(), &BufPool::new()).await;
+            let r = read_frame(&mut bad.as_slice(), &BufPool::new(), Budget::MAX).await;
             // Either the frame no longer parses, or its checksum fails; it never passes.
             assert!(
                 !matches!(r, Ok(Some(Frame::Data { layer: 3, tag: 7, ref payload })) if **payload == [1, 2, 3, 4, 5]),

@@ -10,6 +10,9 @@ pub const SECONDS: &str = "xpyd_kv_transfer_seconds";
 pub const TRANSFERS: &str = "xpyd_kv_transfers_total";
 /// Failed transfers, by reason and side.
 pub const FAILURES: &str = "xpyd_kv_transfer_failures_total";
+/// Connections the receiver closed before any transfer, by reason (`peer_cap`,
+/// `idle`, `protocol`).
+pub const REFUSED: &str = "xpyd_kv_connections_refused_total";
 
 /// Records one completed transfer.
 pub fn record_transfer(

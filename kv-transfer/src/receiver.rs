@@ -8,12 +8,12 @@ use crate::oob::RecvLink;
 use crate::shm::{Arena, Expect, Payload, Region};
 use crate::target::{Backend, Placement, ShmDesc, TransferTarget, deadline_ms, host_id};
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::BufReader;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout_at};
@@ -29,6 +29,14 @@ pub struct ReceiverConfig {
     pub queue: usize,
     /// Size of the shared-memory arena that shm reservations are carved from.
     pub shm_arena_bytes: u64,
+    /// How long a new connection may take to send its `Open` before it is closed.
+    pub open_timeout: Duration,
+    /// How long a connection may wait idle between transfers before it is closed.
+    pub keepalive: Duration,
+    /// Connections one peer address may hold open at once; more are closed at accept.
+    pub max_conns_per_peer: usize,
+    /// Metadata bytes one transfer may carry in all.
+    pub max_meta_bytes: u64,
 }
 
 impl ReceiverConfig {
@@ -39,6 +47,10 @@ impl ReceiverConfig {
             shm_dir: crate::shm::SHM_DIR.into(),
             queue: 64,
             shm_arena_bytes: 1 << 30,
+            open_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_secs(60),
+            max_conns_per_peer: 512,
+            max_meta_bytes: 16 << 20,
         }
     }
 }
@@ -50,7 +62,9 @@ pub struct ReserveSpec {
     pub transfer_id: u64,
     /// Which backend(s) to offer.
     pub backend: Backend,
-    /// Payload bytes expected (sizes the shared-memory segment).
+    /// Payload bytes the transfer carries: sizes the shared-memory segment and bounds
+    /// what a sender may send (a chunk beyond it fails the transfer before any byte of
+    /// it is allocated).
     pub bytes: u64,
     /// Time allowed from now to completion.
     pub deadline: Duration,
@@ -92,6 +106,7 @@ pub struct Stats {
 
 struct Slot {
     epoch: u64,
+    bytes: u64,
     deadline: Instant,
     tx: mpsc::Sender<Result<Event>>,
     shm: Option<Arc<Region>>,
@@ -124,6 +139,42 @@ struct Inner {
     slots: Mutex<HashMap<u64, Slot>>,
     buffers: Arc<BufPool>,
     arena: Mutex<Option<Arc<Arena>>>,
+    /// Open connections per peer address.
+    peers: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One accepted connection, counted against its peer while it lives.
+struct PeerSlot {
+    inner: Arc<Inner>,
+    ip: IpAddr,
+}
+
+impl PeerSlot {
+    /// Counts a connection from `ip`, or `None` when that peer is at its cap.
+    fn take(inner: &Arc<Inner>, ip: IpAddr) -> Option<PeerSlot> {
+        let mut peers = inner.peers.lock().expect("peers lock");
+        let n = peers.entry(ip).or_default();
+        if *n >= inner.cfg.max_conns_per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            inner: inner.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut peers = self.inner.peers.lock().expect("peers lock");
+        if let Some(n) = peers.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl Inner {
@@ -158,14 +209,20 @@ impl Receiver {
             slots: Mutex::new(HashMap::new()),
             buffers: BufPool::new(),
             arena: Mutex::new(None),
+            peers: Mutex::new(HashMap::new()),
         });
         let acc = inner.clone();
         let accept = tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, peer)) => {
+                        let Some(slot) = PeerSlot::take(&acc, peer.ip()) else {
+                            tracing::warn!(%peer, cap = acc.cfg.max_conns_per_peer, "kv connection refused: the peer is at its connection cap");
+                            metrics::counter!(m::REFUSED, "reason" => "peer_cap").increment(1);
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(serve(acc.clone(), stream, peer));
+                        tokio::spawn(serve(acc.clone(), stream, peer, slot));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "kv receiver accept failed");
@@ -185,6 +242,16 @@ impl Receiver {
     /// Reservations alive now.
     pub fn active(&self) -> usize {
         self.inner.slots.lock().expect("slots lock").len()
+    }
+
+    /// Connections open now (attached or not).
+    pub fn connections(&self) -> usize {
+        self.inner.peers.lock().expect("peers lock").values().sum()
+    }
+
+    /// Bytes the receive buffer pool keeps between transfers.
+    pub fn pooled_bytes(&self) -> usize {
+        self.inner.buffers.held_bytes()
     }
 
     /// A region of the arena (created on first use).
@@ -262,6 +329,7 @@ impl Receiver {
             spec.transfer_id,
             Slot {
                 epoch,
+                bytes: spec.bytes,
                 deadline,
                 tx,
                 shm,
@@ -370,39 +438,67 @@ impl Drop for Incoming {
     }
 }
 
-async fn serve(inner: Arc<Inner>, stream: TcpStream, peer: SocketAddr) {
-    let mut conn = BufReader::with_capacity(1 << 20, stream);
+/// Read buffer of an attached connection (an idle one has none).
+const READ_BUFFER: usize = 1 << 20;
+
+/// Serves one connection: waits for an `Open` (at most `open_timeout` on a new
+/// connection, `keepalive` between transfers), attaches it, then reads that transfer's
+/// frames through a buffer that exists only while the transfer does.
+async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr, _slot: PeerSlot) {
+    let mut wait = inner.cfg.open_timeout;
     loop {
-        let (id, epoch, fp) = match frame::read_frame(&mut conn, &inner.buffers).await {
-            Ok(Some(Frame::Open {
+        // Unbuffered and with no budget: nothing a peer sends before it is attached makes
+        // the receiver allocate more than an `Open`'s few bytes.
+        let open = tokio::time::timeout(
+            wait,
+            frame::read_frame(&mut stream, &inner.buffers, frame::Budget::NONE),
+        )
+        .await;
+        let (id, epoch, fp) = match open {
+            Err(_) => {
+                tracing::debug!(%peer, "idle kv connection closed");
+                metrics::counter!(m::REFUSED, "reason" => "idle").increment(1);
+                return;
+            }
+            Ok(Ok(Some(Frame::Open {
                 transfer_id,
                 epoch,
                 fingerprint,
-            })) => (transfer_id, epoch, fingerprint),
-            Ok(None) => return,
-            Ok(Some(other)) => {
+            }))) => (transfer_id, epoch, fingerprint),
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(other))) => {
                 tracing::warn!(%peer, ?other, "kv frame outside a transfer");
+                metrics::counter!(m::REFUSED, "reason" => "protocol").increment(1);
                 return;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "kv connection failed");
+                metrics::counter!(m::REFUSED, "reason" => "protocol").increment(1);
                 return;
             }
         };
+        wait = inner.cfg.keepalive;
         let attached = attach(&inner, id, epoch, &fp);
         let reply = attached.as_ref().map(|_| ()).map_err(Clone::clone);
-        if frame::write_reply(conn.get_mut(), &reply).await.is_err() {
+        if frame::write_reply(&mut stream, &reply).await.is_err() {
             return;
         }
         let Ok(att) = attached else {
             continue;
         };
-        match receive(&mut conn, &inner.buffers, &att, peer).await {
-            Ok(()) => continue,
-            Err(e) => {
-                let _ = att.tx.send(Err(e)).await;
-                return;
-            }
+        let mut conn = BufReader::with_capacity(READ_BUFFER, &mut stream);
+        let res = receive(&mut conn, &inner, &att, peer).await;
+        // The sender waits for the commit's reply before it sends anything else, so
+        // nothing can be buffered past the commit.
+        let res = match res {
+            Ok(()) if !conn.buffer().is_empty() => Err(TransferError::Protocol(
+                "bytes after a commit, before its reply".into(),
+            )),
+            r => r,
+        };
+        if let Err(e) = res {
+            let _ = att.tx.send(Err(e)).await;
+            return;
         }
     }
 }
@@ -417,6 +513,8 @@ struct Attached {
     /// The reservation's epoch when UCX was offered (it scopes the UCX tags).
     ucx_epoch: Option<u64>,
     deadline: Instant,
+    /// Data bytes the reservation allows.
+    bytes: u64,
 }
 
 fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
@@ -442,6 +540,7 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
                 nccl: s.nccl.clone(),
                 ucx_epoch: s.ucx.then_some(epoch),
                 deadline: s.deadline,
+                bytes: s.bytes,
             })
         }
         _ => Err(TransferError::StaleEpoch {
@@ -451,14 +550,17 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
     }
 }
 
-/// Reads one transfer's frames up to its commit.
-async fn receive(
-    conn: &mut BufReader<TcpStream>,
-    buffers: &Arc<BufPool>,
+/// Reads one transfer's frames up to its commit. Every length a frame announces is
+/// checked against what the reservation has left before its bytes are read, allocated,
+/// received out of band or handed on.
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut BufReader<S>,
+    inner: &Inner,
     att: &Attached,
     peer: SocketAddr,
 ) -> Result<()> {
     let (tx, shm, deadline) = (&att.tx, &att.shm, att.deadline);
+    let buffers = &inner.buffers;
     // NCCL: join the communicator as rank 0 (blocks until the sender joins as rank 1).
     // UCX: receive on this process's worker, tags scoped by the epoch.
     let link: Option<RecvLink> = match (&att.nccl, att.ucx_epoch) {
@@ -477,8 +579,22 @@ async fn receive(
         _ => None,
     };
     let started = std::time::Instant::now();
-    let (mut frames, mut bytes) = (0u64, 0u64);
+    let (mut frames, mut bytes, mut meta) = (0u64, 0u64, 0u64);
     let mut backend = Backend::Tcp;
+    // A chunk notice (shm, placed, out of band) announces bytes that are not read here:
+    // they count against the same budget as inline data.
+    let charge = |bytes: &mut u64, len: u64| -> Result<()> {
+        match bytes.checked_add(len).filter(|b| *b <= att.bytes) {
+            Some(b) => {
+                *bytes = b;
+                Ok(())
+            }
+            None => Err(TransferError::Protocol(format!(
+                "chunk of {len} bytes goes beyond the {} bytes the transfer has left",
+                att.bytes - *bytes
+            ))),
+        }
+    };
     let gone = || TransferError::PeerGone("receiver released the reservation".into());
     loop {
         // The consumer dropping its `Incoming`, or closing its fence, ends the transfer at
@@ -486,8 +602,12 @@ async fn receive(
         if att.fate.aborted.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(gone());
         }
+        let budget = frame::Budget {
+            data: att.bytes - bytes,
+            meta: inner.cfg.max_meta_bytes.saturating_sub(meta),
+        };
         let read = tokio::select! {
-            r = timeout_at(deadline, frame::read_frame(conn, buffers)) => r,
+            r = timeout_at(deadline, frame::read_frame(conn, buffers, budget)) => r,
             () = tx.closed() => return Err(gone()),
             () = att.fate.wake.notified() => return Err(gone()),
         };
@@ -507,7 +627,7 @@ async fn receive(
                 tag,
                 payload,
             } => {
-                bytes += payload.len() as u64;
+                charge(&mut bytes, payload.len() as u64)?;
                 Event::Chunk {
                     layer,
                     tag,
@@ -521,6 +641,7 @@ async fn receive(
                 len,
                 checksum,
             } => {
+                charge(&mut bytes, len)?;
                 let seg = shm
                     .as_ref()
                     .ok_or_else(|| TransferError::Protocol("shm frame without a segment".into()))?;
@@ -534,7 +655,6 @@ async fn receive(
                 let range = offset as usize..end as usize;
                 // Verified by the consumer as it copies the bytes out (one pass over them).
                 backend = Backend::Shm;
-                bytes += len;
                 Event::Chunk {
                     layer,
                     tag,
@@ -555,6 +675,7 @@ async fn receive(
                 len,
                 checksum,
             } => {
+                charge(&mut bytes, len)?;
                 if !att.placed {
                     return Err(TransferError::Protocol(
                         "placed frame for a reservation without a placement".into(),
@@ -564,7 +685,6 @@ async fn receive(
                     .map_err(|_| TransferError::Protocol("chunk too large".into()))?;
                 // Verified by the consumer where the sender wrote it (its KV blocks).
                 backend = Backend::Shm;
-                bytes += len as u64;
                 Event::Chunk {
                     layer,
                     tag,
@@ -584,6 +704,7 @@ async fn receive(
                 len,
                 checksum,
             } => {
+                charge(&mut bytes, len)?;
                 let link = link.clone().ok_or_else(|| {
                     TransferError::Protocol("out-of-band frame without a link".into())
                 })?;
@@ -611,14 +732,16 @@ async fn receive(
                         backend.name()
                     )));
                 }
-                bytes += data.len() as u64;
                 Event::Chunk {
                     layer,
                     tag,
                     data: Payload::Owned(Arc::new(data.into())),
                 }
             }
-            Frame::Meta(p) => Event::Meta(Payload::Owned(Arc::new(p.into()))),
+            Frame::Meta(p) => {
+                meta += p.len() as u64;
+                Event::Meta(Payload::Owned(Arc::new(p.into())))
+            }
             Frame::Commit(n) => {
                 if n != frames {
                     let e = TransferError::Protocol(format!(

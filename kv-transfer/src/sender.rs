@@ -105,51 +105,59 @@ impl Sender {
             _ => None,
         };
         tracing::info!(transfer = target.transfer_id, backend = backend.name(), requested = target.backend.name(), peer = %target.addr, "kv transfer backend chosen");
-        let pooled = self
-            .pool
-            .lock()
-            .expect("pool lock")
-            .get_mut(&target.addr)
-            .and_then(Vec::pop);
-        let stream = match pooled {
-            Some(s) => s,
-            None => {
-                let s = timeout_at(deadline, TcpStream::connect(&target.addr))
-                    .await
-                    .map_err(|_| {
-                        TransferError::DeadlineExceeded(format!("connect {}", target.addr))
-                    })??;
-                s.set_nodelay(true)?;
-                s
+        // A pooled connection the receiver has closed since (it keeps idle ones for a
+        // while only) fails at the open: that one attempt is made again on a new one.
+        let conn = loop {
+            let pooled = self
+                .pool
+                .lock()
+                .expect("pool lock")
+                .get_mut(&target.addr)
+                .and_then(Vec::pop);
+            let reused = pooled.is_some();
+            let stream = match pooled {
+                Some(s) => s,
+                None => {
+                    let s = timeout_at(deadline, TcpStream::connect(&target.addr))
+                        .await
+                        .map_err(|_| {
+                            TransferError::DeadlineExceeded(format!("connect {}", target.addr))
+                        })??;
+                    s.set_nodelay(true)?;
+                    s
+                }
+            };
+            let mut conn = BufWriter::with_capacity(WRITE_BUFFER, stream);
+            let opened = async {
+                frame::write_open(
+                    &mut conn,
+                    target.transfer_id,
+                    target.epoch,
+                    &self.fingerprint,
+                )
+                .await?;
+                conn.flush().await.map_err(TransferError::from)?;
+                frame::read_reply(conn.get_mut()).await
+            };
+            match timeout_at(deadline, opened).await {
+                Err(_) => return Err(TransferError::DeadlineExceeded("open".into())),
+                Ok(Err(frame::ReplyError::Rejected(code, msg))) => {
+                    // The connection is still in sync after a refused open: keep it.
+                    self.pool
+                        .lock()
+                        .expect("pool lock")
+                        .entry(target.addr.clone())
+                        .or_default()
+                        .push(conn.into_inner());
+                    return Err(classify_rejection(code, msg, target, &self.fingerprint));
+                }
+                Ok(Err(frame::ReplyError::Io(e))) if reused => {
+                    tracing::debug!(peer = %target.addr, error = %e, "pooled kv connection was closed; opening a new one");
+                }
+                Ok(Err(frame::ReplyError::Io(e))) => return Err(e),
+                Ok(Ok(())) => break conn,
             }
         };
-        let mut conn = BufWriter::with_capacity(WRITE_BUFFER, stream);
-        let opened = async {
-            frame::write_open(
-                &mut conn,
-                target.transfer_id,
-                target.epoch,
-                &self.fingerprint,
-            )
-            .await?;
-            conn.flush().await.map_err(TransferError::from)?;
-            frame::read_reply(conn.get_mut()).await
-        };
-        match timeout_at(deadline, opened).await {
-            Err(_) => return Err(TransferError::DeadlineExceeded("open".into())),
-            Ok(Err(frame::ReplyError::Rejected(code, msg))) => {
-                // The connection is still in sync after a refused open: keep it.
-                self.pool
-                    .lock()
-                    .expect("pool lock")
-                    .entry(target.addr.clone())
-                    .or_default()
-                    .push(conn.into_inner());
-                return Err(classify_rejection(code, msg, target, &self.fingerprint));
-            }
-            Ok(Err(frame::ReplyError::Io(e))) => return Err(e),
-            Ok(Ok(())) => {}
-        }
         let oob = match (backend, &target.nccl_id, &target.ucx_addr) {
             (Backend::Nccl, Some(id), _) => {
                 let id = id.clone();

@@ -128,7 +128,7 @@ async fn connections_are_reused_across_transfers() {
     let sender = Sender::new(FP);
     for id in 0..3 {
         let (target, inc) = r
-            .reserve(spec(id, Backend::Tcp, 0, Duration::from_secs(10)))
+            .reserve(spec(id, Backend::Tcp, 100, Duration::from_secs(10)))
             .unwrap();
         let send = async {
             let mut t = sender.open(&target).await?;
@@ -145,11 +145,11 @@ async fn connections_are_reused_across_transfers() {
 async fn stale_epoch_is_rejected() {
     let r = receiver().await;
     let (old, _inc_old) = r
-        .reserve(spec(7, Backend::Tcp, 0, Duration::from_secs(10)))
+        .reserve(spec(7, Backend::Tcp, 2, Duration::from_secs(10)))
         .unwrap();
     // The reservation is released and the id reused: the old target is fenced off.
     let (new, inc) = r
-        .reserve(spec(7, Backend::Tcp, 0, Duration::from_secs(10)))
+        .reserve(spec(7, Backend::Tcp, 2, Duration::from_secs(10)))
         .unwrap();
     assert!(new.epoch > old.epoch);
     let sender = Sender::new(FP);
@@ -213,7 +213,7 @@ async fn nobody_sends_fails_at_the_deadline_and_frees() {
 async fn sender_that_disappears_fails_the_receiver_promptly() {
     let r = receiver().await;
     let (target, inc) = r
-        .reserve(spec(1, Backend::Tcp, 0, Duration::from_secs(30)))
+        .reserve(spec(1, Backend::Tcp, 5000, Duration::from_secs(30)))
         .unwrap();
     let sender = Sender::new(FP);
     let mut t = sender.open(&target).await.unwrap();
@@ -234,7 +234,7 @@ async fn sender_that_disappears_fails_the_receiver_promptly() {
 async fn receiver_that_gives_up_fails_the_sender() {
     let r = receiver().await;
     let (target, inc) = r
-        .reserve(spec(1, Backend::Tcp, 0, Duration::from_secs(30)))
+        .reserve(spec(1, Backend::Tcp, 5_000_000, Duration::from_secs(30)))
         .unwrap();
     let sender = Sender::new(FP);
     let mut t = sender.open(&target).await.unwrap();
@@ -257,7 +257,7 @@ async fn receiver_that_gives_up_fails_the_sender() {
 async fn corrupted_frame_is_detected() {
     let r = receiver().await;
     let (target, inc) = r
-        .reserve(spec(1, Backend::Tcp, 0, Duration::from_secs(10)))
+        .reserve(spec(1, Backend::Tcp, 64, Duration::from_secs(10)))
         .unwrap();
     let mut raw = tokio::net::TcpStream::connect(&target.addr).await.unwrap();
     frame::write_open(&mut raw, 1, target.epoch, FP)
@@ -429,7 +429,8 @@ async fn placed_round_trip(
     corrupt: Option<usize>,
 ) -> Result<Backend, TransferError> {
     let r = receiver().await;
-    let mut sp = spec(1, Backend::Auto, 0, Duration::from_secs(20));
+    let bytes = chunks.iter().map(|c| c.3.len() as u64).sum();
+    let mut sp = spec(1, Backend::Auto, bytes, Duration::from_secs(20));
     sp.placement = Some(pool.placement.clone());
     let (target, mut inc) = r.reserve(sp).unwrap();
     assert!(
@@ -699,7 +700,7 @@ async fn senders_write_only_into_this_projects_segments() {
 async fn placed_after_one_chunk() -> (Pool, Receiver, Incoming, xpyd_kv_transfer::Transfer) {
     let p = pool(2, 16, 64, 4, vec![1, 2]);
     let r = receiver().await;
-    let mut sp = spec(1, Backend::Shm, 0, Duration::from_secs(20));
+    let mut sp = spec(1, Backend::Shm, 2 * 2 * 20 * 64, Duration::from_secs(20));
     sp.placement = Some(p.placement.clone());
     let (target, mut inc) = r.reserve(sp).unwrap();
     let mut t = Sender::new(FP).open(&target).await.unwrap();

@@ -169,6 +169,9 @@ impl Engine {
             ))
             .into());
         }
+        r.check(m.vocab).map_err(|e| {
+            KvFormatError::Geometry(format!("the header's resume state is not valid: {e}"))
+        })?;
         self.check_prompt(&r.tokens[..count], &r.params)?;
         if let Some(s) = self.seqs.get_mut(&id) {
             s.state = r.clone();
@@ -356,15 +359,15 @@ impl Engine {
         }
         let ok = state.tokens.len() == s.cached + 1
             && state.prompt_len == s.state.prompt_len
-            && state.tokens[..s.cached] == s.state.tokens[..s.cached]
-            && state.tokens.iter().all(|t| (*t as usize) < vocab)
-            && state.params.validate().is_ok();
-        if !ok {
+            && state.tokens[..s.cached] == s.state.tokens[..s.cached];
+        let checked = if ok {
+            state.check(vocab)
+        } else {
+            Err("it does not continue the announced sequence by one token".into())
+        };
+        if let Err(e) = checked {
             self.remove(id);
-            return Err(KvFormatError::Geometry(
-                "resume state does not continue the announced sequence".into(),
-            )
-            .into());
+            return Err(KvFormatError::Geometry(format!("resume state: {e}")).into());
         }
         s.state = state;
         Ok(())
