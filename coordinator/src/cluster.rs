@@ -528,6 +528,21 @@ impl Cluster {
         v
     }
 
+    /// Ready decode-side (decode or combined) workers that take new requests: the
+    /// instances an instance-scoped rate limit counts.
+    pub fn serving_instances(&self) -> usize {
+        let now = Instant::now();
+        let st = self.lock();
+        st.workers
+            .values()
+            .filter(|w| {
+                w.leg() == Some(Leg::Decode)
+                    && w.routable(now)
+                    && !st.unroutable.contains(&w.info.worker_id)
+            })
+            .count()
+    }
+
     /// Waiting requests.
     pub fn queued(&self) -> usize {
         self.lock().waiting.len()

@@ -118,7 +118,13 @@ impl ApiError {
             504 => Code::DeadlineExceeded,
             _ => Code::Internal,
         };
-        tonic::Status::new(code, self.message.clone())
+        let mut status = tonic::Status::new(code, self.message.clone());
+        if let Some(secs) = self.retry_after {
+            status
+                .metadata_mut()
+                .insert("retry-after", secs.to_string().parse().expect("digits"));
+        }
+        status
     }
 }
 

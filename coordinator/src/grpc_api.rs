@@ -28,8 +28,16 @@ fn usage_pb(u: Usage) -> pb::Usage {
 }
 
 impl InferenceService {
-    fn start(&self, req: Request<pb::GenerateRequest>) -> Result<mpsc::Receiver<Delta>, Status> {
+    async fn start(
+        &self,
+        req: Request<pb::GenerateRequest>,
+    ) -> Result<mpsc::Receiver<Delta>, Status> {
         let peer = req.remote_addr().map(|a| a.ip());
+        self.app.access(peer).map_err(|e| e.grpc())?;
+        self.app
+            .limiter
+            .admit(self.app.cluster.serving_instances())
+            .map_err(|e| e.grpc())?;
         let header = req
             .metadata()
             .get("x-xpyd-priority")
@@ -66,7 +74,9 @@ impl InferenceService {
             None => return Err(ApiError::invalid("input", "give `prompt` or `chat`").grpc()),
         };
         let class = class_from_header(header.as_deref()).map_err(|e| e.grpc())?;
-        let p = prepare(&self.app, &fields, input, class, peer, "grpc").map_err(|e| e.grpc())?;
+        let p = prepare(&self.app, &fields, input, class, peer, "grpc")
+            .await
+            .map_err(|e| e.grpc())?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(flow::serve(self.app.clone(), p, tx));
         Ok(rx)
@@ -83,7 +93,7 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
-        let mut rx = self.start(req)?;
+        let mut rx = self.start(req).await?;
         let (tx, out) = mpsc::channel(64);
         let request_id = format!("{:x}", self.app.next_id());
         tokio::spawn(async move {
@@ -117,7 +127,7 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let mut rx = self.start(req)?;
+        let mut rx = self.start(req).await?;
         let mut out = pb::CompleteResponse {
             request_id: format!("{:x}", self.app.next_id()),
             model: self.app.model_id.clone(),
@@ -142,8 +152,11 @@ impl pb::inference_server::Inference for InferenceService {
 
     async fn list_models(
         &self,
-        _req: Request<pb::ListModelsRequest>,
+        req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        self.app
+            .access(req.remote_addr().map(|a| a.ip()))
+            .map_err(|e| e.grpc())?;
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![pb::ModelInfo {
                 id: self.app.model_id.clone(),

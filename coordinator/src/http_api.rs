@@ -8,8 +8,10 @@ use crate::flow::{self, Delta, Usage};
 use crate::request::{GenFields, Input, class_from_header, prepare};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,9 +28,12 @@ use tokio_stream::wrappers::ReceiverStream;
 /// The HTTP router.
 pub fn router(app: Arc<App>) -> Router {
     let limit = app.cfg.max_request_bytes;
-    Router::new()
+    let generate = Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route_layer(middleware::from_fn_with_state(app.clone(), limits));
+    Router::new()
+        .merge(generate)
         .route("/v1/models", get(models))
         .route("/v1/cluster", get(cluster))
         .route("/v1/ws", get(crate::ws::upgrade))
@@ -36,7 +41,70 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::admin_api::routes())
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), access))
         .with_state(app)
+}
+
+/// The access list, before anything else, on every route but `/health` (the
+/// supervisor's probe).
+async fn access(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if req.uri().path() != "/health"
+        && let Err(e) = app.cfg.access.check(peer.ip())
+    {
+        return refused(e, "http");
+    }
+    next.run(req).await
+}
+
+/// The rate limit of the inference routes, then their size limit told from
+/// `content-length` — both before a byte of the body is read (a body without a length
+/// is cut off at the limit as it is read).
+async fn limits(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Err(e) = app.limiter.admit(app.cluster.serving_instances()) {
+        return refused(e, "http");
+    }
+    let limit = app.cfg.max_request_bytes;
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return refused(too_large(limit), "http");
+    }
+    next.run(req).await
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError {
+        status: 413,
+        kind: "invalid_request_error",
+        code: Some("request_too_large"),
+        param: None,
+        message: format!("the request body is larger than {limit} bytes"),
+        retry_after: None,
+    }
+}
+
+fn refused(e: ApiError, api: &'static str) -> Response {
+    metrics::counter!(xpyd_runtime::metrics::COORD_REQUESTS_TOTAL, "api" => api, "code" => e.status.to_string()).increment(1);
+    e.into_response()
+}
+
+/// A body over the size limit is a 413 with an OpenAI-style error.
+fn body_or_413(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(limit)
+        } else {
+            ApiError::bad_body(r.body_text())
+        }
+    })
 }
 
 impl IntoResponse for ApiError {
@@ -93,7 +161,7 @@ async fn chat(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     handle(app, peer, headers, body, Kind::Chat).await
 }
@@ -102,7 +170,7 @@ async fn completions(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     handle(app, peer, headers, body, Kind::Text).await
 }
@@ -111,7 +179,7 @@ async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
     h: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
     kind: Kind,
 ) -> Response {
     let api = if kind == Kind::Chat {
@@ -119,8 +187,8 @@ async fn handle(
     } else {
         "completions"
     };
-    let prepared = (|| {
-        let b = parse(&body)?;
+    let prepared = async {
+        let b = parse(&body_or_413(body, app.cfg.max_request_bytes)?)?;
         let input = match kind {
             Kind::Chat => Input::Chat(
                 b.fields
@@ -142,13 +210,15 @@ async fn handle(
             header_class(&h)?,
             Some(peer.ip()),
             api,
-        )?;
+        )
+        .await?;
         Ok::<_, ApiError>((
             p,
             b.stream.unwrap_or(false),
             b.stream_options.unwrap_or_default(),
         ))
-    })();
+    }
+    .await;
     let (p, stream, opts) = match prepared {
         Ok(x) => x,
         Err(e) => {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod events_api;
 pub mod flow;
 pub mod grpc_api;
+pub mod guard;
 pub mod http_api;
 pub mod registry;
 pub mod request;
@@ -90,6 +91,10 @@ pub struct Config {
     pub renew_interval: Duration,
     /// The ratio advisor (`/v1/advisor`).
     pub advisor: advisor::Setup,
+    /// Who may call the public APIs (checked first: 403).
+    pub access: guard::Access,
+    /// Requests per second on the inference APIs (excess: 429 with Retry-After).
+    pub rate_limit: Option<guard::RateLimit>,
 }
 
 impl Config {
@@ -116,6 +121,8 @@ impl Config {
             lease_ttl: Duration::from_secs(2),
             renew_interval: Duration::from_millis(500),
             advisor: advisor::Setup::default(),
+            access: guard::Access::Open,
+            rate_limit: None,
         }
     }
 
@@ -154,6 +161,15 @@ impl Config {
                 self.client_stall_timeout_s
             ));
         }
+        if let Some(r) = &self.rate_limit {
+            r.validate().map_err(|e| format!("rate_limit.{e}"))?;
+        }
+        if !(1..=50 << 20).contains(&self.max_request_bytes) {
+            return Err(format!(
+                "max_request_bytes: {} is out of range 1..=52428800",
+                self.max_request_bytes
+            ));
+        }
         if self.renew_interval * 2 > self.lease_ttl {
             return Err("renew_interval: must be at most half the lease TTL".into());
         }
@@ -177,10 +193,33 @@ pub struct App {
     pub events: events_api::EventStore,
     /// The live ratio advisor (`/v1/advisor`).
     pub advisor: advisor::Live,
+    /// The request-rate limit of the inference APIs.
+    pub limiter: guard::Limiter,
     ids: AtomicU64,
 }
 
 impl App {
+    /// The access list for a caller at `ip` (`None`: the transport did not say, which
+    /// passes only when there is no list).
+    ///
+    /// # Errors
+    /// 403.
+    pub fn access(&self, ip: Option<std::net::IpAddr>) -> Result<(), error::ApiError> {
+        match (ip, &self.cfg.access) {
+            (_, guard::Access::Open) => Ok(()),
+            (Some(ip), a) => a.check(ip),
+            (None, _) => Err(error::ApiError {
+                status: 403,
+                kind: "permission_denied",
+                code: Some("address_not_allowed"),
+                param: None,
+                message: "the caller's address is unknown and this service has an access list"
+                    .into(),
+                retry_after: None,
+            }),
+        }
+    }
+
     /// A fresh request id (unique within this coordinator's life).
     pub fn next_id(&self) -> u64 {
         self.ids.fetch_add(1, Ordering::Relaxed)
@@ -248,6 +287,7 @@ pub async fn run(
         metrics: xpyd_runtime::metrics::install(),
         events: events_api::EventStore::new(cfg.events),
         advisor: advisor::Live::new(cfg.advisor.clone()),
+        limiter: guard::Limiter::new(cfg.rate_limit),
         ids: AtomicU64::new(base << 8),
     });
     let membership = match &cfg.membership {
@@ -279,9 +319,12 @@ pub async fn run(
         .set_serving::<pb::inference_server::InferenceServer<grpc_api::InferenceService>>()
         .await;
     let router = router
-        .add_service(pb::inference_server::InferenceServer::new(
-            grpc_api::InferenceService { app: app.clone() },
-        ))
+        .add_service(
+            pb::inference_server::InferenceServer::new(grpc_api::InferenceService {
+                app: app.clone(),
+            })
+            .max_decoding_message_size(cfg.max_request_bytes),
+        )
         .add_service(pb::registry_server::RegistryServer::new(
             registry::EmbeddedRegistry {
                 cluster,

@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use crate::flow::Prepared;
 use serde::Deserialize;
 use std::net::IpAddr;
+use std::sync::Arc;
 use xpyd_engine::{ChatMessage, SamplingParams};
 
 /// Default `max_tokens` when the client gives none.
@@ -75,6 +76,12 @@ pub struct GenFields {
     pub priority: Option<i64>,
 }
 
+/// The prompt, owned, for the tokenizer's thread.
+enum Source {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+}
+
 /// What the prompt is.
 pub enum Input<'a> {
     /// Chat messages → chat template.
@@ -100,12 +107,13 @@ pub fn class_from_header(v: Option<&str>) -> Result<Option<u8>, ApiError> {
     }
 }
 
-/// Validates and tokenizes.
+/// Validates and tokenizes. A prompt that cannot fit the context is refused before it is
+/// tokenized, and tokenization runs on a blocking thread, never on the async runtime's.
 ///
 /// # Errors
 /// 400/404 naming the field at fault.
-pub fn prepare(
-    app: &App,
+pub async fn prepare(
+    app: &Arc<App>,
     f: &GenFields,
     input: Input<'_>,
     header_class: Option<u8>,
@@ -194,8 +202,8 @@ pub fn prepare(
         }
         other => ApiError::bad_body(other.to_string()),
     })?;
-    let tok = &app.model.tokenizer;
-    let (tokens, param) = match input {
+    let ctx = app.model.config.context_length;
+    let (bytes, param) = match input {
         Input::Chat(msgs) => {
             if msgs.is_empty() {
                 return Err(ApiError::invalid(
@@ -203,19 +211,45 @@ pub fn prepare(
                     "must contain at least one message",
                 ));
             }
-            let msgs: Vec<ChatMessage> = msgs
+            let text = msgs
                 .iter()
-                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone().unwrap_or_default()))
-                .collect();
-            (tok.encode_chat(&msgs), "messages")
+                .map(|m| m.role.len() + m.content.as_ref().map_or(0, String::len));
+            (text.sum(), "messages")
         }
-        Input::Text(t) => (tok.encode(t), "prompt"),
+        Input::Text(t) => (t.len(), "prompt"),
     };
+    if app.model.tokenizer.certainly_reaches(bytes, ctx) {
+        let mut e = ApiError::invalid(
+            param,
+            format!(
+                "This model's maximum context length is {ctx} tokens; the prompt's {bytes} bytes cannot fit it"
+            ),
+        );
+        e.code = Some("context_length_exceeded");
+        return Err(e);
+    }
+    let source = match input {
+        Input::Chat(msgs) => Source::Chat(
+            msgs.iter()
+                .map(|m| ChatMessage::new(m.role.clone(), m.content.clone().unwrap_or_default()))
+                .collect(),
+        ),
+        Input::Text(t) => Source::Text(t.to_owned()),
+    };
+    let worker = app.clone();
+    let tokens = tokio::task::spawn_blocking(move || {
+        let tok = &worker.model.tokenizer;
+        match source {
+            Source::Chat(msgs) => tok.encode_chat(&msgs),
+            Source::Text(t) => tok.encode(&t),
+        }
+    })
+    .await
+    .map_err(|e| ApiError::upstream(500, format!("tokenizer task: {e}")))?;
     let tokens = tokens.map_err(|e| ApiError::invalid(param, e.to_string()))?;
     if tokens.is_empty() {
         return Err(ApiError::invalid(param, "the prompt is empty"));
     }
-    let ctx = app.model.config.context_length;
     if tokens.len() >= ctx {
         let mut e = ApiError::context(tokens.len(), ctx);
         e.param = Some(param.into());

@@ -30,7 +30,11 @@ pub async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let class = class_from_header(headers.get("x-xpyd-priority").and_then(|v| v.to_str().ok()));
-    ws.on_upgrade(move |socket| session(app, socket, peer, class))
+    // A message, like an HTTP body, is bounded by the request size limit.
+    let limit = app.cfg.max_request_bytes;
+    ws.max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| session(app, socket, peer, class))
 }
 
 fn error_frame(e: &ApiError) -> Message {
@@ -51,7 +55,9 @@ async fn session(
             Message::Close(_) => return,
             _ => continue,
         };
-        let prepared = (|| {
+        let prepared = async {
+            // Each request on the socket counts against the rate limit.
+            app.limiter.admit(app.cluster.serving_instances())?;
             let class = class.clone()?;
             let f: GenFields = serde_json::from_str(&text)
                 .map_err(|e| ApiError::bad_body(format!("invalid JSON frame: {e}")))?;
@@ -62,8 +68,9 @@ async fn session(
                     return Err(ApiError::invalid("messages", "is required (or `prompt`)"));
                 }
             };
-            prepare(&app, &f, input, class, Some(peer.ip()), "ws")
-        })();
+            prepare(&app, &f, input, class, Some(peer.ip()), "ws").await
+        }
+        .await;
         let p = match prepared {
             Ok(p) => p,
             Err(e) => {

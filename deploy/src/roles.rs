@@ -145,6 +145,15 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
     cfg.max_migrations = c.max_migrations;
     cfg.client_stall_timeout_s = c.client_stall_timeout_s as u64;
     cfg.max_request_bytes = c.max_request_bytes as usize;
+    cfg.rate_limit = c
+        .rate_limit
+        .as_ref()
+        .map(|r| xpyd_coordinator::guard::RateLimit {
+            rps: r.rps,
+            per_instance: r.scope == manifest::RateScope::Instance,
+        });
+    cfg.access = xpyd_coordinator::guard::Access::parse(&c.access.allow, &c.access.deny)
+        .map_err(|e| anyhow::anyhow!("coordinator.access.{e}"))?;
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
     cfg.lease_ttl = Duration::from_millis(m.registry.lease_ttl_ms as u64);

@@ -65,8 +65,13 @@ fn routed(up: &Up, role: &str) -> HashMap<String, u64> {
         .collect()
 }
 
-/// One HTTP/1.1 request from a chosen local address (127.0.0.x); returns the status.
+/// One HTTP/1.1 POST from a chosen local address (127.0.0.x); returns the status.
 fn post_from(src: &str, http: &str, path: &str, body: &Value) -> u16 {
+    request_from(src, http, "POST", path, &body.to_string())
+}
+
+/// One HTTP/1.1 request from a chosen local address; returns the status.
+fn request_from(src: &str, http: &str, method: &str, path: &str, body: &str) -> u16 {
     let addr: std::net::SocketAddr = http.trim_start_matches("http://").parse().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -77,10 +82,9 @@ fn post_from(src: &str, http: &str, path: &str, body: &Value) -> u16 {
         let sock = tokio::net::TcpSocket::new_v4().unwrap();
         sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
         let mut s = sock.connect(addr).await.unwrap();
-        let b = body.to_string();
         let req = format!(
-            "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
-            b.len()
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
         );
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = String::new();
@@ -267,6 +271,198 @@ fn slo_priority_serves_class_0_before_class_3_when_saturated() {
     assert_eq!(order, vec![0, 0, 0, 3, 3, 3], "completion order by class");
 }
 
+/// `n` requests released together (a barrier): their statuses and Retry-After values.
+fn burst(url: &str, n: usize) -> Vec<(u16, Option<String>, Value)> {
+    let go = Arc::new(std::sync::Barrier::new(n));
+    let hs: Vec<_> = (0..n)
+        .map(|i| {
+            let (url, go) = (url.to_string(), go.clone());
+            std::thread::spawn(move || {
+                let b = body(&format!("burst {i}"), 2).to_string();
+                go.wait();
+                let (code, v, retry) = post_raw(&url, &b, None);
+                (code, retry, v)
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+/// Of a burst's answers: how many were 200, and that every other one is a 429 with
+/// Retry-After and the OpenAI-style `rate_limit_exceeded` error.
+fn admitted(answers: &[(u16, Option<String>, Value)]) -> usize {
+    for (code, retry, v) in answers {
+        match code {
+            200 => {}
+            429 => {
+                assert!(
+                    retry
+                        .as_deref()
+                        .is_some_and(|r| r.parse::<u64>().unwrap() >= 1)
+                );
+                assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+            }
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    answers.iter().filter(|a| a.0 == 200).count()
+}
+
+/// A request whose `content-length` is over the limit, from a raw socket that sends its
+/// head only: the status and the body of the answer.
+fn post_oversized(http: &str, bytes: usize) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let addr = http.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {bytes}\r\nconnection: close\r\n\r\n{{\"prompt\": \""
+    );
+    // Only the head: the limit is told from `content-length`, before the body is read.
+    s.write_all(head.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let out = String::from_utf8_lossy(&out);
+    let code = out.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
+    (code, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// The service-level rate limit refuses exactly a burst's excess with 429 +
+/// Retry-After; a body over the size limit gets 413; a denied address gets 403 before it
+/// costs anything, and an address off the list is served.
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn a_service_rate_limit_refuses_the_excess_and_size_and_access_limits_hold() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "limits",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 2 }\n",
+        )
+        .replace(
+            "grpc_port: 0 }",
+            "grpc_port: 0, max_request_bytes: 1048576, rate_limit: { rps: 3 }, access: { deny: [127.0.0.3/32] } }",
+        ),
+        &model,
+    );
+    let url = format!("{}/v1/completions", up.http);
+    // A burst of 7 against 3 per second: 3 served, exactly 4 refused.
+    assert_eq!(admitted(&burst(&url, 7)), 3);
+    std::thread::sleep(Duration::from_millis(1200));
+    // Denied before the rate limit: three of them cost no token.
+    for _ in 0..3 {
+        assert_eq!(
+            post_from("127.0.0.3", &up.http, "/v1/completions", &body("x", 2)),
+            403
+        );
+    }
+    assert_eq!(
+        post_from("127.0.0.2", &up.http, "/v1/completions", &body("x", 2)),
+        200
+    );
+    let (code, v) = post_oversized(&up.http, 2 << 20);
+    assert_eq!(code, 413, "{v}");
+    assert_eq!(v["error"]["code"], "request_too_large", "{v}");
+    // The probe path stays open to the denied address; the refusals are counted.
+    assert_eq!(
+        request_from("127.0.0.3", &up.http, "GET", "/health", ""),
+        200
+    );
+    assert_eq!(
+        request_from("127.0.0.3", &up.http, "GET", "/v1/models", ""),
+        403
+    );
+    let refused = common::cluster::metric_sum(
+        &up.http,
+        "xpyd_coordinator_rejected_total",
+        "reason=\"rate_limit\"",
+    );
+    assert_eq!(refused, 4.0);
+}
+
+/// The instance-level limit is `rps` per ready decode worker (2 here): a burst over it
+/// is refused by exactly its excess, over HTTP and over gRPC (`RESOURCE_EXHAUSTED` with
+/// `retry-after` metadata).
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn an_instance_rate_limit_scales_with_ready_decode_workers_on_http_and_grpc() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "limits-instance",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 2 }\n",
+        )
+        .replace(
+            "grpc_port: 0 }",
+            "grpc_port: 0, rate_limit: { rps: 2, scope: instance } }",
+        ),
+        &model,
+    );
+    let url = format!("{}/v1/completions", up.http);
+    assert_eq!(
+        admitted(&burst(&url, 7)),
+        4,
+        "2 per second × 2 decode workers"
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let codes = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(up.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let calls = (0..7).map(|i| {
+            let mut c = pb::inference_client::InferenceClient::new(ch.clone());
+            async move {
+                c.complete(pb::GenerateRequest {
+                    input: Some(pb::generate_request::Input::Prompt(format!("g{i}"))),
+                    sampling: Some(pb::Sampling {
+                        max_tokens: Some(2),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+            }
+        });
+        futures_join_all(calls).await
+    });
+    let mut ok = 0;
+    for r in codes {
+        match r {
+            Ok(_) => ok += 1,
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                assert!(s.metadata().get("retry-after").is_some(), "{s:?}");
+            }
+        }
+    }
+    assert_eq!(ok, 4);
+}
+
+/// Runs futures at once and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    fs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let hs: Vec<_> = fs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in hs {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 #[test]
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn overload_gets_429_with_retry_after_and_the_rest_complete() {
@@ -440,6 +636,12 @@ fn bad_inputs_get_clear_errors_and_the_cluster_keeps_serving() {
             json!({"messages": [{"role": "user", "content": "z".repeat(3000)}]}).to_string(),
             400,
             "context length",
+        ),
+        (
+            "a prompt refused before it is tokenized",
+            json!({"messages": [{"role": "user", "content": "z".repeat(5_000_000)}]}).to_string(),
+            400,
+            "bytes cannot fit",
         ),
         (
             "empty messages",

@@ -52,6 +52,8 @@ pub struct Tokenizer {
     eos: Vec<u32>,
     bos_text: String,
     eos_text: String,
+    /// Bytes of the longest vocabulary entry: no token stands for more text.
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -124,7 +126,15 @@ impl Tokenizer {
             .ok()
             .and_then(|v| v.to_string().ok().cloned())
             .unwrap_or_else(|| CHATML.to_string());
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Ok(Tokenizer {
+            max_token_bytes,
             bos_text: text_of(bos),
             eos_text: text_of(eos.first().copied()),
             inner,
@@ -133,6 +143,14 @@ impl Tokenizer {
             add_bos,
             eos,
         })
+    }
+
+    /// Whether `bytes` bytes of text certainly make at least `tokens` tokens, told without
+    /// tokenizing: no token stands for more than the longest vocabulary entry's bytes
+    /// (a margin of 4 covers normalizers that shorten text). A coordinator refuses an
+    /// oversized prompt with this before it spends time on it.
+    pub fn certainly_reaches(&self, bytes: usize, tokens: usize) -> bool {
+        bytes / (4 * self.max_token_bytes) >= tokens
     }
 
     /// Tokenizes raw text, adding BOS when the model's metadata asks for it. Special

@@ -19,8 +19,8 @@ pub use reliability::{
     AdvisorSpec, EventsSpec, Probe, ProbeAction, ProbeKind, RebuildScope, UpgradeSpec,
 };
 pub use types::{
-    CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RegistryBackend, RegistrySpec,
-    RoleSpec, RolesSpec, RoutingPolicy, RoutingSpec,
+    CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RateScope, RegistryBackend,
+    RegistrySpec, RoleSpec, RolesSpec, RoutingPolicy, RoutingSpec,
 };
 pub use upgrade::UpgradeChanges;
 

@@ -396,6 +396,37 @@ fn coordinator_ranges_name_their_fields() {
         "must differ",
     );
     assert_parse_err(c("http_port: 70000"), &["coordinator.http_port"]);
+    assert_invalid(
+        c("rate_limit: { rps: 0 }"),
+        "coordinator.rate_limit.rps",
+        "1..=10000",
+    );
+    assert_invalid(
+        c("rate_limit: { rps: 10001, scope: instance }"),
+        "coordinator.rate_limit.rps",
+        "1..=10000",
+    );
+    assert_parse_err(c("rate_limit: { rps: 5, scope: replica }"), &["scope"]);
+    assert_invalid(
+        c("access: { allow: [10.0.0.0/8, 300.1.1.1] }"),
+        "coordinator.access.allow[1]",
+        "`300.1.1.1` is not a CIDR network or an address",
+    );
+    assert_invalid(
+        c("access: { allow: [10.0.0.0/8], deny: [10.1.0.0/16] }"),
+        "coordinator.access.allow",
+        "not both",
+    );
+    let eleven: Vec<String> = (0..11).map(|i| format!("10.0.0.{i}")).collect();
+    assert_invalid(
+        c(&format!("access: {{ deny: [{}] }}", eleven.join(", "))),
+        "coordinator.access.deny",
+        "at most 10",
+    );
+    let m =
+        c("rate_limit: { rps: 50, scope: instance }, access: { deny: [127.0.0.3/32] }").unwrap();
+    assert_eq!(m.coordinator.rate_limit.unwrap().scope, RateScope::Instance);
+    assert_eq!(m.coordinator.access.deny, ["127.0.0.3/32"]);
     assert!(c("host: 0.0.0.0, http_port: 8000, grpc_port: 8001").is_ok());
     assert!(c("host: localhost").is_ok());
 }

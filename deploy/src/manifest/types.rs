@@ -33,6 +33,44 @@ pub struct CoordinatorSpec {
     pub client_stall_timeout_s: u32,
     /// How `xpyd up` stops the coordinator (after which it stops the workers).
     pub graceful_shutdown: GracefulShutdown,
+    /// Requests per second on the inference APIs; none by default.
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Who may call the public APIs; everyone by default.
+    pub access: AccessSpec,
+}
+
+/// A request-rate limit: excess requests get 429 with Retry-After.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Requests per second, `1..=10000`.
+    pub rps: u32,
+    /// `service` (default): `rps` in all; `instance`: `rps` per ready serving worker
+    /// (decode or combined).
+    #[serde(default)]
+    pub scope: RateScope,
+}
+
+/// What a rate limit counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RateScope {
+    /// One total for the service.
+    #[default]
+    Service,
+    /// Per ready serving instance.
+    Instance,
+}
+
+/// An access list: CIDR networks (or bare addresses), at most 10, either allowed
+/// (everyone else gets 403) or denied — not both.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessSpec {
+    /// Only these may call.
+    pub allow: Vec<String>,
+    /// These may not call.
+    pub deny: Vec<String>,
 }
 
 impl Default for CoordinatorSpec {
@@ -49,6 +87,8 @@ impl Default for CoordinatorSpec {
             max_migrations: 3,
             client_stall_timeout_s: 30,
             graceful_shutdown: GracefulShutdown::default(),
+            rate_limit: None,
+            access: AccessSpec::default(),
         }
     }
 }

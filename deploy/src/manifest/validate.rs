@@ -147,6 +147,13 @@ fn coordinator(c: &CoordinatorSpec) -> Result {
         MIB,
         50 * MIB,
     )?;
+    if let Some(r) = &c.rate_limit {
+        range("coordinator.rate_limit.rps", r.rps, 1, 10_000)?;
+    }
+    xpyd_coordinator::guard::Access::parse(&c.access.allow, &c.access.deny).map_err(|e| {
+        let (field, reason) = e.split_once(": ").unwrap_or(("", &e));
+        ManifestError::invalid(format!("coordinator.access.{field}"), reason)
+    })?;
     graceful("coordinator.graceful_shutdown", &c.graceful_shutdown)
 }
 
