@@ -9,9 +9,35 @@ use std::time::Duration;
 /// Bound of a quick local call (`/v1/cluster`, `/metrics`, a health probe).
 pub(crate) const QUICK: Duration = Duration::from_secs(30);
 
+/// The credential this process's calls to a coordinator carry: the cluster token
+/// `xpyd up` set for its own calls, else `$XPYD_API_KEY`.
+static BEARER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes every later call of this process carry `token` (`xpyd up`'s cluster token).
+pub fn set_bearer(token: String) {
+    let _ = BEARER.set(token);
+}
+
+/// The `Authorization` value calls carry, if any.
+pub fn authorization() -> Option<String> {
+    BEARER
+        .get()
+        .cloned()
+        .or_else(|| std::env::var("XPYD_API_KEY").ok().filter(|k| !k.is_empty()))
+        .map(|k| format!("Bearer {k}"))
+}
+
+/// `req` with the process's credential, if it has one.
+pub fn with_auth<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    match authorization() {
+        Some(a) => req.header("Authorization", a),
+        None => req,
+    }
+}
+
 /// `GET url` as text, all of it within `timeout`.
 pub fn get_text(url: &str, timeout: Duration) -> Result<String> {
-    ureq::get(url)
+    with_auth(ureq::get(url))
         .config()
         .timeout_global(Some(timeout))
         .build()
@@ -30,7 +56,7 @@ pub fn get_json(url: &str, timeout: Duration) -> Result<Value> {
 
 /// `POST url` with a JSON body, the JSON answer, all of it within `timeout`.
 pub(crate) fn post_json(url: &str, body: &Value, timeout: Duration) -> Result<Value> {
-    let text = ureq::post(url)
+    let text = with_auth(ureq::post(url))
         .header("Content-Type", "application/json")
         .config()
         .timeout_global(Some(timeout))

@@ -28,12 +28,26 @@ fn usage_pb(u: Usage) -> pb::Usage {
 }
 
 impl InferenceService {
+    /// The access list, then the API key (metadata `authorization: Bearer <key>`).
+    fn guard<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.app
+            .access(req.remote_addr().map(|a| a.ip()))
+            .map_err(|e| e.grpc())?;
+        let auth = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.app
+            .authorize(auth, crate::keys::Need::Service)
+            .map_err(|e| e.grpc())
+    }
+
     async fn start(
         &self,
         req: Request<pb::GenerateRequest>,
     ) -> Result<mpsc::Receiver<Delta>, Status> {
         let peer = req.remote_addr().map(|a| a.ip());
-        self.app.access(peer).map_err(|e| e.grpc())?;
+        self.guard(&req)?;
         self.app
             .limiter
             .admit(self.app.cluster.serving_instances())
@@ -154,9 +168,7 @@ impl pb::inference_server::Inference for InferenceService {
         &self,
         req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
-        self.app
-            .access(req.remote_addr().map(|a| a.ip()))
-            .map_err(|e| e.grpc())?;
+        self.guard(&req)?;
         Ok(Response::new(pb::ListModelsResponse {
             models: vec![pb::ModelInfo {
                 id: self.app.model_id.clone(),

@@ -5,6 +5,7 @@
 use crate::App;
 use crate::error::ApiError;
 use crate::flow::{self, Delta, Usage};
+use crate::keys::Need;
 use crate::request::{GenFields, Input, class_from_header, prepare};
 use axum::Router;
 use axum::body::Bytes;
@@ -41,6 +42,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .merge(crate::admin_api::routes())
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(middleware::from_fn_with_state(app.clone(), access))
         .with_state(app)
 }
@@ -57,6 +59,35 @@ async fn access(
         && let Err(e) = app.cfg.access.check(peer.ip())
     {
         return refused(e, "http");
+    }
+    next.run(req).await
+}
+
+/// The inference routes: any key scoped to the service opens them; every other route
+/// but `/health` is an operations route and needs an admin key (or the cluster's token).
+const INFERENCE: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/ws",
+];
+
+/// The API key, after the access list: 401/403 as OpenAI-style errors.
+async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path != "/health" {
+        let need = if INFERENCE.contains(&path) {
+            Need::Service
+        } else {
+            Need::Admin
+        };
+        let auth = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        if let Err(e) = app.authorize(auth, need) {
+            return refused(e, "http");
+        }
     }
     next.run(req).await
 }

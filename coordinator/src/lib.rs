@@ -14,6 +14,7 @@ pub mod flow;
 pub mod grpc_api;
 pub mod guard;
 pub mod http_api;
+pub mod keys;
 pub mod registry;
 pub mod request;
 pub mod router;
@@ -95,6 +96,19 @@ pub struct Config {
     pub access: guard::Access,
     /// Requests per second on the inference APIs (excess: 429 with Retry-After).
     pub rate_limit: Option<guard::RateLimit>,
+    /// API keys (`None`: every caller the access list lets in is served).
+    pub auth: Option<Auth>,
+    /// The cluster's own credential (from `xpyd up`): passes as an admin key.
+    pub cluster_token: Option<String>,
+}
+
+/// API-key authentication.
+#[derive(Debug, Clone)]
+pub struct Auth {
+    /// The key store's directory.
+    pub dir: PathBuf,
+    /// This service's name (what keys are bound to).
+    pub service: String,
 }
 
 impl Config {
@@ -123,6 +137,8 @@ impl Config {
             advisor: advisor::Setup::default(),
             access: guard::Access::Open,
             rate_limit: None,
+            auth: None,
+            cluster_token: None,
         }
     }
 
@@ -195,6 +211,8 @@ pub struct App {
     pub advisor: advisor::Live,
     /// The request-rate limit of the inference APIs.
     pub limiter: guard::Limiter,
+    /// The API keys, when the service requires them.
+    pub keys: Option<keys::Live>,
     ids: AtomicU64,
 }
 
@@ -217,6 +235,22 @@ impl App {
                     .into(),
                 retry_after: None,
             }),
+        }
+    }
+
+    /// The API key a call presents (its `Authorization` value), when the service
+    /// requires keys.
+    ///
+    /// # Errors
+    /// 401 or 403.
+    pub fn authorize(
+        &self,
+        authorization: Option<&str>,
+        need: keys::Need,
+    ) -> Result<(), error::ApiError> {
+        match &self.keys {
+            None => Ok(()),
+            Some(k) => k.check(authorization, need),
         }
     }
 
@@ -246,6 +280,30 @@ pub enum CoordinatorError {
     /// A listener failed.
     #[error("serve: {0}")]
     Serve(String),
+}
+
+/// Writes when keys were last used into the store every few seconds, and once more at
+/// shutdown.
+async fn record_key_use(app: Arc<App>, shutdown: CancellationToken) {
+    if app.keys.is_none() {
+        return;
+    }
+    loop {
+        let stop = tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => false,
+            () = shutdown.cancelled() => true,
+        };
+        let a = app.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(k) = &a.keys {
+                k.flush_used();
+            }
+        })
+        .await;
+        if stop {
+            return;
+        }
+    }
 }
 
 /// Runs the coordinator until `shutdown`.
@@ -279,6 +337,17 @@ pub async fn run(
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as u64;
+    let keys = match &cfg.auth {
+        None => None,
+        Some(a) => Some(
+            keys::Live::new(
+                keys::Store::new(&a.dir),
+                &a.service,
+                cfg.cluster_token.clone(),
+            )
+            .map_err(|e| CoordinatorError::Config(format!("auth: {e}")))?,
+        ),
+    };
     let app = Arc::new(App {
         cfg: cfg.clone(),
         model,
@@ -288,6 +357,7 @@ pub async fn run(
         events: events_api::EventStore::new(cfg.events),
         advisor: advisor::Live::new(cfg.advisor.clone()),
         limiter: guard::Limiter::new(cfg.rate_limit),
+        keys,
         ids: AtomicU64::new(base << 8),
     });
     let membership = match &cfg.membership {
@@ -300,6 +370,7 @@ pub async fn run(
         )),
     };
     let advisor_loop = tokio::spawn(advisor::api::run_loop(app.clone(), shutdown.clone()));
+    let used_loop = tokio::spawn(record_key_use(app.clone(), shutdown.clone()));
     let http_addr = listeners.http.local_addr().ok();
     let http = tokio::spawn(xpyd_runtime::http::serve(
         http_api::router(app.clone()),
@@ -342,5 +413,6 @@ pub async fn run(
     let _ = http.await;
     let _ = membership.await;
     let _ = advisor_loop.await;
+    let _ = used_loop.await;
     served.map_err(|e| CoordinatorError::Serve(e.to_string()))
 }

@@ -67,6 +67,11 @@ enum Cmd {
     Status(client::Target),
     /// Chat with a running cluster (streams the answer).
     Chat(client::ChatArgs),
+    /// API keys of services with `auth: api_key` (create, list, bind, unbind, delete).
+    Keys {
+        #[command(subcommand)]
+        cmd: crate::keys_cli::KeysCmd,
+    },
     /// Run the coordinator of a manifest (started by `xpyd up`).
     Coordinator(roles::CoordinatorArgs),
     /// Run one worker of a manifest (started by `xpyd up`).
@@ -165,6 +170,7 @@ impl Cli {
             | Cmd::Recommend(_)
             | Cmd::Status(_)
             | Cmd::Chat(_)
+            | Cmd::Keys { .. }
             | Cmd::Coordinator(_) => return Ok(()),
         };
         compute::init(&args.compute()?)?;
@@ -200,6 +206,7 @@ impl Cli {
             Cmd::Recommend(a) => recommend::run(&a),
             Cmd::Status(t) => client::status(&t),
             Cmd::Chat(a) => client::chat(&a),
+            Cmd::Keys { cmd } => crate::keys_cli::run(cmd),
             Cmd::Coordinator(a) => roles::coordinator(&a),
             Cmd::Worker(a) => roles::worker(&a),
         }

@@ -149,7 +149,7 @@ fn stream_chat(
     out: &mut dyn Write,
 ) -> Result<String> {
     let body = json!({"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "stream": true});
-    let resp = ureq::post(&format!("{http}/v1/chat/completions"))
+    let resp = xpyd_bench::http::with_auth(ureq::post(&format!("{http}/v1/chat/completions")))
         .header("content-type", "application/json")
         .config()
         .http_status_as_error(false)

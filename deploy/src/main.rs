@@ -7,6 +7,7 @@ mod client;
 mod env;
 mod exit;
 mod generate;
+mod keys_cli;
 mod manifest;
 mod model_fetch;
 mod ops;

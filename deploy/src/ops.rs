@@ -11,6 +11,7 @@ use clap::Args;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use xpyd_bench::http::with_auth;
 use xpyd_runtime::events::{self, Severity};
 
 /// Bound of one control call.
@@ -52,12 +53,11 @@ fn call(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, Value)> {
         .build()
         .into();
     let resp = match (method, body) {
-        ("POST", Some(b)) => agent
-            .post(url)
+        ("POST", Some(b)) => with_auth(agent.post(url))
             .header("content-type", "application/json")
             .send(b.to_string()),
-        ("POST", None) => agent.post(url).send_empty(),
-        _ => agent.get(url).call(),
+        ("POST", None) => with_auth(agent.post(url)).send_empty(),
+        _ => with_auth(agent.get(url)).call(),
     }
     .with_context(|| format!("{method} {url}"))?;
     let code = resp.status().as_u16();

@@ -326,7 +326,7 @@ fn online(a: &RecommendArgs, url: &str, slo: &Slo) -> Result<Outcome> {
         body["rate"] = json!(r);
     }
     let endpoint = format!("{}/v1/advisor/whatif", url.trim_end_matches('/'));
-    let resp = ureq::post(&endpoint)
+    let resp = xpyd_bench::http::with_auth(ureq::post(&endpoint))
         .header("content-type", "application/json")
         .config()
         .timeout_global(Some(std::time::Duration::from_secs(300)))
@@ -355,12 +355,15 @@ fn online(a: &RecommendArgs, url: &str, slo: &Slo) -> Result<Outcome> {
         None => None,
     };
     let budget = v["budget"].as_u64().unwrap_or(0) as u32;
-    let status: Value = ureq::get(&format!("{}/v1/advisor", url.trim_end_matches('/')))
-        .call()
-        .ok()
-        .and_then(|r| r.into_body().read_to_string().ok())
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or(Value::Null);
+    let status: Value = xpyd_bench::http::with_auth(ureq::get(&format!(
+        "{}/v1/advisor",
+        url.trim_end_matches('/')
+    )))
+    .call()
+    .ok()
+    .and_then(|r| r.into_body().read_to_string().ok())
+    .and_then(|t| serde_json::from_str(&t).ok())
+    .unwrap_or(Value::Null);
     Ok((
         ranked,
         fewest,

@@ -31,6 +31,10 @@ pub struct CoordinatorArgs {
     /// Stop when this process (the `xpyd up` that started it) is gone.
     #[arg(long, hide = true)]
     pub supervisor_pid: Option<i32>,
+    /// The cluster's credential (a file `xpyd up` wrote, mode 0600): it passes as an
+    /// admin key, for the supervisor's own calls.
+    #[arg(long, hide = true)]
+    pub cluster_token_file: Option<PathBuf>,
 }
 
 /// Flags of `xpyd worker`.
@@ -154,6 +158,17 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         });
     cfg.access = xpyd_coordinator::guard::Access::parse(&c.access.allow, &c.access.deny)
         .map_err(|e| anyhow::anyhow!("coordinator.access.{e}"))?;
+    if c.auth == manifest::AuthMode::ApiKey {
+        cfg.auth = Some(xpyd_coordinator::Auth {
+            dir: xpyd_coordinator::keys::default_dir(),
+            service: m.name.clone(),
+        });
+    }
+    if let Some(f) = &a.cluster_token_file {
+        let t =
+            std::fs::read_to_string(f).with_context(|| format!("cluster token {}", f.display()))?;
+        cfg.cluster_token = Some(t.trim().to_string());
+    }
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
     cfg.lease_ttl = Duration::from_millis(m.registry.lease_ttl_ms as u64);

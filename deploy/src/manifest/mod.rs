@@ -19,7 +19,7 @@ pub use reliability::{
     AdvisorSpec, EventsSpec, Probe, ProbeAction, ProbeKind, RebuildScope, UpgradeSpec,
 };
 pub use types::{
-    CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RateScope, RegistryBackend,
+    AuthMode, CoordinatorSpec, EngineKind, KvDtype, KvSpec, PinScope, RateScope, RegistryBackend,
     RegistrySpec, RoleSpec, RolesSpec, RoutingPolicy, RoutingSpec,
 };
 pub use upgrade::UpgradeChanges;

@@ -37,6 +37,21 @@ pub struct CoordinatorSpec {
     pub rate_limit: Option<RateLimitSpec>,
     /// Who may call the public APIs; everyone by default.
     pub access: AccessSpec,
+    /// `none` (default) or `api_key`: every call but `/health` needs a key from the
+    /// store `xpyd keys` manages (inference: a key scoped to this service; operations:
+    /// an admin key).
+    pub auth: AuthMode,
+}
+
+/// How callers authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// No authentication.
+    #[default]
+    None,
+    /// API keys (`Authorization: Bearer <key>`, gRPC metadata `authorization`).
+    ApiKey,
 }
 
 /// A request-rate limit: excess requests get 429 with Retry-After.
@@ -89,6 +104,7 @@ impl Default for CoordinatorSpec {
             graceful_shutdown: GracefulShutdown::default(),
             rate_limit: None,
             access: AccessSpec::default(),
+            auth: AuthMode::None,
         }
     }
 }

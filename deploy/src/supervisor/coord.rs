@@ -34,6 +34,8 @@ pub struct CoordStart<'a> {
     pub pids: &'a Pids,
     /// The actor's inbox.
     pub msgs: &'a mpsc::Sender<Msg>,
+    /// The cluster token's file (mode 0600).
+    pub token_file: &'a Path,
 }
 
 /// Starts the coordinator and waits for the URLs it prints.
@@ -49,6 +51,8 @@ pub async fn start_coordinator(c: CoordStart<'_>) -> Result<Coord> {
         c.model.display().to_string(),
         "--supervisor-pid".into(),
         std::process::id().to_string(),
+        "--cluster-token-file".into(),
+        c.token_file.display().to_string(),
     ];
     let generation = 1;
     let s = process::spawn(c.exe, &args, generation, c.pids, c.msgs)?;

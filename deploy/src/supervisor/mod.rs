@@ -105,12 +105,23 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let pids = process::Pids::default();
     on_signals(stop.clone(), pids.clone());
     let (msgs_tx, msgs_rx) = mpsc::channel(1024);
+    // The cluster's own credential: the coordinator takes it as an admin key, so the
+    // supervisor's calls pass when the service requires API keys. It never appears in
+    // an argument list: the coordinator reads it from a file only this user can read.
+    let token = xpyd_coordinator::keys::random_hex(32)?;
+    let token_file = client::state_file(&m.name).with_extension("token");
+    if let Some(d) = token_file.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    xpyd_coordinator::keys::write_private(&token_file, token.as_bytes())?;
+    xpyd_bench::http::set_bearer(token);
     let coord = coord::start_coordinator(coord::CoordStart {
         exe: &exe,
         file: &a.file,
         model,
         pids: &pids,
         msgs: &msgs_tx,
+        token_file: &token_file,
     })
     .await;
     let coord = match coord {

@@ -47,6 +47,16 @@ impl Up {
     /// Like [`Up::start`], with these environment variables set for the processes it
     /// starts (test knobs such as `XPYD_DEBUG_DELAY` and `XPYD_DEBUG_PANIC`).
     pub fn start_with(yaml: &str, model: &Path, env: &[(&str, &str)]) -> Up {
+        Up::start_full(yaml, model, env, Stdio::inherit())
+    }
+
+    /// Like [`Up::start_with`], with the log of every process (their stderr) in `log`.
+    pub fn start_logged(yaml: &str, model: &Path, env: &[(&str, &str)], log: &Path) -> Up {
+        let f = std::fs::File::create(log).unwrap();
+        Up::start_full(yaml, model, env, Stdio::from(f))
+    }
+
+    fn start_full(yaml: &str, model: &Path, env: &[(&str, &str)], stderr: Stdio) -> Up {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("cluster.yaml");
         std::fs::write(&manifest, yaml).unwrap();
@@ -58,7 +68,7 @@ impl Up {
             .args(["--grace-s", "20"])
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let out = child.stdout.take().unwrap();
