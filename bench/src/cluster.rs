@@ -35,6 +35,8 @@ pub struct ClusterSpec<'a> {
     pub model: &'a Path,
     /// Give up when the cluster is not ready after this long.
     pub ready_timeout: Duration,
+    /// Environment of `xpyd up` and the processes it starts (e.g. `XPYD_STATE_DIR`).
+    pub env: &'a [(String, String)],
 }
 
 impl Cluster {
@@ -48,8 +50,10 @@ impl Cluster {
             manifest,
             model,
             ready_timeout,
+            env,
         } = spec;
         let mut child = Command::new(exe)
+            .envs(env.iter().cloned())
             .args(["up", "-f"])
             .arg(manifest)
             .arg("--model")

@@ -261,6 +261,7 @@ pub fn run(a: &FlipArgs, host: &Host) -> Result<()> {
         manifest: &manifest,
         model: &model,
         ready_timeout: Duration::from_secs(300),
+        env: &[],
     })?;
     let clients = Clients::start(&c.http, a.clients);
     std::thread::sleep(Duration::from_secs(2));

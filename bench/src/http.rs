@@ -23,7 +23,11 @@ pub fn authorization() -> Option<String> {
     BEARER
         .get()
         .cloned()
-        .or_else(|| std::env::var("XPYD_API_KEY").ok().filter(|k| !k.is_empty()))
+        .or_else(|| {
+            std::env::var(xpyd_runtime::env::API_KEY)
+                .ok()
+                .filter(|k| !k.is_empty())
+        })
         .map(|k| format!("Bearer {k}"))
 }
 

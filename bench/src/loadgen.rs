@@ -270,6 +270,15 @@ async fn one(
         }),
         priority: None,
     };
+    // The process's API key (`$XPYD_API_KEY`), when it has one.
+    let auth = crate::http::authorization().and_then(|a| a.parse().ok());
+    let body = {
+        let mut r = tonic::Request::new(body);
+        if let Some(a) = auth {
+            r.metadata_mut().insert("authorization", a);
+        }
+        r
+    };
     let streamed = async {
         if !stream {
             let resp = client.complete(body).await?.into_inner();

@@ -4,7 +4,9 @@
 //! and 1P1D × sequential and 64-way concurrent × streamed and not × 1 and 16 output
 //! tokens. The aggregated mode is also measured straight against the worker's own
 //! `DecodeWorker.Generate` (token ids in, no coordinator), so the coordinator's share is
-//! the difference.
+//! the difference. A third cluster, aggregated behind every guard (an API key on each
+//! call, an access list, a rate limit), gives the guards' cost as a ratio to the plain
+//! aggregated one in the same run.
 
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::host::Host;
@@ -51,6 +53,15 @@ roles:
   combined: { replicas: 1, engine: mock, max_running: 128, prefix_cache_blocks: 0 }
 ";
 
+/// The aggregated cluster behind every guard: an API key checked on each call, an
+/// access list and a rate limit too high to refuse anything.
+const GUARDED: &str = "name: overhead-guarded
+mode: single
+coordinator: { http_port: 0, grpc_port: 0, auth: api_key, rate_limit: { rps: 10000 }, access: { allow: [127.0.0.0/8] } }
+roles:
+  combined: { replicas: 1, engine: mock, max_running: 128, prefix_cache_blocks: 0 }
+";
+
 const DISAGGREGATED: &str = "name: overhead-1p1d
 mode: disaggregated
 coordinator: { http_port: 0, grpc_port: 0 }
@@ -92,8 +103,25 @@ pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
         .enable_all()
         .build()?;
     let dir = tempfile_dir()?;
+    // The guarded cluster's key store and key; every scenario's calls carry the key (a
+    // service without auth ignores it), so the scenarios differ only in the guards.
+    let state = dir.join("state");
+    let key = std::process::Command::new(&host.exe)
+        .args(["keys", "create", "--name", "overhead", "--admin", "--dir"])
+        .arg(state.join("keys"))
+        .output()
+        .context("xpyd keys create")?;
+    if !key.status.success() {
+        bail!("xpyd keys create: {}", String::from_utf8_lossy(&key.stderr));
+    }
+    crate::http::set_bearer(String::from_utf8_lossy(&key.stdout).trim().to_string());
+    let env = vec![(env::STATE_DIR.to_string(), state.display().to_string())];
     let mut rows = Vec::new();
-    for (mode, yaml) in [("aggregated", AGGREGATED), ("1p1d", DISAGGREGATED)] {
+    for (mode, yaml) in [
+        ("aggregated", AGGREGATED),
+        ("aggregated-guarded", GUARDED),
+        ("1p1d", DISAGGREGATED),
+    ] {
         let manifest = dir.join(format!("{mode}.yaml"));
         std::fs::write(&manifest, yaml).with_context(|| format!("{}", manifest.display()))?;
         eprintln!("== {mode}");
@@ -102,6 +130,7 @@ pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
             manifest: &manifest,
             model: &model,
             ready_timeout: Duration::from_secs(300),
+            env: &env,
         })?;
         for (concurrency, n) in [(1, a.sequential), (a.concurrency, a.concurrent_requests)] {
             for stream in [true, false] {
@@ -175,8 +204,56 @@ pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
             added.push(json!({"output_tokens": out, "mean_ms": diff("mean"), "p50_ms": diff("p50"), "p99_ms": diff("p99")}));
         }
     }
+    // What the guards (API key, access list, rate limit) cost: guarded over plain, the
+    // same requests in the same run.
+    let mut guards = Vec::new();
+    for r in rows.iter().filter(|r| r["mode"] == "aggregated-guarded") {
+        let plain = rows.iter().find(|p| {
+            p["mode"] == "aggregated"
+                && p["concurrency"] == r["concurrency"]
+                && p["stream"] == r["stream"]
+                && p["output_tokens"] == r["output_tokens"]
+        });
+        if let Some(p) = plain {
+            let ratio = |k: &str| {
+                r["e2e_ms"][k].as_f64().unwrap_or(f64::NAN)
+                    / p["e2e_ms"][k].as_f64().unwrap_or(f64::NAN)
+            };
+            guards.push(json!({
+                "concurrency": r["concurrency"], "stream": r["stream"],
+                "output_tokens": r["output_tokens"],
+                "e2e_mean_ratio": ratio("mean"), "e2e_p50_ratio": ratio("p50"),
+                "e2e_p99_ratio": ratio("p99"),
+            }));
+        }
+    }
+    let per_request = guard_cost(&dir)?;
+    let coordinator_added = added
+        .iter()
+        .find(|a| a["output_tokens"] == 1)
+        .and_then(|a| a["mean_ms"].as_f64());
     let _ = std::fs::remove_dir_all(&dir);
     print_rows(&rows);
+    eprintln!(
+        "guards in process: {per_request:.2} µs per request{}",
+        coordinator_added.map_or(String::new(), |c| format!(
+            " = {:.1} % of the {:.0} µs the coordinator adds (1 token, sequential, streamed)",
+            100.0 * per_request / (c * 1e3),
+            c * 1e3
+        ))
+    );
+    eprintln!("guards (API key + access list + rate limit), e2e guarded / plain:");
+    for g in &guards {
+        eprintln!(
+            "  c={:<3} stream={:<5} out={:<2}  mean {:.3}  p50 {:.3}  p99 {:.3}",
+            g["concurrency"],
+            g["stream"],
+            g["output_tokens"],
+            g["e2e_mean_ratio"].as_f64().unwrap_or(f64::NAN),
+            g["e2e_p50_ratio"].as_f64().unwrap_or(f64::NAN),
+            g["e2e_p99_ratio"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
     let out = json!({
         "engine": "mock (zero latency)",
         "prompt_tokens": a.prompt_tokens,
@@ -184,6 +261,9 @@ pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
         "anchor": "NVIDIA Dynamo 1.6 frontend + mocker, 1-token: ~1.0-1.3 ms mean / 3.7-4.7 ms p99 aggregated, 3-5 ms mean / 11-14 ms p99 1P1D",
         "scenarios": rows,
         "coordinator_added_sequential_streamed": added,
+        "guards_over_plain": guards,
+        "guards_in_process_us_per_request": per_request,
+        "guards_share_of_coordinator_added": coordinator_added.map(|c| per_request / (c * 1e3)),
     });
     let text = serde_json::to_string_pretty(&out)?;
     if let Some(p) = &a.out {
@@ -193,6 +273,32 @@ pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
         println!("{text}");
     }
     Ok(())
+}
+
+/// What the guards cost one request in the coordinator's process, in µs: the access
+/// list, the API key (HMAC-SHA256 and a constant-time compare) and the rate limiter,
+/// timed over many calls on this thread.
+fn guard_cost(dir: &std::path::Path) -> Result<f64> {
+    use xpyd_coordinator::{guard, keys};
+    let store = keys::Store::new(dir.join("micro-keys"));
+    let secret = store.create("micro", &[], false)?;
+    let live = keys::Live::new(store, "svc", None)?;
+    let access = guard::Access::parse(&["127.0.0.0/8".into(), "10.0.0.0/8".into()], &[])
+        .map_err(anyhow::Error::msg)?;
+    let limiter = guard::Limiter::new(Some(guard::RateLimit {
+        rps: 10_000,
+        per_instance: true,
+    }));
+    let header = format!("Bearer {secret}");
+    let ip: std::net::IpAddr = "127.0.0.1".parse()?;
+    let n = 200_000u32;
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        let _ = access.check(ip);
+        let _ = live.check(Some(&header), keys::Need::Service);
+        let _ = limiter.admit(1);
+    }
+    Ok(t0.elapsed().as_secs_f64() * 1e6 / f64::from(n))
 }
 
 /// Sequential streamed requests straight to the combined worker of `cluster`.
@@ -256,13 +362,13 @@ fn tempfile_dir() -> Result<PathBuf> {
 
 fn print_rows(rows: &[Value]) {
     eprintln!(
-        "{:<11} {:>5} {:>7} {:>4} {:>6} {:>9} {:>9} {:>9}",
+        "{:<18} {:>5} {:>7} {:>4} {:>6} {:>9} {:>9} {:>9}",
         "mode", "conc", "stream", "out", "reqs", "mean ms", "p50 ms", "p99 ms"
     );
     for r in rows {
         let e = &r["e2e_ms"];
         eprintln!(
-            "{:<11} {:>5} {:>7} {:>4} {:>6} {:>9.2} {:>9.2} {:>9.2}",
+            "{:<18} {:>5} {:>7} {:>4} {:>6} {:>9.2} {:>9.2} {:>9.2}",
             r["mode"].as_str().unwrap_or(""),
             r["concurrency"].to_string(),
             r["stream"].to_string(),

@@ -23,6 +23,24 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A refusal before the request is looked at: 401, 403, 413 or 429 (this one with
+    /// `Retry-After: retry_after` seconds), with its OpenAI `type` and `code`.
+    pub fn refusal(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            code: Some(code),
+            param: None,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
     /// 400 naming the field (in `param` and at the start of the message).
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         ApiError {

@@ -83,17 +83,15 @@ impl Access {
         }
         metrics::counter!(xpyd_runtime::metrics::COORD_REJECTED_TOTAL, "reason" => "access")
             .increment(1);
-        Err(ApiError {
-            status: 403,
-            kind: "permission_denied",
-            code: Some("address_not_allowed"),
-            param: None,
-            message: format!(
+        Err(ApiError::refusal(
+            403,
+            "permission_denied",
+            "address_not_allowed",
+            format!(
                 "requests from {} are not allowed by this service's access list",
                 ip.to_canonical()
             ),
-            retry_after: None,
-        })
+        ))
     }
 }
 
@@ -197,12 +195,11 @@ impl Limiter {
         b.take(rate, now).map_err(|wait| {
             metrics::counter!(xpyd_runtime::metrics::COORD_REJECTED_TOTAL, "reason" => "rate_limit")
                 .increment(1);
-            ApiError {
-                status: 429,
-                kind: "rate_limit_exceeded",
-                code: Some("rate_limit_exceeded"),
-                param: None,
-                message: format!(
+            let mut e = ApiError::refusal(
+                429,
+                "rate_limit_exceeded",
+                "rate_limit_exceeded",
+                format!(
                     "more than {rate} requests per second{}",
                     if limit.per_instance {
                         format!(" ({} per ready instance)", limit.rps)
@@ -210,8 +207,9 @@ impl Limiter {
                         String::new()
                     }
                 ),
-                retry_after: Some(wait.ceil().max(1.0) as u64),
-            }
+            );
+            e.retry_after = Some(wait.ceil().max(1.0) as u64);
+            e
         })
     }
 }

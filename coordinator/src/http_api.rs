@@ -112,14 +112,12 @@ async fn limits(State(app): State<Arc<App>>, req: Request, next: Next) -> Respon
 }
 
 fn too_large(limit: usize) -> ApiError {
-    ApiError {
-        status: 413,
-        kind: "invalid_request_error",
-        code: Some("request_too_large"),
-        param: None,
-        message: format!("the request body is larger than {limit} bytes"),
-        retry_after: None,
-    }
+    ApiError::refusal(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        format!("the request body is larger than {limit} bytes"),
+    )
 }
 
 fn refused(e: ApiError, api: &'static str) -> Response {

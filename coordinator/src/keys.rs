@@ -98,7 +98,7 @@ pub struct KeyInfo {
 /// The store's directory: `$XPYD_STATE_DIR/keys`, else the user data directory's
 /// `xpyd/keys`.
 pub fn default_dir() -> PathBuf {
-    std::env::var_os("XPYD_STATE_DIR")
+    std::env::var_os(xpyd_runtime::env::STATE_DIR)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             dirs::data_dir()
@@ -603,25 +603,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn unauthorized(message: &str) -> ApiError {
-    ApiError {
-        status: 401,
-        kind: "invalid_request_error",
-        code: Some("invalid_api_key"),
-        param: None,
-        message: message.into(),
-        retry_after: None,
-    }
+    ApiError::refusal(401, "invalid_request_error", "invalid_api_key", message)
 }
 
 fn forbidden(message: String) -> ApiError {
-    ApiError {
-        status: 403,
-        kind: "permission_denied",
-        code: Some("insufficient_permissions"),
-        param: None,
+    ApiError::refusal(
+        403,
+        "permission_denied",
+        "insufficient_permissions",
         message,
-        retry_after: None,
-    }
+    )
 }
 
 #[cfg(test)]
@@ -695,6 +686,39 @@ mod tests {
             store.bind(&names(&["b"]), &names(&["a/b"])),
             Err(KeyError::Invalid(m)) if m.starts_with("services:")
         ));
+    }
+
+    /// Cases of a fuzz target: `PROPTEST_CASES` when set (`scripts/fuzz.sh`), else `n`.
+    fn fuzz_cases(n: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(n)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: fuzz_cases(128), ..Default::default() })]
+        /// Fuzz target over key files and presented keys: a store with any bytes in its
+        /// files loads or fails typed, and any presented string is a key or none —
+        /// never a panic.
+        #[test]
+        fn any_store_bytes_or_presented_key_fail_typed(
+            records in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            hash_key in "\\PC{0,80}",
+            presented in "(xpyd-)?\\PC{0,20}(-\\PC{0,70})?",
+        ) {
+            let d = tempfile::tempdir().unwrap();
+            let store = Store::new(d.path());
+            std::fs::write(d.path().join("keys.json"), &records).unwrap();
+            std::fs::write(d.path().join("hash.key"), &hash_key).unwrap();
+            if let Ok(keys) = store.load() {
+                let _ = keys.find(&presented);
+            }
+            let good = Store::new(d.path().join("good"));
+            good.create("k", &[], false).unwrap();
+            let keys = good.load().unwrap();
+            proptest::prop_assert!(keys.find(&presented).is_none());
+        }
     }
 
     #[test]

@@ -226,15 +226,12 @@ impl App {
         match (ip, &self.cfg.access) {
             (_, guard::Access::Open) => Ok(()),
             (Some(ip), a) => a.check(ip),
-            (None, _) => Err(error::ApiError {
-                status: 403,
-                kind: "permission_denied",
-                code: Some("address_not_allowed"),
-                param: None,
-                message: "the caller's address is unknown and this service has an access list"
-                    .into(),
-                retry_after: None,
-            }),
+            (None, _) => Err(error::ApiError::refusal(
+                403,
+                "permission_denied",
+                "address_not_allowed",
+                "the caller's address is unknown and this service has an access list",
+            )),
         }
     }
 

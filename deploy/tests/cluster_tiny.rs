@@ -1706,3 +1706,197 @@ print(" ".join(names))
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains("grpc.health.v1.Health"), "{url}: {listed}");
 }
+
+/// Fuzz target over the public APIs of a live cluster: request bodies built from the
+/// OpenAI fields with values of any type and size, WebSocket frames of any text, and
+/// gRPC requests with any numbers. Every call gets an answer — a result or a clear 4xx /
+/// `INVALID_ARGUMENT`-class error, never a 5xx, an internal error or a dropped
+/// connection — and the cluster serves an ordinary request afterwards.
+/// `PROPTEST_CASES` sets the cases per API (`scripts/fuzz.sh` runs many).
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn fuzzed_requests_on_every_public_api_get_answers_not_failures() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "fuzz",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(48);
+    let value = || {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-3.0f64..3.0).prop_map(Value::from),
+            prop_oneof![Just(1e308), Just(-1e308), Just(0.0)].prop_map(Value::from),
+            "\\PC{0,40}".prop_map(Value::from),
+            Just(Value::from("<|im_start|>system\n")),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("role|content|x", inner, 0..3)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    };
+    const FIELDS: &[&str] = &[
+        "model",
+        "messages",
+        "prompt",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "ignore_eos",
+        "n",
+        "priority",
+        "stream",
+        "stream_options",
+    ];
+    let bodies = proptest::collection::btree_map(proptest::sample::select(FIELDS), value(), 0..8)
+        .prop_map(|m| {
+            // A valid request with some fields replaced, so both the checks and the
+            // serving path behind them are reached.
+            let mut o = json!({"messages": [{"role": "user", "content": "hi"}],
+                "prompt": "hi", "max_tokens": 2});
+            for (k, v) in m {
+                o[k] = v;
+            }
+            // Keep generation short when a request is valid.
+            if o["max_tokens"].as_i64().is_none_or(|n| n > 8) {
+                o["max_tokens"] = json!(2);
+            }
+            o
+        });
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let served = std::cell::Cell::new(0);
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let url = format!("{}{path}", up.http);
+        runner
+            .run(&bodies, |b| {
+                let r =
+                    common::cluster::try_post_raw(&url, &b.to_string(), Duration::from_secs(60));
+                let (code, v) = r.map_err(|e| TestCaseError::fail(format!("{b}: {e}")))?;
+                prop_assert!(
+                    code == 200 || (400..500).contains(&code),
+                    "{path} {b}: {code} {v}"
+                );
+                served.set(served.get() + u32::from(code == 200));
+                Ok(())
+            })
+            .unwrap();
+    }
+    eprintln!(
+        "fuzzed HTTP: {} of {} requests served",
+        served.get(),
+        2 * cases
+    );
+    assert!(
+        served.get() > 0,
+        "no fuzzed request reached the serving path"
+    );
+    // WebSocket: any text frame gets an error frame or a whole answer, on one socket.
+    let (ws, _) =
+        tungstenite::connect(format!("{}/v1/ws", up.http.replace("http://", "ws://"))).unwrap();
+    let ws = std::cell::RefCell::new(ws);
+    let frame = prop_oneof![bodies.prop_map(|b| b.to_string()), "\\PC{0,200}"];
+    runner
+        .run(&frame, |text| {
+            let mut ws = ws.borrow_mut();
+            ws.send(tungstenite::Message::text(text.clone())).unwrap();
+            loop {
+                let m = ws
+                    .read()
+                    .map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
+                let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+                match v["type"].as_str() {
+                    Some("delta") => continue,
+                    Some("done") => break,
+                    Some("error") => {
+                        let code = v["error"]["code"].as_str().unwrap_or("");
+                        prop_assert!(
+                            !matches!(code, "internal_error" | "server_error"),
+                            "{text}: {v}"
+                        );
+                        break;
+                    }
+                    _ => return Err(TestCaseError::fail(format!("{text}: {v}"))),
+                }
+            }
+            Ok(())
+        })
+        .unwrap();
+    // gRPC: any numbers in the sampling fields.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = rt.block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(up.grpc.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        pb::inference_client::InferenceClient::new(ch)
+    });
+    let req = (
+        "\\PC{0,60}",
+        proptest::option::of(0u32..5),
+        proptest::option::of(any::<f32>()),
+        proptest::option::of(any::<f32>()),
+        proptest::option::of(any::<u32>()),
+        proptest::collection::vec("\\PC{0,6}", 0..3),
+        proptest::option::of(any::<u32>()),
+        "\\PC{0,10}",
+    );
+    runner
+        .run(
+            &req,
+            |(prompt, max_tokens, temperature, top_p, top_k, stop, priority, model)| {
+                let r = pb::GenerateRequest {
+                    model,
+                    input: Some(pb::generate_request::Input::Prompt(prompt)),
+                    sampling: Some(pb::Sampling {
+                        max_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        stop,
+                        ..Default::default()
+                    }),
+                    priority,
+                };
+                match rt.block_on(client.clone().complete(r)) {
+                    Ok(_) => {}
+                    Err(s) => prop_assert!(
+                        matches!(
+                            s.code(),
+                            tonic::Code::InvalidArgument | tonic::Code::NotFound
+                        ),
+                        "{s:?}"
+                    ),
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    let (code, _, _) = up.post("/v1/completions", &body("still here", 3));
+    assert_eq!(code, 200);
+}

@@ -823,3 +823,134 @@ fn hugging_face_templates_with_python_methods_render() {
         "{err}"
     );
 }
+
+mod fuzz {
+    //! Fuzz targets over what a peer sends an importing engine: whole exports with
+    //! bytes changed anywhere, and resume states with any numbers in them. Whatever
+    //! arrives ends in an import or a typed error, never a panic, and a refused import
+    //! holds no blocks. `PROPTEST_CASES` lengthens the run (`scripts/fuzz.sh`).
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Mutex, OnceLock};
+
+    fn fuzz_cases(n: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(n)
+    }
+
+    struct Source {
+        _f: Fixture,
+        bytes: Vec<u8>,
+        state: xpyd_engine::ResumeState,
+        /// The importing engine, shared by every case (each leaves it empty).
+        sink: Mutex<Engine>,
+    }
+
+    /// A prefilled sequence's export, its resume state and an importing engine.
+    fn source() -> &'static Source {
+        static S: OnceLock<Source> = OnceLock::new();
+        S.get_or_init(|| {
+            let f = tiny(9);
+            let mut a = engine(&f, |_| {});
+            let params = SamplingParams {
+                stop: vec!["ab".into()],
+                ..SamplingParams::greedy(5)
+            };
+            a.add_sequence(1, prompt(20, 3), params).unwrap();
+            a.prefill(1, &mut |_| {}).unwrap();
+            Source {
+                bytes: a.export(1).unwrap(),
+                state: a.resume_state(1).unwrap(),
+                sink: Mutex::new(engine(&f, |_| {})),
+                _f: f,
+            }
+        })
+    }
+
+    fn next_id() -> u64 {
+        static ID: AtomicU64 = AtomicU64::new(100);
+        ID.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Decodes an accepted import to its end and frees it; either way the engine is
+    /// left empty.
+    fn settle(b: &mut Engine, id: u64, accepted: bool) -> Result<(), TestCaseError> {
+        if accepted {
+            b.run_to_end(id, &mut |_| {}).unwrap();
+            b.remove(id);
+        }
+        prop_assert_eq!(b.kv_usage().used_blocks, 0);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: fuzz_cases(128), ..ProptestConfig::default() })]
+
+        #[test]
+        fn changed_exports_import_or_fail_typed(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let src = source();
+            let mut b = src.sink.lock().unwrap_or_else(|p| p.into_inner());
+            let mut bad = src.bytes.clone();
+            for (at, v) in edits {
+                let i = at.index(bad.len());
+                bad[i] = v;
+            }
+            if truncate {
+                bad.truncate(cut.index(bad.len()));
+            }
+            let id = next_id();
+            let accepted = b.import(id, &bad).is_ok();
+            settle(&mut b, id, accepted)?;
+        }
+
+        #[test]
+        fn resume_states_with_any_numbers_import_or_fail_typed(
+            prefix in 0usize..40,
+            read in 0usize..40,
+            extra in 0usize..3,
+            pending in 0usize..6,
+            prompt_len in 0usize..25,
+        ) {
+            let src = source();
+            let mut b = src.sink.lock().unwrap_or_else(|p| p.into_inner());
+            let (header, chunks) = xpyd_engine::kv::format::decode_all(&src.bytes).unwrap();
+            let mut streamed = header.clone();
+            streamed.resume = xpyd_engine::ResumeState::new(
+                header.resume.tokens[..20].to_vec(),
+                header.resume.params.clone(),
+            );
+            let id = next_id();
+            b.begin_import(id, &streamed).unwrap();
+            for c in &chunks {
+                b.import_chunk(id, c).unwrap();
+            }
+            let mut v = serde_json::to_value(&src.state).unwrap();
+            v["detok"]["prefix"] = prefix.into();
+            v["detok"]["read"] = read.into();
+            v["stop"]["pending"] = "a".repeat(pending).into();
+            v["prompt_len"] = prompt_len.into();
+            let mut lie: xpyd_engine::ResumeState = serde_json::from_value(v).unwrap();
+            for _ in 0..extra {
+                lie.tokens.push(5);
+            }
+            let accepted = match b.import_resume(id, lie) {
+                Ok(()) => {
+                    b.finish_import(id).unwrap();
+                    true
+                }
+                Err(e) => {
+                    prop_assert!(matches!(e, EngineError::KvImport(_)), "{}", e);
+                    false
+                }
+            };
+            settle(&mut b, id, accepted)?;
+        }
+    }
+}

@@ -601,6 +601,77 @@ mod tests {
         }
     }
 
+    /// Cases of a fuzz target: `PROPTEST_CASES` when set (`scripts/fuzz.sh`), else `n`.
+    fn fuzz_cases(n: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(n)
+    }
+
+    /// Bytes a peer may send: noise, or a real frame's head with noise after it (so the
+    /// parser goes past the tag), with length fields of any size.
+    fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+        let head = prop_oneof![
+            Just(b'O'),
+            Just(b'D'),
+            Just(b'S'),
+            Just(b'N'),
+            Just(b'P'),
+            Just(b'M'),
+            Just(b'C'),
+            Just(b'A'),
+            any::<u8>()
+        ];
+        (
+            head,
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 0..600),
+        )
+            .prop_map(|(t, a, b, c, rest)| {
+                let mut v = vec![t];
+                v.extend_from_slice(&a.to_le_bytes());
+                v.extend_from_slice(&b.to_le_bytes());
+                v.extend_from_slice(&c.to_le_bytes());
+                v.extend(rest);
+                v
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: fuzz_cases(512), ..ProptestConfig::default() })]
+        /// Fuzz target: whatever a peer sends, reading frames ends in frames, a clean
+        /// end or a typed error — never a panic — and no payload beyond the budget is
+        /// ever allocated.
+        #[test]
+        fn hostile_bytes_never_panic_or_allocate_beyond_the_budget(
+            chunks in proptest::collection::vec(hostile_bytes(), 1..4),
+            data in 0u64..5000,
+            meta in 0u64..5000,
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let bytes: Vec<u8> = chunks.concat();
+            let pool = BufPool::new();
+            let budget = Budget { data, meta };
+            rt.block_on(async {
+                let mut r = bytes.as_slice();
+                while let Ok(Some(f)) = read_frame(&mut r, &pool, budget).await {
+                    match f {
+                        Frame::Data { payload, .. } => assert!(payload.len() as u64 <= data),
+                        Frame::Meta(p) => assert!(p.len() as u64 <= meta),
+                        Frame::Open { fingerprint, .. } => {
+                            assert!(fingerprint.len() <= MAX_FINGERPRINT);
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            prop_assert!(pool.held_bytes() as u64 <= data.max(meta));
+        }
+    }
+
     #[tokio::test]
     async fn flipped_payload_byte_is_detected() {
         let mut buf = Vec::new();

@@ -13,6 +13,11 @@ pub const LOG: &str = "XPYD_LOG";
 /// llama.cpp's `llama-server`, for the same-run comparison of `xpyd bench engine`
 /// (the `env` of its `--llama-server`).
 pub const LLAMA_SERVER: &str = "XPYD_LLAMA_SERVER";
+/// Directory of state kept across runs; the API-key store is its `keys/` (default: the
+/// user data directory's `xpyd`).
+pub const STATE_DIR: &str = "XPYD_STATE_DIR";
+/// The API key the CLI's and the bench drivers' calls to a coordinator carry.
+pub const API_KEY: &str = "XPYD_API_KEY";
 /// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep
 /// that many milliseconds before every engine step, so routing tests can slow one down.
 pub const DEBUG_DELAY: &str = "XPYD_DEBUG_DELAY";

@@ -468,6 +468,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                     manifest: &file,
                     model: &model_path,
                     ready_timeout: Duration::from_secs(120),
+                    env: &[],
                 })?;
                 // Start near the prediction (a pruned split: near its capacity bound)
                 // so the search spends its points where the boundary is.

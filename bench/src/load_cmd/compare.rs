@@ -91,6 +91,7 @@ impl Run<'_> {
             manifest,
             model: &self.a.work.model_path(self.host)?,
             ready_timeout: Duration::from_secs(600),
+            env: &[],
         })
     }
 

@@ -659,3 +659,108 @@ fn advisor_settings_name_their_fields() {
     assert_parse_err(a("mode: sometimes"), &["advisor.mode", "sometimes"]);
     assert_parse_err(a("colour: red"), &["advisor", "colour"]);
 }
+
+mod fuzz {
+    //! Fuzz target over manifests: text built from the manifest's own keys and YAML's
+    //! punctuation, and mutations of a valid manifest, always load or fail with a
+    //! `ManifestError` — never a panic.
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Cases of a fuzz target: `PROPTEST_CASES` when set (`scripts/fuzz.sh`), else `n`.
+    fn fuzz_cases(n: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(n)
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(vec![
+                "name",
+                "mode",
+                "roles",
+                "prefill",
+                "decode",
+                "combined",
+                "replicas",
+                "coordinator",
+                "rate_limit",
+                "rps",
+                "scope",
+                "access",
+                "allow",
+                "deny",
+                "auth",
+                "api_key",
+                "kv",
+                "backend",
+                "routing",
+                "advisor",
+                "threads",
+                "cpus",
+                "engine",
+                "mock",
+                "max_running",
+                "registry",
+                "etcd",
+                "endpoints",
+                "probes",
+                "upgrade",
+            ])
+            .prop_map(String::from),
+            proptest::sample::select(vec![
+                ":",
+                " ",
+                "\n",
+                "  ",
+                "{",
+                "}",
+                "[",
+                "]",
+                ",",
+                "-",
+                "\"",
+                "'",
+                "&a",
+                "*a",
+                "!!str",
+                "#",
+                "0",
+                "-1",
+                "99999999999999999999",
+                "1e309",
+                "0.5",
+                "true",
+                "null",
+                "~",
+            ])
+            .prop_map(String::from),
+            "\\PC{0,8}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: fuzz_cases(256), ..ProptestConfig::default() })]
+        #[test]
+        fn any_text_loads_or_fails_typed(tokens in proptest::collection::vec(token(), 0..60)) {
+            let _ = Manifest::from_yaml(&tokens.concat());
+        }
+
+        #[test]
+        fn mutated_manifests_load_or_fail_typed(
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), token()), 1..5),
+        ) {
+            let mut text = format!("{MINIMAL_PD}coordinator: {{ rate_limit: {{ rps: 5 }}, access: {{ allow: [10.0.0.0/8] }} }}\n");
+            for (at, t) in edits {
+                let mut i = at.index(text.len() + 1);
+                while !text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                text.insert_str(i, &t);
+            }
+            let _ = Manifest::from_yaml(&text);
+        }
+    }
+}
