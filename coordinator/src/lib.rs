@@ -99,6 +99,7 @@ pub struct Config {
     /// API keys (`None`: every caller the access list lets in is served).
     pub auth: Option<Auth>,
     /// The cluster's own credential (from `xpyd up`): passes as an admin key.
+    /// It also serves inference, for `xpyd up --ask`.
     pub cluster_token: Option<String>,
 }
 

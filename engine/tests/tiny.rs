@@ -834,13 +834,6 @@ mod fuzz {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::{Mutex, OnceLock};
 
-    fn fuzz_cases(n: u32) -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(n)
-    }
-
     struct Source {
         _f: Fixture,
         bytes: Vec<u8>,
@@ -887,7 +880,6 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: fuzz_cases(128), ..ProptestConfig::default() })]
 
         #[test]
         fn changed_exports_import_or_fail_typed(

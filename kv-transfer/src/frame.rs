@@ -601,14 +601,6 @@ mod tests {
         }
     }
 
-    /// Cases of a fuzz target: `PROPTEST_CASES` when set (`scripts/fuzz.sh`), else `n`.
-    fn fuzz_cases(n: u32) -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(n)
-    }
-
     /// Bytes a peer may send: noise, or a real frame's head with noise after it (so the
     /// parser goes past the tag), with length fields of any size.
     fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
@@ -641,7 +633,6 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: fuzz_cases(512), ..ProptestConfig::default() })]
         /// Fuzz target: whatever a peer sends, reading frames ends in frames, a clean
         /// end or a typed error — never a panic — and no payload beyond the budget is
         /// ever allocated.

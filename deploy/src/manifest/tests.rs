@@ -667,14 +667,6 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
-    /// Cases of a fuzz target: `PROPTEST_CASES` when set (`scripts/fuzz.sh`), else `n`.
-    fn fuzz_cases(n: u32) -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(n)
-    }
-
     fn token() -> impl Strategy<Value = String> {
         prop_oneof![
             proptest::sample::select(vec![
@@ -742,7 +734,6 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: fuzz_cases(256), ..ProptestConfig::default() })]
         #[test]
         fn any_text_loads_or_fails_typed(tokens in proptest::collection::vec(token(), 0..60)) {
             let _ = Manifest::from_yaml(&tokens.concat());

@@ -213,9 +213,11 @@ async fn announce(a: &UpArgs, http: &str, grpc: &str) -> Result<()> {
         .await?
 }
 
-/// Removes the state file and the upgraded manifests of cluster `name`.
+/// Removes the state file, the cluster token and the upgraded manifests of cluster
+/// `name`.
 fn cleanup(name: &str, run_dir: &Path) {
     let _ = std::fs::remove_file(client::state_file(name));
+    let _ = std::fs::remove_file(client::state_file(name).with_extension("token"));
     if let Ok(dir) = std::fs::read_dir(run_dir) {
         let prefix = format!("{name}-v");
         for e in dir.flatten() {
