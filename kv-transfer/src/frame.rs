@@ -1,7 +1,7 @@
 //! The wire protocol on a connection (all integers little endian):
 //!
 //! ```text
-//! 'O' transfer_id u64 | epoch u64 | fp_len u16 | fingerprint      → reply
+//! 'O' transfer_id u64 | epoch u64 | ticket [16] | fp_len u16 | fingerprint  → reply
 //! 'D' layer u32 | tag u64 | len u64 | payload | crc u64             data frame
 //! 'S' layer u32 | tag u64 | offset u64 | len u64 | crc u64          data already in shm
 //! 'N' layer u32 | tag u64 | len u64 | crc u64                      data follows over NCCL/UCX
@@ -54,6 +54,8 @@ pub enum Frame {
         transfer_id: u64,
         /// Its epoch as the sender knows it.
         epoch: u64,
+        /// The reservation's ticket, from the target.
+        ticket: [u8; crate::target::TICKET_BYTES],
         /// The sender's model fingerprint.
         fingerprint: String,
     },
@@ -144,12 +146,14 @@ pub async fn write_open<W: AsyncWrite + Unpin>(
     w: &mut W,
     transfer_id: u64,
     epoch: u64,
+    ticket: &[u8; crate::target::TICKET_BYTES],
     fp: &str,
 ) -> Result<()> {
-    let mut b = Vec::with_capacity(19 + fp.len());
+    let mut b = Vec::with_capacity(35 + fp.len());
     b.push(b'O');
     b.extend_from_slice(&transfer_id.to_le_bytes());
     b.extend_from_slice(&epoch.to_le_bytes());
+    b.extend_from_slice(ticket);
     b.extend_from_slice(&(fp.len() as u16).to_le_bytes());
     b.extend_from_slice(fp.as_bytes());
     w.write_all(&b).await?;
@@ -344,6 +348,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         b'O' => {
             let transfer_id = r.read_u64_le().await?;
             let epoch = r.read_u64_le().await?;
+            let mut ticket = [0u8; crate::target::TICKET_BYTES];
+            r.read_exact(&mut ticket).await?;
             let n = r.read_u16_le().await? as usize;
             if n > MAX_FINGERPRINT {
                 return Err(TransferError::Protocol(format!(
@@ -357,6 +363,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
             Frame::Open {
                 transfer_id,
                 epoch,
+                ticket,
                 fingerprint,
             }
         }
@@ -500,8 +507,9 @@ mod tests {
                 Frame::Open {
                     transfer_id,
                     epoch,
+                    ticket,
                     fingerprint,
-                } => write_open(&mut buf, *transfer_id, *epoch, fingerprint)
+                } => write_open(&mut buf, *transfer_id, *epoch, ticket, fingerprint)
                     .await
                     .unwrap(),
                 Frame::Data {
@@ -550,11 +558,18 @@ mod tests {
 
     fn frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u64>(), any::<u64>(), "[a-z0-9:/.-]{0,40}").prop_map(|(t, e, f)| Frame::Open {
-                transfer_id: t,
-                epoch: e,
-                fingerprint: f
-            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<[u8; 16]>(),
+                "[a-z0-9:/.-]{0,40}"
+            )
+                .prop_map(|(t, e, k, f)| Frame::Open {
+                    transfer_id: t,
+                    epoch: e,
+                    ticket: k,
+                    fingerprint: f
+                }),
             (
                 any::<u32>(),
                 any::<u64>(),

@@ -6,7 +6,9 @@ use crate::frame::{self, Frame};
 use crate::metrics as m;
 use crate::oob::RecvLink;
 use crate::shm::{Arena, Expect, Payload, Region};
-use crate::target::{Backend, Placement, ShmDesc, TransferTarget, deadline_ms, host_id};
+use crate::target::{
+    Backend, Placement, ShmDesc, TICKET_BYTES, TransferTarget, deadline_ms, host_id,
+};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -106,6 +108,8 @@ pub struct Stats {
 
 struct Slot {
     epoch: u64,
+    /// What the sender's `Open` must present.
+    ticket: [u8; TICKET_BYTES],
     bytes: u64,
     deadline: Instant,
     tx: mpsc::Sender<Result<Event>>,
@@ -278,6 +282,7 @@ impl Receiver {
     /// the stream of what arrives. Dropping the `Incoming` releases the reservation.
     pub fn reserve(&self, spec: ReserveSpec) -> Result<(TransferTarget, Incoming)> {
         let epoch = EPOCHS.fetch_add(1, Ordering::Relaxed);
+        let ticket = crate::target::new_ticket()?;
         let nccl = match spec.backend {
             Backend::Nccl => Some(crate::nccl::new_id()?),
             _ => None,
@@ -313,6 +318,7 @@ impl Receiver {
             host_id: self.inner.host_id.clone(),
             transfer_id: spec.transfer_id,
             epoch,
+            ticket: crate::target::ticket_hex(&ticket),
             shm: shm.as_ref().map(|r| ShmDesc {
                 path: r.arena().segment().path().display().to_string(),
                 len: r.arena().segment().len() as u64,
@@ -329,6 +335,7 @@ impl Receiver {
             spec.transfer_id,
             Slot {
                 epoch,
+                ticket,
                 bytes: spec.bytes,
                 deadline,
                 tx,
@@ -454,7 +461,7 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr, _slot
             frame::read_frame(&mut stream, &inner.buffers, frame::Budget::NONE),
         )
         .await;
-        let (id, epoch, fp) = match open {
+        let (id, epoch, ticket, fp) = match open {
             Err(_) => {
                 tracing::debug!(%peer, "idle kv connection closed");
                 metrics::counter!(m::REFUSED, "reason" => "idle").increment(1);
@@ -463,8 +470,9 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr, _slot
             Ok(Ok(Some(Frame::Open {
                 transfer_id,
                 epoch,
+                ticket,
                 fingerprint,
-            }))) => (transfer_id, epoch, fingerprint),
+            }))) => (transfer_id, epoch, ticket, fingerprint),
             Ok(Ok(None)) => return,
             Ok(Ok(Some(other))) => {
                 tracing::warn!(%peer, ?other, "kv frame outside a transfer");
@@ -478,13 +486,21 @@ async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr, _slot
             }
         };
         wait = inner.cfg.keepalive;
-        let attached = attach(&inner, id, epoch, &fp);
+        let attached = attach(&inner, id, epoch, &ticket, &fp);
         let reply = attached.as_ref().map(|_| ()).map_err(Clone::clone);
         if frame::write_reply(&mut stream, &reply).await.is_err() {
             return;
         }
-        let Ok(att) = attached else {
-            continue;
+        let att = match attached {
+            Ok(att) => att,
+            // A peer without the reservation's ticket was not handed its target: it gets
+            // no second try on this connection.
+            Err(TransferError::Rejected(why)) => {
+                tracing::warn!(%peer, transfer_id = id, %why, "kv open refused");
+                metrics::counter!(m::REFUSED, "reason" => "ticket").increment(1);
+                return;
+            }
+            Err(_) => continue,
         };
         let mut conn = BufReader::with_capacity(READ_BUFFER, &mut stream);
         let res = receive(&mut conn, &inner, &att, peer).await;
@@ -517,7 +533,13 @@ struct Attached {
     bytes: u64,
 }
 
-fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
+fn attach(
+    inner: &Inner,
+    id: u64,
+    epoch: u64,
+    ticket: &[u8; TICKET_BYTES],
+    fp: &str,
+) -> Result<Attached> {
     if fp != inner.cfg.fingerprint {
         return Err(TransferError::FingerprintMismatch {
             expected: inner.cfg.fingerprint.clone(),
@@ -525,6 +547,14 @@ fn attach(inner: &Inner, id: u64, epoch: u64, fp: &str) -> Result<Attached> {
         });
     }
     let mut slots = inner.slots.lock().expect("slots lock");
+    if slots
+        .get(&id)
+        .is_some_and(|s| s.epoch == epoch && !crate::target::same_ticket(&s.ticket, ticket))
+    {
+        return Err(TransferError::Rejected(format!(
+            "transfer {id}: the ticket does not match the reservation's"
+        )));
+    }
     match slots.get_mut(&id) {
         Some(s)
             if s.epoch == epoch && !s.fate.attached.load(std::sync::atomic::Ordering::SeqCst) =>

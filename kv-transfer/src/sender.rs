@@ -91,6 +91,7 @@ impl Sender {
     /// reservation, and maps the shared segment when shm is chosen.
     pub async fn open(&self, target: &TransferTarget) -> Result<Transfer> {
         let deadline = Instant::now() + target.remaining();
+        let ticket = target.ticket_bytes()?;
         let backend = self.choose(target)?;
         let shm = match (backend, &target.placement, &target.shm) {
             (Backend::Shm, Some(p), _) => Some(ShmTarget::Placed {
@@ -133,6 +134,7 @@ impl Sender {
                     &mut conn,
                     target.transfer_id,
                     target.epoch,
+                    &ticket,
                     &self.fingerprint,
                 )
                 .await?;

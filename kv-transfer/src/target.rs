@@ -174,6 +174,10 @@ pub struct TransferTarget {
     pub transfer_id: u64,
     /// Fencing token: a reservation released and reused gets a new epoch.
     pub epoch: u64,
+    /// The reservation's secret (32 hex digits, random): a sender's `Open` must present
+    /// it, so only a peer that was handed this target attaches to the reservation.
+    #[serde(default)]
+    pub ticket: String,
     /// Shared-memory segment, when offered.
     pub shm: Option<ShmDesc>,
     /// Where the rows go in the receiver's KV pool, when it offers placed transfers
@@ -191,6 +195,14 @@ pub struct TransferTarget {
 }
 
 impl TransferTarget {
+    /// The ticket an `Open` presents.
+    ///
+    /// # Errors
+    /// [`crate::TransferError::Protocol`] when the target's is not 32 hex digits.
+    pub fn ticket_bytes(&self) -> crate::Result<[u8; TICKET_BYTES]> {
+        parse_ticket(&self.ticket)
+    }
+
     /// Time left until the deadline (zero when past).
     pub fn remaining(&self) -> Duration {
         let now = SystemTime::now()
@@ -198,6 +210,46 @@ impl TransferTarget {
             .unwrap_or_default();
         Duration::from_millis(self.deadline_unix_ms).saturating_sub(now)
     }
+}
+
+/// Bytes in a reservation's ticket.
+pub const TICKET_BYTES: usize = 16;
+
+/// A fresh random ticket.
+///
+/// # Errors
+/// The OS has no randomness to give.
+pub fn new_ticket() -> crate::Result<[u8; TICKET_BYTES]> {
+    let mut t = [0u8; TICKET_BYTES];
+    getrandom::fill(&mut t)
+        .map_err(|e| crate::TransferError::Unavailable(format!("randomness: {e}")))?;
+    Ok(t)
+}
+
+/// A ticket as the target carries it.
+pub fn ticket_hex(t: &[u8; TICKET_BYTES]) -> String {
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The ticket a target carries, or why it is not one.
+///
+/// # Errors
+/// [`crate::TransferError::Protocol`] when it is not 32 hex digits.
+pub fn parse_ticket(s: &str) -> crate::Result<[u8; TICKET_BYTES]> {
+    let bad = || crate::TransferError::Protocol("target ticket is not 32 hex digits".into());
+    if s.len() != 2 * TICKET_BYTES || !s.is_ascii() {
+        return Err(bad());
+    }
+    let mut t = [0u8; TICKET_BYTES];
+    for (i, b) in t.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(t)
+}
+
+/// Equality that takes the same time wherever the first difference is.
+pub fn same_ticket(a: &[u8; TICKET_BYTES], b: &[u8; TICKET_BYTES]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Milliseconds since the Unix epoch, `after` from now.

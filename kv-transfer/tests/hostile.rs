@@ -90,6 +90,7 @@ async fn lengths_before_open_allocate_nothing_and_close_the_connection() {
     let mut open = vec![b'O'];
     open.extend_from_slice(&1u64.to_le_bytes());
     open.extend_from_slice(&1u64.to_le_bytes());
+    open.extend_from_slice(&[0; 16]); // ticket
     open.extend_from_slice(&u16::MAX.to_le_bytes());
     for (what, bytes) in [("data", data), ("metadata", meta), ("fingerprint", open)] {
         let mut s = TcpStream::connect(&addr).await.unwrap();
@@ -117,9 +118,15 @@ async fn a_chunk_beyond_the_reservation_fails_only_its_transfer() {
         };
         let (target, inc) = r.reserve(spec(id, backend, 1000)).unwrap();
         let mut s = TcpStream::connect(&target.addr).await.unwrap();
-        frame::write_open(&mut s, id, target.epoch, FP)
-            .await
-            .unwrap();
+        frame::write_open(
+            &mut s,
+            id,
+            target.epoch,
+            &target.ticket_bytes().unwrap(),
+            FP,
+        )
+        .await
+        .unwrap();
         frame::read_reply(&mut s).await.unwrap();
         // An honest first chunk, then one that lies about its length.
         frame::write_data(&mut s, 0, 0, &[1; 600]).await.unwrap();
@@ -220,4 +227,42 @@ async fn a_pooled_connection_closed_for_idling_is_replaced() {
         assert_eq!(got.unwrap(), 100);
         tokio::time::sleep(Duration::from_millis(600)).await;
     }
+}
+
+/// A peer that knows a reservation's id and epoch (both guessable) but not its ticket is
+/// refused and disconnected: it cannot attach, so it can neither write into the KV nor
+/// take the reservation from the sender it was made for, which then completes. Tickets
+/// are random per reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_without_the_reservations_ticket_is_refused() {
+    let r = receiver(|_| {}).await;
+    let (target, inc) = r.reserve(spec(7, Backend::Tcp, 1000)).unwrap();
+    let (other, _inc2) = r.reserve(spec(8, Backend::Tcp, 1000)).unwrap();
+    assert_ne!(target.ticket, other.ticket);
+    let mut forged = target.ticket_bytes().unwrap();
+    forged[15] ^= 1;
+    let mut s = TcpStream::connect(&target.addr).await.unwrap();
+    frame::write_open(&mut s, 7, target.epoch, &forged, FP)
+        .await
+        .unwrap();
+    match frame::read_reply(&mut s).await {
+        Err(frame::ReplyError::Rejected(_, msg)) => assert!(msg.contains("ticket"), "{msg}"),
+        other => panic!("a forged ticket must be refused: {other:?}"),
+    }
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    // A target with no ticket at all fails at the sender, before it connects.
+    let mut bare = target.clone();
+    bare.ticket.clear();
+    let sender = Sender::new(FP);
+    let e = sender.open(&bare).await.err().expect("no ticket, no open");
+    assert!(matches!(e, TransferError::Protocol(_)), "{e}");
+    // The honest sender still attaches and completes.
+    let send = async {
+        let mut t = sender.open(&target).await?;
+        t.send(0, 1, &[5; 1000]).await?;
+        t.commit().await
+    };
+    let (sent, got) = tokio::join!(send, drain(inc));
+    sent.unwrap();
+    assert_eq!(got.unwrap(), 1000);
 }

@@ -260,9 +260,15 @@ async fn corrupted_frame_is_detected() {
         .reserve(spec(1, Backend::Tcp, 64, Duration::from_secs(10)))
         .unwrap();
     let mut raw = tokio::net::TcpStream::connect(&target.addr).await.unwrap();
-    frame::write_open(&mut raw, 1, target.epoch, FP)
-        .await
-        .unwrap();
+    frame::write_open(
+        &mut raw,
+        1,
+        target.epoch,
+        &target.ticket_bytes().unwrap(),
+        FP,
+    )
+    .await
+    .unwrap();
     frame::read_reply(&mut raw).await.unwrap();
     let mut buf = Vec::new();
     frame::write_data(&mut buf, 0, 0, &[7; 64]).await.unwrap();
