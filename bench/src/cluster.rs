@@ -22,6 +22,8 @@ pub struct Cluster {
     pub grpc: String,
     /// The supervisor's control endpoint.
     pub control: String,
+    /// The cluster's credential (mode 0600), for calls on the internal plane.
+    pub token_file: std::path::PathBuf,
 }
 
 /// How to start a cluster.
@@ -78,6 +80,7 @@ impl Cluster {
             http: String::new(),
             grpc: String::new(),
             control: String::new(),
+            token_file: Default::default(),
         };
         let deadline = Instant::now() + ready_timeout;
         loop {
@@ -91,6 +94,8 @@ impl Cluster {
                         c.grpc = u.to_string();
                     } else if let Some(u) = line.strip_prefix("supervisor: ") {
                         c.control = u.to_string();
+                    } else if let Some(p) = line.strip_prefix("cluster_token_file: ") {
+                        c.token_file = p.into();
                     }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => bail!(
@@ -115,6 +120,22 @@ impl Cluster {
     /// When the coordinator does not answer in time or not with JSON.
     pub fn topology(&self) -> Result<serde_json::Value> {
         http::get_json(&format!("{}/v1/cluster", self.http), http::QUICK)
+    }
+
+    /// A channel to one of the cluster's workers whose calls carry its credential.
+    ///
+    /// # Errors
+    /// A bad URL, an unreadable token file, or no connection.
+    pub async fn worker_channel(&self, url: &str) -> Result<xpyd_runtime::plane::Channel> {
+        let key = xpyd_runtime::plane::ClusterKey::load(&self.token_file)?;
+        let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
+        Ok(tonic::service::interceptor::InterceptedService::new(
+            ch,
+            xpyd_runtime::plane::Badge::new(Some(&key)),
+        ))
     }
 }
 

@@ -316,11 +316,7 @@ async fn direct(
         .and_then(|w| w["grpc_url"].as_str())
         .context("no combined worker in /v1/cluster")?
         .to_string();
-    let ch = tonic::transport::Endpoint::from_shared(worker)?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
-    let mut client = DecodeWorkerClient::new(ch);
+    let mut client = DecodeWorkerClient::new(cluster.worker_channel(&worker).await?);
     let tokens = prompts.tokens(0, a.prompt_tokens, 7)?; // fixed: the engine caches nothing
     let mut e2e = Vec::with_capacity(a.sequential);
     for i in 0..a.sequential + 1 {

@@ -107,7 +107,6 @@ struct State {
     workers: HashMap<String, Worker>,
     routers: [Router; 2],
     waiting: AdmissionQueue<Waiter>,
-    next_lease: u64,
     /// Worker ids the supervisor took out of routing (readiness failed, draining).
     unroutable: HashSet<String>,
 }
@@ -181,7 +180,6 @@ impl Cluster {
                 workers: HashMap::new(),
                 routers: [prefill, decode],
                 waiting: AdmissionQueue::new(max_queue),
-                next_lease: 1,
                 unroutable: HashSet::new(),
             })),
         }
@@ -198,12 +196,43 @@ impl Cluster {
 
     /// Adds or refreshes a worker; with `ttl`, under a new lease (returned).
     pub fn upsert(&self, info: pb::WorkerInfo, load: pb::Load, ttl: Option<Duration>) -> u64 {
+        self.join(info, load, ttl, false).unwrap_or(0)
+    }
+
+    /// Registers a worker under a new lease of `ttl` (its random id returned), unless a
+    /// live worker at another address holds its id: a registration never takes another
+    /// worker's identity (and so its requests). The id is free again once that worker
+    /// deregisters or its lease lapses; the same worker at the same address may register
+    /// again at any time (a new lease replaces its old one).
+    ///
+    /// # Errors
+    /// Who holds the id.
+    pub fn register(&self, info: pb::WorkerInfo, ttl: Duration) -> Result<u64, String> {
+        self.join(info, pb::Load::default(), Some(ttl), true)
+    }
+
+    fn join(
+        &self,
+        info: pb::WorkerInfo,
+        load: pb::Load,
+        ttl: Option<Duration>,
+        exclusive: bool,
+    ) -> Result<u64, String> {
         let now = Instant::now();
         let mut st = self.lock();
-        let lease = ttl.map(|t| {
-            st.next_lease += 1;
-            (st.next_lease, now + t)
-        });
+        if exclusive
+            && let Some(w) = st.workers.get(&info.worker_id)
+            && w.info.grpc_url != info.grpc_url
+            && w.lease.is_none_or(|(_, until)| until > now)
+        {
+            return Err(format!(
+                "worker_id `{}` is held by a live worker at {}; it is free once that one deregisters or its lease lapses",
+                info.worker_id, w.info.grpc_url
+            ));
+        }
+        // Lease ids are random: a caller cannot renew or end another worker's lease by
+        // guessing its id.
+        let lease = ttl.map(|t| (crate::random_u64().max(1), now + t));
         let id = info.worker_id.clone();
         match st.workers.get_mut(&id) {
             Some(w) if w.info.grpc_url == info.grpc_url => {
@@ -248,7 +277,7 @@ impl Cluster {
         self.publish(&st);
         drop(st);
         self.dispatch();
-        lease.map(|l| l.0).unwrap_or(0)
+        Ok(lease.map(|l| l.0).unwrap_or(0))
     }
 
     /// Renews a lease and records load; false when the lease is unknown or expired.

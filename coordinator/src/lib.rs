@@ -214,7 +214,8 @@ pub struct App {
     pub limiter: guard::Limiter,
     /// The API keys, when the service requires them.
     pub keys: Option<keys::Live>,
-    ids: AtomicU64,
+    /// The cluster's credential on calls to workers.
+    pub badge: xpyd_runtime::plane::Badge,
 }
 
 impl App {
@@ -252,18 +253,41 @@ impl App {
         }
     }
 
-    /// A fresh request id (unique within this coordinator's life).
+    /// A fresh request id: 64 random bits, so no caller can guess another request's
+    /// (a clash is as likely as two random 64-bit numbers meeting).
     pub fn next_id(&self) -> u64 {
-        self.ids.fetch_add(1, Ordering::Relaxed)
+        random_u64()
     }
+
+    /// A channel to a worker whose calls carry the cluster's credential.
+    pub fn internal(&self, ch: &tonic::transport::Channel) -> xpyd_runtime::plane::Channel {
+        tonic::service::interceptor::InterceptedService::new(ch.clone(), self.badge.clone())
+    }
+}
+
+/// 64 random bits from the OS (a counter mixed with the time when it has none to give,
+/// which no supported system lacks).
+pub fn random_u64() -> u64 {
+    getrandom::u64().unwrap_or_else(|_| {
+        static FALLBACK: AtomicU64 = AtomicU64::new(0);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64;
+        (t ^ FALLBACK.fetch_add(1, Ordering::Relaxed).rotate_left(40))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    })
 }
 
 /// The coordinator's listeners.
 pub struct Listeners {
     /// OpenAI HTTP, SSE, WebSocket, /health, /metrics.
     pub http: TcpListener,
-    /// gRPC: `xpyd.v1.Inference`, `xpyd.v1.Registry`, health, reflection.
+    /// Public gRPC: `xpyd.v1.Inference`, health, reflection.
     pub grpc: TcpListener,
+    /// The internal plane: `xpyd.v1.Registry` (workers register here), health. Every call
+    /// but health needs the cluster's credential.
+    pub internal: TcpListener,
 }
 
 /// Why the coordinator stopped with an error.
@@ -304,6 +328,39 @@ async fn record_key_use(app: Arc<App>, shutdown: CancellationToken) {
     }
 }
 
+/// Serves the internal plane (the embedded registry behind the cluster's credential)
+/// until `shutdown`.
+async fn serve_internal(
+    cfg: &Config,
+    cluster: Cluster,
+    key: Option<xpyd_runtime::plane::ClusterKey>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
+    type Registry = pb::registry_server::RegistryServer<registry::EmbeddedRegistry>;
+    let mut server = tonic::transport::Server::builder();
+    let (router, health) = xpyd_runtime::grpc::with_standard_services(
+        &mut server,
+        &[<Registry as NamedService>::NAME],
+    )
+    .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
+    health.set_serving::<Registry>().await;
+    let router = router.add_service(Registry::with_interceptor(
+        registry::EmbeddedRegistry {
+            cluster,
+            ttl: cfg.lease_ttl,
+            renew: cfg.renew_interval,
+        },
+        xpyd_runtime::plane::Gate(key),
+    ));
+    tracing::info!(internal = ?listener.local_addr().ok(), "internal plane serving");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = xpyd_runtime::grpc::serve(router, listener, shutdown).await {
+            tracing::error!(error = %e, "internal plane listener failed");
+        }
+    }))
+}
+
 /// Runs the coordinator until `shutdown`.
 ///
 /// # Errors
@@ -330,11 +387,6 @@ pub async fn run(
         Router::new(cfg.decode_policy, cfg.router.clone()),
         cfg.max_queue,
     );
-    // Ids start at a random-ish base so a restarted coordinator never reuses one.
-    let base = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
     let keys = match &cfg.auth {
         None => None,
         Some(a) => Some(
@@ -346,6 +398,15 @@ pub async fn run(
             .map_err(|e| CoordinatorError::Config(format!("auth: {e}")))?,
         ),
     };
+    let key = cfg
+        .cluster_token
+        .as_deref()
+        .map(xpyd_runtime::plane::ClusterKey::from_token);
+    if key.is_none() {
+        tracing::warn!(
+            "no cluster token: the internal plane is open (any caller may register a worker); `xpyd up` gives every cluster one"
+        );
+    }
     let app = Arc::new(App {
         cfg: cfg.clone(),
         model,
@@ -356,7 +417,7 @@ pub async fn run(
         advisor: advisor::Live::new(cfg.advisor.clone()),
         limiter: guard::Limiter::new(cfg.rate_limit),
         keys,
-        ids: AtomicU64::new(base << 8),
+        badge: xpyd_runtime::plane::Badge::new(key.as_ref()),
     });
     let membership = match &cfg.membership {
         Membership::Embedded => tokio::spawn(registry::sweep(cluster.clone(), shutdown.clone())),
@@ -364,6 +425,7 @@ pub async fn run(
             cluster.clone(),
             endpoints.clone(),
             prefix.clone(),
+            key.clone(),
             shutdown.clone(),
         )),
     };
@@ -380,27 +442,17 @@ pub async fn run(
         &mut server,
         &[
             <pb::inference_server::InferenceServer<grpc_api::InferenceService> as NamedService>::NAME,
-            <pb::registry_server::RegistryServer<registry::EmbeddedRegistry> as NamedService>::NAME,
         ],
     )
     .map_err(|e| CoordinatorError::Serve(e.to_string()))?;
     health
         .set_serving::<pb::inference_server::InferenceServer<grpc_api::InferenceService>>()
         .await;
-    let router = router
-        .add_service(
-            pb::inference_server::InferenceServer::new(grpc_api::InferenceService {
-                app: app.clone(),
-            })
+    let router = router.add_service(
+        pb::inference_server::InferenceServer::new(grpc_api::InferenceService { app: app.clone() })
             .max_decoding_message_size(cfg.max_request_bytes),
-        )
-        .add_service(pb::registry_server::RegistryServer::new(
-            registry::EmbeddedRegistry {
-                cluster,
-                ttl: cfg.lease_ttl,
-                renew: cfg.renew_interval,
-            },
-        ));
+    );
+    let internal = serve_internal(&cfg, cluster, key, listeners.internal, shutdown.clone()).await?;
     tracing::info!(
         http = ?http_addr,
         grpc = ?listeners.grpc.local_addr().ok(),
@@ -408,6 +460,7 @@ pub async fn run(
         "coordinator serving"
     );
     let served = xpyd_runtime::grpc::serve(router, listeners.grpc, shutdown).await;
+    let _ = internal.await;
     let _ = http.await;
     let _ = membership.await;
     let _ = advisor_loop.await;

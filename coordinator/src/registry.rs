@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use xpyd_proto as pb;
 use xpyd_runtime::WorkerRecord;
+use xpyd_runtime::plane::ClusterKey;
 
 /// The embedded registry service.
 pub struct EmbeddedRegistry {
@@ -42,7 +43,8 @@ impl pb::registry_server::Registry for EmbeddedRegistry {
         }
         let lease_id = self
             .cluster
-            .upsert(info, pb::Load::default(), Some(self.ttl));
+            .register(info, self.ttl)
+            .map_err(Status::already_exists)?;
         Ok(Response::new(pb::RegisterResponse {
             lease_id,
             ttl_ms: self.ttl.as_millis() as u32,
@@ -87,17 +89,24 @@ pub async fn watch_etcd(
     cluster: Cluster,
     endpoints: Vec<String>,
     prefix: String,
+    key: Option<ClusterKey>,
     shutdown: CancellationToken,
 ) {
     use etcd_client::{Client, EventType, GetOptions, WatchOptions};
     let key_prefix = format!("{prefix}workers/");
-    let apply =
-        |kv: &etcd_client::KeyValue| match serde_json::from_slice::<WorkerRecord>(kv.value()) {
-            Ok(r) => {
-                cluster.upsert(r.info(), r.load(), None);
-            }
-            Err(e) => tracing::warn!(key = ?kv.key_str(), error = %e, "bad worker record in etcd"),
-        };
+    // Only records a member of the cluster signed: anyone else who can write to etcd
+    // cannot add a worker (and receive prompts) or forge one's load.
+    let apply = |kv: &etcd_client::KeyValue| match serde_json::from_slice::<WorkerRecord>(
+        kv.value(),
+    ) {
+        Ok(r) if r.verified(key.as_ref()) => {
+            cluster.upsert(r.info(), r.load(), None);
+        }
+        Ok(r) => {
+            tracing::warn!(key = ?kv.key_str(), worker_id = %r.worker_id, "worker record in etcd not signed by this cluster; ignored")
+        }
+        Err(e) => tracing::warn!(key = ?kv.key_str(), error = %e, "bad worker record in etcd"),
+    };
     while !shutdown.is_cancelled() {
         let session = async {
             let mut client = Client::connect(&endpoints, None).await?;

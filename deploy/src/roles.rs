@@ -28,12 +28,16 @@ pub struct CoordinatorArgs {
     /// Override `coordinator.grpc_port`.
     #[arg(long)]
     pub grpc_port: Option<u16>,
+    /// Override `coordinator.internal_port` (the internal plane: workers register there).
+    #[arg(long)]
+    pub internal_port: Option<u16>,
     /// Stop when this process (the `xpyd up` that started it) is gone.
     #[arg(long, hide = true)]
     pub supervisor_pid: Option<i32>,
-    /// The cluster's credential (a file `xpyd up` wrote, mode 0600): it passes as an
-    /// admin key, for the supervisor's own calls.
-    #[arg(long, hide = true)]
+    /// The cluster's credential (a file `xpyd up` writes, mode 0600): it closes the
+    /// internal plane to everyone without it, and passes as an admin key for the
+    /// supervisor's own calls. Without it the internal plane is open.
+    #[arg(long)]
     pub cluster_token_file: Option<PathBuf>,
 }
 
@@ -52,9 +56,14 @@ pub struct WorkerArgs {
     /// Model file (default: from the manifest).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// The coordinator's gRPC URL (embedded registry).
+    /// The coordinator's internal-plane URL (embedded registry).
     #[arg(long)]
     pub registry_url: Option<String>,
+    /// The cluster's credential (a file of mode 0600, as `xpyd up` writes): the worker
+    /// proves membership with it and admits only callers that have it. Without it the
+    /// worker's internal plane is open.
+    #[arg(long)]
+    pub cluster_token_file: Option<PathBuf>,
     /// Stop when this process (the `xpyd up` that started it) is gone.
     #[arg(long, hide = true)]
     pub supervisor_pid: Option<i32>,
@@ -165,9 +174,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         });
     }
     if let Some(f) = &a.cluster_token_file {
-        let t =
-            std::fs::read_to_string(f).with_context(|| format!("cluster token {}", f.display()))?;
-        cfg.cluster_token = Some(t.trim().to_string());
+        cfg.cluster_token = Some(xpyd_runtime::plane::read_token(f)?);
     }
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
@@ -187,12 +194,18 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
     runtime()?.block_on(async {
         let http = bind(&c.host, a.http_port.unwrap_or(c.http_port)).await?;
         let grpc = bind(&c.host, a.grpc_port.unwrap_or(c.grpc_port)).await?;
+        let internal = bind(&c.host, a.internal_port.unwrap_or(c.internal_port)).await?;
         let urls = serde_json::json!({
             "http": format!("http://{}", http.local_addr()?),
             "grpc": format!("http://{}", grpc.local_addr()?),
+            "internal": format!("http://{}", internal.local_addr()?),
         });
         println!("{urls}");
-        let listeners = xpyd_coordinator::Listeners { http, grpc };
+        let listeners = xpyd_coordinator::Listeners {
+            http,
+            grpc,
+            internal,
+        };
         let shutdown = on_signal();
         watch_parent(a.supervisor_pid, &shutdown, c.graceful_shutdown.timeout());
         xpyd_coordinator::run(cfg, listeners, shutdown).await?;
@@ -444,10 +457,20 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
             prefix: etcd_prefix(&m),
         },
     };
+    let key = match &a.cluster_token_file {
+        Some(f) => Some(xpyd_runtime::plane::ClusterKey::load(f)?),
+        None => {
+            eprintln!(
+                "worker: no --cluster-token-file: the internal plane is open (any caller may use this worker)"
+            );
+            None
+        }
+    };
     let membership = Membership {
         registry: Some(registry),
         ttl: Duration::from_millis(m.registry.lease_ttl_ms as u64),
         renew: Duration::from_millis(m.registry.renew_interval_ms as u64),
+        key,
     };
     let worker_id = format!("{}-{}", role.name(), a.index);
     let host = a.host.clone().unwrap_or_else(|| m.coordinator.host.clone());

@@ -221,16 +221,34 @@ fn a_partitioned_worker_leaves_routing_its_streams_migrate_and_it_rejoins() {
     .unwrap();
     let m = manifest.to_str().unwrap().to_string();
     let model_s = model.to_str().unwrap().to_string();
-    let coord = net.spawn(0, &["coordinator", "-f", &m, "--model", &model_s], &[]);
+    // The cluster's credential, as an operator would copy it to each host (mode 0600).
+    let token = manifest.with_file_name("netns.token");
+    std::fs::write(&token, "netns-test-token-0123456789abcdef").unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let token_s = token.to_str().unwrap().to_string();
+    let coord = net.spawn(
+        0,
+        &[
+            "coordinator",
+            "-f",
+            &m,
+            "--model",
+            &model_s,
+            "--cluster-token-file",
+            &token_s,
+        ],
+        &[],
+    );
     let line = BufReader::new(coord.stdout.take().unwrap())
         .lines()
         .next()
         .unwrap()
         .unwrap();
     let urls: Value = serde_json::from_str(&line).unwrap();
-    let (http, grpc) = (
+    let (http, grpc, internal) = (
         urls["http"].as_str().unwrap().to_string(),
         urls["grpc"].as_str().unwrap().to_string(),
+        urls["internal"].as_str().unwrap().to_string(),
     );
     let delays = [("XPYD_DEBUG_DELAY", "decode-0=25,decode-1=25")];
     for (node, role, index) in [(1, "prefill", "0"), (2, "decode", "0"), (3, "decode", "1")] {
@@ -246,7 +264,9 @@ fn a_partitioned_worker_leaves_routing_its_streams_migrate_and_it_rejoins() {
             "--model",
             &model_s,
             "--registry-url",
-            &grpc,
+            &internal,
+            "--cluster-token-file",
+            &token_s,
             "--host",
             &host,
         ];

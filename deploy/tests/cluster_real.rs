@@ -139,17 +139,7 @@ fn check_cluster(model: &Path, backend: &str, ref_text: &str, ref_ids: &[u32]) {
     assert!(usage.cached_tokens >= 32, "{backend}: gRPC {usage:?}");
     // Calls after the first reused the prompt's cached prefix blocks, with equal output.
     let p = &up.workers("prefill")[0];
-    let url = p["grpc_url"].as_str().unwrap().to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let st = rt.block_on(async {
-        let mut c = pb::prefill_worker_client::PrefillWorkerClient::connect(url)
-            .await
-            .unwrap();
-        c.stats(pb::StatsRequest {}).await.unwrap().into_inner()
-    });
+    let st = up.stats(p);
     assert!(
         st.prefix_hit_tokens >= 3 * 32,
         "{backend}: prefix cache unused: {st:?}"

@@ -914,8 +914,25 @@ fn an_applied_split_flips_a_worker_in_place_under_load_and_fails_no_request() {
     let flips =
         common::cluster::metric_sum(&worker_http, "xpyd_worker_role_flip_seconds_count", "");
     assert_eq!(flips, 2.0, "the worker counted its two flips");
-    // The worker's endpoint names what is wrong and changes nothing.
-    let post = |body: &str| common::cluster::post_raw(&format!("{worker_http}/role"), body, None);
+    // The worker's endpoint takes only the cluster's own calls, names what is wrong and
+    // changes nothing.
+    let credential = xpyd_runtime::plane::ClusterKey::load(&up.token_file)
+        .unwrap()
+        .bearer()
+        .to_string();
+    let post = |body: &str| {
+        common::cluster::post_raw(
+            &format!("{worker_http}/role"),
+            body,
+            Some((xpyd_runtime::plane::METADATA, &credential)),
+        )
+    };
+    let (code, v, _) = common::cluster::post_raw(
+        &format!("{worker_http}/role"),
+        r#"{"role": "decode"}"#,
+        None,
+    );
+    assert_eq!(code, 401, "{v}");
     for (body, field) in [
         (r#"{"role": "router"}"#, "role"),
         (r#"{"role": "combined"}"#, "role"),

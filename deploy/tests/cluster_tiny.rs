@@ -23,36 +23,6 @@ fn body(prompt: &str, max_tokens: u32) -> Value {
     json!({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": true})
 }
 
-/// `Stats` of a worker over gRPC.
-fn stats(w: &Value) -> pb::WorkerStats {
-    let url = w["grpc_url"].as_str().unwrap().to_string();
-    let role = w["role"].as_str().unwrap().to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async move {
-        let ch = tonic::transport::Endpoint::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        if role == "prefill" {
-            pb::prefill_worker_client::PrefillWorkerClient::new(ch)
-                .stats(pb::StatsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-        } else {
-            pb::decode_worker_client::DecodeWorkerClient::new(ch)
-                .stats(pb::StatsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-        }
-    })
-}
-
 fn routed(up: &Up, role: &str) -> HashMap<String, u64> {
     up.workers(role)
         .iter()
@@ -767,19 +737,19 @@ fn a_client_that_leaves_or_times_out_frees_every_leg() {
                 events += 1;
             }
         }
-        assert!(stats(&d).kv_blocks_used > 0);
+        assert!(up.stats(&d).kv_blocks_used > 0);
     }
     eventually(
         Duration::from_secs(10),
         "decode KV back to zero after disconnect",
         || {
-            let s = stats(&d);
+            let s = up.stats(&d);
             s.kv_blocks_used == 0 && s.requests_cancelled >= 1 && s.running == 0
         },
     );
     // 2. A first-token deadline passes during a long prefill: 504, the prefill stops early.
     let prompt = "y".repeat(400); // 25 chunks of 16 tokens at 150 ms each
-    let chunks0 = stats(&p).prefill_chunks_total;
+    let chunks0 = up.stats(&p).prefill_chunks_total;
     let t0 = Instant::now();
     let (code, v, _) = up.post("/v1/completions", &body(&prompt, 5));
     assert_eq!(code, 504, "{v}");
@@ -792,14 +762,14 @@ fn a_client_that_leaves_or_times_out_frees_every_leg() {
         Duration::from_secs(10),
         "prefill cancelled and decode KV freed",
         || {
-            let (ps, ds) = (stats(&p), stats(&d));
+            let (ps, ds) = (up.stats(&p), up.stats(&d));
             ps.requests_cancelled >= 1
                 && ps.running == 0
                 && ds.kv_blocks_used == 0
                 && ds.kv_blocks_reserved == 0
         },
     );
-    let computed = stats(&p).prefill_chunks_total - chunks0;
+    let computed = up.stats(&p).prefill_chunks_total - chunks0;
     assert!(
         computed < 20,
         "the prefill ran on after the deadline: {computed} of 25 chunks"
@@ -994,7 +964,7 @@ fn mock_engine_clusters_answer_deterministically_in_both_modes() {
         first,
         "sampling cannot leave the mock's token"
     );
-    let p = stats(&pd.workers("prefill")[0]);
+    let p = pd.stats(&pd.workers("prefill")[0]);
     assert_eq!(
         p.prefix_hit_tokens, 128,
         "the repeats hit the prefix cache: {p:?}"
@@ -1242,6 +1212,41 @@ fn etcd_membership_a_silent_worker_leaves_routing_within_its_lease() {
     let up = Up::start(&yaml, &model);
     assert_eq!(up.workers("decode").len(), 2);
     assert_eq!(up.post("/v1/completions", &body("via etcd", 3)).0, 200);
+    // Anyone who can write to etcd can put a record there, but the coordinator takes only
+    // those signed with the cluster's key: a stranger's worker never joins.
+    let forged = xpyd_runtime::WorkerRecord::new(
+        &pb::WorkerInfo {
+            worker_id: "evil-0".into(),
+            role: "decode".into(),
+            grpc_url: "http://127.0.0.1:9".into(),
+            http_url: "http://127.0.0.1:9".into(),
+            model_fingerprint: "x".into(),
+            max_running: 8,
+        },
+        &pb::Load::default(),
+    )
+    .sign(Some(&xpyd_runtime::plane::ClusterKey::from_token(
+        "not-this-cluster-0123",
+    )));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = etcd_client::Client::connect([etcd.url.as_str()], None)
+                .await
+                .unwrap();
+            c.put(
+                "/xpyd/etcdtest/workers/evil-0",
+                serde_json::to_string(&forged).unwrap(),
+                None,
+            )
+            .await
+            .unwrap();
+        });
+    std::thread::sleep(Duration::from_millis(500));
+    let ids: Vec<Value> = up.cluster()["workers"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 3, "the forged record joined: {ids:?}");
     let pids = worker_pids(&up.manifest, "decode", None);
     let cmd = std::fs::read_to_string(format!("/proc/{}/cmdline", pids[0])).unwrap();
     let index = cmd
@@ -1312,7 +1317,7 @@ fn prefix_run(policy: &str, model: &Path) -> (f64, Vec<u64>) {
     let (mut hit, mut looked) = (0, 0);
     let mut per_worker = vec![];
     for w in up.workers("prefill") {
-        let s = stats(&w);
+        let s = up.stats(&w);
         hit += s.prefix_hit_tokens;
         looked += s.prefix_lookup_tokens;
         per_worker.push(s.prefix_hit_tokens);
@@ -1421,7 +1426,10 @@ fn grpc_health_reflection_status_and_chat_cli() {
         .enable_all()
         .build()
         .unwrap();
-    let mut urls = vec![(up.grpc.clone(), String::new())];
+    let mut urls = vec![
+        (up.grpc.clone(), String::new()),
+        (up.internal.clone(), String::new()),
+    ];
     urls.extend(up.cluster()["workers"].as_array().unwrap().iter().map(|w| {
         (
             w["grpc_url"].as_str().unwrap().to_string(),
@@ -1457,13 +1465,17 @@ fn grpc_health_reflection_status_and_chat_cli() {
             let own: Vec<&String> = names.iter().filter(|n| n.starts_with("xpyd.v1.")).collect();
             // A worker port carries both worker services (a worker can flip role); gRPC
             // health says which one serves now.
+            // The public port serves inference only; the registry is on the internal plane.
+            let coordinator = url == up.grpc || url == up.internal;
             let expected: &[&str] = if url == up.grpc {
-                &["xpyd.v1.Inference", "xpyd.v1.Registry"]
+                &["xpyd.v1.Inference"]
+            } else if url == up.internal {
+                &["xpyd.v1.Registry"]
             } else {
                 &["xpyd.v1.DecodeWorker", "xpyd.v1.PrefillWorker"]
             };
             assert_eq!(own, expected, "{url}: {names:?}");
-            if url != up.grpc {
+            if !coordinator {
                 let mut h = tonic_health::pb::health_client::HealthClient::new(
                     tonic::transport::Endpoint::from_shared(url.clone())
                         .unwrap()
@@ -1572,8 +1584,15 @@ fn worker_cancel_rpcs_stop_a_prefill_and_free_a_decode_reservation() {
     rt.block_on(async {
         use pb::decode_worker_client::DecodeWorkerClient;
         use pb::prefill_worker_client::PrefillWorkerClient;
-        let mut dc = DecodeWorkerClient::connect(durl).await.unwrap();
-        let mut pc = PrefillWorkerClient::connect(purl).await.unwrap();
+        let connect = |url: String| async move {
+            tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        };
+        let mut dc = DecodeWorkerClient::with_interceptor(connect(durl).await, up.badge());
+        let mut pc = PrefillWorkerClient::with_interceptor(connect(purl).await, up.badge());
         // Acting as the coordinator: reserve on the decode worker, prefill against it.
         let req = pb::DecodeRequest {
             request_id: 4242,
@@ -1597,6 +1616,7 @@ fn worker_cancel_rpcs_stop_a_prefill_and_free_a_decode_reservation() {
                 ..Default::default()
             }),
             target_json: r.target_json,
+            target_mac: r.target_mac,
             prompt_len: 0,
         };
         let mut pc2 = pc.clone();
@@ -1899,4 +1919,201 @@ fn fuzzed_requests_on_every_public_api_get_answers_not_failures() {
         .unwrap();
     let (code, _, _) = up.post("/v1/completions", &body("still here", 3));
     assert_eq!(code, 200);
+}
+
+/// The internal plane trusts no stranger. The public gRPC port serves no registry; the
+/// internal port refuses a registration without the cluster's credential (or with
+/// another cluster's), and one that would take a live worker's id from another address;
+/// random lease ids renew nothing; worker ports refuse calls without the credential,
+/// and a prefill worker refuses a target its cluster's decode worker did not sign, or
+/// one changed after signing; a worker's `POST /role` needs the credential. Through all
+/// of it the cluster serves, and its request ids are random.
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn the_internal_plane_refuses_strangers_and_forged_targets() {
+    use pb::decode_worker_client::DecodeWorkerClient;
+    use pb::prefill_worker_client::PrefillWorkerClient;
+    use pb::registry_client::RegistryClient;
+    use tonic::Code;
+    use xpyd_runtime::plane::{Badge, ClusterKey};
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "closed",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&up.token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the token file is the owner's only");
+    let (p, d) = (
+        up.workers("prefill")[0].clone(),
+        up.workers("decode")[0].clone(),
+    );
+    let url = |w: &Value| w["grpc_url"].as_str().unwrap().to_string();
+    let (purl, durl) = (url(&p), url(&d));
+    let stranger = Badge::new(Some(&ClusterKey::from_token("not-this-cluster-0123")));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let connect = |u: String| async move {
+            tonic::transport::Endpoint::from_shared(u)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap()
+        };
+        let fake = |id: &str| pb::RegisterRequest {
+            worker: Some(pb::WorkerInfo {
+                worker_id: id.into(),
+                role: "decode".into(),
+                grpc_url: "http://127.0.0.1:9".into(),
+                http_url: "http://127.0.0.1:9".into(),
+                model_fingerprint: "x".into(),
+                max_running: 8,
+            }),
+            ttl_ms: 60_000,
+        };
+        // 1. The public port has no registry.
+        let e = RegistryClient::new(connect(up.grpc.clone()).await)
+            .register(fake("evil-0"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unimplemented, "{e}");
+        // 2. The internal port: no credential, another cluster's, then a member taking a
+        //    live worker's id from elsewhere.
+        let internal = connect(up.internal.clone()).await;
+        let e = RegistryClient::new(internal.clone())
+            .register(fake("evil-0"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        let e = RegistryClient::with_interceptor(internal.clone(), stranger.clone())
+            .register(fake("evil-0"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        let mut member = RegistryClient::with_interceptor(internal.clone(), up.badge());
+        let e = member.register(fake("decode-0")).await.unwrap_err();
+        assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+        assert!(e.message().contains(&durl), "{e}");
+        for guess in [1u64, 2, 3, 1 << 32] {
+            let hb = pb::HeartbeatRequest {
+                lease_id: guess,
+                load: None,
+            };
+            assert!(!member.heartbeat(hb).await.unwrap().into_inner().ok);
+            member
+                .deregister(pb::DeregisterRequest { lease_id: guess })
+                .await
+                .unwrap();
+        }
+        // 3. Worker ports: nothing without the credential.
+        let (dch, pch) = (connect(durl.clone()).await, connect(purl.clone()).await);
+        let dreq = |id: u64| pb::DecodeRequest {
+            request_id: id,
+            prompt_tokens: 8,
+            max_tokens: 2,
+            backend: "tcp".into(),
+            transfer_deadline_ms: 10_000,
+        };
+        for badge in [Badge::new(None), stranger.clone()] {
+            let mut dc = DecodeWorkerClient::with_interceptor(dch.clone(), badge.clone());
+            let e = dc.decode(dreq(1)).await.unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+            let e = dc
+                .cancel(pb::CancelRequest { request_id: 1 })
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+            let e = PrefillWorkerClient::with_interceptor(pch.clone(), badge)
+                .stats(pb::StatsRequest {})
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+        }
+        // 4. A member's prefill with a target the decode worker did not sign as given.
+        let mut dc = DecodeWorkerClient::with_interceptor(dch.clone(), up.badge());
+        let mut pc = PrefillWorkerClient::with_interceptor(pch.clone(), up.badge());
+        let mut stream = dc.decode(dreq(77)).await.unwrap().into_inner();
+        let Some(pb::decode_event::Event::Reserved(r)) =
+            stream.message().await.unwrap().unwrap().event
+        else {
+            panic!("no reservation")
+        };
+        assert_eq!(r.target_mac.len(), 32, "the target is signed");
+        let mut redirected: Value = serde_json::from_slice(&r.target_json).unwrap();
+        redirected["addr"] = json!("127.0.0.1:9");
+        let preq = |target_json: Vec<u8>, target_mac: Vec<u8>| pb::PrefillRequest {
+            request_id: 77,
+            tokens: (0..8).map(|i| 3 + i).collect(),
+            sampling: Some(pb::EngineSampling {
+                top_p: 1.0,
+                max_tokens: 2,
+                ..Default::default()
+            }),
+            target_json,
+            target_mac,
+            prompt_len: 0,
+        };
+        let mut flipped = r.target_mac.clone();
+        flipped[0] ^= 1;
+        for (what, req) in [
+            ("unsigned", preq(r.target_json.clone(), Vec::new())),
+            ("bad signature", preq(r.target_json.clone(), flipped)),
+            (
+                "changed after signing",
+                preq(
+                    serde_json::to_vec(&redirected).unwrap(),
+                    r.target_mac.clone(),
+                ),
+            ),
+        ] {
+            let e = pc.prefill(req).await.unwrap_err();
+            assert_eq!(e.code(), Code::PermissionDenied, "{what}: {e}");
+            assert!(e.message().contains("target"), "{what}: {e}");
+        }
+        // The signed target as issued works.
+        let first = pc
+            .prefill(preq(r.target_json.clone(), r.target_mac.clone()))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(first.first.is_some());
+        drop(stream);
+    });
+    // 5. A worker's role change needs the credential.
+    let role_url = format!("{}/role", d["http_url"].as_str().unwrap());
+    let (code, refused, _) = post_raw(&role_url, r#"{"role":"prefill"}"#, None);
+    assert_eq!(code, 401, "{refused}");
+    let (code, refused, _) = post_raw(
+        &role_url,
+        r#"{"role":"prefill"}"#,
+        Some(("x-xpyd-cluster", "00ff")),
+    );
+    assert_eq!(code, 401, "{refused}");
+    assert_eq!(up.workers("decode").len(), 1, "still a decode worker");
+    // 6. No stranger joined; the cluster serves; ids are not a sequence.
+    let ids: Vec<String> = up.cluster()["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["worker_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(ids.iter().all(|i| !i.starts_with("evil")), "{ids:?}");
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let (code, v, _) = up.post("/v1/completions", &body("hello", 2));
+        assert_eq!(code, 200, "{v}");
+        seen.push(v["id"].as_str().unwrap().to_string());
+    }
+    let num = |s: &str| u64::from_str_radix(s.rsplit('-').next().unwrap(), 16).unwrap();
+    let gap = num(&seen[0]).abs_diff(num(&seen[1]));
+    assert!(gap > 1 << 20, "consecutive ids {seen:?} look sequential");
 }

@@ -4,6 +4,7 @@
 //! registry in the coordinator (gRPC `xpyd.v1.Registry`) and etcd (lease + key under a
 //! prefix that the coordinator watches).
 
+use crate::plane::{Badge, ClusterKey};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -60,6 +61,9 @@ pub struct WorkerRecord {
     /// Shutting down (see [`Load::draining`]).
     #[serde(default)]
     pub draining: bool,
+    /// The cluster's signature of the rest (hex; empty on an open plane).
+    #[serde(default)]
+    pub mac: String,
 }
 
 impl WorkerRecord {
@@ -79,7 +83,33 @@ impl WorkerRecord {
             ttft_ms: load.ttft_ms,
             tpot_ms: load.tpot_ms,
             draining: load.draining,
+            mac: String::new(),
         }
+    }
+
+    /// What the signature covers: the record without it.
+    fn signed_bytes(&self) -> Vec<u8> {
+        let bare = WorkerRecord {
+            mac: String::new(),
+            ..self.clone()
+        };
+        serde_json::to_vec(&bare).unwrap_or_default()
+    }
+
+    /// Signs the record with the cluster's key.
+    pub fn sign(mut self, key: Option<&ClusterKey>) -> Self {
+        if let Some(k) = key {
+            self.mac = k.sign_hex(crate::plane::RECORD, &self.signed_bytes());
+        }
+        self
+    }
+
+    /// Whether a member of the cluster wrote the record (always, on an open plane).
+    pub fn verified(&self, key: Option<&ClusterKey>) -> bool {
+        key.is_none_or(|k| {
+            crate::plane::unhex(&self.mac)
+                .is_some_and(|m| k.verify(crate::plane::RECORD, &self.signed_bytes(), &m))
+        })
     }
 
     /// The identity part.
@@ -125,6 +155,8 @@ pub struct LeaseConfig {
     pub ttl: Duration,
     /// Renewal interval (well under the TTL).
     pub renew: Duration,
+    /// The cluster's credential.
+    pub key: Option<ClusterKey>,
 }
 
 /// Keeps the lease until `shutdown`, then deregisters. `ready` is true exactly while the
@@ -193,7 +225,7 @@ async fn embedded(
             return;
         }
     };
-    let mut client = RegistryClient::new(channel);
+    let mut client = RegistryClient::with_interceptor(channel, Badge::new(cfg.key.as_ref()));
     let mut info = cfg.info.clone();
     'register: while !shutdown.is_cancelled() {
         let req = RegisterRequest {
@@ -207,7 +239,14 @@ async fn embedded(
             Ok(r) => r.into_inner(),
             Err(e) => {
                 let _ = ready.send(false);
-                tracing::debug!(error = %e, "registry not reachable yet");
+                if matches!(
+                    e.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::AlreadyExists
+                ) {
+                    tracing::warn!(error = %e.message(), "registration refused; trying again");
+                } else {
+                    tracing::debug!(error = %e, "registry not reachable yet");
+                }
                 if !pause(cfg.renew, shutdown).await {
                     return;
                 }
@@ -275,7 +314,8 @@ async fn etcd(
             let mut client = Client::connect(endpoints, Some(opts)).await?;
             let lease = client.lease_grant(ttl_s, None).await?.id();
             let record =
-                serde_json::to_string(&WorkerRecord::new(&info, &load())).unwrap_or_default();
+                serde_json::to_string(&WorkerRecord::new(&info, &load()).sign(cfg.key.as_ref()))
+                    .unwrap_or_default();
             client
                 .put(
                     key.clone(),
@@ -315,8 +355,10 @@ async fn etcd(
                     None => 0,
                 };
                 if ttl > 0 {
-                    let record = serde_json::to_string(&WorkerRecord::new(&info, &load()))
-                        .unwrap_or_default();
+                    let record = serde_json::to_string(
+                        &WorkerRecord::new(&info, &load()).sign(cfg.key.as_ref()),
+                    )
+                    .unwrap_or_default();
                     client
                         .put(
                             key.clone(),
@@ -372,6 +414,20 @@ mod tests {
         let back: WorkerRecord = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back.info(), info);
         assert_eq!(back.load(), load);
+        // Signed, a record survives the trip through etcd's JSON; any change, or another
+        // cluster's key, and it is not this cluster's.
+        let k = ClusterKey::from_token("0123456789abcdef0123");
+        let signed = r.clone().sign(Some(&k));
+        let back: WorkerRecord =
+            serde_json::from_str(&serde_json::to_string(&signed).unwrap()).unwrap();
+        assert!(back.verified(Some(&k)) && back.verified(None));
+        assert!(!r.verified(Some(&k)), "unsigned");
+        let forged = WorkerRecord {
+            grpc_url: "http://10.0.0.9:1".into(),
+            ..back.clone()
+        };
+        assert!(!forged.verified(Some(&k)));
+        assert!(!back.verified(Some(&ClusterKey::from_token("another-token-000"))));
         assert_eq!(etcd_key("/xpyd/a/", "d0"), "/xpyd/a/workers/d0");
     }
 }

@@ -13,6 +13,7 @@ pub mod kv_pool;
 pub mod lease;
 pub mod lifecycle;
 pub mod metrics;
+pub mod plane;
 pub mod shutdown;
 pub mod worker;
 

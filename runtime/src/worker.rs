@@ -41,6 +41,8 @@ pub struct Membership {
     pub ttl: Duration,
     /// Renewal interval.
     pub renew: Duration,
+    /// The cluster's credential (registration calls carry it; etcd records are signed).
+    pub key: Option<crate::plane::ClusterKey>,
 }
 
 impl Default for Membership {
@@ -49,6 +51,7 @@ impl Default for Membership {
             registry: None,
             ttl: Duration::from_secs(2),
             renew: Duration::from_millis(500),
+            key: None,
         }
     }
 }
@@ -96,6 +99,7 @@ pub fn start_membership(
                 info,
                 ttl: m.ttl,
                 renew: m.renew,
+                key: m.key.clone(),
             };
             let load = move || {
                 let draining = lifecycle.phase() != crate::lifecycle::Phase::Serving;

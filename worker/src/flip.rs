@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use xpyd_proto as pb;
 use xpyd_runtime::lifecycle::wait_idle;
 use xpyd_runtime::metrics as m;
+use xpyd_runtime::plane::ClusterKey;
 
 /// What a flip did and how long it took.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -263,16 +264,19 @@ impl Host {
 struct RoleState {
     flips: mpsc::Sender<FlipRequest>,
     info: watch::Receiver<pb::WorkerInfo>,
+    key: Option<ClusterKey>,
 }
 
-/// `GET /role` and `POST /role`.
+/// `GET /role` and `POST /role` (which needs the cluster's credential in the
+/// `x-xpyd-cluster` header, unless the internal plane is open).
 pub(crate) fn router(
     flips: mpsc::Sender<FlipRequest>,
     info: watch::Receiver<pb::WorkerInfo>,
+    key: Option<ClusterKey>,
 ) -> Router {
     Router::new()
         .route("/role", get(current).post(change))
-        .with_state(RoleState { flips, info })
+        .with_state(RoleState { flips, info, key })
 }
 
 async fn current(State(s): State<RoleState>) -> Json<serde_json::Value> {
@@ -286,7 +290,25 @@ fn error(status: StatusCode, kind: &str, field: Option<&str>, message: &str) -> 
     (status, Json(body)).into_response()
 }
 
-async fn change(State(s): State<RoleState>, body: axum::body::Bytes) -> Response {
+async fn change(
+    State(s): State<RoleState>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(k) = &s.key
+        && !k.admits(
+            headers
+                .get(xpyd_runtime::plane::METADATA)
+                .and_then(|v| v.to_str().ok()),
+        )
+    {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            None,
+            xpyd_runtime::plane::unauthenticated().message(),
+        );
+    }
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Body {

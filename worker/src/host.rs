@@ -21,6 +21,7 @@ use xpyd_runtime::grpc::HealthReporter;
 use xpyd_runtime::kv_pool::SharedPool;
 use xpyd_runtime::lifecycle::{Ending, Lifecycle};
 use xpyd_runtime::metrics as m;
+use xpyd_runtime::plane::{ClusterKey, Gate};
 use xpyd_runtime::worker::{SharedStats, start_membership, worker_info};
 
 /// What a role's part is built from: the process's shared pieces.
@@ -39,6 +40,8 @@ pub(crate) struct Shared {
     /// Test knobs for the starting worker id.
     pub(crate) delay: Option<Duration>,
     pub(crate) panic_after: Option<u64>,
+    /// The cluster's key (`None`: an open internal plane).
+    pub(crate) key: Option<ClusterKey>,
 }
 
 /// The role running on the engine now.
@@ -203,8 +206,9 @@ pub async fn run(
     let (flip_tx, mut flip_rx) = mpsc::channel::<FlipRequest>(1);
     let metrics = xpyd_runtime::metrics::install();
     let http = tokio::spawn(xpyd_runtime::http::serve(
-        xpyd_runtime::http::worker_router(ready.clone(), lifecycle.clone(), metrics)
-            .merge(crate::flip::router(flip_tx, info_rx)),
+        xpyd_runtime::http::worker_router(ready.clone(), lifecycle.clone(), metrics).merge(
+            crate::flip::router(flip_tx, info_rx, cfg.membership.key.clone()),
+        ),
         listeners.http,
         stopping.clone(),
     ));
@@ -223,13 +227,21 @@ pub async fn run(
             .await;
     }
     let slots = Slots::new(stats.clone());
+    // Only members of the cluster call a worker's services.
+    let gate = Gate(cfg.membership.key.clone());
     let router = router
-        .add_service(pb::prefill_worker_server::PrefillWorkerServer::new(
-            PrefillSlot(slots.clone()),
-        ))
-        .add_service(pb::decode_worker_server::DecodeWorkerServer::new(
-            DecodeSlot(slots.clone()),
-        ));
+        .add_service(
+            pb::prefill_worker_server::PrefillWorkerServer::with_interceptor(
+                PrefillSlot(slots.clone()),
+                gate.clone(),
+            ),
+        )
+        .add_service(
+            pb::decode_worker_server::DecodeWorkerServer::with_interceptor(
+                DecodeSlot(slots.clone()),
+                gate,
+            ),
+        );
     let shared = Shared {
         stats,
         lifecycle: lifecycle.clone(),
@@ -241,6 +253,7 @@ pub async fn run(
         kv_backend: cfg.kv_backend,
         delay: xpyd_runtime::worker::debug_delay(&cfg.worker_id),
         panic_after: xpyd_runtime::lifecycle::debug_panic_after(&cfg.worker_id),
+        key: cfg.membership.key.clone(),
     };
     let part =
         start_part(engine, &shared, &cfg.role).map_err(|e| WorkerError::Serve(e.to_string()))?;

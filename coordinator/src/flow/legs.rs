@@ -130,7 +130,7 @@ pub(super) async fn start_disaggregated(
     let pslot = prefill_slot(app, facts, resend).await?;
     let (tokens, prompt_len) = tokens_to_send(p, em);
     let id = app.next_id();
-    let mut dclient = DecodeWorkerClient::new(dslot.channel.clone());
+    let mut dclient = DecodeWorkerClient::new(app.internal(&dslot.channel));
     let dreq = pb::DecodeRequest {
         request_id: id,
         prompt_tokens: tokens.len() as u32,
@@ -161,12 +161,13 @@ pub(super) async fn start_disaggregated(
     let (mut stream, target) = tokio::time::timeout(first_deadline, open)
         .await
         .map_err(|_| FlowError::Timeout("first token"))??;
-    let mut pclient = PrefillWorkerClient::new(pslot.channel.clone());
+    let mut pclient = PrefillWorkerClient::new(app.internal(&pslot.channel));
     let preq = pb::PrefillRequest {
         request_id: id,
         tokens,
         sampling: Some(sampling_to_pb(&p.params)),
         target_json: target.target_json,
+        target_mac: target.target_mac,
         prompt_len,
     };
     let t0 = Instant::now();
@@ -228,7 +229,7 @@ pub(super) async fn start_combined(
     let resend = !facts.exclude.is_empty() || !em.generated.is_empty();
     let slot = decode_slot(app, facts, resend).await?;
     let (tokens, prompt_len) = tokens_to_send(p, em);
-    let mut client = DecodeWorkerClient::new(slot.channel.clone());
+    let mut client = DecodeWorkerClient::new(app.internal(&slot.channel));
     let req = pb::LocalGenerateRequest {
         request_id: app.next_id(),
         tokens,

@@ -395,6 +395,11 @@ fn coordinator_ranges_name_their_fields() {
         "coordinator.grpc_port",
         "must differ",
     );
+    assert_invalid(
+        c("grpc_port: 8001, internal_port: 8001"),
+        "coordinator.internal_port",
+        "is also coordinator.grpc_port",
+    );
     assert_parse_err(c("http_port: 70000"), &["coordinator.http_port"]);
     assert_invalid(
         c("rate_limit: { rps: 0 }"),

@@ -13,8 +13,11 @@ pub struct CoordinatorSpec {
     pub host: String,
     /// OpenAI-compatible HTTP/SSE/WebSocket port; 0 = ephemeral (default 0).
     pub http_port: u16,
-    /// gRPC port; 0 = ephemeral (default 0).
+    /// Public gRPC port (`xpyd.v1.Inference`); 0 = ephemeral (default 0).
     pub grpc_port: u16,
+    /// The internal plane's gRPC port, where workers register (the cluster's credential
+    /// is required); 0 = ephemeral (default 0).
+    pub internal_port: u16,
     /// Requests waiting for a free worker, across SLO classes, `0..=100000` (default 256).
     pub max_queue: u32,
     /// How long a request waits for a free worker before a 429, `1..=600000` ms (default 10000).
@@ -94,6 +97,7 @@ impl Default for CoordinatorSpec {
             host: "127.0.0.1".into(),
             http_port: 0,
             grpc_port: 0,
+            internal_port: 0,
             max_queue: 256,
             queue_timeout_ms: 10_000,
             first_token_timeout_s: 120,

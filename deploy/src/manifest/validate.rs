@@ -96,14 +96,18 @@ fn roles_for_mode(m: &Manifest) -> Result {
 
 fn coordinator(c: &CoordinatorSpec) -> Result {
     host("coordinator.host", &c.host)?;
-    if c.http_port != 0 && c.http_port == c.grpc_port {
-        return Err(ManifestError::invalid(
-            "coordinator.grpc_port",
-            format!(
-                "{} is also coordinator.http_port; the ports must differ",
-                c.grpc_port
-            ),
-        ));
+    let ports = [
+        ("http_port", c.http_port),
+        ("grpc_port", c.grpc_port),
+        ("internal_port", c.internal_port),
+    ];
+    for (i, (field, port)) in ports.iter().enumerate() {
+        if let Some((other, _)) = ports[..i].iter().find(|(_, p)| *p != 0 && p == port) {
+            return Err(ManifestError::invalid(
+                format!("coordinator.{field}"),
+                format!("{port} is also coordinator.{other}; the ports must differ"),
+            ));
+        }
     }
     range("coordinator.max_queue", c.max_queue, 0, 100_000)?;
     range(

@@ -78,6 +78,10 @@ pub struct Settings {
     pub ready_timeout: Duration,
     /// Where upgraded manifests are written.
     pub run_dir: PathBuf,
+    /// The cluster token's file (mode 0600), passed to every child by path.
+    pub token_file: PathBuf,
+    /// The cluster's credential, for the supervisor's own internal calls.
+    pub key: xpyd_runtime::plane::ClusterKey,
 }
 
 /// One manifest version the cluster has run.
@@ -153,8 +157,10 @@ pub struct Coord {
     pub args: Vec<String>,
     /// Its HTTP URL.
     pub http: String,
-    /// Its gRPC URL.
+    /// Its public gRPC URL.
     pub grpc: String,
+    /// Its internal-plane URL (workers register there).
+    pub internal: String,
     /// Restarts so far.
     pub restarts: u32,
     /// Restart backoff.
@@ -517,7 +523,7 @@ impl Supervisor {
         json!({
             "service": self.s.name, "state": self.service, "version": self.current,
             "pid": std::process::id(),
-            "coordinator": {"pid": c.pid, "http": c.http, "grpc": c.grpc, "restarts": c.restarts,
+            "coordinator": {"pid": c.pid, "http": c.http, "grpc": c.grpc, "internal": c.internal, "restarts": c.restarts,
                 "state": if c.pid.is_some() { "running" } else if self.stopping { "stopped" } else { "restarting" }},
             "roles": roles, "workers": workers,
             "upgrade": self.rollout.as_ref().map(Rollout::view),

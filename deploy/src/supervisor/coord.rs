@@ -65,12 +65,15 @@ pub async fn start_coordinator(c: CoordStart<'_>) -> Result<Coord> {
         serde_json::from_str(&line).with_context(|| format!("the coordinator printed `{line}`"))?;
     let http = v["http"].as_str().unwrap_or_default().to_string();
     let grpc = v["grpc"].as_str().unwrap_or_default().to_string();
+    let internal = v["internal"].as_str().unwrap_or_default().to_string();
     // A restarted coordinator keeps its ports, so clients and workers find it again.
     args.extend([
         "--http-port".into(),
         port_of(&http),
         "--grpc-port".into(),
         port_of(&grpc),
+        "--internal-port".into(),
+        port_of(&internal),
     ]);
     Ok(Coord {
         generation,
@@ -79,6 +82,7 @@ pub async fn start_coordinator(c: CoordStart<'_>) -> Result<Coord> {
         args,
         http,
         grpc,
+        internal,
         restarts: 0,
         backoff: Backoff::default(),
         restart_at: None,

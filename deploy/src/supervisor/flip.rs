@@ -35,6 +35,7 @@ async fn post_flip(
     http: String,
     role: &'static str,
     id: String,
+    credential: String,
     wait: Duration,
 ) -> Result<Value, String> {
     tokio::task::spawn_blocking(move || {
@@ -47,6 +48,7 @@ async fn post_flip(
         let resp = agent
             .post(&format!("{http}/role"))
             .header("content-type", "application/json")
+            .header(xpyd_runtime::plane::METADATA, &credential)
             .send(body)
             .map_err(|e| format!("POST {http}/role: {e}"))?;
         let code = resp.status().as_u16();
@@ -162,8 +164,9 @@ impl Supervisor {
             let generation = w.generation;
             let msgs = self.msgs.clone();
             let new_id = slot.id();
+            let credential = self.s.key.bearer().to_string();
             tokio::spawn(async move {
-                let result = post_flip(http, to.name(), new_id, wait).await;
+                let result = post_flip(http, to.name(), new_id, credential, wait).await;
                 let _ = msgs.send(Msg::Flipped { generation, result }).await;
             });
         }

@@ -88,7 +88,9 @@ impl Supervisor {
             "--model".into(),
             self.s.model.display().to_string(),
             "--registry-url".into(),
-            self.coord.grpc.clone(),
+            self.coord.internal.clone(),
+            "--cluster-token-file".into(),
+            self.s.token_file.display().to_string(),
             "--supervisor-pid".into(),
             std::process::id().to_string(),
         ];

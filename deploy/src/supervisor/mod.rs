@@ -5,8 +5,9 @@
 //! rebuilds failed ones with their role's scope and a backoff, scales and rolls
 //! upgrades on request, and reports every change as an event to the coordinator's log.
 //!
-//! It prints `supervisor: URL` (its control endpoint, see [`control`]) at once, and
-//! `http:`, `grpc:` and `ready` once every worker is ready and routed. The URLs are also
+//! It prints `supervisor: URL` (its control endpoint, see [`control`]) and
+//! `cluster_token_file: PATH` (the cluster's credential, mode 0600) at once, and
+//! `http:`, `grpc:`, `internal:` and `ready` once every worker is ready and routed. The URLs are also
 //! in the cluster's state file (`client::state_file`), which `xpyd status/scale/
 //! upgrade/down/events -f MANIFEST` read. Ctrl-C or SIGTERM stops the cluster gracefully
 //! (coordinator first, then the workers, each within its `graceful_shutdown`); a second
@@ -105,15 +106,18 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let pids = process::Pids::default();
     on_signals(stop.clone(), pids.clone());
     let (msgs_tx, msgs_rx) = mpsc::channel(1024);
-    // The cluster's own credential: the coordinator takes it as an admin key, so the
-    // supervisor's calls pass when the service requires API keys. It never appears in
-    // an argument list: the coordinator reads it from a file only this user can read.
+    // The cluster's own credential: it closes the internal plane (workers register with
+    // it, the coordinator and the supervisor call workers with it), and the coordinator
+    // takes it as an admin key, so the supervisor's calls pass when the service requires
+    // API keys. It never appears in an argument list: every child reads it from a file
+    // only this user can read.
     let token = xpyd_coordinator::keys::random_hex(32)?;
     let token_file = client::state_file(&m.name).with_extension("token");
     if let Some(d) = token_file.parent() {
         std::fs::create_dir_all(d)?;
     }
     xpyd_coordinator::keys::write_private(&token_file, token.as_bytes())?;
+    let key = xpyd_runtime::plane::ClusterKey::from_token(&token);
     xpyd_bench::http::set_bearer(token);
     let coord = coord::start_coordinator(coord::CoordStart {
         exe: &exe,
@@ -131,7 +135,11 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
             return Err(e);
         }
     };
-    let (http, grpc) = (coord.http.clone(), coord.grpc.clone());
+    let (http, grpc, internal) = (
+        coord.http.clone(),
+        coord.grpc.clone(),
+        coord.internal.clone(),
+    );
     let bg = CancellationToken::new();
     let reporter = report::spawn(http.clone(), bg.clone());
     let routed = report::poll_cluster(http.clone(), bg.clone());
@@ -141,6 +149,9 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     ratio::spawn(http.clone(), cmd_tx.clone(), bg.clone());
     tokio::spawn(control::serve(listener, cmd_tx, bg.clone()));
     println!("supervisor: {control_url}");
+    // Where the credential is (not the credential): tools of this user that call the
+    // internal plane read it there.
+    println!("cluster_token_file: {}", token_file.display());
     let _ = std::io::stdout().flush();
     let state = ClusterState {
         http: http.clone(),
@@ -162,6 +173,8 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
         grace: a.grace_s.map(Duration::from_secs),
         ready_timeout: Duration::from_secs(a.ready_timeout_s),
         run_dir: run_dir.clone(),
+        token_file: token_file.clone(),
+        key,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let name = m.name.clone();
@@ -182,7 +195,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
             if let Some((exe, out, threads)) = profile_job {
                 first_profile::spawn(exe, model.to_path_buf(), out, threads, bg.clone());
             }
-            asked = announce(a, &http, &grpc).await;
+            asked = announce(a, [&http, &grpc, &internal]).await;
             if a.ask.is_some() {
                 stop.cancel();
             }
@@ -200,9 +213,11 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
 }
 
 /// Prints the URLs and `ready`; with `--ask`, streams that one question's answer.
-async fn announce(a: &UpArgs, http: &str, grpc: &str) -> Result<()> {
+async fn announce(a: &UpArgs, urls: [&str; 3]) -> Result<()> {
+    let [http, grpc, internal] = urls;
     println!("http: {http}");
     println!("grpc: {grpc}");
+    println!("internal: {internal}");
     println!("ready");
     let _ = std::io::stdout().flush();
     let Some(q) = a.ask.clone() else {

@@ -18,8 +18,12 @@ pub struct Up {
     pub http: String,
     /// Coordinator gRPC URL.
     pub grpc: String,
+    /// The coordinator's internal plane (the registry).
+    pub internal: String,
     /// The manifest file.
     pub manifest: PathBuf,
+    /// The cluster's credential (mode 0600).
+    pub token_file: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -81,7 +85,8 @@ impl Up {
                 }
             }
         });
-        let (mut http, mut grpc) = (String::new(), String::new());
+        let (mut http, mut grpc, mut internal) = (String::new(), String::new(), String::new());
+        let mut token_file = PathBuf::new();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -92,6 +97,10 @@ impl Up {
                 http = u.to_string();
             } else if let Some(u) = line.strip_prefix("grpc: ") {
                 grpc = u.to_string();
+            } else if let Some(u) = line.strip_prefix("internal: ") {
+                internal = u.to_string();
+            } else if let Some(p) = line.strip_prefix("cluster_token_file: ") {
+                token_file = p.into();
             } else if line == "ready" {
                 break;
             }
@@ -100,9 +109,49 @@ impl Up {
             child: Some(child),
             http,
             grpc,
+            internal,
             manifest,
+            token_file,
             _dir: dir,
         }
+    }
+
+    /// What a member of the cluster puts on its internal calls.
+    pub fn badge(&self) -> xpyd_runtime::plane::Badge {
+        let key = xpyd_runtime::plane::ClusterKey::load(&self.token_file).unwrap();
+        xpyd_runtime::plane::Badge::new(Some(&key))
+    }
+
+    /// `Stats` of a worker (an element of `workers()`), called as a member would.
+    pub fn stats(&self, w: &Value) -> xpyd_proto::WorkerStats {
+        use xpyd_proto as pb;
+        let url = w["grpc_url"].as_str().unwrap().to_string();
+        let role = w["role"].as_str().unwrap().to_string();
+        let badge = self.badge();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let ch = tonic::transport::Endpoint::from_shared(url)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            if role == "prefill" {
+                pb::prefill_worker_client::PrefillWorkerClient::with_interceptor(ch, badge)
+                    .stats(pb::StatsRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+            } else {
+                pb::decode_worker_client::DecodeWorkerClient::with_interceptor(ch, badge)
+                    .stats(pb::StatsRequest {})
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        })
     }
 
     /// The `xpyd up` process id.

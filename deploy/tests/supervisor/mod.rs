@@ -33,6 +33,8 @@ pub struct Sup {
     pub manifest: PathBuf,
     /// A temp dir of the test (manifests, probe files).
     pub dir: tempfile::TempDir,
+    /// The cluster's credential (mode 0600; empty until `xpyd up` printed it).
+    pub token_file: PathBuf,
     lines: mpsc::Receiver<String>,
 }
 
@@ -73,6 +75,7 @@ impl Sup {
             manifest,
             dir,
             lines,
+            token_file: PathBuf::new(),
         };
         s.read_until(|l| l.starts_with("supervisor: "));
         if wait {
@@ -93,6 +96,8 @@ impl Sup {
                 self.control = u.to_string();
             } else if let Some(u) = line.strip_prefix("http: ") {
                 self.http = u.to_string();
+            } else if let Some(p) = line.strip_prefix("cluster_token_file: ") {
+                self.token_file = p.into();
             }
             if done(&line) {
                 return;

@@ -83,6 +83,7 @@ pub(crate) fn start(
         default_backend: shared.kv_backend,
         combined,
         kv_pool: shared.kv_pool.clone(),
+        key: shared.key.clone(),
     };
     Ok(Part {
         role: settings.role,

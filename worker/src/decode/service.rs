@@ -46,6 +46,8 @@ pub struct DecodeService {
     pub(crate) combined: bool,
     /// The engine's KV pools in shared memory (for placed transfers), when they are.
     pub(crate) kv_pool: Option<(SharedPool, KvLayout)>,
+    /// The cluster's key: the targets handed out are signed with it.
+    pub(crate) key: Option<xpyd_runtime::plane::ClusterKey>,
 }
 
 /// Tells the engine thread to drop request `id`, without waiting.
@@ -294,6 +296,9 @@ impl pb::decode_worker_server::DecodeWorker for DecodeService {
         let (tx, rx) = mpsc::channel(r.max_tokens as usize + 4);
         let _ = tx.try_send(Ok(pb::DecodeEvent {
             event: Some(pb::decode_event::Event::Reserved(pb::Reserved {
+                target_mac: self.key.as_ref().map_or_else(Vec::new, |k| {
+                    k.sign(xpyd_runtime::plane::TARGET, &target_json)
+                }),
                 target_json,
                 epoch: target.epoch,
             })),

@@ -54,6 +54,7 @@ pub(crate) fn start(
         ready: shared.ready.clone(),
         lifecycle: shared.lifecycle.clone(),
         running,
+        key: shared.key.clone(),
     };
     Ok(Part {
         role: settings.role,

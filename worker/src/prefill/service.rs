@@ -24,6 +24,8 @@ pub struct PrefillService {
     pub(crate) lifecycle: xpyd_runtime::lifecycle::Lifecycle,
     /// Prefills in progress, by request id, for `Cancel` and the drain.
     pub(crate) running: Running,
+    /// The cluster's key: targets must carry its signature.
+    pub(crate) key: Option<xpyd_runtime::plane::ClusterKey>,
 }
 
 /// Prefill calls in progress (queued or running, until their KV committed), by request id.
@@ -103,6 +105,17 @@ impl pb::prefill_worker_server::PrefillWorker for PrefillService {
                 )));
             }
         };
+        // Only a target a decode worker of this cluster issued: a forged one could send
+        // the KV anywhere, or write it over another request's blocks.
+        if let Some(k) = &self.key
+            && !k.verify(xpyd_runtime::plane::TARGET, &r.target_json, &r.target_mac)
+        {
+            return Err(pb::WorkerError::status(
+                pb::worker_error::Kind::Invalid,
+                Code::PermissionDenied,
+                "target_json: not signed by a decode worker of this cluster (target_mac)",
+            ));
+        }
         let target: TransferTarget = serde_json::from_slice(&r.target_json)
             .map_err(|e| invalid(format!("target_json: {e}")))?;
         let params = sampling_from_pb(&r.sampling.unwrap_or_default());
