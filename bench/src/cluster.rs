@@ -122,6 +122,25 @@ impl Cluster {
         http::get_json(&format!("{}/v1/cluster", self.http), http::QUICK)
     }
 
+    /// `POST` to the supervisor's control endpoint `path` as a member of the cluster.
+    ///
+    /// # Errors
+    /// An unreadable token file, or the call failing.
+    pub fn control_post(
+        &self,
+        path: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<serde_json::Value> {
+        let key = xpyd_runtime::plane::ClusterKey::load(&self.token_file)?;
+        http::post_json_with(
+            &format!("{}{path}", self.control),
+            body,
+            timeout,
+            Some((xpyd_runtime::plane::METADATA, key.bearer())),
+        )
+    }
+
     /// A channel to one of the cluster's workers whose calls carry its credential.
     ///
     /// # Errors

@@ -164,8 +164,8 @@ fn until(
 /// One flip through the supervisor: the worker's report and the call → routed time.
 fn flip(c: &Cluster, from: &str, to: &str) -> Result<Value> {
     let t0 = Instant::now();
-    let v = post_json(
-        &format!("{}/v1/flip", c.control),
+    let v = c.control_post(
+        "/v1/flip",
         &json!({"from": from, "to": to, "count": 1}),
         Duration::from_secs(300),
     )?;
@@ -191,8 +191,8 @@ fn flip(c: &Cluster, from: &str, to: &str) -> Result<Value> {
 fn start_one(c: &Cluster) -> Result<Value> {
     let before: Vec<String> = routed(&c.http)?.into_iter().map(|w| w.0).collect();
     let scale = |n: u32| {
-        post_json(
-            &format!("{}/v1/scale", c.control),
+        c.control_post(
+            "/v1/scale",
             &json!({"role": "prefill", "replicas": n}),
             Duration::from_secs(30),
         )

@@ -60,7 +60,22 @@ pub fn get_json(url: &str, timeout: Duration) -> Result<Value> {
 
 /// `POST url` with a JSON body, the JSON answer, all of it within `timeout`.
 pub(crate) fn post_json(url: &str, body: &Value, timeout: Duration) -> Result<Value> {
-    let text = with_auth(ureq::post(url))
+    post_json_with(url, body, timeout, None)
+}
+
+/// [`post_json`] with one more header.
+pub(crate) fn post_json_with(
+    url: &str,
+    body: &Value,
+    timeout: Duration,
+    header: Option<(&str, &str)>,
+) -> Result<Value> {
+    let req = with_auth(ureq::post(url));
+    let req = match header {
+        Some((k, v)) => req.header(k, v),
+        None => req,
+    };
+    let text = req
         .header("Content-Type", "application/json")
         .config()
         .timeout_global(Some(timeout))

@@ -296,7 +296,7 @@ fn guard_cost(dir: &std::path::Path) -> Result<f64> {
     for _ in 0..n {
         let _ = access.check(ip);
         let _ = live.check(Some(&header), keys::Need::Service);
-        let _ = limiter.admit(1);
+        let _ = limiter.admit(|| 1);
     }
     Ok(t0.elapsed().as_secs_f64() * 1e6 / f64::from(n))
 }

@@ -50,7 +50,7 @@ impl InferenceService {
         self.guard(&req)?;
         self.app
             .limiter
-            .admit(self.app.cluster.serving_instances())
+            .admit(|| self.app.cluster.serving_instances())
             .map_err(|e| e.grpc())?;
         let header = req
             .metadata()

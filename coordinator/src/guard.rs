@@ -179,17 +179,19 @@ impl Limiter {
         }
     }
 
-    /// Admits one request now with `instances` ready serving workers, or the 429 the
-    /// caller gets (Retry-After: whole seconds until a request would be admitted).
+    /// Admits one request now, or the 429 the caller gets (Retry-After: whole seconds
+    /// until a request would be admitted). `instances` counts the ready serving workers;
+    /// it is asked only by an instance-scoped limit, so a service without one takes no
+    /// cluster lock per request.
     ///
     /// # Errors
     /// 429 `rate_limit_exceeded`.
-    pub fn admit(&self, instances: usize) -> Result<(), ApiError> {
+    pub fn admit(&self, instances: impl FnOnce() -> usize) -> Result<(), ApiError> {
         let Some(limit) = self.limit else {
             return Ok(());
         };
         let now = self.epoch.elapsed().as_secs_f64();
-        let rate = limit.rate(instances);
+        let rate = limit.rate(if limit.per_instance { instances() } else { 1 });
         let mut bucket = self.bucket.lock().expect("limiter lock");
         let b = bucket.get_or_insert_with(|| Bucket::new(rate, now));
         b.take(rate, now).map_err(|wait| {
@@ -294,11 +296,19 @@ mod tests {
             rps: 2,
             per_instance: false,
         }));
-        assert!(l.admit(1).is_ok());
-        assert!(l.admit(1).is_ok());
-        let e = l.admit(1).unwrap_err();
+        assert!(l.admit(|| 1).is_ok());
+        assert!(l.admit(|| 1).is_ok());
+        let e = l.admit(|| 1).unwrap_err();
         assert_eq!((e.status, e.retry_after), (429, Some(1)));
-        assert!(Limiter::new(None).admit(0).is_ok());
+        assert!(
+            l.admit(|| unreachable!("a service-wide limit counts no workers"))
+                .is_err()
+        );
+        assert!(
+            Limiter::new(None)
+                .admit(|| unreachable!("no limit asks nothing"))
+                .is_ok()
+        );
     }
 
     proptest! {

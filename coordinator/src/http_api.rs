@@ -96,7 +96,7 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
 /// `content-length` — both before a byte of the body is read (a body without a length
 /// is cut off at the limit as it is read).
 async fn limits(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if let Err(e) = app.limiter.admit(app.cluster.serving_instances()) {
+    if let Err(e) = app.limiter.admit(|| app.cluster.serving_instances()) {
         return refused(e, "http");
     }
     let limit = app.cfg.max_request_bytes;

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -243,6 +243,25 @@ impl Store {
         Ok(Keys { hash_key, records })
     }
 
+    /// Holds the store's write lock (an exclusive `flock` on `.lock` in its directory)
+    /// until the returned file is dropped: concurrent `xpyd keys` runs and coordinators
+    /// recording last uses take turns at read-modify-write, so none loses another's
+    /// change.
+    fn exclusive(&self) -> Result<std::fs::File, KeyError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.ensure_dir()?;
+        let p = self.dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| io(&p, e))?;
+        f.lock().map_err(|e| io(&p, e))?;
+        Ok(f)
+    }
+
     fn save(&self, keys: &Keys) -> Result<(), KeyError> {
         self.ensure_dir()?;
         let json = serde_json::to_vec_pretty(&keys.records).map_err(|e| io(&self.dir, e))?;
@@ -269,6 +288,7 @@ impl Store {
         for s in services {
             check_name("services", s)?;
         }
+        let _lock = self.exclusive()?;
         let mut keys = self.load_for_write()?;
         if keys.records.iter().any(|r| r.name == name) {
             return Err(KeyError::Exists(name.into()));
@@ -336,6 +356,7 @@ impl Store {
         for s in services {
             check_name("services", s)?;
         }
+        let _lock = self.exclusive()?;
         let mut keys = self.load()?;
         for n in names {
             let r = keys
@@ -355,6 +376,7 @@ impl Store {
     /// # Errors
     /// An unknown or bound key, or I/O.
     pub fn delete(&self, name: &str) -> Result<(), KeyError> {
+        let _lock = self.exclusive()?;
         let mut keys = self.load()?;
         let i = keys
             .records
@@ -404,6 +426,7 @@ impl Store {
     /// # Errors
     /// I/O.
     pub fn record_used(&self, seen: &BTreeMap<String, u64>) -> Result<(), KeyError> {
+        let _lock = self.exclusive()?;
         let mut used = self.used();
         for (id, t) in seen {
             let e = used.entry(id.clone()).or_default();
@@ -474,8 +497,9 @@ pub enum Need {
     Admin,
 }
 
-/// The coordinator's view of the store: reloaded when `keys.json` changes (checked at
-/// most once a second), with last uses gathered for `used.json`.
+/// The coordinator's view of the store: reloaded when `keys.json` changes ([`Live::refresh`],
+/// which the coordinator calls every [`RECHECK`] on a blocking thread, so a call's check
+/// never touches the disk), with last uses gathered for `used.json`.
 #[derive(Debug)]
 pub struct Live {
     store: Store,
@@ -488,12 +512,11 @@ pub struct Live {
 struct LiveState {
     keys: Keys,
     stamp: Option<SystemTime>,
-    checked: Instant,
     used: BTreeMap<String, u64>,
 }
 
 /// How often the coordinator looks for a changed store.
-const RECHECK: Duration = Duration::from_secs(1);
+pub const RECHECK: Duration = Duration::from_secs(1);
 
 fn stamp(p: &Path) -> Option<SystemTime> {
     std::fs::metadata(p).and_then(|m| m.modified()).ok()
@@ -518,7 +541,6 @@ impl Live {
             state: Mutex::new(LiveState {
                 keys,
                 stamp,
-                checked: Instant::now(),
                 used: BTreeMap::new(),
             }),
         })
@@ -552,21 +574,6 @@ impl Live {
             return Ok(());
         }
         let mut st = self.state.lock().expect("keys lock");
-        if st.checked.elapsed() >= RECHECK {
-            st.checked = Instant::now();
-            let now = stamp(&self.store.records_path());
-            if now != st.stamp {
-                match self.store.load() {
-                    Ok(k) => {
-                        st.keys = k;
-                        st.stamp = now;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "key store not reloaded; the keys loaded before stay")
-                    }
-                }
-            }
-        }
         let Some(r) = st.keys.find(key) else {
             return Err(unauthorized("the API key is not valid"));
         };
@@ -585,6 +592,25 @@ impl Live {
         let id = r.id.clone();
         st.used.insert(id, now_unix());
         Ok(())
+    }
+
+    /// Reloads the store when `keys.json` changed since it was loaded (file I/O: call it
+    /// off the async threads). A store that cannot be read keeps the keys loaded before.
+    pub fn refresh(&self) {
+        let now = stamp(&self.store.records_path());
+        if now == self.state.lock().expect("keys lock").stamp {
+            return;
+        }
+        match self.store.load() {
+            Ok(k) => {
+                let mut st = self.state.lock().expect("keys lock");
+                st.keys = k;
+                st.stamp = now;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "key store not reloaded; the keys loaded before stay")
+            }
+        }
     }
 
     /// Writes the last uses gathered since the previous call into the store.
@@ -622,6 +648,33 @@ mod tests {
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Writers at once (several `xpyd keys` runs, coordinators recording last uses) take
+    /// turns: every key created is kept, every bind lands.
+    #[test]
+    fn concurrent_writers_lose_no_change() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::new(d.path().join("keys"));
+        store.create("base", &[], false).unwrap();
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let store = &store;
+                s.spawn(move || {
+                    store.create(&format!("k{i}"), &[], false).unwrap();
+                    store
+                        .bind(&names(&["base"]), &names(&[&format!("svc{i}")]))
+                        .unwrap();
+                    let seen = BTreeMap::from([(format!("id{i}"), 100 + i as u64)]);
+                    store.record_used(&seen).unwrap();
+                });
+            }
+        });
+        let list = store.list().unwrap();
+        assert_eq!(list.len(), 9, "{list:?}");
+        let base = list.iter().find(|k| k.name == "base").unwrap();
+        assert_eq!(base.services.len(), 8, "{:?}", base.services);
+        assert_eq!(store.used().len(), 8);
     }
 
     #[test]
@@ -755,7 +808,14 @@ mod tests {
         );
         // A key made after the coordinator started works within the recheck period.
         let late = store.create("late", &[], false).unwrap();
-        std::thread::sleep(RECHECK + Duration::from_millis(50));
+        assert_eq!(
+            live.check(Some(&bearer(&late)), Need::Service)
+                .unwrap_err()
+                .status,
+            401,
+            "a check reads no file"
+        );
+        live.refresh();
         assert!(live.check(Some(&bearer(&late)), Need::Service).is_ok());
         live.flush_used();
         let list = store.list().unwrap();

@@ -304,21 +304,28 @@ pub enum CoordinatorError {
     Serve(String),
 }
 
-/// Writes when keys were last used into the store every few seconds, and once more at
-/// shutdown.
+/// Keeps the API keys in step with their store on a blocking thread: reloads a changed
+/// store every [`keys::RECHECK`], writes when keys were last used every 5 s and once
+/// more at shutdown.
 async fn record_key_use(app: Arc<App>, shutdown: CancellationToken) {
     if app.keys.is_none() {
         return;
     }
+    let mut ticks = 0u32;
     loop {
         let stop = tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => false,
+            () = tokio::time::sleep(keys::RECHECK) => false,
             () = shutdown.cancelled() => true,
         };
+        ticks += 1;
+        let flush = stop || ticks.is_multiple_of(5);
         let a = app.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(k) = &a.keys {
-                k.flush_used();
+                k.refresh();
+                if flush {
+                    k.flush_used();
+                }
             }
         })
         .await;

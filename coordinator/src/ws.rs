@@ -57,7 +57,7 @@ async fn session(
         };
         let prepared = async {
             // Each request on the socket counts against the rate limit.
-            app.limiter.admit(app.cluster.serving_instances())?;
+            app.limiter.admit(|| app.cluster.serving_instances())?;
             let class = class.clone()?;
             let f: GenFields = serde_json::from_str(&text)
                 .map_err(|e| ApiError::bad_body(format!("invalid JSON frame: {e}")))?;

@@ -26,13 +26,37 @@ pub struct ControlTarget {
     /// Or the supervisor's control URL (`supervisor:` in `xpyd up`'s output).
     #[arg(long)]
     pub control: Option<String>,
+    /// With `--control`: the cluster's token file (`cluster_token_file:` in `xpyd up`'s
+    /// output); with `-f` it is found beside the cluster's state file.
+    #[arg(long)]
+    pub cluster_token_file: Option<PathBuf>,
+}
+
+/// A supervisor to call.
+struct Control {
+    url: String,
+    /// The supervisor's pid when known.
+    pid: Option<u32>,
+    /// The credential its changing calls carry (`x-xpyd-cluster`).
+    credential: Option<String>,
 }
 
 impl ControlTarget {
-    /// (control URL, the supervisor's pid when known).
-    fn resolve(&self) -> Result<(String, Option<u32>)> {
+    fn resolve(&self) -> Result<Control> {
+        let credential = |token_file: &Path| -> Result<String> {
+            let key = xpyd_runtime::plane::ClusterKey::load(token_file)?;
+            Ok(key.bearer().to_string())
+        };
         if let Some(u) = &self.control {
-            return Ok((u.trim_end_matches('/').to_string(), None));
+            return Ok(Control {
+                url: u.trim_end_matches('/').to_string(),
+                pid: None,
+                credential: self
+                    .cluster_token_file
+                    .as_deref()
+                    .map(credential)
+                    .transpose()?,
+            });
         }
         let Some(f) = &self.file else {
             return Err(UsageError("give -f MANIFEST or --control URL".into()).into());
@@ -41,22 +65,39 @@ impl ControlTarget {
         if s.control.is_empty() {
             bail!("the cluster's state file has no control URL (started by an older xpyd?)");
         }
-        Ok((s.control, Some(s.pid)))
+        let token_file = match &self.cluster_token_file {
+            Some(t) => t.clone(),
+            None => client::state_file(&Manifest::load(f)?.name).with_extension("token"),
+        };
+        Ok(Control {
+            url: s.control,
+            pid: Some(s.pid),
+            credential: Some(credential(&token_file)?),
+        })
     }
 }
 
-/// One HTTP call: (status, JSON body).
-fn call(method: &str, url: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+/// One HTTP call: (status, JSON body); `credential` goes in `x-xpyd-cluster`.
+fn call(
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+    credential: Option<&str>,
+) -> Result<(u16, Value)> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(CALL_TIMEOUT))
         .build()
         .into();
+    let member = |r: ureq::RequestBuilder<_>| match credential {
+        Some(c) => with_auth(r).header(xpyd_runtime::plane::METADATA, c),
+        None => with_auth(r),
+    };
     let resp = match (method, body) {
-        ("POST", Some(b)) => with_auth(agent.post(url))
+        ("POST", Some(b)) => member(agent.post(url))
             .header("content-type", "application/json")
             .send(b.to_string()),
-        ("POST", None) => with_auth(agent.post(url)).send_empty(),
+        ("POST", None) => member(agent.post(url)).send_empty(),
         _ => with_auth(agent.get(url)).call(),
     }
     .with_context(|| format!("{method} {url}"))?;
@@ -96,9 +137,14 @@ pub struct ScaleArgs {
 
 /// `xpyd scale`.
 pub fn scale(a: &ScaleArgs) -> Result<()> {
-    let (url, _) = a.target.resolve()?;
+    let c = a.target.resolve()?;
     let body = json!({"role": a.role, "replicas": a.replicas});
-    let (code, v) = call("POST", &format!("{url}/v1/scale"), Some(&body))?;
+    let (code, v) = call(
+        "POST",
+        &format!("{}/v1/scale", c.url),
+        Some(&body),
+        c.credential.as_deref(),
+    )?;
     if code != 200 {
         return Err(refused(code, &v));
     }
@@ -120,6 +166,9 @@ pub struct UpgradeArgs {
     /// The supervisor's control URL (default: from the cluster's state file).
     #[arg(long)]
     control: Option<String>,
+    /// With `--control`: the cluster's token file.
+    #[arg(long)]
+    cluster_token_file: Option<PathBuf>,
     /// Return once the upgrade has started instead of waiting for its end.
     #[arg(long)]
     no_wait: bool,
@@ -135,15 +184,22 @@ pub fn upgrade(a: &UpgradeArgs) -> Result<()> {
     let target = ControlTarget {
         file: Some(a.file.clone()),
         control: a.control.clone(),
+        cluster_token_file: a.cluster_token_file.clone(),
     };
-    let (url, _) = target.resolve()?;
+    let c = target.resolve()?;
+    let url = c.url.clone();
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
     let dir = std::fs::canonicalize(&a.file)
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf));
     let body = json!({"manifest": text, "dir": dir});
-    let (code, v) = call("POST", &format!("{url}/v1/upgrade"), Some(&body))?;
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/v1/upgrade"),
+        Some(&body),
+        c.credential.as_deref(),
+    )?;
     if code != 202 {
         return Err(refused(code, &v));
     }
@@ -155,7 +211,7 @@ pub fn upgrade(a: &UpgradeArgs) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
     loop {
         std::thread::sleep(Duration::from_millis(500));
-        let (_, s) = call("GET", &format!("{url}/v1/supervisor"), None)?;
+        let (_, s) = call("GET", &format!("{url}/v1/supervisor"), None, None)?;
         let last = &s["last_upgrade"];
         if s["upgrade"].is_null() && last["to"].as_u64() == Some(to) {
             return match last["outcome"].as_str() {
@@ -190,15 +246,24 @@ pub struct DownArgs {
 
 /// `xpyd down`: a graceful stop of the whole cluster; returns when `xpyd up` has exited.
 pub fn down(a: &DownArgs) -> Result<()> {
-    let (url, pid) = a.target.resolve()?;
-    let (code, v) = call("POST", &format!("{url}/v1/down"), None)?;
+    let Control {
+        url,
+        pid,
+        credential,
+    } = a.target.resolve()?;
+    let (code, v) = call(
+        "POST",
+        &format!("{url}/v1/down"),
+        None,
+        credential.as_deref(),
+    )?;
     if code != 202 {
         return Err(refused(code, &v));
     }
     let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
     let gone = || match pid {
         Some(p) => process_gone(p),
-        None => call("GET", &format!("{url}/v1/supervisor"), None).is_err(),
+        None => call("GET", &format!("{url}/v1/supervisor"), None, None).is_err(),
     };
     while !gone() {
         if Instant::now() > deadline {
@@ -283,7 +348,7 @@ fn events_query(a: &EventsArgs) -> Result<String> {
 pub fn events(a: &EventsArgs) -> Result<()> {
     let http = a.target.http()?;
     let q = events_query(a)?;
-    let (code, v) = call("GET", &format!("{http}/v1/events?{q}"), None)?;
+    let (code, v) = call("GET", &format!("{http}/v1/events?{q}"), None, None)?;
     if code != 200 {
         return Err(refused(code, &v));
     }

@@ -527,6 +527,13 @@ fn check_scale_refusals_and_events(up: &Sup, scale: &dyn Fn(&str, &str) -> std::
         stderr.contains("role: `combined` is not a role of this cluster (prefill, decode)"),
         "{stderr}"
     );
+    // Only the cluster's own calls change it: without the credential, 401.
+    let (code, v, _) = common::cluster::post_raw(
+        &format!("{}/v1/scale", up.control),
+        &json!({"role": "decode", "replicas": 2}).to_string(),
+        None,
+    );
+    assert_eq!(code, 401, "{v}");
     let (code, v) = up.control_post("/v1/scale", &json!({"role": "decode", "replicas": 0}));
     assert_eq!(
         (code, v["error"]["field"].as_str()),

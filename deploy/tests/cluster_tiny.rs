@@ -1801,15 +1801,18 @@ fn fuzzed_requests_on_every_public_api_get_answers_not_failures() {
             }
             o
         });
-    let mut runner = TestRunner::new(Config {
-        cases,
-        failure_persistence: None,
-        ..Config::default()
-    });
+    // A fresh runner for each target: a runner counts its cases across runs.
+    let runner = || {
+        TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        })
+    };
     let served = std::cell::Cell::new(0);
     for path in ["/v1/chat/completions", "/v1/completions"] {
         let url = format!("{}{path}", up.http);
-        runner
+        runner()
             .run(&bodies, |b| {
                 let r =
                     common::cluster::try_post_raw(&url, &b.to_string(), Duration::from_secs(60));
@@ -1837,7 +1840,7 @@ fn fuzzed_requests_on_every_public_api_get_answers_not_failures() {
         tungstenite::connect(format!("{}/v1/ws", up.http.replace("http://", "ws://"))).unwrap();
     let ws = std::cell::RefCell::new(ws);
     let frame = prop_oneof![bodies.prop_map(|b| b.to_string()), "\\PC{0,200}"];
-    runner
+    runner()
         .run(&frame, |text| {
             let mut ws = ws.borrow_mut();
             ws.send(tungstenite::Message::text(text.clone())).unwrap();
@@ -1886,7 +1889,7 @@ fn fuzzed_requests_on_every_public_api_get_answers_not_failures() {
         proptest::option::of(any::<u32>()),
         "\\PC{0,10}",
     );
-    runner
+    runner()
         .run(
             &req,
             |(prompt, max_tokens, temperature, top_p, top_k, stop, priority, model)| {
@@ -2116,4 +2119,214 @@ fn the_internal_plane_refuses_strangers_and_forged_targets() {
     let num = |s: &str| u64::from_str_radix(s.rsplit('-').next().unwrap(), 16).unwrap();
     let gap = num(&seen[0]).abs_diff(num(&seen[1]));
     assert!(gap > 1 << 20, "consecutive ids {seen:?} look sequential");
+}
+
+/// Fuzz target over the worker services, called as a member of the cluster would (so
+/// past the credential): `Decode` reservations of any size and backend, `Generate` on a
+/// worker that is not combined, `Prefill` with any token ids, sampling, resume length and
+/// a signed target of any content (ids, epochs, tickets, addresses, placements in a
+/// segment that does not exist), and `Cancel` of any id. Every call ends within its
+/// deadline with a status, no worker process dies or restarts, and the cluster serves an
+/// ordinary request afterwards. `PROPTEST_CASES` sets the cases.
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn fuzzed_member_calls_on_worker_ports_hurt_no_worker() {
+    use pb::decode_worker_client::DecodeWorkerClient;
+    use pb::prefill_worker_client::PrefillWorkerClient;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "wfuzz",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(32);
+    let pids = worker_pids(&up.manifest, "prefill", None)
+        .into_iter()
+        .chain(worker_pids(&up.manifest, "decode", None))
+        .collect::<Vec<_>>();
+    let key = xpyd_runtime::plane::ClusterKey::load(&up.token_file).unwrap();
+    let url = |role: &str| {
+        up.workers(role)[0]["grpc_url"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (dc, pc) = rt.block_on(async {
+        let connect = |u: String| async move {
+            tonic::transport::Endpoint::from_shared(u)
+                .unwrap()
+                .timeout(Duration::from_secs(20))
+                .connect()
+                .await
+                .unwrap()
+        };
+        (
+            DecodeWorkerClient::with_interceptor(connect(url("decode")).await, up.badge()),
+            PrefillWorkerClient::with_interceptor(connect(url("prefill")).await, up.badge()),
+        )
+    });
+    // A fresh runner for each target: a runner counts its cases across runs.
+    let runner = || {
+        TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            ..Config::default()
+        })
+    };
+    // Mostly valid numbers, so calls get past the checks; sometimes any.
+    let sampling = (
+        prop_oneof![3 => 0.0f32..2.0, 1 => any::<f32>()],
+        prop_oneof![3 => Just(1.0f32), 1 => any::<f32>()],
+        prop_oneof![3 => 0u32..50, 1 => any::<u32>()],
+        prop_oneof![3 => 1u32..40, 1 => Just(0u32)],
+        any::<bool>(),
+    )
+        .prop_map(
+            |(temperature, top_p, top_k, max_tokens, ignore_eos)| pb::EngineSampling {
+                temperature,
+                top_p,
+                top_k,
+                seed: 7,
+                max_tokens,
+                stop: vec!["\n".into()],
+                ignore_eos,
+            },
+        );
+    // Decode and Generate: any numbers, any backend name.
+    let decode = (
+        any::<u64>(),
+        prop_oneof![Just(0u32), 1u32..600, Just(u32::MAX)],
+        prop_oneof![Just(0u32), 1u32..64, Just(u32::MAX)],
+        prop_oneof![
+            Just("tcp"),
+            Just("shm"),
+            Just("auto"),
+            Just("nccl"),
+            Just("??")
+        ],
+        0u32..2000,
+        proptest::collection::vec(any::<u32>(), 0..40),
+        sampling.clone(),
+    );
+    runner()
+        .run(
+            &decode,
+            |(id, prompt, max, backend, deadline, tokens, s)| {
+                let req = pb::DecodeRequest {
+                    request_id: id,
+                    prompt_tokens: prompt,
+                    max_tokens: max,
+                    backend: backend.into(),
+                    transfer_deadline_ms: deadline,
+                };
+                if let Ok(r) = rt.block_on(dc.clone().decode(req)) {
+                    // Take the reservation (or its refusal), then let it go.
+                    let _ = rt.block_on(r.into_inner().message());
+                }
+                let local = pb::LocalGenerateRequest {
+                    request_id: id,
+                    tokens,
+                    sampling: Some(s),
+                    prompt_len: prompt % 50,
+                };
+                let e = rt.block_on(dc.clone().generate(local)).err();
+                prop_assert!(e.is_some(), "a decode worker does not prefill");
+                Ok(())
+            },
+        )
+        .unwrap();
+    // Prefill: any tokens and resume length, a target signed as a member would but with
+    // any content.
+    let target = (
+        any::<u64>(),
+        any::<u64>(),
+        prop_oneof![Just(String::new()), "[0-9a-f]{32}", "\\PC{0,40}"],
+        prop_oneof![
+            Just("127.0.0.1:9".to_string()),
+            Just("nowhere:1".to_string()),
+            "\\PC{0,20}"
+        ],
+        proptest::option::of((
+            1u32..64,
+            0u64..1 << 20,
+            proptest::collection::vec(any::<u32>(), 0..6),
+        )),
+        prop_oneof![Just("tcp"), Just("shm"), Just("auto")],
+    )
+        .prop_map(|(transfer_id, epoch, ticket, addr, placement, backend)| {
+            let mut t = json!({
+                "backend": backend, "addr": addr, "host_id": "x", "transfer_id": transfer_id,
+                "epoch": epoch, "ticket": ticket, "shm": null,
+                "deadline_unix_ms": 4_000_000_000_000u64,
+            });
+            if let Some((block_size, row_bytes, blocks)) = placement {
+                t["placement"] = json!({
+                    "path": "/dev/shm/xpyd-fuzz-absent", "len": 1 << 20,
+                    "block_size": block_size, "row_bytes": row_bytes,
+                    "pools": [[0, 0]], "blocks": blocks,
+                });
+            }
+            t.to_string().into_bytes()
+        });
+    let prefill = (
+        any::<u64>(),
+        proptest::collection::vec(prop_oneof![20 => 3u32..200, 1 => any::<u32>()], 0..64),
+        sampling,
+        prop_oneof![3 => Just(0u32), 1 => 0u32..80],
+        prop_oneof![4 => target, 1 => proptest::collection::vec(any::<u8>(), 0..64)],
+    );
+    let codes = std::cell::RefCell::new(std::collections::BTreeMap::new());
+    runner()
+        .run(&prefill, |(id, tokens, s, prompt_len, target_json)| {
+            let req = pb::PrefillRequest {
+                request_id: id,
+                tokens,
+                sampling: Some(s),
+                target_mac: key.sign(xpyd_runtime::plane::TARGET, &target_json),
+                target_json,
+                prompt_len,
+            };
+            let t0 = Instant::now();
+            let r = rt.block_on(pc.clone().prefill(req));
+            prop_assert!(t0.elapsed() < Duration::from_secs(20));
+            let code = match &r {
+                Ok(_) => tonic::Code::Ok,
+                Err(s) => s.code(),
+            };
+            prop_assert!(code != tonic::Code::Unknown, "{r:?}");
+            *codes
+                .borrow_mut()
+                .entry(format!("{code:?}"))
+                .or_insert(0u32) += 1;
+            let c = rt.block_on(pc.clone().cancel(pb::CancelRequest { request_id: id }));
+            prop_assert!(c.is_ok(), "{c:?}");
+            Ok(())
+        })
+        .unwrap();
+    // Some calls got past the checks to a transfer (which then fails: no such receiver).
+    let codes = codes.into_inner();
+    eprintln!("fuzzed Prefill answers: {codes:?}");
+    assert!(
+        codes.contains_key("Unavailable") || codes.contains_key("DeadlineExceeded"),
+        "no fuzzed prefill reached a transfer: {codes:?}"
+    );
+    let now = worker_pids(&up.manifest, "prefill", None)
+        .into_iter()
+        .chain(worker_pids(&up.manifest, "decode", None))
+        .collect::<Vec<_>>();
+    assert_eq!(now, pids, "a worker died or was rebuilt");
+    let (code, v, _) = up.post("/v1/completions", &body("still here", 3));
+    assert_eq!(code, 200, "{v}");
 }

@@ -10,6 +10,8 @@
 //! | `POST /v1/upgrade {"manifest": YAML, "dir": D}` | 202 `{from, to, roll}`; 400 naming the manifest field; 409 when busy |
 //! | `POST /v1/down` | 202; the cluster stops gracefully |
 //!
+//! The `POST` calls need the cluster's credential in `x-xpyd-cluster` (401 without).
+//!
 //! Each call becomes a [`Command`] to the supervisor's actor over a bounded channel and
 //! waits for its reply. Errors are `{"error": {"message", "field"}}`.
 
@@ -105,15 +107,50 @@ pub enum Command {
     Down(oneshot::Sender<()>),
 }
 
-/// Serves the control endpoint on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, cmds: mpsc::Sender<Command>, stop: CancellationToken) {
-    let app = Router::new()
-        .route("/v1/supervisor", get(status))
+/// Serves the control endpoint on `listener` until `stop`. Every call that changes the
+/// cluster needs its credential (`x-xpyd-cluster`, as on the internal plane): another
+/// user of the host cannot scale, flip, upgrade or stop it; the status stays readable.
+pub async fn serve(
+    listener: TcpListener,
+    cmds: mpsc::Sender<Command>,
+    key: xpyd_runtime::plane::ClusterKey,
+    stop: CancellationToken,
+) {
+    let member = axum::middleware::from_fn(
+        move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let admitted = key.admits(
+                req.headers()
+                    .get(xpyd_runtime::plane::METADATA)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            async move {
+                if admitted {
+                    next.run(req).await
+                } else {
+                    CtlError {
+                        status: 401,
+                        field: None,
+                        message: format!(
+                            "{}; `xpyd scale/upgrade/down` read it from the cluster's token file",
+                            xpyd_runtime::plane::unauthenticated().message()
+                        ),
+                    }
+                    .into_response()
+                }
+            }
+        },
+    );
+    let changes = Router::new()
         .route("/v1/scale", post(scale))
         .route("/v1/flip", post(flip))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/down", post(down))
-        .with_state(cmds);
+        .route_layer(member)
+        .with_state(cmds.clone());
+    let app = Router::new()
+        .route("/v1/supervisor", get(status))
+        .with_state(cmds)
+        .merge(changes);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;

@@ -147,7 +147,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let control_url = format!("http://{}", listener.local_addr()?);
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     ratio::spawn(http.clone(), cmd_tx.clone(), bg.clone());
-    tokio::spawn(control::serve(listener, cmd_tx, bg.clone()));
+    tokio::spawn(control::serve(listener, cmd_tx, key.clone(), bg.clone()));
     println!("supervisor: {control_url}");
     // Where the credential is (not the credential): tools of this user that call the
     // internal plane read it there.

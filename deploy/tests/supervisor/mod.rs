@@ -198,7 +198,15 @@ impl Sup {
 
     /// `POST` to the control endpoint.
     pub fn control_post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let (code, v, _) = post_raw(&format!("{}{path}", self.control), &body.to_string(), None);
+        let credential = xpyd_runtime::plane::ClusterKey::load(&self.token_file)
+            .unwrap()
+            .bearer()
+            .to_string();
+        let (code, v, _) = post_raw(
+            &format!("{}{path}", self.control),
+            &body.to_string(),
+            Some((xpyd_runtime::plane::METADATA, &credential)),
+        );
         (code, v)
     }
 
