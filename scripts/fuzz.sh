@@ -18,3 +18,7 @@ cargo test --release -p xpyd --bin xpyd manifest::tests::fuzz
 # The public APIs of a live cluster: HTTP bodies, WebSocket frames, gRPC requests.
 PROPTEST_CASES=$((cases / 20)) cargo test --release -p xpyd --test cluster_tiny -- \
   --ignored --exact fuzzed_requests_on_every_public_api_get_answers_not_failures
+# The worker services, called as a member of the cluster: any Decode, Generate, Prefill
+# (signed targets of any content) and Cancel.
+PROPTEST_CASES=$((cases / 20)) cargo test --release -p xpyd --test cluster_tiny -- \
+  --ignored --exact fuzzed_member_calls_on_worker_ports_hurt_no_worker
