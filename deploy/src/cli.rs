@@ -177,6 +177,20 @@ impl Cli {
         Ok(())
     }
 
+    /// Who this process's log lines say wrote them: (role, worker id).
+    pub fn identity(&self) -> (String, Option<String>) {
+        match &self.cmd {
+            Cmd::Up(_) => ("supervisor".into(), None),
+            Cmd::Coordinator(_) => ("coordinator".into(), None),
+            Cmd::Worker(w) => {
+                let role = crate::manifest::Role::from(w.role).name().to_string();
+                let id = format!("{role}-{}", w.index);
+                (role, Some(id))
+            }
+            _ => ("cli".into(), None),
+        }
+    }
+
     /// Runs the command.
     ///
     /// # Errors

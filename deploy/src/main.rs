@@ -17,6 +17,7 @@ mod supervisor;
 
 use clap::Parser;
 use std::process::ExitCode;
+use xpyd_runtime::logging;
 
 fn main() -> ExitCode {
     let cli = match cli::Cli::try_parse() {
@@ -36,17 +37,24 @@ fn main() -> ExitCode {
         eprintln!("error: {e:#}");
         return ExitCode::from(exit::USAGE);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env(env::LOG)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let format = match logging::format_from_env() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let (role, worker_id) = cli.identity();
+    logging::set_identity(&role, worker_id.as_deref());
+    logging::init(
+        tracing_subscriber::EnvFilter::try_from_env(env::LOG)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        format,
+    );
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            logging::say(logging::Level::ERROR, &format!("error: {e:#}"));
             ExitCode::from(exit::code_of(&e))
         }
     }

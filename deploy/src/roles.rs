@@ -273,7 +273,10 @@ fn advisor_setup(m: &Manifest, file: &Path) -> xpyd_coordinator::advisor::Setup 
     if let Err(e) = &model
         && a.enabled
     {
-        eprintln!("coordinator: advisor: {e}");
+        xpyd_runtime::logging::say(
+            xpyd_runtime::logging::Level::WARN,
+            &format!("coordinator: advisor: {e}"),
+        );
     }
     let mut config = a.planner_config();
     // A running cluster changes its split, not its mode.
@@ -314,13 +317,19 @@ fn watch_parent(parent: Option<i32>, shutdown: &CancellationToken, grace: Durati
             while nix::unistd::getppid().as_raw() == parent {
                 std::thread::sleep(PARENT_POLL);
             }
-            eprintln!("xpyd: supervisor (pid {parent}) is gone; stopping");
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::ERROR,
+                &format!("xpyd: supervisor (pid {parent}) is gone; stopping"),
+            );
             token.cancel();
             std::thread::sleep(grace);
             std::process::exit(1);
         });
     if let Err(e) = spawned {
-        eprintln!("xpyd: parent watchdog: {e}");
+        xpyd_runtime::logging::say(
+            xpyd_runtime::logging::Level::WARN,
+            &format!("xpyd: parent watchdog: {e}"),
+        );
     }
 }
 
@@ -460,8 +469,9 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     let key = match &a.cluster_token_file {
         Some(f) => Some(xpyd_runtime::plane::ClusterKey::load(f)?),
         None => {
-            eprintln!(
-                "worker: no --cluster-token-file: the internal plane is open (any caller may use this worker)"
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::WARN,
+                "worker: no --cluster-token-file: the internal plane is open (any caller may use this worker)",
             );
             None
         }

@@ -249,6 +249,17 @@ fn usage_errors_exit_64_and_name_the_flag() {
     }
     let (code, _, stderr) = run(&[]);
     assert_eq!(code, Some(64), "no command is a usage error: {stderr}");
+    let out = common::xpyd()
+        .args(["model", "path"])
+        .env("XPYD_LOG_FORMAT", "yaml")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("XPYD_LOG_FORMAT") && stderr.contains("yaml"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -2330,3 +2330,61 @@ fn fuzzed_member_calls_on_worker_ports_hurt_no_worker() {
     let (code, v, _) = up.post("/v1/completions", &body("still here", 3));
     assert_eq!(code, 200, "{v}");
 }
+
+/// `XPYD_LOG_FORMAT=json`: every line every process of a cluster writes on the shared
+/// stderr — the supervisor's notices, the coordinator's and each worker's logs — is one
+/// JSON object carrying its level, the writer's role and worker id, and its message;
+/// with the default text format, lines start with the writer's tag, and neither format
+/// colours a stderr that is not a terminal.
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn json_logs_parse_line_by_line_and_say_who_wrote_them() {
+    let (d, model) = tiny_model();
+    let yaml = manifest(
+        "logs",
+        "",
+        "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+    );
+    let run = |format: &str| {
+        let log = d.path().join(format!("{format}.log"));
+        let env = [("XPYD_LOG_FORMAT", format), ("XPYD_LOG", "info")];
+        let up = Up::start_logged(&yaml, &model, &env, &log);
+        assert_eq!(up.post("/v1/completions", &body("hello", 3)).0, 200);
+        assert!(up.stop().success());
+        std::fs::read_to_string(&log).unwrap()
+    };
+    let text = run("json");
+    let mut writers = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for field in ["ts", "level", "role", "target", "message"] {
+            assert!(v[field].is_string(), "no `{field}`: {line}");
+        }
+        let role = v["role"].as_str().unwrap().to_string();
+        match role.as_str() {
+            "prefill" | "decode" => {
+                assert!(
+                    v["worker_id"]
+                        .as_str()
+                        .is_some_and(|id| id.starts_with(&format!("{role}-"))),
+                    "{line}"
+                );
+            }
+            _ => assert!(v["worker_id"].is_null(), "{line}"),
+        }
+        writers.insert(v["worker_id"].as_str().unwrap_or(&role).to_string());
+    }
+    for w in ["supervisor", "coordinator", "prefill-0", "decode-0"] {
+        assert!(writers.contains(w), "no line from {w}: {writers:?}");
+    }
+    assert!(!text.contains('\x1b'), "colour on a file");
+    let text = run("text");
+    for tag in ["[coordinator] ", "[prefill-0] ", "[decode-0] "] {
+        assert!(
+            text.lines().any(|l| l.starts_with(tag)),
+            "no {tag}line:\n{text}"
+        );
+    }
+    assert!(!text.contains('\x1b'), "colour on a file");
+}

@@ -10,6 +10,9 @@ pub const MODEL: &str = "XPYD_MODEL";
 pub const PYTHON: &str = "XPYD_PYTHON";
 /// Log filter (`tracing` syntax), e.g. `info,xpyd_engine=debug`.
 pub const LOG: &str = "XPYD_LOG";
+/// Log line format: `text` (default) or `json` (one object per line with `ts`, `level`,
+/// `role`, `worker_id`, `target`, `message` and the event's fields).
+pub const LOG_FORMAT: &str = "XPYD_LOG_FORMAT";
 /// llama.cpp's `llama-server`, for the same-run comparison of `xpyd bench engine`
 /// (the `env` of its `--llama-server`).
 pub const LLAMA_SERVER: &str = "XPYD_LLAMA_SERVER";

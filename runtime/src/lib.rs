@@ -12,6 +12,7 @@ pub mod http;
 pub mod kv_pool;
 pub mod lease;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod plane;
 pub mod shutdown;

@@ -199,6 +199,8 @@ impl Host {
             i.role = to.name().into();
             i.max_running = settings.max_running as u32;
         });
+        // The process's log lines say who it is now.
+        xpyd_runtime::logging::set_identity(to.name(), Some(&worker_id));
         lifecycle.end_flip();
         if self.cfg.membership.registry.is_some() {
             let registered = async {

@@ -155,7 +155,10 @@ pub async fn serve(
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     if let Err(e) = served {
-        eprintln!("xpyd up: control endpoint: {e}");
+        xpyd_runtime::logging::say(
+            xpyd_runtime::logging::Level::WARN,
+            &format!("xpyd up: control endpoint: {e}"),
+        );
     }
 }
 

@@ -158,7 +158,10 @@ impl Supervisor {
             }
             Err(e) => {
                 self.coord.restart_at = Some(now + Duration::from_secs(1));
-                eprintln!("xpyd up: restarting the coordinator: {e:#}");
+                xpyd_runtime::logging::say(
+                    xpyd_runtime::logging::Level::WARN,
+                    &format!("xpyd up: restarting the coordinator: {e:#}"),
+                );
             }
         }
     }

@@ -30,8 +30,8 @@ pub fn spawn(exe: PathBuf, model: PathBuf, out: PathBuf, threads: u32, stop: Can
         tokio::select! {
             _ = stop.cancelled() => {}
             r = measure(&exe, &model, &out, threads) => match r {
-                Ok(()) => eprintln!("xpyd up: measured the advisor's profile: {}", out.display()),
-                Err(e) => eprintln!("xpyd up: measuring the advisor's profile failed: {e}"),
+                Ok(()) => xpyd_runtime::logging::say(xpyd_runtime::logging::Level::INFO, &format!("xpyd up: measured the advisor's profile: {}", out.display())),
+                Err(e) => xpyd_runtime::logging::say(xpyd_runtime::logging::Level::ERROR, &format!("xpyd up: measuring the advisor's profile failed: {e}")),
             },
         }
     });
@@ -41,10 +41,13 @@ async fn measure(exe: &Path, model: &Path, out: &Path, threads: u32) -> Result<(
     let dir = out.parent().ok_or("the profile path has no directory")?;
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let tmp = out.with_extension(format!("tmp.{}", std::process::id()));
-    eprintln!(
-        "xpyd up: measuring the advisor's default profile ({} threads, low priority) → {}",
-        threads,
-        out.display()
+    xpyd_runtime::logging::say(
+        xpyd_runtime::logging::Level::INFO,
+        &format!(
+            "xpyd up: measuring the advisor's default profile ({} threads, low priority) → {}",
+            threads,
+            out.display()
+        ),
     );
     let status = tokio::process::Command::new("nice")
         .args(["-n", "10"])

@@ -109,6 +109,7 @@ impl Supervisor {
         w.http = None;
         match spawned {
             Ok(s) => {
+                tracing::info!(worker = %id, pid = s.pid, generation, "worker started");
                 w.pid = Some(s.pid);
                 w.exited = Some(s.exited);
                 w.probes = Some(ProbeSet::new(probes, now));

@@ -94,7 +94,10 @@ fn on_signals(stop: CancellationToken, pids: process::Pids) {
         xpyd_runtime::shutdown::signal().await;
         stop.cancel();
         xpyd_runtime::shutdown::signal().await;
-        eprintln!("xpyd up: second signal: killing every process now");
+        xpyd_runtime::logging::say(
+            xpyd_runtime::logging::Level::ERROR,
+            "xpyd up: second signal: killing every process now",
+        );
         process::kill_all(&pids);
         std::process::exit(xpyd_runtime::shutdown::SECOND_SIGNAL_EXIT);
     });
@@ -195,6 +198,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
             if let Some((exe, out, threads)) = profile_job {
                 first_profile::spawn(exe, model.to_path_buf(), out, threads, bg.clone());
             }
+            tracing::info!(%http, %grpc, %internal, "cluster ready");
             asked = announce(a, [&http, &grpc, &internal]).await;
             if a.ask.is_some() {
                 stop.cancel();

@@ -143,7 +143,10 @@ pub async fn stop(pid: u32, mut exited: watch::Receiver<bool>, spec: StopSpec) {
     {
         let left = deadline.saturating_duration_since(Instant::now());
         if let Err(e) = super::probe_exec::command(argv, left).await {
-            eprintln!("xpyd up: {}: shutdown_command failed: {e}", spec.name);
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::ERROR,
+                &format!("xpyd up: {}: shutdown_command failed: {e}", spec.name),
+            );
         }
     }
     if !spec.settle.is_zero() {
@@ -156,9 +159,12 @@ pub async fn stop(pid: u32, mut exited: watch::Receiver<bool>, spec: StopSpec) {
         .await
         .is_err()
     {
-        eprintln!(
-            "xpyd up: {} did not stop within {:?}; killing it",
-            spec.name, spec.timeout
+        xpyd_runtime::logging::say(
+            xpyd_runtime::logging::Level::ERROR,
+            &format!(
+                "xpyd up: {} did not stop within {:?}; killing it",
+                spec.name, spec.timeout
+            ),
         );
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
         let _ = exited.wait_for(|e| *e).await;

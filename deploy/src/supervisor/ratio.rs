@@ -73,13 +73,13 @@ async fn run(http: String, cmds: mpsc::Sender<Command>, stop: CancellationToken)
                 Err(Failed::Later(e)) => {
                     // Busy (an upgrade or a stop): try again once it is over.
                     if waiting != Some(generation) {
-                        eprintln!("xpyd up: the advised split (generation {generation}) waits: {e}");
+                        xpyd_runtime::logging::say(xpyd_runtime::logging::Level::WARN, &format!("xpyd up: the advised split (generation {generation}) waits: {e}"));
                         waiting = Some(generation);
                     }
                     tokio::time::sleep(BUSY_RETRY).await;
                 }
                 Err(Failed::Never(e)) => {
-                    eprintln!("xpyd up: applying the advised split (generation {generation}): {e}");
+                    xpyd_runtime::logging::say(xpyd_runtime::logging::Level::WARN, &format!("xpyd up: applying the advised split (generation {generation}): {e}"));
                     done = generation;
                 }
             },
@@ -187,8 +187,11 @@ async fn converge(
                     .as_array()
                     .map_or(0, |a| a.iter().filter(|r| r["ok"] != true).count());
                 if failed > 0 {
-                    eprintln!(
-                        "xpyd up: {failed} of {count} role flips failed; restarting workers instead"
+                    xpyd_runtime::logging::say(
+                        xpyd_runtime::logging::Level::ERROR,
+                        &format!(
+                            "xpyd up: {failed} of {count} role flips failed; restarting workers instead"
+                        ),
                     );
                 }
             }
@@ -200,7 +203,10 @@ async fn converge(
                     e.message
                 )));
             }
-            Err(e) => eprintln!("xpyd up: flipping {count} {from} → {to}: {}", e.message),
+            Err(e) => xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::WARN,
+                &format!("xpyd up: flipping {count} {from} → {to}: {}", e.message),
+            ),
         }
     }
     grow_then_shrink(cmds, want).await

@@ -37,13 +37,24 @@ impl Reporter {
     /// Sends `e` to the coordinator's log (and prints Warning/Error ones on stderr).
     pub fn event(&self, e: Event) {
         if e.severity >= Severity::Warning {
-            eprintln!(
-                "xpyd up: [{}] {} {}: {}",
-                e.severity, e.subject, e.reason, e.message
+            let level = if e.severity >= Severity::Error {
+                xpyd_runtime::logging::Level::ERROR
+            } else {
+                xpyd_runtime::logging::Level::WARN
+            };
+            xpyd_runtime::logging::say(
+                level,
+                &format!(
+                    "xpyd up: [{}] {} {}: {}",
+                    e.severity, e.subject, e.reason, e.message
+                ),
             );
         }
         if self.tx.try_send(Report::Event(e)).is_err() {
-            eprintln!("xpyd up: event queue full; an event was dropped");
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::WARN,
+                "xpyd up: event queue full; an event was dropped",
+            );
         }
     }
 
@@ -54,7 +65,10 @@ impl Reporter {
             enabled,
         };
         if self.tx.try_send(r).is_err() {
-            eprintln!("xpyd up: report queue full; a routing change was dropped");
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::WARN,
+                "xpyd up: report queue full; a routing change was dropped",
+            );
         }
     }
 
@@ -162,7 +176,10 @@ async fn post(url: String, body: Value) -> Result<(), String> {
             200..=299 => Ok(()),
             // The coordinator refused it as invalid: retrying will not help.
             400..=499 => {
-                eprintln!("xpyd up: POST {url}: HTTP {code}");
+                xpyd_runtime::logging::say(
+                    xpyd_runtime::logging::Level::WARN,
+                    &format!("xpyd up: POST {url}: HTTP {code}"),
+                );
                 Ok(())
             }
             _ => Err(format!("POST {url}: HTTP {code}")),
