@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::cluster::{Up, eventually, post_raw, sse, worker_pid, worker_pids};
+use common::cluster::{Up, channel, eventually, post_raw, sse, worker_pid, worker_pids};
 use common::tiny_model;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -1584,15 +1584,8 @@ fn worker_cancel_rpcs_stop_a_prefill_and_free_a_decode_reservation() {
     rt.block_on(async {
         use pb::decode_worker_client::DecodeWorkerClient;
         use pb::prefill_worker_client::PrefillWorkerClient;
-        let connect = |url: String| async move {
-            tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap()
-        };
-        let mut dc = DecodeWorkerClient::with_interceptor(connect(durl).await, up.badge());
-        let mut pc = PrefillWorkerClient::with_interceptor(connect(purl).await, up.badge());
+        let mut dc = DecodeWorkerClient::with_interceptor(channel(&durl).await, up.badge());
+        let mut pc = PrefillWorkerClient::with_interceptor(channel(&purl).await, up.badge());
         // Acting as the coordinator: reserve on the decode worker, prefill against it.
         let req = pb::DecodeRequest {
             request_id: 4242,
@@ -1964,13 +1957,6 @@ fn the_internal_plane_refuses_strangers_and_forged_targets() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let connect = |u: String| async move {
-            tonic::transport::Endpoint::from_shared(u)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap()
-        };
         let fake = |id: &str| pb::RegisterRequest {
             worker: Some(pb::WorkerInfo {
                 worker_id: id.into(),
@@ -1983,14 +1969,14 @@ fn the_internal_plane_refuses_strangers_and_forged_targets() {
             ttl_ms: 60_000,
         };
         // 1. The public port has no registry.
-        let e = RegistryClient::new(connect(up.grpc.clone()).await)
+        let e = RegistryClient::new(channel(&up.grpc).await)
             .register(fake("evil-0"))
             .await
             .unwrap_err();
         assert_eq!(e.code(), Code::Unimplemented, "{e}");
         // 2. The internal port: no credential, another cluster's, then a member taking a
         //    live worker's id from elsewhere.
-        let internal = connect(up.internal.clone()).await;
+        let internal = channel(&up.internal).await;
         let e = RegistryClient::new(internal.clone())
             .register(fake("evil-0"))
             .await
@@ -2017,7 +2003,7 @@ fn the_internal_plane_refuses_strangers_and_forged_targets() {
                 .unwrap();
         }
         // 3. Worker ports: nothing without the credential.
-        let (dch, pch) = (connect(durl.clone()).await, connect(purl.clone()).await);
+        let (dch, pch) = (channel(&durl).await, channel(&purl).await);
         let dreq = |id: u64| pb::DecodeRequest {
             request_id: id,
             prompt_tokens: 8,
@@ -2164,17 +2150,9 @@ fn fuzzed_member_calls_on_worker_ports_hurt_no_worker() {
         .build()
         .unwrap();
     let (dc, pc) = rt.block_on(async {
-        let connect = |u: String| async move {
-            tonic::transport::Endpoint::from_shared(u)
-                .unwrap()
-                .timeout(Duration::from_secs(20))
-                .connect()
-                .await
-                .unwrap()
-        };
         (
-            DecodeWorkerClient::with_interceptor(connect(url("decode")).await, up.badge()),
-            PrefillWorkerClient::with_interceptor(connect(url("prefill")).await, up.badge()),
+            DecodeWorkerClient::with_interceptor(channel(&url("decode")).await, up.badge()),
+            PrefillWorkerClient::with_interceptor(channel(&url("prefill")).await, up.badge()),
         )
     });
     // A fresh runner for each target: a runner counts its cases across runs.

@@ -27,6 +27,16 @@ pub struct Up {
     _dir: tempfile::TempDir,
 }
 
+/// A gRPC channel to `url` (each call within 20 s).
+pub async fn channel(url: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(url.to_string())
+        .unwrap()
+        .timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Waits until `f` returns true, polling every 100 ms; panics with `what` after `limit`.
 pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
@@ -133,11 +143,7 @@ impl Up {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let ch = tonic::transport::Endpoint::from_shared(url)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let ch = channel(&url).await;
             if role == "prefill" {
                 pb::prefill_worker_client::PrefillWorkerClient::with_interceptor(ch, badge)
                     .stats(pb::StatsRequest {})
