@@ -17,6 +17,8 @@ PACKAGES=(
   libclang-dev # libclang, loaded by bindgen in xpyd-ucx-sys's build script
   etcd-server  # `etcd`, started by the membership tests
   iproute2     # `ip netns`: the tests that put workers on separate network hosts
+  chromium        # headless browser: the dashboard's browser test
+  chromium-driver # chromedriver (WebDriver), which that test drives chromium through
 )
 
 installed() {

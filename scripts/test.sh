@@ -64,6 +64,8 @@ cargo test --release --workspace --test cluster_chaos_real -- --ignored --test-t
 log "tests: the supervisor (probes, scoped rebuild, drain, rolling upgrade and scale, events)"
 cargo test --release --workspace --test cluster_supervisor -- --ignored --test-threads=1
 cargo test --release --workspace --test cluster_advisor -- --ignored --test-threads=1
+log "tests: the dashboard in headless chromium (topology, charts, a killed worker, advisor, apply, audit)"
+cargo test --release --workspace --test cluster_dashboard -- --ignored --test-threads=1
 
 log "tests: kv-transfer with the nccl feature (no GPU here: the clean-failure path)"
 cargo test --release -p xpyd-kv-transfer --features nccl

@@ -41,6 +41,8 @@ pub struct Worker {
     pub routed: u64,
     /// gRPC channel (lazy; tonic reconnects).
     pub channel: Channel,
+    /// When it registered (again, after a restart) or first appeared in etcd.
+    pub joined: Instant,
 }
 
 impl Worker {
@@ -241,6 +243,9 @@ impl Cluster {
                 if lease.is_some() {
                     w.lease = lease;
                 }
+                if exclusive {
+                    w.joined = now;
+                }
             }
             _ => {
                 // HTTP/2 and TCP keepalive: a frozen or partitioned worker stops answering
@@ -270,6 +275,7 @@ impl Cluster {
                         ttft: Ema::new(0.3),
                         routed: 0,
                         channel,
+                        joined: now,
                     },
                 );
             }
@@ -537,11 +543,13 @@ impl Cluster {
                 role: w.info.role.clone(),
                 grpc_url: w.info.grpc_url.clone(),
                 http_url: w.info.http_url.clone(),
+                // Down (lease lapsed or unreachable) first: a dead worker the supervisor
+                // also took out of routing shows as down, not as merely unroutable.
                 state: match (w.ready(now), w.load.draining) {
+                    (false, _) => "down",
                     _ if st.unroutable.contains(&w.info.worker_id) => "unroutable",
                     (true, false) => "ready",
                     (true, true) => "draining",
-                    (false, _) => "down",
                 },
                 inflight: w.inflight,
                 routed: w.routed,
@@ -551,6 +559,7 @@ impl Cluster {
                 kv_blocks_free: w.load.kv_blocks_free,
                 ttft_ms: w.ttft.get(),
                 tpot_ms: w.load.tpot_ms,
+                up_s: now.saturating_duration_since(w.joined).as_secs(),
             })
             .collect();
         v.sort_by(|a, b| (&a.role, &a.worker_id).cmp(&(&b.role, &b.worker_id)));
@@ -639,6 +648,8 @@ pub struct WorkerView {
     pub ttft_ms: f64,
     /// Reported TPOT (ms).
     pub tpot_ms: f64,
+    /// Seconds since it registered (a restarted worker starts again at 0).
+    pub up_s: u64,
 }
 
 #[cfg(test)]
@@ -663,5 +674,37 @@ mod tests {
         assert_eq!(c.set_routable("w-0", true), Some((false, true)));
         assert_eq!(c.set_routable("w-0", true), Some((false, false)));
         assert_eq!(c.set_routable("one-more", false), Some((false, true)));
+    }
+
+    #[tokio::test]
+    async fn a_dead_worker_out_of_routing_shows_down_and_a_live_one_unroutable() {
+        let router = || Router::new(PolicyKind::RoundRobin, RouterConfig::default());
+        let c = Cluster::new(router(), router(), 8);
+        let info = |id: &str, port: u16| pb::WorkerInfo {
+            worker_id: id.into(),
+            role: "decode".into(),
+            grpc_url: format!("http://127.0.0.1:{port}"),
+            ..Default::default()
+        };
+        c.register(info("dead", 1), Duration::from_millis(1))
+            .unwrap();
+        c.register(info("alive", 2), Duration::from_secs(60))
+            .unwrap();
+        for id in ["dead", "alive"] {
+            c.set_routable(id, false);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let states: Vec<(String, &str, u64)> = c
+            .snapshot()
+            .into_iter()
+            .map(|w| (w.worker_id, w.state, w.up_s))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("alive".into(), "unroutable", 0),
+                ("dead".into(), "down", 0)
+            ]
+        );
     }
 }

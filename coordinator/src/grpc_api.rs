@@ -39,6 +39,7 @@ impl InferenceService {
             .and_then(|v| v.to_str().ok());
         self.app
             .authorize(auth, crate::keys::Need::Service)
+            .map(drop)
             .map_err(|e| e.grpc())
     }
 

@@ -41,6 +41,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(crate::admin_api::routes())
+        .merge(crate::audit::routes())
+        .merge(crate::dashboard::routes())
+        .layer(middleware::from_fn_with_state(app.clone(), audited))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(middleware::from_fn_with_state(app.clone(), access))
@@ -72,10 +75,18 @@ const INFERENCE: &[&str] = &[
     "/v1/ws",
 ];
 
-/// The API key, after the access list: 401/403 as OpenAI-style errors.
-async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Routes anyone the access list lets in may read: the supervisor's probe, and the
+/// dashboard's page and assets (they hold no data; the page asks for a key when the
+/// service requires one, and its data comes from admin routes).
+fn open_route(path: &str) -> bool {
+    path == "/health" || path == "/dashboard" || path.starts_with("/dashboard/")
+}
+
+/// The API key, after the access list: 401/403 as OpenAI-style errors. Who called is
+/// left in the request's extensions for the audit log.
+async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path != "/health" {
+    if !open_route(path) {
         let need = if INFERENCE.contains(&path) {
             Need::Service
         } else {
@@ -85,11 +96,68 @@ async fn authenticate(State(app): State<Arc<App>>, req: Request, next: Next) -> 
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        if let Err(e) = app.authorize(auth, need) {
-            return refused(e, "http");
+        match app.authorize(auth, need) {
+            Ok(caller) => {
+                req.extensions_mut().insert(caller);
+            }
+            Err(e) => return refused(e, "http"),
         }
     }
     next.run(req).await
+}
+
+/// The admin operations the audit log records (any method but GET).
+fn is_audited(method: &axum::http::Method, path: &str) -> bool {
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return false;
+    }
+    matches!(
+        path,
+        "/v1/advisor/config" | "/v1/advisor/apply" | "/v1/dashboard/scale"
+    ) || (path.starts_with("/v1/workers/") && path.ends_with("/routing"))
+}
+
+/// Records an admin operation in the audit log once it has been answered: who, from
+/// where, the request's body, the status and the answer.
+async fn audited(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if !is_audited(req.method(), req.uri().path()) {
+        return next.run(req).await;
+    }
+    let action = format!("{} {}", req.method(), req.uri().path());
+    let who = req
+        .extensions()
+        .get::<crate::keys::Caller>()
+        .map_or_else(|| "unknown".to_string(), ToString::to_string);
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, app.cfg.max_request_bytes).await {
+        Ok(b) => b,
+        Err(_) => return too_large(app.cfg.max_request_bytes).into_response(),
+    };
+    let request = crate::audit::body_value(&body);
+    let resp = next
+        .run(Request::from_parts(parts, axum::body::Body::from(body)))
+        .await;
+    let (parts, body) = resp.into_parts();
+    let answer = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    crate::audit::record(
+        &app.audit,
+        crate::audit::Record {
+            who,
+            peer: peer.to_string(),
+            action,
+            request,
+            status: parts.status.as_u16(),
+            outcome: crate::audit::body_value(&answer),
+        },
+    );
+    Response::from_parts(parts, axum::body::Body::from(answer))
 }
 
 /// The rate limit of the inference routes, then their size limit told from

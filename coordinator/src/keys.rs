@@ -95,9 +95,9 @@ pub struct KeyInfo {
     pub last_used_unix: Option<u64>,
 }
 
-/// The store's directory: `$XPYD_STATE_DIR/keys`, else the user data directory's
-/// `xpyd/keys`.
-pub fn default_dir() -> PathBuf {
+/// The coordinator's state directory: `$XPYD_STATE_DIR`, else the user data
+/// directory's `xpyd`.
+pub fn state_dir() -> PathBuf {
     std::env::var_os(xpyd_runtime::env::STATE_DIR)
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -105,7 +105,11 @@ pub fn default_dir() -> PathBuf {
                 .unwrap_or_else(std::env::temp_dir)
                 .join("xpyd")
         })
-        .join("keys")
+}
+
+/// The store's directory: `keys` in the [`state_dir`].
+pub fn default_dir() -> PathBuf {
+    state_dir().join("keys")
 }
 
 fn now_unix() -> u64 {
@@ -488,6 +492,27 @@ impl Keys {
     }
 }
 
+/// Who made a call, as the audit log names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The service requires no key.
+    Anyone,
+    /// The cluster's own credential (`xpyd up`, the supervisor, the dashboard it opens).
+    Cluster,
+    /// The API key of this name.
+    Key(String),
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Anyone => f.write_str("anyone (no API keys)"),
+            Caller::Cluster => f.write_str("cluster token"),
+            Caller::Key(n) => write!(f, "key:{n}"),
+        }
+    }
+}
+
 /// What a call needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
@@ -551,7 +576,7 @@ impl Live {
     /// # Errors
     /// 401 without a key or with one the store does not hold, 403 for a key not scoped
     /// to this service or not an admin key where one is needed.
-    pub fn check(&self, authorization: Option<&str>, need: Need) -> Result<(), ApiError> {
+    pub fn check(&self, authorization: Option<&str>, need: Need) -> Result<Caller, ApiError> {
         let presented = authorization
             .map(str::trim)
             .and_then(|v| {
@@ -571,7 +596,7 @@ impl Live {
             .as_deref()
             .is_some_and(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
         {
-            return Ok(());
+            return Ok(Caller::Cluster);
         }
         let mut st = self.state.lock().expect("keys lock");
         let Some(r) = st.keys.find(key) else {
@@ -589,9 +614,9 @@ impl Live {
                 r.name
             )));
         }
-        let id = r.id.clone();
+        let (id, name) = (r.id.clone(), r.name.clone());
         st.used.insert(id, now_unix());
-        Ok(())
+        Ok(Caller::Key(name))
     }
 
     /// Reloads the store when `keys.json` changed since it was loaded (file I/O: call it
@@ -796,8 +821,15 @@ mod tests {
                 .status,
             403
         );
-        assert!(live.check(Some(&bearer(&admin)), Need::Admin).is_ok());
-        assert!(live.check(Some("Bearer tok"), Need::Admin).is_ok());
+        assert_eq!(
+            live.check(Some(&bearer(&admin)), Need::Admin),
+            Ok(Caller::Key("admin".into())),
+            "the audit log names the key"
+        );
+        assert_eq!(
+            live.check(Some("Bearer tok"), Need::Admin),
+            Ok(Caller::Cluster)
+        );
         assert!(live.check(Some("Bearer tok"), Need::Service).is_ok());
         assert_eq!(
             live.check(Some("Bearer tok2"), Need::Admin)

@@ -7,7 +7,9 @@
 
 pub mod admin_api;
 pub mod advisor;
+pub mod audit;
 pub mod cluster;
+pub mod dashboard;
 pub mod error;
 pub mod events_api;
 pub mod flow;
@@ -101,6 +103,11 @@ pub struct Config {
     /// The cluster's own credential (from `xpyd up`): passes as an admin key.
     /// It also serves inference, for `xpyd up --ask`.
     pub cluster_token: Option<String>,
+    /// The audit log's file (`None`: kept in memory only).
+    pub audit_log: Option<PathBuf>,
+    /// The supervisor's control endpoint (`xpyd up` passes it): the dashboard's scale
+    /// controls call it.
+    pub supervisor_url: Option<String>,
 }
 
 /// API-key authentication.
@@ -140,6 +147,8 @@ impl Config {
             rate_limit: None,
             auth: None,
             cluster_token: None,
+            audit_log: None,
+            supervisor_url: None,
         }
     }
 
@@ -216,6 +225,10 @@ pub struct App {
     pub keys: Option<keys::Live>,
     /// The cluster's credential on calls to workers.
     pub badge: xpyd_runtime::plane::Badge,
+    /// Admin operations, who made them and how they ended (`/v1/audit`).
+    pub audit: audit::Audit,
+    /// The dashboard's time series.
+    pub board: dashboard::Board,
 }
 
 impl App {
@@ -246,9 +259,9 @@ impl App {
         &self,
         authorization: Option<&str>,
         need: keys::Need,
-    ) -> Result<(), error::ApiError> {
+    ) -> Result<keys::Caller, error::ApiError> {
         match &self.keys {
-            None => Ok(()),
+            None => Ok(keys::Caller::Anyone),
             Some(k) => k.check(authorization, need),
         }
     }
@@ -414,6 +427,16 @@ pub async fn run(
             "no cluster token: the internal plane is open (any caller may register a worker); `xpyd up` gives every cluster one"
         );
     }
+    let audit = match &cfg.audit_log {
+        None => audit::Audit::in_memory(),
+        Some(p) => {
+            let p = p.clone();
+            tokio::task::spawn_blocking(move || audit::Audit::open(p))
+                .await
+                .map_err(|e| CoordinatorError::Serve(e.to_string()))?
+                .map_err(|e| CoordinatorError::Config(e.to_string()))?
+        }
+    };
     let app = Arc::new(App {
         cfg: cfg.clone(),
         model,
@@ -425,6 +448,8 @@ pub async fn run(
         limiter: guard::Limiter::new(cfg.rate_limit),
         keys,
         badge: xpyd_runtime::plane::Badge::new(key.as_ref()),
+        audit,
+        board: dashboard::Board::default(),
     });
     let membership = match &cfg.membership {
         Membership::Embedded => tokio::spawn(registry::sweep(cluster.clone(), shutdown.clone())),
@@ -438,6 +463,7 @@ pub async fn run(
     };
     let advisor_loop = tokio::spawn(advisor::api::run_loop(app.clone(), shutdown.clone()));
     let used_loop = tokio::spawn(record_key_use(app.clone(), shutdown.clone()));
+    let sampler = tokio::spawn(dashboard::run_sampler(app.clone(), shutdown.clone()));
     let http_addr = listeners.http.local_addr().ok();
     let http = tokio::spawn(xpyd_runtime::http::serve(
         http_api::router(app.clone()),
@@ -472,5 +498,6 @@ pub async fn run(
     let _ = membership.await;
     let _ = advisor_loop.await;
     let _ = used_loop.await;
+    let _ = sampler.await;
     served.map_err(|e| CoordinatorError::Serve(e.to_string()))
 }

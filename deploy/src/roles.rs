@@ -39,6 +39,14 @@ pub struct CoordinatorArgs {
     /// supervisor's own calls. Without it the internal plane is open.
     #[arg(long)]
     pub cluster_token_file: Option<PathBuf>,
+    /// The audit log of admin operations (default: `audit/<cluster name>.jsonl` in the
+    /// state directory, `$XPYD_STATE_DIR` or the user data directory's `xpyd`).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// The supervisor's control endpoint, for the dashboard's scale controls (`xpyd up`
+    /// passes it).
+    #[arg(long, hide = true)]
+    pub supervisor_url: Option<String>,
 }
 
 /// Flags of `xpyd worker`.
@@ -176,6 +184,12 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
     if let Some(f) = &a.cluster_token_file {
         cfg.cluster_token = Some(xpyd_runtime::plane::read_token(f)?);
     }
+    cfg.audit_log = Some(a.audit_log.clone().unwrap_or_else(|| {
+        xpyd_coordinator::keys::state_dir()
+            .join("audit")
+            .join(format!("{}.jsonl", m.name))
+    }));
+    cfg.supervisor_url = a.supervisor_url.clone();
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
     cfg.lease_ttl = Duration::from_millis(m.registry.lease_ttl_ms as u64);

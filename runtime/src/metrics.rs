@@ -36,6 +36,9 @@ pub const ADVISOR_PREDICTED_TTFT_P90_SECONDS: &str = "xpyd_advisor_predicted_ttf
 pub const ADVISOR_PREDICTED_TPOT_P90_SECONDS: &str = "xpyd_advisor_predicted_tpot_p90_seconds";
 /// Coordinator: workers by `role` and `state`.
 pub const COORD_WORKERS: &str = "xpyd_coordinator_workers";
+/// Coordinator: KV bytes prefill workers reported moving to decode workers, by `source`,
+/// `target` (worker ids) and `backend`.
+pub const COORD_KV_BYTES_TOTAL: &str = "xpyd_coordinator_kv_transfer_bytes_total";
 /// Coordinator: requests refused for overload, by `reason`.
 pub const COORD_REJECTED_TOTAL: &str = "xpyd_coordinator_rejected_total";
 

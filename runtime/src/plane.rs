@@ -205,6 +205,11 @@ impl Badge {
     pub fn new(key: Option<&ClusterKey>) -> Self {
         Badge(key.and_then(|k| MetadataValue::try_from(k.bearer()).ok()))
     }
+
+    /// The credential it carries (for an HTTP call's [`METADATA`] header).
+    pub fn bearer(&self) -> Option<&str> {
+        self.0.as_ref().and_then(|v| v.to_str().ok())
+    }
 }
 
 impl Interceptor for Badge {

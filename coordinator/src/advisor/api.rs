@@ -30,6 +30,9 @@ use xpyd_planner::traffic::{Process, Traffic};
 use xpyd_planner::workload::LengthDist;
 use xpyd_runtime::events::{Event, Severity};
 
+/// Who the advisor's own applies are by (history, events, audit log).
+const AUTO: &str = "advisor (auto)";
+
 /// The routes, merged into the coordinator's HTTP router.
 pub(crate) fn routes() -> Router<Arc<App>> {
     Router::new()
@@ -99,9 +102,44 @@ async fn apply(State(app): State<Arc<App>>, body: Bytes) -> Response {
         },
         Err(e) => return e.into_response(),
     };
+    if let Err(e) = not_converging(&app, super::unix_ms()) {
+        return e.into_response();
+    }
     let d = apply_layout(&app, layout, "operator", goodput);
     axum::Json(json!({"generation": d.generation, "layout": d.layout.to_string(), "replicas": d.replicas()}))
         .into_response()
+}
+
+/// How long an apply that the cluster has not reached yet holds off the next one (after
+/// that, a stuck apply can be replaced).
+pub const APPLY_SETTLE_MS: u64 = 300_000;
+
+/// 409 while the last apply is still being carried out: the cluster does not run the
+/// desired split yet and it was set less than [`APPLY_SETTLE_MS`] ago.
+fn not_converging(app: &App, now_ms: u64) -> Result<(), ApiError> {
+    let Some(d) = app.advisor.desired() else {
+        return Ok(());
+    };
+    let current = current_layout(app);
+    if current == Some(d.layout) || now_ms.saturating_sub(d.at_ms) >= APPLY_SETTLE_MS {
+        return Ok(());
+    }
+    let mut e = ApiError::refusal(
+        409,
+        "conflict",
+        "apply_in_progress",
+        format!(
+            "apply: generation {} ({} by {}) is still being carried out; the cluster runs {}. Apply again once it runs {} (or after {} s)",
+            d.generation,
+            d.layout,
+            d.by,
+            current.map_or_else(|| "no complete split".into(), |l| l.to_string()),
+            d.layout,
+            (APPLY_SETTLE_MS - now_ms.saturating_sub(d.at_ms)).div_ceil(1000),
+        ),
+    );
+    e.param = Some("apply".into());
+    Err(e)
 }
 
 fn apply_layout(
@@ -287,6 +325,26 @@ async fn one_window(app: &Arc<App>, win: Duration) {
         );
         return;
     };
+    // A window in which a worker was down says little about the split (its requests
+    // moved, the survivors ran hot), and a budget taken from the cluster then would be
+    // one worker short: wait for the cluster to recover.
+    let down: Vec<String> = app
+        .cluster
+        .snapshot()
+        .into_iter()
+        .filter(|w| w.state == "down")
+        .map(|w| w.worker_id)
+        .collect();
+    if !down.is_empty() {
+        live.finish_window(
+            None,
+            Err(format!(
+                "waiting for the cluster to recover: {} down",
+                down.join(", ")
+            )),
+        );
+        return;
+    }
     let taken = match live.take_advisor(current) {
         Ok(a) => a,
         Err(e) => {
@@ -323,7 +381,18 @@ async fn one_window(app: &Arc<App>, win: Duration) {
     }
     live.finish_window(Some((advisor, generation)), result);
     if let Some((layout, goodput)) = auto {
-        apply_layout(app, layout, "advisor (auto)", Some(goodput));
+        let d = apply_layout(app, layout, AUTO, Some(goodput));
+        crate::audit::record(
+            &app.audit,
+            crate::audit::Record {
+                who: AUTO.into(),
+                peer: String::new(),
+                action: "apply (auto mode)".into(),
+                request: json!({"layout": layout.to_string(), "predicted_goodput": {"current": goodput.0, "recommended": goodput.1}}),
+                status: 200,
+                outcome: json!({"generation": d.generation, "replicas": d.replicas()}),
+            },
+        );
     }
 }
 

@@ -198,6 +198,11 @@ pub(super) async fn start_disaggregated(
         .map_err(|_| FlowError::Timeout("first token"))??
         .into_inner();
     pslot.observe_ttft(t0.elapsed().as_secs_f64() * 1e3);
+    app.board.kv_moved(first.kv_bytes);
+    metrics::counter!(xpyd_runtime::metrics::COORD_KV_BYTES_TOTAL,
+        "source" => pslot.worker_id.clone(), "target" => dslot.worker_id.clone(),
+        "backend" => first.backend.clone())
+    .increment(first.kv_bytes);
     if em.generated.is_empty() {
         em.cached = first.cached_tokens;
     }

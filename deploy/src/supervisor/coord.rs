@@ -36,6 +36,8 @@ pub struct CoordStart<'a> {
     pub msgs: &'a mpsc::Sender<Msg>,
     /// The cluster token's file (mode 0600).
     pub token_file: &'a Path,
+    /// The supervisor's control endpoint (the dashboard's scale controls call it).
+    pub control: &'a str,
 }
 
 /// Starts the coordinator and waits for the URLs it prints.
@@ -53,6 +55,8 @@ pub async fn start_coordinator(c: CoordStart<'_>) -> Result<Coord> {
         std::process::id().to_string(),
         "--cluster-token-file".into(),
         c.token_file.display().to_string(),
+        "--supervisor-url".into(),
+        c.control.to_string(),
     ];
     let generation = 1;
     let s = process::spawn(c.exe, &args, generation, c.pids, c.msgs)?;

@@ -122,6 +122,10 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     xpyd_coordinator::keys::write_private(&token_file, token.as_bytes())?;
     let key = xpyd_runtime::plane::ClusterKey::from_token(&token);
     xpyd_bench::http::set_bearer(token);
+    // The control endpoint is bound before the coordinator starts: the coordinator is
+    // told where it is (the dashboard's scale controls call it).
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let control_url = format!("http://{}", listener.local_addr()?);
     let coord = coord::start_coordinator(coord::CoordStart {
         exe: &exe,
         file: &a.file,
@@ -129,6 +133,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
         pids: &pids,
         msgs: &msgs_tx,
         token_file: &token_file,
+        control: &control_url,
     })
     .await;
     let coord = match coord {
@@ -146,8 +151,6 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let bg = CancellationToken::new();
     let reporter = report::spawn(http.clone(), bg.clone());
     let routed = report::poll_cluster(http.clone(), bg.clone());
-    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
-    let control_url = format!("http://{}", listener.local_addr()?);
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     ratio::spawn(http.clone(), cmd_tx.clone(), bg.clone());
     tokio::spawn(control::serve(listener, cmd_tx, key.clone(), bg.clone()));
@@ -222,6 +225,7 @@ async fn announce(a: &UpArgs, urls: [&str; 3]) -> Result<()> {
     println!("http: {http}");
     println!("grpc: {grpc}");
     println!("internal: {internal}");
+    println!("dashboard: {http}/dashboard");
     println!("ready");
     let _ = std::io::stdout().flush();
     let Some(q) = a.ask.clone() else {

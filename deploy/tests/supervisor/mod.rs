@@ -29,6 +29,8 @@ pub struct Sup {
     pub control: String,
     /// The coordinator's HTTP URL (empty until ready when not waited for).
     pub http: String,
+    /// The dashboard's URL, as `xpyd up` printed it.
+    pub dashboard: String,
     /// The manifest file.
     pub manifest: PathBuf,
     /// A temp dir of the test (manifests, probe files).
@@ -72,6 +74,7 @@ impl Sup {
             child: Some(child),
             control: String::new(),
             http: String::new(),
+            dashboard: String::new(),
             manifest,
             dir,
             lines,
@@ -96,6 +99,8 @@ impl Sup {
                 self.control = u.to_string();
             } else if let Some(u) = line.strip_prefix("http: ") {
                 self.http = u.to_string();
+            } else if let Some(u) = line.strip_prefix("dashboard: ") {
+                self.dashboard = u.to_string();
             } else if let Some(p) = line.strip_prefix("cluster_token_file: ") {
                 self.token_file = p.into();
             }
