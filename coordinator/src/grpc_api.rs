@@ -12,6 +12,9 @@ use tonic::{Request, Response, Status};
 use xpyd_proto as pb;
 use xpyd_runtime::worker::finish_to_pb;
 
+/// The `path` label of gRPC calls in `infer_service_request_total`.
+pub const GRPC_PATH: &str = "/xpyd.v1.Inference";
+
 /// The service.
 pub struct InferenceService {
     /// Shared coordinator state.
@@ -30,17 +33,21 @@ fn usage_pb(u: Usage) -> pb::Usage {
 impl InferenceService {
     /// The access list, then the API key (metadata `authorization: Bearer <key>`).
     fn guard<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.app
-            .access(req.remote_addr().map(|a| a.ip()))
-            .map_err(|e| e.grpc())?;
         let auth = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.app
-            .authorize(auth, crate::keys::Need::Service)
-            .map(drop)
-            .map_err(|e| e.grpc())
+        let checked = self
+            .app
+            .access(req.remote_addr().map(|a| a.ip()))
+            .and_then(|()| self.app.authorize(auth, crate::keys::Need::Service));
+        match checked {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.app.compat.request(e.status, "POST", GRPC_PATH);
+                Err(e.grpc())
+            }
+        }
     }
 
     async fn start(

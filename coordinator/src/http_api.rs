@@ -47,7 +47,23 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(app.clone(), authenticate))
         .layer(middleware::from_fn_with_state(app.clone(), access))
+        .layer(middleware::from_fn_with_state(app.clone(), counted))
         .with_state(app)
+}
+
+/// `infer_service_request_total{code, method, path}` for every call, refusals
+/// included; `path` is the route's pattern (`/v1/workers/{id}/routing`), or `other` for
+/// a path no route has, so callers cannot grow the label set.
+async fn counted(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let method = req.method().as_str().to_string();
+    let path = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("other", |p| p.as_str())
+        .to_string();
+    let r = next.run(req).await;
+    app.compat.request(r.status().as_u16(), &method, &path);
+    r
 }
 
 /// The access list, before anything else, on every route but `/health` (the
@@ -511,5 +527,7 @@ async fn health(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> String {
+    xpyd_runtime::metrics::sample_process();
+    app.compat.refresh();
     app.metrics.render()
 }

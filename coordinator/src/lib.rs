@@ -9,6 +9,7 @@ pub mod admin_api;
 pub mod advisor;
 pub mod audit;
 pub mod cluster;
+pub mod compat;
 pub mod dashboard;
 pub mod error;
 pub mod events_api;
@@ -108,6 +109,10 @@ pub struct Config {
     /// The supervisor's control endpoint (`xpyd up` passes it): the dashboard's scale
     /// controls call it.
     pub supervisor_url: Option<String>,
+    /// `service_name` of the `infer_service_*` metrics (the cluster's name).
+    pub service_name: String,
+    /// `group_id` of the `infer_service_*` metrics (default: the service name).
+    pub group_id: Option<String>,
 }
 
 /// API-key authentication.
@@ -149,6 +154,8 @@ impl Config {
             cluster_token: None,
             audit_log: None,
             supervisor_url: None,
+            service_name: "xpyd".into(),
+            group_id: None,
         }
     }
 
@@ -229,6 +236,8 @@ pub struct App {
     pub audit: audit::Audit,
     /// The dashboard's time series.
     pub board: dashboard::Board,
+    /// The managed product's metric names.
+    pub compat: compat::Compat,
 }
 
 impl App {
@@ -450,6 +459,17 @@ pub async fn run(
         badge: xpyd_runtime::plane::Badge::new(key.as_ref()),
         audit,
         board: dashboard::Board::default(),
+        compat: compat::Compat::new(&compat::Identity {
+            service_name: cfg.service_name.clone(),
+            group_id: cfg
+                .group_id
+                .clone()
+                .unwrap_or_else(|| cfg.service_name.clone()),
+            instance_name: listeners
+                .http
+                .local_addr()
+                .map_or_else(|_| "coordinator".into(), |a| a.to_string()),
+        }),
     });
     let membership = match &cfg.membership {
         Membership::Embedded => tokio::spawn(registry::sweep(cluster.clone(), shutdown.clone())),

@@ -190,6 +190,7 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
             .join(format!("{}.jsonl", m.name))
     }));
     cfg.supervisor_url = a.supervisor_url.clone();
+    cfg.service_name = m.name.clone();
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
     cfg.lease_ttl = Duration::from_millis(m.registry.lease_ttl_ms as u64);

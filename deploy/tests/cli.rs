@@ -400,3 +400,69 @@ fn recommend_ranks_phases_by_what_each_phase_sends() {
     let burst = goodput(&format!("{chat},2000*3:uniform:16-64/uniform:64-128"));
     assert!(burst < 0.6 * a, "{burst} against {a}");
 }
+
+/// The string literals of a Rust source file that look like metric names.
+fn metric_literals(src: &str) -> BTreeSet<String> {
+    src.split('"')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+                && (s.starts_with("xpyd_")
+                    || s.starts_with("infer_service_")
+                    || s.starts_with("process_"))
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_grafana_dashboard_only_references_metrics_xpyd_exports() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    // The one metrics module of the processes, and the KV transfer crate's names.
+    let mut known = metric_literals(&read("runtime/src/metrics.rs"));
+    known.extend(metric_literals(&read("kv-transfer/src/metrics.rs")));
+    assert!(
+        known.contains("infer_service_first_token_cost"),
+        "{known:?}"
+    );
+    let dash: serde_json::Value = serde_json::from_str(&read("deploy/grafana/xpyd.json")).unwrap();
+    let mut used = BTreeSet::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("xpyd_")
+                    || word.starts_with("infer_service_")
+                    || word.starts_with("process_")
+                {
+                    used.insert(word.to_string());
+                }
+            }
+        }
+    }
+    let unknown: Vec<&String> = used
+        .iter()
+        .filter(|w| {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s))
+                .unwrap_or(w);
+            !known.contains(*w) && !known.contains(base)
+        })
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the Grafana dashboard names metrics xpyd does not export: {unknown:?}"
+    );
+    // Every managed-product name is on the board.
+    for name in known.iter().filter(|n| n.starts_with("infer_service_")) {
+        assert!(
+            used.iter().any(|u| u.starts_with(name.as_str())),
+            "{name} is not on the Grafana dashboard"
+        );
+    }
+}

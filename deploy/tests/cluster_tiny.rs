@@ -2366,3 +2366,191 @@ fn json_logs_parse_line_by_line_and_say_who_wrote_them() {
     }
     assert!(!text.contains('\x1b'), "colour on a file");
 }
+
+/// The samples of a Prometheus exposition: (name, labels, value).
+fn samples(text: &str) -> Vec<(String, HashMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (head, value) = l.rsplit_once(' ')?;
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (head, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| {
+                    let (k, v) = p.split_once('=')?;
+                    Some((k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            Some((name.to_string(), labels, value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn the_managed_products_metric_names_are_exported_and_agree_with_xpyds() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "compat",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let url = format!("{}/v1/completions", up.http);
+    for i in 0..6 {
+        let (code, v, _) = post_raw(&url, &body(&format!("count {i}"), 6).to_string(), None);
+        assert_eq!(code, 200, "{v}");
+    }
+    assert_eq!(post_raw(&url, "{not json", None).0, 400);
+    // The min/avg/max gauges and the role gauges are refreshed once a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, text) = common::cluster::get(&format!("{}/metrics", up.http));
+    assert_eq!(code, 200);
+    let text = text.as_str().unwrap().to_string();
+    let s = samples(&text);
+    let one = |name: &str, want: &[(&str, &str)]| -> f64 {
+        let found: Vec<f64> = s
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {want:?} in:\n{text}");
+        found[0]
+    };
+    let instance = up.http.trim_start_matches("http://").to_string();
+    let id = [
+        ("service_name", "compat"),
+        ("group_id", "compat"),
+        ("instance_name", instance.as_str()),
+    ];
+    let names = [
+        "infer_service_request_total",
+        "infer_service_request_connect_count",
+        "infer_service_token_count",
+        "infer_service_first_token_avg_cost",
+        "infer_service_first_token_min_cost",
+        "infer_service_first_token_max_cost",
+        "infer_service_per_token_avg_cost",
+        "infer_service_per_token_min_cost",
+        "infer_service_per_token_max_cost",
+        "infer_service_token_latency_avg_cost",
+        "infer_service_token_latency_min_cost",
+        "infer_service_token_latency_max_cost",
+        "infer_service_request_cost_count",
+        "infer_service_first_token_cost_count",
+        "infer_service_per_token_cost_count",
+        "infer_service_input_token_quantity_count",
+        "infer_service_output_token_quantity_count",
+    ];
+    for name in names {
+        assert!(
+            s.iter().any(|(n, l, _)| n == name
+                && id
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))),
+            "{name} with {id:?} in:\n{text}"
+        );
+    }
+    let path = ("path", "/v1/completions");
+    assert_eq!(
+        one(
+            "infer_service_request_total",
+            &[("code", "200"), ("method", "POST"), path]
+        ),
+        6.0
+    );
+    assert_eq!(
+        one(
+            "infer_service_request_total",
+            &[("code", "400"), ("method", "POST"), path]
+        ),
+        1.0
+    );
+    // The same measurements as xpyd's own histograms: counts equal, sums ×1000.
+    for (ms, secs) in [
+        (
+            "infer_service_first_token_cost",
+            "xpyd_coordinator_ttft_seconds",
+        ),
+        (
+            "infer_service_per_token_cost",
+            "xpyd_coordinator_tpot_seconds",
+        ),
+        ("infer_service_request_cost", "xpyd_coordinator_e2e_seconds"),
+    ] {
+        let (c_ms, c_s) = (
+            one(&format!("{ms}_count"), &id),
+            one(&format!("{secs}_count"), &[]),
+        );
+        assert_eq!(c_ms, c_s, "{ms} vs {secs}");
+        assert!(c_ms >= 6.0, "{ms}: {c_ms}");
+        let (s_ms, s_s) = (
+            one(&format!("{ms}_sum"), &id),
+            one(&format!("{secs}_sum"), &[]),
+        );
+        assert!(
+            ((s_ms / 1e3) - s_s).abs() <= 1e-9 * s_s.max(1.0),
+            "{ms} {s_ms} vs {secs} {s_s}"
+        );
+    }
+    for (q, t) in [
+        (
+            "infer_service_input_token_quantity",
+            "xpyd_coordinator_input_tokens",
+        ),
+        (
+            "infer_service_output_token_quantity",
+            "xpyd_coordinator_output_tokens",
+        ),
+    ] {
+        assert_eq!(
+            one(&format!("{q}_count"), &id),
+            one(&format!("{t}_count"), &[])
+        );
+        assert_eq!(one(&format!("{q}_sum"), &id), one(&format!("{t}_sum"), &[]));
+    }
+    assert_eq!(
+        one("infer_service_token_count", &id),
+        one("xpyd_coordinator_output_tokens_sum", &[]),
+    );
+    assert_eq!(one("infer_service_request_connect_count", &id), 0.0);
+    let (lo, avg, hi) = (
+        one("infer_service_first_token_min_cost", &id),
+        one("infer_service_first_token_avg_cost", &id),
+        one("infer_service_first_token_max_cost", &id),
+    );
+    assert!(0.0 < lo && lo <= avg && avg <= hi, "{lo} {avg} {hi}");
+    // PD metrics: KV moved on the one link, role gauges, this process.
+    let link = [("source", "prefill-0"), ("target", "decode-0")];
+    assert!(one("xpyd_coordinator_kv_transfer_bytes_total", &link) > 0.0);
+    assert!(one("xpyd_coordinator_kv_transfer_microseconds_total", &link) > 0.0);
+    assert!(
+        one(
+            "xpyd_role_kv_blocks",
+            &[("role", "decode"), ("state", "free")]
+        ) > 0.0
+    );
+    assert_eq!(one("xpyd_role_queue_depth", &[("role", "prefill")]), 0.0);
+    assert!(one("process_resident_memory_bytes", &[]) > 1e6);
+    assert!(one("process_cpu_seconds_total", &[]) > 0.0);
+    // And on a worker.
+    let w = &up.workers("decode")[0];
+    let (_, wtext) = common::cluster::get(&format!("{}/metrics", w["http_url"].as_str().unwrap()));
+    let ws = samples(wtext.as_str().unwrap());
+    assert!(
+        ws.iter()
+            .any(|(n, _, v)| n == "process_resident_memory_bytes" && *v > 1e6),
+        "{wtext}"
+    );
+}

@@ -52,6 +52,7 @@ async fn health(State(s): State<HealthState>) -> (StatusCode, &'static str) {
 }
 
 async fn render(State(s): State<HealthState>) -> String {
+    crate::metrics::sample_process();
     s.metrics.render()
 }
 

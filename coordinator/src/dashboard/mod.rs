@@ -128,7 +128,39 @@ fn take_point(app: &App) -> Sample {
     })
 }
 
-/// Takes a point every [`TICK`] until `shutdown`.
+/// The per-role load gauges of `/metrics`, from the newest point.
+fn publish_gauges(p: &Sample) {
+    use xpyd_runtime::metrics as m;
+    for (role, q, used, total) in [
+        (
+            "prefill",
+            p.queue.prefill,
+            p.kv_used.prefill,
+            p.kv_total.prefill,
+        ),
+        (
+            "decode",
+            p.queue.decode,
+            p.kv_used.decode,
+            p.kv_total.decode,
+        ),
+        (
+            "combined",
+            p.queue.combined,
+            p.kv_used.combined,
+            p.kv_total.combined,
+        ),
+    ] {
+        metrics::gauge!(m::ROLE_QUEUE_DEPTH, "role" => role).set(q);
+        metrics::gauge!(m::ROLE_KV_BLOCKS, "role" => role, "state" => "used").set(used);
+        metrics::gauge!(m::ROLE_KV_BLOCKS, "role" => role, "state" => "free").set(total - used);
+    }
+    if let Some(h) = p.prefix_hit {
+        metrics::gauge!(m::COORD_PREFIX_CACHE_HIT_RATIO).set(h);
+    }
+}
+
+/// Takes a point every [`TICK`] (and sets the per-role gauges) until `shutdown`.
 pub async fn run_sampler(app: Arc<App>, shutdown: CancellationToken) {
     let mut every = tokio::time::interval(TICK);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -138,6 +170,7 @@ pub async fn run_sampler(app: Arc<App>, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
         }
         let p = take_point(&app);
+        publish_gauges(&p);
         app.board.push(p);
     }
 }

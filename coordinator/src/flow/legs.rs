@@ -199,10 +199,14 @@ pub(super) async fn start_disaggregated(
         .into_inner();
     pslot.observe_ttft(t0.elapsed().as_secs_f64() * 1e3);
     app.board.kv_moved(first.kv_bytes);
-    metrics::counter!(xpyd_runtime::metrics::COORD_KV_BYTES_TOTAL,
-        "source" => pslot.worker_id.clone(), "target" => dslot.worker_id.clone(),
-        "backend" => first.backend.clone())
-    .increment(first.kv_bytes);
+    let link = [
+        ("source", pslot.worker_id.clone()),
+        ("target", dslot.worker_id.clone()),
+        ("backend", first.backend.clone()),
+    ];
+    metrics::counter!(xpyd_runtime::metrics::COORD_KV_BYTES_TOTAL, &link).increment(first.kv_bytes);
+    metrics::counter!(xpyd_runtime::metrics::COORD_KV_MICROS_TOTAL, &link)
+        .increment((first.kv_seconds * 1e6) as u64);
     if em.generated.is_empty() {
         em.cached = first.cached_tokens;
     }

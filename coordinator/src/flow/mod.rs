@@ -125,6 +125,8 @@ struct Emitter<'a> {
     cached: u32,
     /// How long a client may leave a token unread before it counts as gone.
     stall: Duration,
+    /// The managed product's metric names.
+    compat: &'a crate::compat::Compat,
 }
 
 impl Emitter<'_> {
@@ -135,7 +137,9 @@ impl Emitter<'_> {
         match self.last {
             None => {
                 self.first = Some(now);
-                metrics::histogram!(m::COORD_TTFT_SECONDS).record((now - self.start).as_secs_f64());
+                let ttft = (now - self.start).as_secs_f64();
+                metrics::histogram!(m::COORD_TTFT_SECONDS).record(ttft);
+                self.compat.first_token(ttft);
             }
             Some(l) => {
                 metrics::histogram!(m::COORD_TOKEN_LATENCY_SECONDS).record((now - l).as_secs_f64())
@@ -177,6 +181,7 @@ impl Emitter<'_> {
 pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
     let start = Instant::now();
     metrics::gauge!(m::COORD_CONNECTIONS).increment(1.0);
+    app.compat.connections(1.0);
     let mut em = Emitter {
         tx: &tx,
         start,
@@ -186,6 +191,7 @@ pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
         prompt: p.tokens.len() as u32,
         cached: 0,
         stall: Duration::from_secs(app.cfg.client_stall_timeout_s),
+        compat: &app.compat,
     };
     let hard = Duration::from_secs(app.cfg.request_timeout_s);
     let outcome = tokio::select! {
@@ -199,18 +205,37 @@ pub async fn serve(app: Arc<App>, p: Prepared, tx: mpsc::Sender<Delta>) {
     metrics::counter!(m::COORD_REQUESTS_TOTAL, "api" => p.api, "code" => code.to_string())
         .increment(1);
     metrics::gauge!(m::COORD_CONNECTIONS).decrement(1.0);
+    app.compat.connections(-1.0);
+    if p.api == "grpc" {
+        // HTTP calls are counted by the router's middleware.
+        app.compat.request(code, "POST", crate::grpc_api::GRPC_PATH);
+    }
     record_finished(&app, &p, &em, outcome.as_ref().map(|_| ()));
     match outcome {
         Ok(finish) => {
             let usage = em.usage();
-            metrics::histogram!(m::COORD_E2E_SECONDS).record(start.elapsed().as_secs_f64());
+            let e2e = start.elapsed().as_secs_f64();
+            metrics::histogram!(m::COORD_E2E_SECONDS).record(e2e);
             metrics::histogram!(m::COORD_INPUT_TOKENS).record(usage.prompt_tokens as f64);
             metrics::histogram!(m::COORD_OUTPUT_TOKENS).record(usage.completion_tokens as f64);
+            let mut tpot = None;
             if let (Some(f), Some(l)) = (em.first, em.last)
                 && usage.completion_tokens > 1
             {
-                let tpot = (l - f).as_secs_f64() / (usage.completion_tokens - 1) as f64;
-                metrics::histogram!(m::COORD_TPOT_SECONDS).record(tpot);
+                let t = (l - f).as_secs_f64() / (usage.completion_tokens - 1) as f64;
+                metrics::histogram!(m::COORD_TPOT_SECONDS).record(t);
+                tpot = Some(t);
+            }
+            if let Some(f) = em.first {
+                // The same measurements as the histograms above, in the managed product's
+                // names (ms).
+                app.compat.served(
+                    e2e,
+                    (f - start).as_secs_f64(),
+                    tpot,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                );
             }
             let _ = tx.send(Delta::Done { finish, usage }).await;
         }

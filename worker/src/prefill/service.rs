@@ -171,6 +171,7 @@ impl pb::prefill_worker_server::PrefillWorker for PrefillService {
             cached_tokens: reused as u32,
             kv_bytes: stats.bytes,
             backend: backend.name().into(),
+            kv_seconds: stats.seconds,
         }))
     }
 
