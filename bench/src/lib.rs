@@ -16,6 +16,7 @@ pub mod workload;
 
 // The drivers: benchmarks, so their errors are `anyhow`.
 pub mod cluster;
+pub mod dashboard_bench;
 pub mod engine_args;
 pub mod engine_bench;
 pub mod flip_bench;

@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use xpyd_bench::engine_args::EngineArgs;
 use xpyd_bench::host::Host;
 use xpyd_bench::{
-    engine_bench, flip_bench, kv_bench, kv_harness, load_cmd, overhead, planner_bench, profile,
+    dashboard_bench, engine_bench, flip_bench, kv_bench, kv_harness, load_cmd, overhead,
+    planner_bench, profile,
 };
 use xpyd_engine::compute;
 
@@ -111,6 +112,8 @@ enum BenchCmd {
     Planner(planner_bench::PlannerBenchArgs),
     /// A role flip (decode ⇄ prefill in place) against starting a worker, on a 1P2D cluster.
     Flip(flip_bench::FlipArgs),
+    /// What an open dashboard costs the coordinator under load, and the page's load time.
+    Dashboard(dashboard_bench::DashboardArgs),
 }
 
 /// The default model, fetched into the models directory when missing.
@@ -158,7 +161,8 @@ impl Cli {
                     | BenchCmd::Advisor(_)
                     | BenchCmd::Overhead(_)
                     | BenchCmd::Planner(_)
-                    | BenchCmd::Flip(_),
+                    | BenchCmd::Flip(_)
+                    | BenchCmd::Dashboard(_),
             }
             | Cmd::Model { .. }
             | Cmd::KvHarness { .. }
@@ -248,6 +252,10 @@ fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Flip(a) => {
             a.validate().map_err(UsageError)?;
             flip_bench::run(&a, &host)
+        }
+        BenchCmd::Dashboard(a) => {
+            a.validate().map_err(UsageError)?;
+            dashboard_bench::run(&a, &host)
         }
     }
 }

@@ -15,7 +15,7 @@ mod supervisor;
 
 use browser::Browser;
 use common::cluster::{eventually, get, post_raw};
-use common::tiny_model;
+use common::{real_model, tiny_model};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use std::path::PathBuf;
@@ -235,6 +235,38 @@ fn the_dashboard_shows_the_cluster_live_and_applies_the_advisors_split() {
         "{file}"
     );
 
+    // Scale through the page's endpoint: bad input names the field; a good one runs.
+    let scale = format!("{http}/v1/dashboard/scale");
+    let (code, v, _) = post_raw(&scale, r#"{"role": "decode", "replicas": 0}"#, None);
+    assert_eq!(
+        (code, v["error"]["field"].as_str()),
+        (400, Some("replicas")),
+        "{v}"
+    );
+    let (code, v, _) = post_raw(&scale, r#"{"role": "decode", "replicas": 2}"#, None);
+    assert_eq!(code, 200, "{v}");
+    let want = format!("{}2D", &recommended[..recommended.find('P').unwrap() + 1]);
+    eventually(
+        Duration::from_secs(60),
+        "the topology shows the scaled split",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            b.eval("return document.getElementById('split').dataset.split") == want.as_str()
+        },
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the scale in the audit log",
+        || {
+            get(&format!("{http}/v1/audit")).1["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["action"] == "POST /v1/dashboard/scale" && e["status"] == 200)
+        },
+    );
+    b.screenshot(&shots().join("5-scaled.png"));
+
     // No console error all along.
     let errors: Vec<(String, String)> = b
         .console()
@@ -245,4 +277,50 @@ fn the_dashboard_shows_the_cluster_live_and_applies_the_advisors_split() {
     let (ok, failures) = load.stop();
     eprintln!("load: {ok} ok, {} failed", failures.len());
     assert!(ok > 0);
+}
+
+#[test]
+#[ignore = "starts a cluster and a browser; scripts/test.sh runs it with --ignored"]
+fn the_dashboard_follows_a_real_model_cluster() {
+    let Some(model) = real_model() else { return };
+    let yaml = "name: dashboard-real\nmode: disaggregated\nroles:\n  prefill: { replicas: 1, threads: 1 }\n  decode: { replicas: 1, threads: 1 }\n";
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().display().to_string();
+    let up = Sup::start(
+        yaml,
+        &model,
+        &[(xpyd_runtime::env::STATE_DIR, &state)],
+        true,
+    );
+    let load = Load::shaped(&up.http, 2, 40, 16);
+    let b = Browser::start();
+    b.open(&up.dashboard);
+    eventually(
+        Duration::from_secs(30),
+        "both workers listed, ready",
+        || {
+            let t = topology(&b);
+            t.len() == 2 && t.iter().all(|(_, s)| s == "ready")
+        },
+    );
+    eventually(
+        Duration::from_secs(60),
+        "points with tokens and KV moved",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            b.eval("return window.xpyd.points.filter(p => p.output_tps > 0 && p.kv_gbps > 0 && p.tpot_ms.p50 > 0).length")
+            .as_u64()
+            .unwrap_or(0)
+            >= 3
+        },
+    );
+    b.screenshot(&shots().join("real-model.png"));
+    let errors: Vec<(String, String)> = b
+        .console()
+        .into_iter()
+        .filter(|(level, _)| level == "SEVERE")
+        .collect();
+    assert!(errors.is_empty(), "console errors: {errors:?}");
+    let (ok, failures) = load.stop();
+    assert!(ok > 0 && failures.is_empty(), "{ok} ok, {failures:?}");
 }
