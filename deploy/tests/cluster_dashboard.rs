@@ -274,9 +274,47 @@ fn the_dashboard_shows_the_cluster_live_and_applies_the_advisors_split() {
         .filter(|(level, _)| level == "SEVERE")
         .collect();
     assert!(errors.is_empty(), "console errors: {errors:?}");
+    // A killed worker, an apply and a scale cost no request.
     let (ok, failures) = load.stop();
     eprintln!("load: {ok} ok, {} failed", failures.len());
-    assert!(ok > 0);
+    assert!(ok > 0 && failures.is_empty(), "{failures:?}");
+    // (Last: while the coordinator is down the page's calls fail, which the browser
+    // logs.) The audit log survives a coordinator restart: SIGKILL it; the supervisor restarts
+    // it on the same ports and it reads the log back.
+    let coordinator = up.status()["coordinator"]["pid"].as_u64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(coordinator as i32),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the restarted coordinator's audit log",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            up.status()["coordinator"]["pid"]
+                .as_u64()
+                .is_some_and(|p| p != coordinator)
+                && common::cluster::try_get(&format!("{http}/v1/audit")).is_some_and(|(code, v)| {
+                    code == 200
+                        && v["entries"].as_array().is_some_and(|e| {
+                            e.iter().any(|e| {
+                                e["action"] == "POST /v1/advisor/apply" && e["status"] == 200
+                            })
+                        })
+                })
+        },
+    );
+    // The page reconnects to the new coordinator.
+    let before = b.eval("return window.xpyd.ticks").as_u64().unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "ticks from the restarted coordinator",
+        || {
+            std::thread::sleep(Duration::from_millis(300));
+            b.eval("return window.xpyd.ticks").as_u64().unwrap() > before + 2
+        },
+    );
 }
 
 #[test]

@@ -276,6 +276,14 @@ pub fn get(url: &str) -> (u16, Value) {
     (code, serde_json::from_str(&s).unwrap_or(Value::String(s)))
 }
 
+/// `GET` a JSON document; `None` when nothing answers (a process restarting).
+pub fn try_get(url: &str) -> Option<(u16, Value)> {
+    let resp = agent().get(url).call().ok()?;
+    let code = resp.status().as_u16();
+    let s = resp.into_body().read_to_string().ok()?;
+    Some((code, serde_json::from_str(&s).unwrap_or(Value::String(s))))
+}
+
 /// Pids of the worker processes of `role` (only replica `index`, with one) that
 /// `xpyd up -f manifest` runs, found by their command line.
 pub fn worker_pids(manifest: &Path, role: &str, index: Option<u32>) -> Vec<i32> {
