@@ -149,7 +149,7 @@ impl Viewers {
         })
     }
 
-    /// Stops reading; the ticks received.
+    /// Stops reading; the ticks received (0 for none opened).
     fn close(self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         // A reader blocked in `read` wakes with the next tick (one a second).
@@ -200,18 +200,12 @@ pub fn run(a: &DashboardArgs, host: &Host) -> Result<()> {
     // The dashboard's own cost, measured apart from the load's noise: the coordinator's
     // CPU over an idle stretch without and with the viewers.
     let idle = |viewers: usize| -> Result<f64> {
-        let open = if viewers > 0 {
-            Some(Viewers::open(&cluster.http, viewers)?)
-        } else {
-            None
-        };
+        let open = Viewers::open(&cluster.http, viewers)?;
         let cpu0 = coordinator_cpu(&cluster.http)?;
         let t0 = Instant::now();
         std::thread::sleep(IDLE);
         let cores = (coordinator_cpu(&cluster.http)? - cpu0) / t0.elapsed().as_secs_f64();
-        if let Some(v) = open {
-            v.close();
-        }
+        open.close();
         Ok(cores)
     };
     let idle_without = idle(0)?;
@@ -221,37 +215,27 @@ pub fn run(a: &DashboardArgs, host: &Host) -> Result<()> {
         idle_without, idle_with, a.viewers
     );
     // One warm-up round (connections, allocator) that is not counted.
-    let warm = RunOptions {
+    let options = |label: String| RunOptions {
         target: cluster.grpc.clone(),
         arrival: Arrival::Closed(a.concurrency),
         timeout: Duration::from_secs(60),
         stream: true,
         progress: false,
-        label: "warm-up".into(),
+        label,
     };
+    let warm = options("warm-up".into());
     rt.block_on(loadgen::run(&reqs[..a.requests.min(500)], &warm))?;
     let mut rows = Vec::new();
     for round in 0..a.rounds {
         for viewers in [0, a.viewers] {
-            let open = if viewers > 0 {
-                Some(Viewers::open(&cluster.http, viewers)?)
-            } else {
-                None
-            };
+            let open = Viewers::open(&cluster.http, viewers)?;
             let cpu0 = coordinator_cpu(&cluster.http)?;
             let t0 = Instant::now();
-            let opts = RunOptions {
-                target: cluster.grpc.clone(),
-                arrival: Arrival::Closed(a.concurrency),
-                timeout: Duration::from_secs(60),
-                stream: true,
-                progress: false,
-                label: format!("round {round} viewers {viewers}"),
-            };
+            let opts = options(format!("round {round} viewers {viewers}"));
             let res = rt.block_on(loadgen::run(&reqs, &opts))?;
             let wall = t0.elapsed().as_secs_f64();
             let cpu = coordinator_cpu(&cluster.http)? - cpu0;
-            let ticks = open.map_or(0, Viewers::close);
+            let ticks = open.close();
             let failed = res.records.iter().filter(|r| !r.ok()).count();
             if failed > 0 {
                 bail!("{}: {failed} requests failed", opts.label);

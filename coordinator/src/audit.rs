@@ -28,13 +28,21 @@ pub const MAX_LIMIT: usize = 1_000;
 /// Longest request or answer text an entry keeps (longer ones are cut, marked `…`).
 pub const MAX_TEXT: usize = 2_048;
 
-/// One admin operation.
+/// One admin operation, as the log keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
     /// 1, 2, … in the order written, across restarts.
     pub seq: u64,
     /// Unix milliseconds.
     pub at_ms: u64,
+    /// The rest, as recorded.
+    #[serde(flatten)]
+    pub record: Record,
+}
+
+/// What [`Audit::append`] is given: who did what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
     /// `key:<name>`, `cluster token`, `anyone (no API keys)`, or `advisor (auto)`.
     pub who: String,
     /// The caller's address (empty for the coordinator's own actions).
@@ -46,23 +54,6 @@ pub struct Entry {
     /// HTTP status of the answer.
     pub status: u16,
     /// The answer's body (JSON when it parses), or its error.
-    pub outcome: Value,
-}
-
-/// What [`Audit::append`] fills in: everything but `seq` and `at_ms`.
-#[derive(Debug, Clone)]
-pub struct Record {
-    /// See [`Entry::who`].
-    pub who: String,
-    /// See [`Entry::peer`].
-    pub peer: String,
-    /// See [`Entry::action`].
-    pub action: String,
-    /// See [`Entry::request`].
-    pub request: Value,
-    /// See [`Entry::status`].
-    pub status: u16,
-    /// See [`Entry::outcome`].
     pub outcome: Value,
 }
 
@@ -158,12 +149,7 @@ impl Audit {
         let e = Entry {
             seq: g.next,
             at_ms: xpyd_runtime::events::now_ms(),
-            who: r.who,
-            peer: r.peer,
-            action: r.action,
-            request: r.request,
-            status: r.status,
-            outcome: r.outcome,
+            record: r,
         };
         g.next += 1;
         if g.tail.len() == KEPT {
@@ -256,15 +242,7 @@ fn parse_query(raw: Option<&str>) -> Result<(u64, usize), ApiError> {
                     ApiError::invalid("since", format!("`{v}` is not a sequence number"))
                 })?;
             }
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::invalid("limit", format!("`{v}` is not in 1..={MAX_LIMIT}"))
-                    })?;
-            }
+            "limit" => limit = ApiError::count("limit", v, MAX_LIMIT)?,
             other => {
                 return Err(ApiError::invalid(other, "unknown parameter (since, limit)"));
             }
@@ -311,8 +289,8 @@ mod tests {
         let b = Audit::open(&p).unwrap();
         let got = b.query(0, 10);
         assert_eq!(got.len(), 2);
-        assert_eq!(got[0].action, "POST /v1/advisor/apply");
-        assert_eq!((got[1].seq, got[1].status), (2, 400));
+        assert_eq!(got[0].record.action, "POST /v1/advisor/apply");
+        assert_eq!((got[1].seq, got[1].record.status), (2, 400));
         let e = b.append(rec("POST /v1/scale", 200)).unwrap();
         assert_eq!(e.seq, 3);
         assert_eq!(b.query(1, 10).len(), 2);

@@ -53,6 +53,17 @@ impl ApiError {
         }
     }
 
+    /// A query parameter's count in `1..=max`, or 400 naming `param`.
+    ///
+    /// # Errors
+    /// 400 when `v` is not such a count.
+    pub fn count(param: &str, v: &str, max: usize) -> Result<usize, ApiError> {
+        v.parse()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| ApiError::invalid(param, format!("`{v}` is not in 1..={max}")))
+    }
+
     /// 400 for a body that is not valid JSON or not the expected shape.
     pub fn bad_body(message: impl Into<String>) -> Self {
         ApiError {

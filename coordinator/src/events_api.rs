@@ -158,15 +158,7 @@ pub fn parse_query(raw: Option<&str>, now_ms: u64) -> Result<Query, ApiError> {
             "severity" => q.severity_at_least = Some(v.parse().map_err(bad)?),
             "subject" if !v.is_empty() => q.subject = Some(v),
             "subject" => {}
-            "limit" => {
-                q.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::invalid("limit", format!("`{v}` is not in 1..={MAX_LIMIT}"))
-                    })?;
-            }
+            "limit" => q.limit = ApiError::count("limit", &v, MAX_LIMIT)?,
             other => {
                 return Err(ApiError::invalid(
                     other,

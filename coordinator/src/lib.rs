@@ -238,6 +238,9 @@ pub struct App {
     pub board: dashboard::Board,
     /// The managed product's metric names.
     pub compat: compat::Compat,
+    /// Cancelled when the coordinator begins to stop: endless streams (the dashboard's)
+    /// end then, so they do not hold the graceful shutdown open.
+    pub stopping: CancellationToken,
 }
 
 impl App {
@@ -470,6 +473,7 @@ pub async fn run(
                 .local_addr()
                 .map_or_else(|_| "coordinator".into(), |a| a.to_string()),
         }),
+        stopping: shutdown.clone(),
     });
     let membership = match &cfg.membership {
         Membership::Embedded => tokio::spawn(registry::sweep(cluster.clone(), shutdown.clone())),

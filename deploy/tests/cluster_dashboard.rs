@@ -26,6 +26,7 @@ fn manifest(profile: &str) -> String {
     let role = format!("engine: mock, mock_profile: {profile}, prefill_chunk: 256");
     format!(
         "name: dashboard-live\nmode: disaggregated\n\
+         coordinator: {{ graceful_shutdown: {{ timeout_s: 60 }} }}\n\
          advisor: {{ enabled: true, window_s: 5, streak: 1, profile: {profile}, slo: {{ ttft_ms: 3000, tpot_ms: 200 }} }}\n\
          roles:\n  prefill: {{ replicas: 1, {role} }}\n  decode: {{ replicas: 3, {role} }}\n"
     )
@@ -68,7 +69,7 @@ fn the_dashboard_shows_the_cluster_live_and_applies_the_advisors_split() {
     std::fs::write(&profile, common::slow_prefill_profile().to_string()).unwrap();
     let state = dir.path().join("state");
     let state_env = state.display().to_string();
-    let up = Sup::start(
+    let mut up = Sup::start(
         &manifest(&profile.display().to_string()),
         &model,
         &[(xpyd_runtime::env::STATE_DIR, &state_env)],
@@ -268,12 +269,7 @@ fn the_dashboard_shows_the_cluster_live_and_applies_the_advisors_split() {
     b.screenshot(&shots().join("5-scaled.png"));
 
     // No console error all along.
-    let errors: Vec<(String, String)> = b
-        .console()
-        .into_iter()
-        .filter(|(level, _)| level == "SEVERE")
-        .collect();
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    b.assert_no_console_errors();
     // A killed worker, an apply and a scale cost no request.
     let (ok, failures) = load.stop();
     eprintln!("load: {ok} ok, {} failed", failures.len());
@@ -315,6 +311,10 @@ fn the_dashboard_shows_the_cluster_live_and_applies_the_advisors_split() {
             b.eval("return window.xpyd.ticks").as_u64().unwrap() > before + 2
         },
     );
+    // An open page does not hold the coordinator's graceful stop (60 s here) open.
+    let (status, took) = up.signal_and_wait(Signal::SIGTERM, Duration::from_secs(30));
+    eprintln!("xpyd up stopped in {took:?} with the page open ({status})");
+    assert!(status.success(), "{status}");
 }
 
 #[test]
@@ -353,12 +353,7 @@ fn the_dashboard_follows_a_real_model_cluster() {
         },
     );
     b.screenshot(&shots().join("real-model.png"));
-    let errors: Vec<(String, String)> = b
-        .console()
-        .into_iter()
-        .filter(|(level, _)| level == "SEVERE")
-        .collect();
-    assert!(errors.is_empty(), "console errors: {errors:?}");
+    b.assert_no_console_errors();
     let (ok, failures) = load.stop();
     assert!(ok > 0 && failures.is_empty(), "{ok} ok, {failures:?}");
 }

@@ -294,7 +294,12 @@ async fn stream(State(app): State<Arc<App>>) -> Response {
         let mut every = tokio::time::interval(TICK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            every.tick().await;
+            // The stream ends when the coordinator stops, so an open page does not hold
+            // its graceful shutdown open.
+            tokio::select! {
+                _ = every.tick() => {}
+                () = app.stopping.cancelled() => return,
+            }
             let v = tick(&app, &mut seen);
             let ev = SseEvent::default().event("tick").data(v.to_string());
             // A page that stopped reading (or left) ends its stream.

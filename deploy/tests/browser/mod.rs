@@ -196,6 +196,16 @@ impl Browser {
         std::fs::write(path, png).unwrap();
     }
 
+    /// Asserts the page logged no error (`SEVERE`) to the console since the last look.
+    pub fn assert_no_console_errors(&self) {
+        let errors: Vec<(String, String)> = self
+            .console()
+            .into_iter()
+            .filter(|(level, _)| level == "SEVERE")
+            .collect();
+        assert!(errors.is_empty(), "console errors: {errors:?}");
+    }
+
     /// The console entries logged since the last call, as `LEVEL message`.
     pub fn console(&self) -> Vec<(String, String)> {
         let v = self.call("POST", &self.s("/se/log"), Some(json!({"type": "browser"})));
