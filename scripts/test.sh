@@ -55,6 +55,7 @@ log "tests"
 cargo test --release --workspace
 log "tests: clusters of real processes (one at a time: they time routing and leases)"
 cargo test --release --workspace --test cluster_tiny -- --ignored --test-threads=1
+cargo test --release --workspace --test cluster_tls -- --ignored --test-threads=1
 cargo test --release --workspace --test cluster_real -- --ignored --test-threads=1
 cargo test --release --workspace --test cluster_bench -- --ignored --test-threads=1
 log "tests: failures cost no request (killed, frozen, panicking, draining, partitioned workers)"

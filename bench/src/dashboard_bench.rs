@@ -122,7 +122,7 @@ impl Viewers {
             load_page(http)?;
             let url = format!("{http}/v1/dashboard/stream");
             let (stop, ticks) = (stop.clone(), ticks.clone());
-            let resp = crate::http::with_auth(ureq::get(&url))
+            let resp = crate::http::with_auth(crate::http::agent().get(&url))
                 .config()
                 .timeout_global(None)
                 .build()

@@ -31,6 +31,57 @@ pub fn authorization() -> Option<String> {
         .map(|k| format!("Bearer {k}"))
 }
 
+/// The agent every call of this process goes through: it trusts the roots `xpyd up` set
+/// (the cluster's CA), else the PEM bundle `$XPYD_TLS_CA` names, else Mozilla's roots.
+static AGENT: std::sync::OnceLock<ureq::Agent> = std::sync::OnceLock::new();
+
+fn agent_trusting(pem: Option<&[u8]>) -> Result<ureq::Agent> {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    if let Some(pem) = pem {
+        let certs = ureq::tls::parse_pem(pem)
+            .filter_map(|i| match i {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .context("not a PEM certificate bundle")?;
+        anyhow::ensure!(!certs.is_empty(), "no CERTIFICATE block in the bundle");
+        tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
+    Ok(ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        .build()
+        .into())
+}
+
+/// Makes every later call of this process trust only the certificates of `pem` (`xpyd
+/// up`'s cluster CA). Set once, before the first call.
+///
+/// # Errors
+/// When `pem` holds no certificate.
+pub fn set_roots(pem: &[u8]) -> Result<()> {
+    let _ = AGENT.set(agent_trusting(Some(pem))?);
+    Ok(())
+}
+
+/// The process's agent (see [`set_roots`] and `$XPYD_TLS_CA`).
+pub fn agent() -> &'static ureq::Agent {
+    AGENT.get_or_init(|| {
+        let pem = std::env::var_os(xpyd_runtime::env::TLS_CA).and_then(|f| std::fs::read(f).ok());
+        agent_trusting(pem.as_deref()).unwrap_or_else(|e| {
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::WARN,
+                &format!(
+                    "${}: {e:#}; trusting the default roots",
+                    xpyd_runtime::env::TLS_CA
+                ),
+            );
+            ureq::Agent::new_with_defaults()
+        })
+    })
+}
+
 /// `req` with the process's credential, if it has one.
 pub fn with_auth<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
     match authorization() {
@@ -41,7 +92,7 @@ pub fn with_auth<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
 
 /// `GET url` as text, all of it within `timeout`.
 pub fn get_text(url: &str, timeout: Duration) -> Result<String> {
-    with_auth(ureq::get(url))
+    with_auth(agent().get(url))
         .config()
         .timeout_global(Some(timeout))
         .build()
@@ -70,7 +121,7 @@ pub(crate) fn post_json_with(
     timeout: Duration,
     header: Option<(&str, &str)>,
 ) -> Result<Value> {
-    let req = with_auth(ureq::post(url));
+    let req = with_auth(agent().post(url));
     let req = match header {
         Some((k, v)) => req.header(k, v),
         None => req,

@@ -23,7 +23,7 @@ pub struct BenchKvArgs {
     /// `shm-scattered` writes into a shuffled block table (8 KiB runs; plain `shm` uses
     /// consecutive blocks, as the engine's allocator hands out), `shm-staged` goes
     /// through a staging region copied into the KV blocks (the path without placement).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,shm,ucx" } else { "tcp,shm" })]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = if cfg!(feature = "ucx") { "tcp,tcp-tls,shm,ucx" } else { "tcp,tcp-tls,shm" })]
     pub backends: Vec<KvBackend>,
     /// Skip the real-model streaming measurement.
     #[arg(long)]
@@ -44,6 +44,9 @@ pub struct BenchKvArgs {
 pub enum KvBackend {
     /// TCP with per-chunk checksums.
     Tcp,
+    /// TCP over TLS (the cluster's internal plane with `tls.internal`), compared with
+    /// `tcp` in the same run.
+    TcpTls,
     /// Shared memory, written straight into consecutive KV blocks (placed).
     Shm,
     /// UCX (when built with the `ucx` feature).
@@ -59,6 +62,7 @@ impl KvBackend {
     pub fn name(self) -> &'static str {
         match self {
             KvBackend::Tcp => "tcp",
+            KvBackend::TcpTls => "tcp-tls",
             KvBackend::Shm => "shm",
             KvBackend::Ucx => "ucx",
             KvBackend::ShmStaged => "shm-staged",
@@ -77,7 +81,7 @@ impl KvBackend {
     /// `kv-harness recv` flags for this backend.
     fn recv_args(self) -> &'static [&'static str] {
         match self {
-            KvBackend::Tcp => &["--backend", "tcp"],
+            KvBackend::Tcp | KvBackend::TcpTls => &["--backend", "tcp"],
             KvBackend::Shm => &["--backend", "shm"],
             KvBackend::Ucx => &["--backend", "ucx"],
             KvBackend::ShmStaged => &["--backend", "shm", "--staged"],
@@ -187,21 +191,26 @@ fn transfer(
     let mut args = vec!["kv-harness", "recv", "--bytes", &bytes, "--chunk", &chunk];
     args.extend(["--repeat", &repeat]);
     args.extend(backend.recv_args());
+    let mut send_args = vec![
+        "kv-harness",
+        "send",
+        "--target",
+        "-",
+        "--bytes",
+        &bytes,
+        "--chunk",
+        &chunk,
+    ];
+    let tls = (backend == KvBackend::TcpTls)
+        .then(crate::kv_harness::tls_dir)
+        .transpose()?;
+    let tls_path = tls.as_ref().map(|d| d.path().display().to_string());
+    if let Some(d) = &tls_path {
+        args.extend(["--tls-dir", d]);
+        send_args.extend(["--tls-dir", d]);
+    }
     let mut recv = spawn(exe, &args, false)?;
-    let mut send = spawn(
-        exe,
-        &[
-            "kv-harness",
-            "send",
-            "--target",
-            "-",
-            "--bytes",
-            &s(p.bytes),
-            "--chunk",
-            &s(p.chunk),
-        ],
-        true,
-    )?;
+    let mut send = spawn(exe, &send_args, true)?;
     let mut rout = BufReader::new(recv.stdout.take().context("recv stdout")?);
     let mut sout = BufReader::new(send.stdout.take().context("send stdout")?);
     let mut sin = send.stdin.take().context("send stdin")?;
@@ -296,6 +305,14 @@ fn memcpy(p: &Payload, rounds: usize) -> Vec<f64> {
 /// sent after the prefill.
 fn exposed(exe: &Path, backend: KvBackend, model: &str) -> Result<Value> {
     let mut ms = Vec::new();
+    let tls = (backend == KvBackend::TcpTls)
+        .then(crate::kv_harness::tls_dir)
+        .transpose()?;
+    let tls_path = tls.as_ref().map(|d| d.path().display().to_string());
+    let tls_args: Vec<&str> = match &tls_path {
+        Some(d) => vec!["--tls-dir", d],
+        None => Vec::new(),
+    };
     for stream in [true, false] {
         let n = PROMPT.to_string();
         let mut recv = spawn(
@@ -303,6 +320,7 @@ fn exposed(exe: &Path, backend: KvBackend, model: &str) -> Result<Value> {
             &[
                 &["kv-harness", "recv"],
                 backend.recv_args(),
+                &tls_args,
                 &[
                     "--decode",
                     "--prompt-tokens",
@@ -333,6 +351,7 @@ fn exposed(exe: &Path, backend: KvBackend, model: &str) -> Result<Value> {
         if !stream {
             args.push("--no-stream");
         }
+        args.extend(&tls_args);
         let mut send = spawn(exe, &args, false)?;
         let sr = line(&mut BufReader::new(
             send.stdout.take().context("send stdout")?,
@@ -362,13 +381,18 @@ pub fn run(args: &BenchKvArgs, host: &Host) -> Result<()> {
     for p in payloads() {
         let mc = median(memcpy(&p, rounds));
         let raw = median(raw_tcp(exe, &p, rounds)?);
+        let mut tcp = None;
         for &b in &args.backends {
             let (g, busy) = transfer(exe, b, &p, rounds)?;
             let (g, busy) = (median(g), median(busy));
-            let (base, base_g) = if b.is_shm() {
-                ("memcpy", mc)
-            } else {
-                ("raw_tcp", raw)
+            if b == KvBackend::Tcp {
+                tcp = Some(g);
+            }
+            // TLS's cost: against plain tcp measured in the same run.
+            let (base, base_g) = match (b, tcp) {
+                (KvBackend::TcpTls, Some(t)) => ("tcp", t),
+                _ if b.is_shm() => ("memcpy", mc),
+                _ => ("raw_tcp", raw),
             };
             eprintln!(
                 "{:<10} {:<13} {:>7.2} GB/s  vs {base} {:>7.2} GB/s  ratio {:.2}  receiver busy {busy:.2} ms",

@@ -111,6 +111,8 @@ struct State {
     waiting: AdmissionQueue<Waiter>,
     /// Worker ids the supervisor took out of routing (readiness failed, draining).
     unroutable: HashSet<String>,
+    /// The roots workers' TLS certificates must chain to (the internal plane's CA).
+    roots: Option<xpyd_runtime::tls::Roots>,
 }
 
 /// Shared cluster state.
@@ -183,8 +185,16 @@ impl Cluster {
                 routers: [prefill, decode],
                 waiting: AdmissionQueue::new(max_queue),
                 unroutable: HashSet::new(),
+                roots: None,
             })),
         }
+    }
+
+    /// Dials workers that serve `https://` over TLS trusting only `roots`.
+    #[must_use]
+    pub fn with_roots(self, roots: Option<xpyd_runtime::tls::Roots>) -> Self {
+        self.lock().roots = roots;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -250,7 +260,7 @@ impl Cluster {
             _ => {
                 // HTTP/2 and TCP keepalive: a frozen or partitioned worker stops answering
                 // pings, its connection fails within about 1.5 s, and its streams migrate.
-                let channel = Endpoint::from_shared(info.grpc_url.clone())
+                let channel = xpyd_runtime::tls::endpoint(&info.grpc_url, st.roots.as_ref())
                     .map(|e| {
                         e.connect_timeout(Duration::from_secs(2))
                             .tcp_nodelay(true)

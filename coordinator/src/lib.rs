@@ -47,6 +47,8 @@ pub enum Membership {
         endpoints: Vec<String>,
         /// Key prefix.
         prefix: String,
+        /// The roots `https://` endpoints' certificates chain to.
+        roots: Option<xpyd_runtime::tls::Roots>,
     },
 }
 
@@ -113,6 +115,9 @@ pub struct Config {
     pub service_name: String,
     /// `group_id` of the `infer_service_*` metrics (default: the service name).
     pub group_id: Option<String>,
+    /// TLS: the public APIs' identity, the internal plane's, and the roots workers'
+    /// certificates chain to.
+    pub tls: xpyd_runtime::tls::Tls,
 }
 
 /// API-key authentication.
@@ -156,6 +161,7 @@ impl Config {
             supervisor_url: None,
             service_name: "xpyd".into(),
             group_id: None,
+            tls: xpyd_runtime::tls::Tls::default(),
         }
     }
 
@@ -370,7 +376,8 @@ async fn serve_internal(
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, CoordinatorError> {
     type Registry = pb::registry_server::RegistryServer<registry::EmbeddedRegistry>;
-    let mut server = tonic::transport::Server::builder();
+    let mut server = xpyd_runtime::tls::grpc_server(cfg.tls.internal.as_ref())
+        .map_err(|e| CoordinatorError::Config(format!("internal tls: {e}")))?;
     let (router, health) = xpyd_runtime::grpc::with_standard_services(
         &mut server,
         &[<Registry as NamedService>::NAME],
@@ -418,7 +425,8 @@ pub async fn run(
         Router::new(cfg.prefill_policy, cfg.router.clone()),
         Router::new(cfg.decode_policy, cfg.router.clone()),
         cfg.max_queue,
-    );
+    )
+    .with_roots(cfg.tls.roots.clone());
     let keys = match &cfg.auth {
         None => None,
         Some(a) => Some(
@@ -477,10 +485,15 @@ pub async fn run(
     });
     let membership = match &cfg.membership {
         Membership::Embedded => tokio::spawn(registry::sweep(cluster.clone(), shutdown.clone())),
-        Membership::Etcd { endpoints, prefix } => tokio::spawn(registry::watch_etcd(
+        Membership::Etcd {
+            endpoints,
+            prefix,
+            roots,
+        } => tokio::spawn(registry::watch_etcd(
             cluster.clone(),
             endpoints.clone(),
             prefix.clone(),
+            xpyd_runtime::tls::etcd_options(roots.as_ref()),
             key.clone(),
             shutdown.clone(),
         )),
@@ -489,12 +502,21 @@ pub async fn run(
     let used_loop = tokio::spawn(record_key_use(app.clone(), shutdown.clone()));
     let sampler = tokio::spawn(dashboard::run_sampler(app.clone(), shutdown.clone()));
     let http_addr = listeners.http.local_addr().ok();
+    let public_tls = cfg
+        .tls
+        .public
+        .as_ref()
+        .map(|id| id.server_config(&[b"h2", b"http/1.1"]))
+        .transpose()
+        .map_err(|e| CoordinatorError::Config(format!("public tls: {e}")))?;
     let http = tokio::spawn(xpyd_runtime::http::serve(
         http_api::router(app.clone()),
         listeners.http,
+        public_tls,
         shutdown.clone(),
     ));
-    let mut server = tonic::transport::Server::builder();
+    let mut server = xpyd_runtime::tls::grpc_server(cfg.tls.public.as_ref())
+        .map_err(|e| CoordinatorError::Config(format!("public tls: {e}")))?;
     let (router, health) = xpyd_runtime::grpc::with_standard_services(
         &mut server,
         &[

@@ -89,6 +89,7 @@ pub async fn watch_etcd(
     cluster: Cluster,
     endpoints: Vec<String>,
     prefix: String,
+    opts: etcd_client::ConnectOptions,
     key: Option<ClusterKey>,
     shutdown: CancellationToken,
 ) {
@@ -109,7 +110,7 @@ pub async fn watch_etcd(
     };
     while !shutdown.is_cancelled() {
         let session = async {
-            let mut client = Client::connect(&endpoints, None).await?;
+            let mut client = Client::connect(&endpoints, Some(opts.clone())).await?;
             let snap = client
                 .get(key_prefix.clone(), Some(GetOptions::new().with_prefix()))
                 .await?;

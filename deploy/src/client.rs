@@ -149,15 +149,17 @@ fn stream_chat(
     out: &mut dyn Write,
 ) -> Result<String> {
     let body = json!({"messages": messages, "max_tokens": max_tokens, "temperature": temperature, "stream": true});
-    let resp = xpyd_bench::http::with_auth(ureq::post(&format!("{http}/v1/chat/completions")))
-        .header("content-type", "application/json")
-        .config()
-        .http_status_as_error(false)
-        .timeout_connect(Some(CONNECT_TIMEOUT))
-        .timeout_per_read(Some(CHAT_READ_TIMEOUT))
-        .build()
-        .send(body.to_string())
-        .context("POST /v1/chat/completions")?;
+    let resp = xpyd_bench::http::with_auth(
+        xpyd_bench::http::agent().post(&format!("{http}/v1/chat/completions")),
+    )
+    .header("content-type", "application/json")
+    .config()
+    .http_status_as_error(false)
+    .timeout_connect(Some(CONNECT_TIMEOUT))
+    .timeout_per_read(Some(CHAT_READ_TIMEOUT))
+    .build()
+    .send(body.to_string())
+    .context("POST /v1/chat/completions")?;
     let status = resp.status();
     let mut reader = BufReader::new(resp.into_body().into_reader());
     if !status.is_success() {

@@ -326,7 +326,7 @@ fn online(a: &RecommendArgs, url: &str, slo: &Slo) -> Result<Outcome> {
         body["rate"] = json!(r);
     }
     let endpoint = format!("{}/v1/advisor/whatif", url.trim_end_matches('/'));
-    let resp = xpyd_bench::http::with_auth(ureq::post(&endpoint))
+    let resp = xpyd_bench::http::with_auth(xpyd_bench::http::agent().post(&endpoint))
         .header("content-type", "application/json")
         .config()
         .timeout_global(Some(std::time::Duration::from_secs(300)))
@@ -355,10 +355,9 @@ fn online(a: &RecommendArgs, url: &str, slo: &Slo) -> Result<Outcome> {
         None => None,
     };
     let budget = v["budget"].as_u64().unwrap_or(0) as u32;
-    let status: Value = xpyd_bench::http::with_auth(ureq::get(&format!(
-        "{}/v1/advisor",
-        url.trim_end_matches('/')
-    )))
+    let status: Value = xpyd_bench::http::with_auth(
+        xpyd_bench::http::agent().get(&format!("{}/v1/advisor", url.trim_end_matches('/'))),
+    )
     .call()
     .ok()
     .and_then(|r| r.into_body().read_to_string().ok())

@@ -47,6 +47,9 @@ pub struct CoordinatorArgs {
     /// passes it).
     #[arg(long, hide = true)]
     pub supervisor_url: Option<String>,
+    /// TLS files.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// Flags of `xpyd worker`.
@@ -79,6 +82,67 @@ pub struct WorkerArgs {
     /// worker on another host or network namespace gives its own.
     #[arg(long)]
     pub host: Option<String>,
+    /// TLS files (the public ones are not used by a worker).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// Command-line flags naming a process's TLS files (the role processes take them; `xpyd
+/// up` passes the ones it issued).
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// The CA every member of the internal plane trusts (PEM). With it, this process
+    /// dials members over TLS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This process's internal-plane certificate chain (PEM), issued by `--tls-ca`.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The certificate chain the public APIs serve (coordinator only).
+    #[arg(long, requires = "public_tls_key")]
+    pub public_tls_cert: Option<PathBuf>,
+    /// The key of `--public-tls-cert`.
+    #[arg(long, requires = "public_tls_cert")]
+    pub public_tls_key: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Reads the files named.
+    ///
+    /// # Errors
+    /// A file that cannot be read or holds no certificate or key.
+    pub fn load(&self) -> Result<xpyd_runtime::tls::Tls, xpyd_runtime::tls::TlsError> {
+        use xpyd_runtime::tls::{Identity, Roots, Tls};
+        let pair = |c: &Option<PathBuf>, k: &Option<PathBuf>| match (c, k) {
+            (Some(c), Some(k)) => Identity::load(c, k).map(Some),
+            _ => Ok(None),
+        };
+        Ok(Tls {
+            public: pair(&self.public_tls_cert, &self.public_tls_key)?,
+            internal: pair(&self.tls_cert, &self.tls_key)?,
+            roots: self.tls_ca.as_deref().map(Roots::load).transpose()?,
+        })
+    }
+
+    /// The flags again, for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (flag, v) in [
+            ("--tls-ca", &self.tls_ca),
+            ("--tls-cert", &self.tls_cert),
+            ("--tls-key", &self.tls_key),
+            ("--public-tls-cert", &self.public_tls_cert),
+            ("--public-tls-key", &self.public_tls_key),
+        ] {
+            if let Some(p) = v {
+                out.extend([flag.to_string(), p.display().to_string()]);
+            }
+        }
+        out
+    }
 }
 
 /// `--role` of `xpyd worker`.
@@ -190,6 +254,9 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
             .join(format!("{}.jsonl", m.name))
     }));
     cfg.supervisor_url = a.supervisor_url.clone();
+    cfg.tls = a.tls.load()?;
+    let public = xpyd_runtime::tls::scheme(cfg.tls.public.is_some());
+    let internal = xpyd_runtime::tls::scheme(cfg.tls.internal.is_some());
     cfg.service_name = m.name.clone();
     cfg.kv_backend = m.kv.backend.name().into();
     cfg.transfer_deadline_ms = m.kv.transfer_deadline_ms;
@@ -204,22 +271,23 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         cfg.membership = xpyd_coordinator::Membership::Etcd {
             endpoints: m.registry.endpoints.clone(),
             prefix: etcd_prefix(&m),
+            roots: etcd_roots(&m, &a.file, cfg.tls.roots.as_ref())?,
         };
     }
     runtime()?.block_on(async {
         let http = bind(&c.host, a.http_port.unwrap_or(c.http_port)).await?;
         let grpc = bind(&c.host, a.grpc_port.unwrap_or(c.grpc_port)).await?;
-        let internal = bind(&c.host, a.internal_port.unwrap_or(c.internal_port)).await?;
+        let internal_l = bind(&c.host, a.internal_port.unwrap_or(c.internal_port)).await?;
         let urls = serde_json::json!({
-            "http": format!("http://{}", http.local_addr()?),
-            "grpc": format!("http://{}", grpc.local_addr()?),
-            "internal": format!("http://{}", internal.local_addr()?),
+            "http": format!("{public}://{}", http.local_addr()?),
+            "grpc": format!("{public}://{}", grpc.local_addr()?),
+            "internal": format!("{internal}://{}", internal_l.local_addr()?),
         });
         println!("{urls}");
         let listeners = xpyd_coordinator::Listeners {
             http,
             grpc,
-            internal,
+            internal: internal_l,
         };
         let shutdown = on_signal();
         watch_parent(a.supervisor_pid, &shutdown, c.graceful_shutdown.timeout());
@@ -348,6 +416,24 @@ fn watch_parent(parent: Option<i32>, shutdown: &CancellationToken, grace: Durati
     }
 }
 
+/// The roots etcd's `https://` endpoints are checked against: `registry.ca` (relative to
+/// the manifest's directory), else the cluster's CA.
+fn etcd_roots(
+    m: &Manifest,
+    file: &Path,
+    cluster: Option<&xpyd_runtime::tls::Roots>,
+) -> Result<Option<xpyd_runtime::tls::Roots>> {
+    match &m.registry.ca {
+        Some(ca) => {
+            let path = file.parent().unwrap_or(Path::new(".")).join(ca);
+            Ok(Some(
+                xpyd_runtime::tls::Roots::load(&path).context("registry.ca")?,
+            ))
+        }
+        None => Ok(cluster.cloned()),
+    }
+}
+
 /// The etcd key prefix of a manifest's cluster.
 fn etcd_prefix(m: &Manifest) -> String {
     format!("{}{}/", m.registry.prefix, m.name)
@@ -469,6 +555,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
     if spec.kv_blocks > 0 {
         engine.num_blocks = Some(spec.kv_blocks as usize);
     }
+    let tls = a.tls.load()?;
     let registry = match m.registry.backend {
         manifest::RegistryBackend::Embedded => RegistryBackend::Embedded {
             url: a
@@ -479,6 +566,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         manifest::RegistryBackend::Etcd => RegistryBackend::Etcd {
             endpoints: m.registry.endpoints.clone(),
             prefix: etcd_prefix(&m),
+            roots: etcd_roots(&m, &a.file, tls.roots.as_ref())?,
         },
     };
     let key = match &a.cluster_token_file {
@@ -496,7 +584,9 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         ttl: Duration::from_millis(m.registry.lease_ttl_ms as u64),
         renew: Duration::from_millis(m.registry.renew_interval_ms as u64),
         key,
+        tls,
     };
+    let grpc_scheme = xpyd_runtime::tls::scheme(membership.tls.internal.is_some());
     let worker_id = format!("{}-{}", role.name(), a.index);
     let host = a.host.clone().unwrap_or_else(|| m.coordinator.host.clone());
     runtime()?.block_on(async {
@@ -511,7 +601,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         // The supervisor reads this line to probe the worker's HTTP port.
         let urls = serde_json::json!({
             "http": format!("http://{}", http.local_addr()?),
-            "grpc": format!("http://{}", grpc.local_addr()?),
+            "grpc": format!("{grpc_scheme}://{}", grpc.local_addr()?),
         });
         println!("{urls}");
         let kv = bind(&host, 0).await?;

@@ -25,6 +25,7 @@ pub mod oob;
 pub mod receiver;
 pub mod sender;
 pub mod shm;
+pub mod stream;
 pub mod target;
 #[cfg(feature = "ucx")]
 pub mod ucx;

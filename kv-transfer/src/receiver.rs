@@ -6,6 +6,7 @@ use crate::frame::{self, Frame};
 use crate::metrics as m;
 use crate::oob::RecvLink;
 use crate::shm::{Arena, Expect, Payload, Region};
+use crate::stream::Conn;
 use crate::target::{
     Backend, Placement, ShmDesc, TICKET_BYTES, TransferTarget, deadline_ms, host_id,
 };
@@ -39,6 +40,9 @@ pub struct ReceiverConfig {
     pub max_conns_per_peer: usize,
     /// Metadata bytes one transfer may carry in all.
     pub max_meta_bytes: u64,
+    /// TLS every connection must speak (the handshake counts against `open_timeout`),
+    /// when the internal plane runs it.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ReceiverConfig {
@@ -53,6 +57,7 @@ impl ReceiverConfig {
             keepalive: Duration::from_secs(60),
             max_conns_per_peer: 512,
             max_meta_bytes: 16 << 20,
+            tls: None,
         }
     }
 }
@@ -451,8 +456,23 @@ const READ_BUFFER: usize = 1 << 20;
 /// Serves one connection: waits for an `Open` (at most `open_timeout` on a new
 /// connection, `keepalive` between transfers), attaches it, then reads that transfer's
 /// frames through a buffer that exists only while the transfer does.
-async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr, _slot: PeerSlot) {
-    let mut wait = inner.cfg.open_timeout;
+async fn serve(inner: Arc<Inner>, tcp: TcpStream, peer: SocketAddr, _slot: PeerSlot) {
+    let started = Instant::now();
+    let handshake = Conn::accept(tcp, inner.cfg.tls.as_ref());
+    let mut stream = match tokio::time::timeout(inner.cfg.open_timeout, handshake).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "kv connection refused: tls handshake failed");
+            metrics::counter!(m::REFUSED, "reason" => "tls").increment(1);
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(m::REFUSED, "reason" => "idle").increment(1);
+            return;
+        }
+    };
+    // The handshake and the first `Open` share one budget.
+    let mut wait = inner.cfg.open_timeout.saturating_sub(started.elapsed());
     loop {
         // Unbuffered and with no budget: nothing a peer sends before it is attached makes
         // the receiver allocate more than an `Open`'s few bytes.

@@ -6,12 +6,12 @@ use crate::metrics as m;
 use crate::oob::SendLink;
 use crate::receiver::Stats;
 use crate::shm::Segment;
+use crate::stream::Conn;
 use crate::target::{Backend, TransferTarget, host_id};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
 
 /// Bytes buffered before a write: small chunks coalesce into writes this large.
@@ -22,9 +22,12 @@ const WRITE_BUFFER: usize = 1 << 20;
 pub struct Sender {
     fingerprint: String,
     host_id: String,
-    pool: Arc<Mutex<HashMap<String, Vec<TcpStream>>>>,
+    pool: Arc<Mutex<HashMap<String, Vec<Conn>>>>,
     /// Receivers' shared segments, mapped once.
     maps: Arc<Mutex<HashMap<String, Arc<Mutex<Segment>>>>>,
+    /// TLS to dial receivers with (the cluster's CA as the only root), when the
+    /// internal plane runs it.
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// Segments kept mapped; beyond this the others are unmapped.
@@ -38,7 +41,16 @@ impl Sender {
             host_id: host_id(),
             pool: Arc::default(),
             maps: Arc::default(),
+            tls: None,
         }
+    }
+
+    /// Dials receivers over TLS with `config` (their certificates must name the host of
+    /// the target's address).
+    #[must_use]
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// The backend `open` would use for this target.
@@ -118,15 +130,11 @@ impl Sender {
             let reused = pooled.is_some();
             let stream = match pooled {
                 Some(s) => s,
-                None => {
-                    let s = timeout_at(deadline, TcpStream::connect(&target.addr))
-                        .await
-                        .map_err(|_| {
-                            TransferError::DeadlineExceeded(format!("connect {}", target.addr))
-                        })??;
-                    s.set_nodelay(true)?;
-                    s
-                }
+                None => timeout_at(deadline, Conn::connect(&target.addr, self.tls.as_ref()))
+                    .await
+                    .map_err(|_| {
+                        TransferError::DeadlineExceeded(format!("connect {}", target.addr))
+                    })??,
             };
             let mut conn = BufWriter::with_capacity(WRITE_BUFFER, stream);
             let opened = async {
@@ -248,7 +256,8 @@ fn copy_and_checksum(mut crc: u32, data: &[u8], dst: &mut [u8]) -> u32 {
 /// True when the receiver has closed the connection (or sent anything: mid-transfer it
 /// only speaks to fail). A non-blocking peek, so a sender can check before every write
 /// into a receiver's memory.
-fn receiver_left(stream: &TcpStream) -> bool {
+fn receiver_left(stream: &Conn) -> bool {
+    let stream = stream.tcp();
     use nix::sys::socket::{MsgFlags, recv};
     use std::os::fd::AsRawFd;
     let mut b = [0u8; 1];
@@ -268,7 +277,7 @@ pub struct Transfer {
     sender: Sender,
     oob: Option<SendLink>,
     addr: String,
-    conn: Option<BufWriter<TcpStream>>,
+    conn: Option<BufWriter<Conn>>,
     shm: Option<ShmTarget>,
     cursor: usize,
     frames: u64,
@@ -284,7 +293,7 @@ impl Transfer {
         self.backend
     }
 
-    fn conn(&mut self) -> Result<&mut BufWriter<TcpStream>> {
+    fn conn(&mut self) -> Result<&mut BufWriter<Conn>> {
         self.conn
             .as_mut()
             .ok_or_else(|| TransferError::Protocol("transfer already finished".into()))

@@ -19,6 +19,9 @@ pub const LLAMA_SERVER: &str = "XPYD_LLAMA_SERVER";
 /// Directory of state kept across runs; the API-key store is its `keys/` (default: the
 /// user data directory's `xpyd`).
 pub const STATE_DIR: &str = "XPYD_STATE_DIR";
+/// A PEM bundle the CLI's and the bench drivers' HTTPS calls trust instead of the
+/// default roots (e.g. the `tls_ca` file `xpyd up` prints for a cluster with its own CA).
+pub const TLS_CA: &str = "XPYD_TLS_CA";
 /// The API key the CLI's and the bench drivers' calls to a coordinator carry.
 pub const API_KEY: &str = "XPYD_API_KEY";
 /// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep

@@ -57,13 +57,24 @@ async fn render(State(s): State<HealthState>) -> String {
 }
 
 /// Serves `router` on `listener` until `shutdown`, with `TCP_NODELAY` on every accepted
-/// connection (SSE events are small writes that must not wait for a delayed ACK).
+/// connection (SSE events are small writes that must not wait for a delayed ACK), over
+/// TLS when `tls` is given (HTTP/2 and HTTP/1.1 offered; handshakes off the accept loop).
 pub async fn serve(
     router: Router,
     listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    if let Some(tls) = tls {
+        // (`tap_io` only to reach axum's connect-info impl for tapped listeners.)
+        return axum::serve(
+            crate::tls::TlsListener::new(listener, tls)?.tap_io(|_| {}),
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    }
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY on an accepted connection: {e}");

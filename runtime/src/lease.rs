@@ -27,6 +27,9 @@ pub enum RegistryBackend {
         endpoints: Vec<String>,
         /// Key prefix, e.g. `/xpyd/demo/`.
         prefix: String,
+        /// The roots `https://` endpoints' certificates chain to.
+        #[serde(skip)]
+        roots: Option<crate::tls::Roots>,
     },
 }
 
@@ -157,6 +160,8 @@ pub struct LeaseConfig {
     pub renew: Duration,
     /// The cluster's credential.
     pub key: Option<ClusterKey>,
+    /// The roots the registry's certificate chains to (an `https://` registry URL).
+    pub roots: Option<crate::tls::Roots>,
 }
 
 /// Keeps the lease until `shutdown`, then deregisters. `ready` is true exactly while the
@@ -172,8 +177,13 @@ pub async fn keep_lease(
         RegistryBackend::Embedded { url } => {
             embedded(&cfg, url.clone(), &load, &ready, &shutdown).await
         }
-        RegistryBackend::Etcd { endpoints, prefix } => {
-            etcd(&cfg, endpoints, prefix, &load, &ready, &shutdown).await
+        RegistryBackend::Etcd {
+            endpoints,
+            prefix,
+            roots,
+        } => {
+            let opts = crate::tls::etcd_options(roots.as_ref());
+            etcd(&cfg, endpoints, prefix, opts, &load, &ready, &shutdown).await
         }
     }
     let _ = ready.send(false);
@@ -215,7 +225,7 @@ async fn embedded(
     ready: &watch::Sender<bool>,
     shutdown: &CancellationToken,
 ) {
-    let channel = match tonic::transport::Endpoint::from_shared(url.clone()) {
+    let channel = match crate::tls::endpoint(&url, cfg.roots.as_ref()) {
         Ok(e) => e
             .connect_timeout(cfg.renew)
             .timeout(cfg.renew)
@@ -297,17 +307,19 @@ async fn etcd(
     cfg: &LeaseConfig,
     endpoints: &[String],
     prefix: &str,
+    base: etcd_client::ConnectOptions,
     load: &(impl Fn() -> Load + Send + Sync),
     ready: &watch::Sender<bool>,
     shutdown: &CancellationToken,
 ) {
-    use etcd_client::{Client, ConnectOptions, PutOptions};
+    use etcd_client::{Client, PutOptions};
     let ttl_s = cfg.ttl.as_secs().max(1) as i64;
     let mut info_rx = cfg.info.clone();
     while !shutdown.is_cancelled() {
         let info = info_rx.borrow_and_update().clone();
         let key = etcd_key(prefix, &info.worker_id);
-        let opts = ConnectOptions::new()
+        let opts = base
+            .clone()
             .with_connect_timeout(cfg.renew.max(Duration::from_millis(200)))
             .with_timeout(cfg.renew.max(Duration::from_millis(200)));
         let attempt = async {

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod plane;
 pub mod shutdown;
+pub mod tls;
 pub mod worker;
 
 pub use lease::{LeaseConfig, RegistryBackend, WorkerRecord};

@@ -43,6 +43,8 @@ pub struct Membership {
     pub renew: Duration,
     /// The cluster's credential (registration calls carry it; etcd records are signed).
     pub key: Option<crate::plane::ClusterKey>,
+    /// The internal plane's TLS: this worker's identity and the roots it dials with.
+    pub tls: crate::tls::Tls,
 }
 
 impl Default for Membership {
@@ -52,6 +54,7 @@ impl Default for Membership {
             ttl: Duration::from_secs(2),
             renew: Duration::from_millis(500),
             key: None,
+            tls: crate::tls::Tls::default(),
         }
     }
 }
@@ -100,6 +103,7 @@ pub fn start_membership(
                 ttl: m.ttl,
                 renew: m.renew,
                 key: m.key.clone(),
+                roots: m.tls.roots.clone(),
             };
             let load = move || {
                 let draining = lifecycle.phase() != crate::lifecycle::Phase::Serving;
@@ -112,7 +116,8 @@ pub fn start_membership(
 }
 
 /// The identity a worker registers: its id and role, and the URLs its bound gRPC and HTTP
-/// listeners are reached at on `host`.
+/// listeners are reached at on `host`; `grpc` is the listener and whether it serves TLS
+/// (then its URL is `https://`).
 ///
 /// # Errors
 /// A listener without a local address.
@@ -120,7 +125,7 @@ pub fn worker_info(
     worker_id: &str,
     role: &str,
     host: &str,
-    grpc: &tokio::net::TcpListener,
+    (grpc, grpc_tls): (&tokio::net::TcpListener, bool),
     http: &tokio::net::TcpListener,
     fingerprint: &str,
     max_running: usize,
@@ -128,7 +133,11 @@ pub fn worker_info(
     Ok(pb::WorkerInfo {
         worker_id: worker_id.into(),
         role: role.into(),
-        grpc_url: format!("http://{host}:{}", grpc.local_addr()?.port()),
+        grpc_url: format!(
+            "{}://{host}:{}",
+            crate::tls::scheme(grpc_tls),
+            grpc.local_addr()?.port()
+        ),
         http_url: format!("http://{host}:{}", http.local_addr()?.port()),
         model_fingerprint: fingerprint.into(),
         max_running: max_running as u32,

@@ -167,13 +167,17 @@ pub async fn run(
         kv_bytes_per_token: 2 * (mc.kv_dim() * engine.kv_dtype().size() * mc.n_layer) as u64,
     };
     let fingerprint = engine.fingerprint().to_string();
+    let internal_tls = cfg.membership.tls.internal.clone();
     let receiver = if role == Role::Combined {
         None
     } else {
-        Some(Arc::new(Receiver::start(
-            ReceiverConfig::new(fingerprint.clone()),
-            listeners.kv,
-        )?))
+        let mut rc = ReceiverConfig::new(fingerprint.clone());
+        rc.tls = internal_tls
+            .as_ref()
+            .map(|id| id.server_config(&[]))
+            .transpose()
+            .map_err(|e| WorkerError::Serve(format!("internal tls: {e}")))?;
+        Some(Arc::new(Receiver::start(rc, listeners.kv)?))
     };
     let stats: SharedStats = Arc::new(Mutex::new(pb::WorkerStats {
         worker_id: cfg.worker_id.clone(),
@@ -188,7 +192,7 @@ pub async fn run(
         &cfg.worker_id,
         role.name(),
         &cfg.advertise_host,
-        &listeners.grpc,
+        (&listeners.grpc, internal_tls.is_some()),
         &listeners.http,
         &fingerprint,
         cfg.role.max_running,
@@ -210,11 +214,13 @@ pub async fn run(
             crate::flip::router(flip_tx, info_rx, cfg.membership.key.clone()),
         ),
         listeners.http,
+        None,
         stopping.clone(),
     ));
     // HTTP/2 keepalive from this side too: a coordinator that froze or was cut off stops
     // answering pings, its streams end, and their KV is freed.
-    let mut server = tonic::transport::Server::builder()
+    let mut server = xpyd_runtime::tls::grpc_server(internal_tls.as_ref())
+        .map_err(|e| WorkerError::Serve(format!("internal tls: {e}")))?
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(2)));
     let names = [service_name(Role::Prefill), service_name(Role::Decode)];
@@ -246,7 +252,13 @@ pub async fn run(
         stats,
         lifecycle: lifecycle.clone(),
         ready,
-        sender: Sender::new(fingerprint),
+        sender: match &cfg.membership.tls.roots {
+            Some(r) => Sender::new(fingerprint).with_tls(
+                r.client_config(&[])
+                    .map_err(|e| WorkerError::Serve(format!("internal tls: {e}")))?,
+            ),
+            None => Sender::new(fingerprint),
+        },
         receiver,
         kv_pool,
         geometry,

@@ -84,6 +84,10 @@ pub struct RecvArgs {
     /// (what the engine's allocator hands out from a fresh or steadily reused pool).
     #[arg(long)]
     pub scatter: bool,
+    /// Serve TLS with the certificate `receiver.pem`/`receiver.key` issued by the CA in
+    /// this directory ([`tls_dir`] makes one).
+    #[arg(long)]
+    pub tls_dir: Option<std::path::PathBuf>,
     /// Engine flags (model, threads, KV dtype, prefill chunk).
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -122,9 +126,41 @@ pub struct SendArgs {
     /// Send the KV only after the whole prefill (default: layer by layer while computing).
     #[arg(long)]
     pub no_stream: bool,
+    /// Dial over TLS trusting only the CA in this directory (as `recv --tls-dir`).
+    #[arg(long)]
+    pub tls_dir: Option<std::path::PathBuf>,
     /// Engine flags (model, threads, KV dtype, prefill chunk).
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// A CA in a new directory and the receiver's certificate for 127.0.0.1, for harness
+/// processes given `--tls-dir` (kept until the returned directory is dropped).
+///
+/// # Errors
+/// When the files cannot be written.
+pub fn tls_dir() -> Result<tempfile::TempDir> {
+    let d = tempfile::tempdir()?;
+    let ca = xpyd_runtime::tls::Authority::open_or_create(d.path(), "bench")?;
+    ca.issue("receiver", &["127.0.0.1".into()])?;
+    Ok(d)
+}
+
+/// `s` dialling over TLS with the CA of `dir`, when given.
+fn with_tls(s: Sender, dir: Option<&std::path::Path>) -> Result<Sender> {
+    let Some(dir) = dir else { return Ok(s) };
+    let roots = xpyd_runtime::tls::Roots::load(&dir.join("ca.pem"))?;
+    Ok(s.with_tls(roots.client_config(&[])?))
+}
+
+/// The receiver's TLS with the certificate [`tls_dir`] issued, when given.
+fn receiver_tls(
+    dir: Option<&std::path::Path>,
+) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let id =
+        xpyd_runtime::tls::Identity::load(&dir.join("receiver.pem"), &dir.join("receiver.key"))?;
+    Ok(Some(id.server_config(&[])?))
 }
 
 /// Nanoseconds since the Unix epoch (both processes share the host clock).
@@ -209,7 +245,10 @@ async fn send(a: SendArgs, engine: Option<EngineConfig>) -> Result<()> {
         return send_prefill(a, cfg, target).await;
     }
     let src = synthetic(a.bytes as usize);
-    let sender = Sender::new(a.fingerprint.clone().unwrap_or_else(|| SYNTHETIC.into()));
+    let sender = with_tls(
+        Sender::new(a.fingerprint.clone().unwrap_or_else(|| SYNTHETIC.into())),
+        a.tls_dir.as_deref(),
+    )?;
     // One target from the flag, or one per line of stdin (`--target -`).
     let mut lines = std::io::stdin().lock().lines();
     let mut given = targets.into_iter();
@@ -271,11 +310,14 @@ async fn send_prefill(a: SendArgs, cfg: EngineConfig, target: TransferTarget) ->
     let header = engine.export_header(1)?;
     let mut header_bytes = Vec::new();
     header.encode(&mut header_bytes);
-    let sender = Sender::new(
-        a.fingerprint
-            .clone()
-            .unwrap_or_else(|| engine.fingerprint().to_string()),
-    );
+    let sender = with_tls(
+        Sender::new(
+            a.fingerprint
+                .clone()
+                .unwrap_or_else(|| engine.fingerprint().to_string()),
+        ),
+        a.tls_dir.as_deref(),
+    )?;
     let mut t = sender.open(&target).await?;
     t.send_meta(&header_bytes).await?;
     let backend = t.backend();

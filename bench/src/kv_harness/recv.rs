@@ -91,7 +91,9 @@ pub(super) async fn recv(a: RecvArgs, engine: Option<EngineConfig>) -> Result<()
         None => (SYNTHETIC.to_string(), a.bytes),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let receiver = Receiver::start(ReceiverConfig::new(fingerprint), listener)?;
+    let mut rc = ReceiverConfig::new(fingerprint);
+    rc.tls = super::receiver_tls(a.tls_dir.as_deref())?;
+    let receiver = Receiver::start(rc, listener)?;
     let synth_pool = match (&engine, shm_capable) {
         (None, true) => Some(SynthPool::new(bytes as usize, a.chunk, a.scatter)?),
         _ => None,

@@ -157,6 +157,33 @@ pub struct Manifest {
     /// The ratio advisor.
     #[serde(default)]
     pub advisor: AdvisorSpec,
+    /// TLS on the public APIs and the internal plane.
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+/// TLS of a cluster. With `internal: true`, `xpyd up` keeps a private CA for the cluster
+/// (in the state directory's `tls/<name>/`, made on first use and kept, so clients given
+/// its `ca.pem` once keep trusting the cluster) and issues a certificate per process at
+/// every start: workers' gRPC, the coordinator's internal gRPC and KV transfer over tcp
+/// then speak TLS, each member trusting only that CA.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSpec {
+    /// TLS on the public HTTP and gRPC APIs (default false). With `cert` and `key` they
+    /// serve those files; without, a certificate the cluster's CA issues (which needs
+    /// `internal: true`).
+    pub public: bool,
+    /// TLS on the internal plane, with the cluster's private CA (default false).
+    pub internal: bool,
+    /// The public APIs' certificate chain (PEM), relative to the manifest's directory.
+    pub cert: Option<String>,
+    /// The private key of `cert` (PEM).
+    pub key: Option<String>,
+    /// Extra host names or addresses the issued certificates carry, besides
+    /// `coordinator.host`, `localhost`, `127.0.0.1` and each worker's own host (at most
+    /// 16).
+    pub hosts: Vec<String>,
 }
 
 fn default_model() -> String {

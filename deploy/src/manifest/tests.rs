@@ -489,9 +489,10 @@ fn registry_rules_name_their_fields() {
         &["registry.backend", "embedded", "etcd"],
     );
     assert!(
-        r("backend: etcd, endpoints: [\"https://[::1]:2379\", \"http://etcd-0.etcd:2379\"]")
+        r("backend: etcd, endpoints: [\"https://[::1]:2379\", \"https://etcd-0.etcd:2379\"], ca: ca.pem")
             .is_ok()
     );
+    assert!(r("backend: etcd, endpoints: [\"http://etcd-0.etcd:2379\"]").is_ok());
 }
 
 #[test]

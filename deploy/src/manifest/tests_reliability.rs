@@ -395,3 +395,63 @@ fn an_upgrade_that_changes_the_model_or_the_coordinator_is_refused_by_field() {
         assert_invalid(old.upgrade_to(&new), field, "restart the cluster");
     }
 }
+
+#[test]
+fn tls_and_etcd_tls_fields_are_checked_and_named() {
+    let m = pd(
+        "",
+        "tls: { public: true, internal: true, hosts: [gpu-1.example] }\n",
+    )
+    .unwrap();
+    assert!(m.tls.public && m.tls.internal);
+    pd("", "tls: { public: true, cert: a.pem, key: a.key }\n").unwrap();
+    assert_invalid(
+        pd("", "tls: { public: true, cert: a.pem }\n"),
+        "tls.key",
+        "with tls.cert",
+    );
+    assert_invalid(
+        pd("", "tls: { public: true, key: a.key }\n"),
+        "tls.cert",
+        "with tls.key",
+    );
+    assert_invalid(
+        pd("", "tls: { cert: a.pem, key: a.key }\n"),
+        "tls.public",
+        "public: true",
+    );
+    assert_invalid(
+        pd("", "tls: { public: true }\n"),
+        "tls.public",
+        "internal: true",
+    );
+    assert_invalid(
+        pd("", "tls: { internal: true, hosts: [\"a b\"] }\n"),
+        "tls.hosts",
+        "`a b`",
+    );
+    assert_parse_err(pd("", "tls: { internal: yes-please }\n"), &["tls.internal"]);
+    let etcd = |extra: &str| {
+        pd(
+            "",
+            &format!(
+                "registry: {{ backend: etcd, endpoints: [\"https://127.0.0.1:2379\"]{extra} }}\n"
+            ),
+        )
+    };
+    assert_invalid(etcd(""), "registry.ca", "tls.internal");
+    etcd(", ca: etcd-ca.pem").unwrap();
+    assert_invalid(
+        pd(
+            "",
+            "registry: { backend: etcd, endpoints: [\"https://a:1\", \"http://b:1\"], ca: c.pem }\n",
+        ),
+        "registry.endpoints",
+        "all https://",
+    );
+    assert_invalid(
+        pd("", "registry: { ca: c.pem }\n"),
+        "registry.ca",
+        "only used",
+    );
+}

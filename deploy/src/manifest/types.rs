@@ -140,6 +140,9 @@ pub struct RegistrySpec {
     pub lease_ttl_ms: u32,
     /// How often a worker renews its lease, `100..=lease_ttl_ms/2` ms (default 500).
     pub renew_interval_ms: u32,
+    /// The CA (PEM, relative to the manifest's directory) the certificates of `https://`
+    /// endpoints chain to; default: the cluster's CA (`tls.internal: true`).
+    pub ca: Option<String>,
 }
 
 impl Default for RegistrySpec {
@@ -150,6 +153,7 @@ impl Default for RegistrySpec {
             prefix: "/xpyd/".into(),
             lease_ttl_ms: 2000,
             renew_interval_ms: 500,
+            ca: None,
         }
     }
 }

@@ -31,10 +31,73 @@ pub(super) fn manifest(m: &Manifest) -> Result {
     upgrade(&m.upgrade)?;
     events(&m.events)?;
     advisor(&m.advisor)?;
+    tls(&m.tls)?;
+    etcd_tls(m)?;
     for role in Role::ALL {
         if let Some(spec) = m.roles.get(role) {
             role_spec(role, spec)?;
         }
+    }
+    Ok(())
+}
+
+/// `https://` etcd endpoints need roots to check them against; endpoints do not mix.
+fn etcd_tls(m: &Manifest) -> Result {
+    let r = &m.registry;
+    let https = r
+        .endpoints
+        .iter()
+        .filter(|e| e.starts_with("https://"))
+        .count();
+    if https > 0 && https < r.endpoints.len() {
+        return Err(ManifestError::invalid(
+            "registry.endpoints",
+            "are all https:// or all http://",
+        ));
+    }
+    if https > 0 && r.ca.is_none() && !m.tls.internal {
+        return Err(ManifestError::invalid(
+            "registry.ca",
+            "needed for https:// endpoints (or tls.internal: true, to trust the cluster's CA)",
+        ));
+    }
+    if r.ca.is_some() && r.backend != RegistryBackend::Etcd {
+        return Err(ManifestError::invalid(
+            "registry.ca",
+            "is only used with registry.backend etcd",
+        ));
+    }
+    Ok(())
+}
+
+fn tls(t: &super::TlsSpec) -> Result {
+    match (&t.cert, &t.key) {
+        (Some(_), None) => return Err(ManifestError::invalid("tls.key", "needed with tls.cert")),
+        (None, Some(_)) => return Err(ManifestError::invalid("tls.cert", "needed with tls.key")),
+        (Some(_), Some(_)) if !t.public => {
+            return Err(ManifestError::invalid(
+                "tls.public",
+                "tls.cert is served only with public: true",
+            ));
+        }
+        (None, None) if t.public && !t.internal => {
+            return Err(ManifestError::invalid(
+                "tls.public",
+                "needs tls.cert and tls.key, or internal: true (the cluster's CA then issues the public certificate)",
+            ));
+        }
+        _ => {}
+    }
+    if t.hosts.len() > 16 {
+        return Err(ManifestError::invalid("tls.hosts", "at most 16 entries"));
+    }
+    if let Some(h) = t.hosts.iter().find(|h| {
+        h.is_empty() || h.len() > 253 || h.contains(|c: char| c.is_whitespace() || c == '/')
+    }) {
+        return Err(ManifestError::invalid(
+            "tls.hosts",
+            format!("`{h}` is not a host name or address"),
+        ));
     }
     Ok(())
 }

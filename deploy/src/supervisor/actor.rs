@@ -82,6 +82,8 @@ pub struct Settings {
     pub token_file: PathBuf,
     /// The cluster's credential, for the supervisor's own internal calls.
     pub key: xpyd_runtime::plane::ClusterKey,
+    /// The cluster's TLS (issues each worker's certificate at its start).
+    pub tls: Option<std::sync::Arc<super::tls_plan::TlsPlan>>,
 }
 
 /// One manifest version the cluster has run.

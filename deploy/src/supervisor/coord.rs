@@ -38,6 +38,8 @@ pub struct CoordStart<'a> {
     pub token_file: &'a Path,
     /// The supervisor's control endpoint (the dashboard's scale controls call it).
     pub control: &'a str,
+    /// TLS flags.
+    pub tls: Vec<String>,
 }
 
 /// Starts the coordinator and waits for the URLs it prints.
@@ -58,6 +60,7 @@ pub async fn start_coordinator(c: CoordStart<'_>) -> Result<Coord> {
         "--supervisor-url".into(),
         c.control.to_string(),
     ];
+    args.extend(c.tls.iter().cloned());
     let generation = 1;
     let s = process::spawn(c.exe, &args, generation, c.pids, c.msgs)?;
     let line = match tokio::time::timeout(URLS_TIMEOUT, s.first_line).await {

@@ -77,7 +77,7 @@ impl Supervisor {
         let (Some(file), Some(probes)) = (file, probes) else {
             return;
         };
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "worker".into(),
             "-f".into(),
             file.display().to_string(),
@@ -94,12 +94,19 @@ impl Supervisor {
             "--supervisor-pid".into(),
             std::process::id().to_string(),
         ];
+        let tls = match &self.s.tls {
+            Some(plan) => plan.worker(&format!("{}-{index}", role.name())),
+            None => Ok(crate::roles::TlsArgs::default()),
+        };
         self.next_gen += 1;
         let generation = self.next_gen;
         let now = Instant::now();
         // Out of routing until its readiness probe passes.
         self.reporter.routing(id, false);
-        let spawned = process::spawn(&self.s.exe, &args, generation, &self.pids, &self.msgs);
+        let spawned = tls.and_then(|t| {
+            args.extend(t.to_args());
+            process::spawn(&self.s.exe, &args, generation, &self.pids, &self.msgs)
+        });
         let Some(w) = self.workers.get_mut(id) else {
             return;
         };

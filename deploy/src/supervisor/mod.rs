@@ -35,6 +35,7 @@ mod rebuild;
 mod report;
 mod rollout;
 mod states;
+pub mod tls_plan;
 
 use crate::client::{self, ClusterState};
 use crate::manifest::Manifest;
@@ -122,6 +123,15 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     xpyd_coordinator::keys::write_private(&token_file, token.as_bytes())?;
     let key = xpyd_runtime::plane::ClusterKey::from_token(&token);
     xpyd_bench::http::set_bearer(token);
+    let tls = tls_plan::TlsPlan::new(&m, &a.file)?.map(std::sync::Arc::new);
+    let coord_tls = match &tls {
+        Some(plan) => plan.coordinator()?.to_args(),
+        None => Vec::new(),
+    };
+    if let Some(ca) = tls.as_ref().and_then(|p| p.ca_file()) {
+        // The supervisor's own calls to the coordinator trust the cluster's CA.
+        xpyd_bench::http::set_roots(&std::fs::read(&ca)?)?;
+    }
     // The control endpoint is bound before the coordinator starts: the coordinator is
     // told where it is (the dashboard's scale controls call it).
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
@@ -134,6 +144,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
         msgs: &msgs_tx,
         token_file: &token_file,
         control: &control_url,
+        tls: coord_tls,
     })
     .await;
     let coord = match coord {
@@ -158,6 +169,10 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     // Where the credential is (not the credential): tools of this user that call the
     // internal plane read it there.
     println!("cluster_token_file: {}", token_file.display());
+    if let Some(ca) = tls.as_ref().and_then(|p| p.ca_file()) {
+        // What clients of a cluster with its own CA trust.
+        println!("tls_ca: {}", ca.display());
+    }
     let _ = std::io::stdout().flush();
     let state = ClusterState {
         http: http.clone(),
@@ -181,6 +196,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
         run_dir: run_dir.clone(),
         token_file: token_file.clone(),
         key,
+        tls,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let name = m.name.clone();

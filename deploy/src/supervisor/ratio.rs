@@ -26,7 +26,7 @@ pub fn spawn(http: String, cmds: mpsc::Sender<Command>, stop: CancellationToken)
 
 async fn get(url: String) -> Option<Value> {
     tokio::task::spawn_blocking(move || {
-        let resp = xpyd_bench::http::with_auth(ureq::get(&url))
+        let resp = xpyd_bench::http::with_auth(xpyd_bench::http::agent().get(&url))
             .config()
             .timeout_global(Some(Duration::from_secs(5)))
             .build()

@@ -163,7 +163,7 @@ async fn flush(http: &str, p: &mut Pending) -> bool {
 
 async fn post(url: String, body: Value) -> Result<(), String> {
     tokio::task::spawn_blocking(move || {
-        let resp = xpyd_bench::http::with_auth(ureq::post(&url))
+        let resp = xpyd_bench::http::with_auth(xpyd_bench::http::agent().post(&url))
             .header("content-type", "application/json")
             .config()
             .timeout_global(Some(CALL_TIMEOUT))

@@ -24,8 +24,14 @@ pub struct Up {
     pub manifest: PathBuf,
     /// The cluster's credential (mode 0600).
     pub token_file: PathBuf,
+    /// The cluster CA's certificate, when the cluster runs TLS with its own CA (the
+    /// helpers of this module then trust it).
+    pub tls_ca: Option<PathBuf>,
     _dir: tempfile::TempDir,
 }
+
+/// The CA the helpers' HTTPS calls trust (the last cluster started with one).
+static ROOTS: std::sync::Mutex<Option<Vec<u8>>> = std::sync::Mutex::new(None);
 
 /// A gRPC channel to `url` (each call within 20 s).
 pub async fn channel(url: &str) -> tonic::transport::Channel {
@@ -97,6 +103,7 @@ impl Up {
         });
         let (mut http, mut grpc, mut internal) = (String::new(), String::new(), String::new());
         let mut token_file = PathBuf::new();
+        let mut tls_ca = None;
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -111,6 +118,9 @@ impl Up {
                 internal = u.to_string();
             } else if let Some(p) = line.strip_prefix("cluster_token_file: ") {
                 token_file = p.into();
+            } else if let Some(p) = line.strip_prefix("tls_ca: ") {
+                *ROOTS.lock().unwrap() = Some(std::fs::read(p).unwrap());
+                tls_ca = Some(PathBuf::from(p));
             } else if line == "ready" {
                 break;
             }
@@ -122,6 +132,7 @@ impl Up {
             internal,
             manifest,
             token_file,
+            tls_ca,
             _dir: dir,
         }
     }
@@ -261,7 +272,18 @@ impl Drop for Up {
 }
 
 fn agent() -> ureq::Agent {
+    let mut tls = ureq::tls::TlsConfig::builder();
+    if let Some(pem) = ROOTS.lock().unwrap().as_deref() {
+        let certs = ureq::tls::parse_pem(pem)
+            .filter_map(|i| match i.unwrap() {
+                ureq::tls::PemItem::Certificate(c) => Some(c),
+                _ => None,
+            })
+            .collect::<Vec<_>>();
+        tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
+    }
     ureq::Agent::config_builder()
+        .tls_config(tls.build())
         .http_status_as_error(false)
         .timeout_global(Some(Duration::from_secs(600)))
         .build()
