@@ -147,7 +147,7 @@ impl Cluster {
     /// A bad URL, an unreadable token file, or no connection.
     pub async fn worker_channel(&self, url: &str) -> Result<xpyd_runtime::plane::Channel> {
         let key = xpyd_runtime::plane::ClusterKey::load(&self.token_file)?;
-        let ch = tonic::transport::Endpoint::from_shared(url.to_string())?
+        let ch = xpyd_runtime::tls::endpoint(url, crate::http::grpc_roots())?
             .tcp_nodelay(true)
             .connect()
             .await?;

@@ -62,7 +62,22 @@ fn agent_trusting(pem: Option<&[u8]>) -> Result<ureq::Agent> {
 /// When `pem` holds no certificate.
 pub fn set_roots(pem: &[u8]) -> Result<()> {
     let _ = AGENT.set(agent_trusting(Some(pem))?);
+    let _ = ROOTS.set(Some(xpyd_runtime::tls::Roots { pem: pem.to_vec() }));
     Ok(())
+}
+
+/// The roots of [`set_roots`], else of `$XPYD_TLS_CA`.
+static ROOTS: std::sync::OnceLock<Option<xpyd_runtime::tls::Roots>> = std::sync::OnceLock::new();
+
+/// The roots this process's gRPC calls to `https://` URLs trust (see [`agent`]); `None`:
+/// tonic's default (no TLS roots: such calls fail, naming TLS).
+pub fn grpc_roots() -> Option<&'static xpyd_runtime::tls::Roots> {
+    ROOTS
+        .get_or_init(|| {
+            let f = std::env::var_os(xpyd_runtime::env::TLS_CA)?;
+            xpyd_runtime::tls::Roots::load(std::path::Path::new(&f)).ok()
+        })
+        .as_ref()
 }
 
 /// The process's agent (see [`set_roots`] and `$XPYD_TLS_CA`).

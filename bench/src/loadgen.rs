@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use xpyd_engine::Tokenizer;
 use xpyd_proto::inference_client::InferenceClient;
 use xpyd_proto::{GenerateRequest, Sampling, generate_request};
@@ -158,7 +158,7 @@ pub struct RunResult {
 
 /// Connects to the target (lazily: the first request dials).
 pub fn connect(target: &str) -> Result<InferenceClient<Channel>, LoadError> {
-    let ep = Endpoint::from_shared(target.to_string())
+    let ep = xpyd_runtime::tls::endpoint(target, crate::http::grpc_roots())
         .map_err(|e| LoadError::Target(target.to_string(), e.to_string()))?
         .tcp_nodelay(true)
         .http2_adaptive_window(true);

@@ -255,6 +255,36 @@ fn run(model: &std::path::Path, python: &str, name: &str, tls: bool) -> Seen {
         assert!(refused, "the internal plane answered plaintext gRPC");
         // Over TLS with the CA, the health endpoint answers.
         assert_eq!(get(&format!("{}/health", up.http)).0, 200);
+        // The CLI and the bench driver trust the CA `$XPYD_TLS_CA` names, and nothing
+        // else.
+        let ca = up.tls_ca.as_deref().unwrap();
+        let status = |ca: Option<&std::path::Path>| {
+            let mut c = common::xpyd();
+            c.args(["status", "--url", &up.http]);
+            c.env_remove("XPYD_TLS_CA");
+            if let Some(ca) = ca {
+                c.env("XPYD_TLS_CA", ca);
+            }
+            c.output().unwrap()
+        };
+        let ok = status(Some(ca));
+        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        assert!(String::from_utf8_lossy(&ok.stdout).contains("decode-0"));
+        let refused = status(None);
+        assert!(!refused.status.success(), "status trusted an unknown CA");
+        let load = common::xpyd()
+            .args(["bench", "load", "--grpc", &up.grpc, "--http", &up.http])
+            .args(["--requests", "3", "--clients", "1", "--input", "16", "--output", "4"])
+            .arg("--model")
+            .arg(model)
+            .env("XPYD_TLS_CA", ca)
+            .output()
+            .unwrap();
+        assert!(
+            load.status.success(),
+            "bench load over TLS: {}",
+            String::from_utf8_lossy(&load.stderr)
+        );
     }
     let public = [port_of(&up.http), port_of(&up.grpc)].into();
     up.stop();
