@@ -403,6 +403,41 @@ async fn etcd(
 mod tests {
     use super::*;
 
+    /// A worker's record keeps its signature through etcd whatever its latency averages
+    /// are: the coordinator re-serializes what it parsed, so every float must come back
+    /// exactly (it did not for some EMA values, and those renewals were ignored as
+    /// forged).
+    #[test]
+    fn a_signed_record_verifies_after_the_trip_through_etcd_for_any_latency() {
+        let key = crate::plane::ClusterKey::from_token("0123456789abcdef0123");
+        let info = WorkerInfo {
+            worker_id: "prefill-0".into(),
+            ..Default::default()
+        };
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        for i in 0..20_000 {
+            // xorshift: latencies of any magnitude and mantissa.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            let ttft = if v.is_finite() {
+                v.abs() % 1e6
+            } else {
+                i as f64 / 7.0
+            };
+            let load = Load {
+                ttft_ms: ttft,
+                tpot_ms: ttft / 3.0,
+                ..Default::default()
+            };
+            let wire =
+                serde_json::to_string(&WorkerRecord::new(&info, &load).sign(Some(&key))).unwrap();
+            let back: WorkerRecord = serde_json::from_str(&wire).unwrap();
+            assert!(back.verified(Some(&key)), "ttft_ms {ttft:e}: {wire}");
+        }
+    }
+
     #[test]
     fn record_round_trips_identity_and_load() {
         let info = WorkerInfo {
