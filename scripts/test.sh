@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '\n== %s\n' "$*"; }
+log() { printf '\n== [%dm%02ds] %s\n' $((SECONDS / 60)) $((SECONDS % 60)) "$*"; }
 
 log "prerequisites"
 # System packages, by package name, in a clean environment: nothing this shell has set
@@ -80,3 +80,4 @@ UCX_TLS=tcp cargo test --release -p xpyd --features ucx --test cluster_real -- -
 
 log "benches compile"
 cargo bench --workspace --no-run
+log "done"

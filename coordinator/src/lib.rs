@@ -123,8 +123,8 @@ pub struct Config {
 /// API-key authentication.
 #[derive(Debug, Clone)]
 pub struct Auth {
-    /// The key store's directory.
-    pub dir: PathBuf,
+    /// The key store (a directory, or etcd).
+    pub store: keys::Store,
     /// This service's name (what keys are bound to).
     pub service: String,
 }
@@ -430,12 +430,8 @@ pub async fn run(
     let keys = match &cfg.auth {
         None => None,
         Some(a) => Some(
-            keys::Live::new(
-                keys::Store::new(&a.dir),
-                &a.service,
-                cfg.cluster_token.clone(),
-            )
-            .map_err(|e| CoordinatorError::Config(format!("auth: {e}")))?,
+            keys::Live::new(a.store.clone(), &a.service, cfg.cluster_token.clone())
+                .map_err(|e| CoordinatorError::Config(format!("auth: {e}")))?,
         ),
     };
     let key = cfg

@@ -52,13 +52,27 @@ pub enum KeysCmd {
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// Key store directory (default: $XPYD_STATE_DIR/keys or the user data directory).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "file")]
     dir: Option<PathBuf>,
+    /// Or the store of this manifest's cluster: in etcd when its registry is etcd (over
+    /// TLS trusting `registry.ca` or the cluster's CA), else the directory.
+    #[arg(short = 'f', long)]
+    file: Option<PathBuf>,
 }
 
 impl StoreArgs {
-    fn store(&self) -> Store {
-        Store::new(self.dir.clone().unwrap_or_else(default_dir))
+    fn store(&self) -> Result<Store> {
+        let Some(f) = &self.file else {
+            return Ok(Store::new(self.dir.clone().unwrap_or_else(default_dir)));
+        };
+        let m = crate::manifest::Manifest::load(f)?;
+        let ca = crate::supervisor::tls_plan::tls_dir(&m.name).join("ca.pem");
+        let cluster = if m.tls.internal && ca.exists() {
+            Some(xpyd_runtime::tls::Roots::load(&ca)?)
+        } else {
+            None
+        };
+        crate::roles::key_store(&m, f, cluster.as_ref())
     }
 }
 
@@ -99,14 +113,14 @@ pub fn run(cmd: KeysCmd) -> Result<()> {
             store,
         } => {
             let secret = store
-                .store()
+                .store()?
                 .create(&name, &services, admin)
                 .map_err(usage)?;
             println!("{secret}");
             eprintln!("key `{name}` created; this is the only time its secret is shown");
         }
         KeysCmd::List { json, store } => {
-            let keys = store.store().list().map_err(usage)?;
+            let keys = store.store()?.list().map_err(usage)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&keys)?);
                 return Ok(());
@@ -131,13 +145,17 @@ pub fn run(cmd: KeysCmd) -> Result<()> {
                 );
             }
         }
-        KeysCmd::Bind(b) => b.store.store().bind(&b.names, &b.services).map_err(usage)?,
+        KeysCmd::Bind(b) => b
+            .store
+            .store()?
+            .bind(&b.names, &b.services)
+            .map_err(usage)?,
         KeysCmd::Unbind(b) => b
             .store
-            .store()
+            .store()?
             .unbind(&b.names, &b.services)
             .map_err(usage)?,
-        KeysCmd::Delete { name, store } => store.store().delete(&name).map_err(usage)?,
+        KeysCmd::Delete { name, store } => store.store()?.delete(&name).map_err(usage)?,
     }
     Ok(())
 }

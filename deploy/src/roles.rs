@@ -239,11 +239,9 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
         });
     cfg.access = xpyd_coordinator::guard::Access::parse(&c.access.allow, &c.access.deny)
         .map_err(|e| anyhow::anyhow!("coordinator.access.{e}"))?;
+    let mut auth_store = false;
     if c.auth == manifest::AuthMode::ApiKey {
-        cfg.auth = Some(xpyd_coordinator::Auth {
-            dir: xpyd_coordinator::keys::default_dir(),
-            service: m.name.clone(),
-        });
+        auth_store = true;
     }
     if let Some(f) = &a.cluster_token_file {
         cfg.cluster_token = Some(xpyd_runtime::plane::read_token(f)?);
@@ -255,6 +253,12 @@ pub fn coordinator(a: &CoordinatorArgs) -> Result<()> {
     }));
     cfg.supervisor_url = a.supervisor_url.clone();
     cfg.tls = a.tls.load()?;
+    if auth_store {
+        cfg.auth = Some(xpyd_coordinator::Auth {
+            store: key_store(&m, &a.file, cfg.tls.roots.as_ref())?,
+            service: m.name.clone(),
+        });
+    }
     let public = xpyd_runtime::tls::scheme(cfg.tls.public.is_some());
     let internal = xpyd_runtime::tls::scheme(cfg.tls.internal.is_some());
     cfg.service_name = m.name.clone();
@@ -432,6 +436,29 @@ fn etcd_roots(
         }
         None => Ok(cluster.cloned()),
     }
+}
+
+/// The API-key store of a manifest's cluster: in etcd under `<registry.prefix>keys/`
+/// when its membership is there (shared by the clusters of that prefix, as a state
+/// directory's store is shared by its clusters), else the state directory's `keys/`.
+///
+/// # Errors
+/// An unreadable `registry.ca`.
+pub fn key_store(
+    m: &Manifest,
+    file: &Path,
+    cluster: Option<&xpyd_runtime::tls::Roots>,
+) -> Result<xpyd_coordinator::keys::Store> {
+    Ok(match m.registry.backend {
+        manifest::RegistryBackend::Etcd => xpyd_coordinator::keys::Store::etcd(
+            m.registry.endpoints.clone(),
+            &m.registry.prefix,
+            etcd_roots(m, file, cluster)?,
+        ),
+        manifest::RegistryBackend::Embedded => {
+            xpyd_coordinator::keys::Store::new(xpyd_coordinator::keys::default_dir())
+        }
+    })
 }
 
 /// The etcd key prefix of a manifest's cluster.

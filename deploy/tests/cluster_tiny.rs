@@ -1196,6 +1196,109 @@ impl Drop for Etcd {
     }
 }
 
+/// With its membership in etcd, a cluster keeps its API keys there too: `xpyd keys -f`
+/// writes them to etcd (nothing to the state directory), the running coordinator sees a
+/// key created after it started, records its use there, and refuses it once unbound
+/// from the service and deleted.
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn api_keys_live_in_etcd_when_membership_does() {
+    let Some(etcd) = Etcd::start() else { return };
+    let (_d, model) = tiny_model();
+    let state = tempfile::tempdir().unwrap();
+    let yaml = manifest(
+        "etcdkeys",
+        &format!(
+            "registry: {{ backend: etcd, endpoints: [\"{}\"], lease_ttl_ms: 2000, renew_interval_ms: 500 }}\n",
+            etcd.url
+        ),
+        "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+    )
+    .replace("grpc_port: 0 }", "grpc_port: 0, auth: api_key }");
+    let file = state.path().join("etcdkeys.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    let keys = |args: &[&str]| {
+        let out = common::xpyd()
+            .arg("keys")
+            .args(args)
+            .arg("-f")
+            .arg(&file)
+            .env("XPYD_STATE_DIR", state.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "xpyd keys {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let up = Up::start_with(
+        &yaml,
+        &model,
+        &[("XPYD_STATE_DIR", state.path().to_str().unwrap())],
+    );
+    let chat = format!("{}/v1/chat/completions", up.http);
+    let b = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).to_string();
+    let call = |k: &str| {
+        let h = format!("Bearer {k}");
+        post_raw(&chat, &b, Some(("authorization", h.as_str()))).0
+    };
+    // Created after the coordinator started, in etcd.
+    let secret = keys(&["create", "--name", "late", "--services", "etcdkeys"]);
+    eventually(Duration::from_secs(10), "the new key admitted", || {
+        call(&secret) == 200
+    });
+    assert_eq!(call("xpyd-00000000-00"), 401);
+    // The records are in etcd, hashed; nothing went to the state directory's store.
+    assert!(!state.path().join("keys").exists(), "a key store on disk");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let stored = rt.block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.url.clone()], None)
+            .await
+            .unwrap();
+        let got = c
+            .get(
+                "/xpyd/keys/",
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .unwrap();
+        got.kvs()
+            .iter()
+            .map(|kv| (kv.key_str().unwrap().to_string(), kv.value().to_vec()))
+            .collect::<Vec<_>>()
+    });
+    let names: Vec<&str> = stored.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"/xpyd/keys/records"), "{names:?}");
+    assert!(names.contains(&"/xpyd/keys/hash_key"), "{names:?}");
+    for (k, v) in &stored {
+        assert!(
+            !String::from_utf8_lossy(v).contains(&secret[14..]),
+            "the secret is stored in {k}"
+        );
+    }
+    // Its use is recorded there (the coordinator writes every 5 s).
+    eventually(Duration::from_secs(15), "last use recorded", || {
+        let list: Value = serde_json::from_str(&keys(&["list", "--json"])).unwrap();
+        list[0]["last_used_unix"].is_u64()
+    });
+    // Unbound from this service: 403; bound to another only, then deleted: 401.
+    keys(&["bind", "--names", "late", "--services", "other"]);
+    keys(&["unbind", "--names", "late", "--services", "etcdkeys"]);
+    eventually(Duration::from_secs(10), "the unbound key refused", || {
+        call(&secret) == 403
+    });
+    keys(&["unbind", "--names", "late", "--services", "other"]);
+    keys(&["delete", "--name", "late"]);
+    eventually(Duration::from_secs(10), "the deleted key refused", || {
+        call(&secret) == 401
+    });
+}
+
 #[test]
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn etcd_membership_a_silent_worker_leaves_routing_within_its_lease() {

@@ -268,13 +268,26 @@ fn run(model: &std::path::Path, python: &str, name: &str, tls: bool) -> Seen {
             c.output().unwrap()
         };
         let ok = status(Some(ca));
-        assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
         assert!(String::from_utf8_lossy(&ok.stdout).contains("decode-0"));
         let refused = status(None);
         assert!(!refused.status.success(), "status trusted an unknown CA");
         let load = common::xpyd()
             .args(["bench", "load", "--grpc", &up.grpc, "--http", &up.http])
-            .args(["--requests", "3", "--clients", "1", "--input", "16", "--output", "4"])
+            .args([
+                "--requests",
+                "3",
+                "--clients",
+                "1",
+                "--input",
+                "16",
+                "--output",
+                "4",
+            ])
             .arg("--model")
             .arg(model)
             .env("XPYD_TLS_CA", ca)

@@ -5,8 +5,11 @@
 //! the store's own random hash key, compared in constant time. The store is a directory
 //! (mode 0700) of files written atomically with mode 0600: `keys.json` (the records),
 //! `hash.key` (the HMAC key) and `used.json` (when each key was last used, written by
-//! the coordinator). A key is scoped to every service or bound to named ones, and may be
+//! the coordinator) — or, for a cluster whose membership is in etcd, the same three
+//! documents as etcd keys under `<registry.prefix>keys/`. A key is scoped to every service or bound to named ones, and may be
 //! an admin key (the operations endpoints); a bound key cannot be deleted.
+
+mod etcd;
 
 use crate::error::ApiError;
 use hmac::{Hmac, Mac};
@@ -180,10 +183,21 @@ pub fn random_hex(bytes: usize) -> Result<String, KeyError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// A key store on disk.
+/// A key store: a directory, or keys in etcd when the cluster keeps its membership
+/// there.
 #[derive(Debug, Clone)]
 pub struct Store {
-    dir: PathBuf,
+    at: Backing,
+}
+
+#[derive(Debug, Clone)]
+enum Backing {
+    /// `keys.json`, `hash.key` and `used.json` in a directory (mode 0700), each written
+    /// atomically with mode 0600; writers take turns through an `flock`.
+    Dir(PathBuf),
+    /// The same three documents as etcd keys under a prefix; writers commit with a
+    /// compare-and-swap on the documents' revisions and retry on a conflict.
+    Etcd(etcd::Place),
 }
 
 /// The records and the hash key, as loaded.
@@ -193,68 +207,129 @@ pub struct Keys {
     records: Vec<KeyRecord>,
 }
 
+fn parse_records(bytes: Option<&[u8]>, at: &Path) -> Result<Vec<KeyRecord>, KeyError> {
+    match bytes {
+        Some(b) => serde_json::from_slice(b).map_err(|e| io(at, e)),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn parse_hash_key(bytes: Option<&[u8]>, at: &Path) -> Result<Vec<u8>, KeyError> {
+    match bytes {
+        Some(b) => {
+            decode_hex(String::from_utf8_lossy(b).trim()).ok_or_else(|| io(at, "not a hex key"))
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
 impl Store {
     /// The store in `dir` (created on first write).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Store { dir: dir.into() }
+        Store {
+            at: Backing::Dir(dir.into()),
+        }
     }
 
-    /// Its directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The store in etcd at `endpoints`, under `<prefix>keys/` (`https://` endpoints
+    /// checked against `roots`).
+    pub fn etcd(
+        endpoints: Vec<String>,
+        prefix: &str,
+        roots: Option<xpyd_runtime::tls::Roots>,
+    ) -> Self {
+        Store {
+            at: Backing::Etcd(etcd::Place::new(endpoints, prefix, roots)),
+        }
     }
 
-    fn records_path(&self) -> PathBuf {
-        self.dir.join("keys.json")
+    /// Where it is, for messages: its directory or its etcd prefix.
+    pub fn location(&self) -> String {
+        match &self.at {
+            Backing::Dir(d) => d.display().to_string(),
+            Backing::Etcd(p) => p.to_string(),
+        }
     }
 
-    fn hash_key_path(&self) -> PathBuf {
-        self.dir.join("hash.key")
+    /// Its directory, when it is one.
+    pub fn dir(&self) -> Option<&Path> {
+        match &self.at {
+            Backing::Dir(d) => Some(d),
+            Backing::Etcd(_) => None,
+        }
     }
 
-    fn used_path(&self) -> PathBuf {
-        self.dir.join("used.json")
+    fn records_path(dir: &Path) -> PathBuf {
+        dir.join("keys.json")
     }
 
-    fn ensure_dir(&self) -> Result<(), KeyError> {
+    fn hash_key_path(dir: &Path) -> PathBuf {
+        dir.join("hash.key")
+    }
+
+    fn used_path(dir: &Path) -> PathBuf {
+        dir.join("used.json")
+    }
+
+    fn ensure_dir(dir: &Path) -> Result<(), KeyError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&self.dir)
-            .map_err(|e| io(&self.dir, e))?;
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io(&self.dir, e))
+            .create(dir)
+            .map_err(|e| io(dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| io(dir, e))
     }
 
     /// Loads records and hash key; an absent store has no keys.
     ///
     /// # Errors
-    /// [`KeyError::Io`] for an unreadable or malformed file.
+    /// [`KeyError::Io`] for an unreadable or malformed store.
     pub fn load(&self) -> Result<Keys, KeyError> {
-        let rp = self.records_path();
-        let records: Vec<KeyRecord> = match std::fs::read(&rp) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| io(&rp, e))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(&rp, e)),
-        };
-        let hp = self.hash_key_path();
-        let hash_key = match std::fs::read_to_string(&hp) {
-            Ok(s) => decode_hex(s.trim()).ok_or_else(|| io(&hp, "not a hex key"))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && records.is_empty() => Vec::new(),
-            Err(e) => return Err(io(&hp, e)),
-        };
-        Ok(Keys { hash_key, records })
+        match &self.at {
+            Backing::Dir(dir) => {
+                let rp = Self::records_path(dir);
+                let read = |p: &Path| match std::fs::read(p) {
+                    Ok(b) => Ok(Some(b)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(io(p, e)),
+                };
+                let records = parse_records(read(&rp)?.as_deref(), &rp)?;
+                let hp = Self::hash_key_path(dir);
+                let hash = read(&hp)?;
+                if hash.is_none() && !records.is_empty() {
+                    return Err(io(&hp, "missing, but the store holds keys"));
+                }
+                Ok(Keys {
+                    hash_key: parse_hash_key(hash.as_deref(), &hp)?,
+                    records,
+                })
+            }
+            Backing::Etcd(p) => Ok(p.load()?.keys),
+        }
     }
 
-    /// Holds the store's write lock (an exclusive `flock` on `.lock` in its directory)
-    /// until the returned file is dropped: concurrent `xpyd keys` runs and coordinators
-    /// recording last uses take turns at read-modify-write, so none loses another's
-    /// change.
-    fn exclusive(&self) -> Result<std::fs::File, KeyError> {
+    /// A stamp that changes whenever the records do (a file's modification time, an
+    /// etcd revision); `None` when there are none or it cannot be read.
+    fn stamp(&self) -> Option<u128> {
+        match &self.at {
+            Backing::Dir(dir) => std::fs::metadata(Self::records_path(dir))
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_nanos()),
+            Backing::Etcd(p) => p.stamp(),
+        }
+    }
+
+    /// Holds the directory's write lock (an exclusive `flock` on `.lock` in it) until the
+    /// returned file is dropped: concurrent `xpyd keys` runs and coordinators recording
+    /// last uses take turns at read-modify-write, so none loses another's change.
+    fn exclusive(dir: &Path) -> Result<std::fs::File, KeyError> {
         use std::os::unix::fs::OpenOptionsExt;
-        self.ensure_dir()?;
-        let p = self.dir.join(".lock");
+        Self::ensure_dir(dir)?;
+        let p = dir.join(".lock");
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -266,21 +341,29 @@ impl Store {
         Ok(f)
     }
 
-    fn save(&self, keys: &Keys) -> Result<(), KeyError> {
-        self.ensure_dir()?;
-        let json = serde_json::to_vec_pretty(&keys.records).map_err(|e| io(&self.dir, e))?;
-        write_private(&self.records_path(), &json)
-    }
-
-    fn load_for_write(&self) -> Result<Keys, KeyError> {
-        let mut keys = self.load()?;
-        if keys.hash_key.is_empty() {
-            self.ensure_dir()?;
-            let k = random_hex(32)?;
-            write_private(&self.hash_key_path(), k.as_bytes())?;
-            keys.hash_key = decode_hex(&k).expect("hex we wrote");
+    /// Read-modify-write of the records: `f` sees the store as it is (with a hash key,
+    /// made on first use) and its changes land whole or not at all, never over another
+    /// writer's.
+    fn update<T>(
+        &self,
+        mut f: impl FnMut(&mut Keys) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        match &self.at {
+            Backing::Dir(dir) => {
+                let _lock = Self::exclusive(dir)?;
+                let mut keys = self.load()?;
+                if keys.hash_key.is_empty() {
+                    let k = random_hex(32)?;
+                    write_private(&Self::hash_key_path(dir), k.as_bytes())?;
+                    keys.hash_key = decode_hex(&k).expect("hex we wrote");
+                }
+                let out = f(&mut keys)?;
+                let json = serde_json::to_vec_pretty(&keys.records).map_err(|e| io(dir, e))?;
+                write_private(&Self::records_path(dir), &json)?;
+                Ok(out)
+            }
+            Backing::Etcd(p) => p.update(&mut f),
         }
-        Ok(keys)
     }
 
     /// Creates a key and returns its secret — the only time it is shown.
@@ -292,36 +375,35 @@ impl Store {
         for s in services {
             check_name("services", s)?;
         }
-        let _lock = self.exclusive()?;
-        let mut keys = self.load_for_write()?;
-        if keys.records.iter().any(|r| r.name == name) {
-            return Err(KeyError::Exists(name.into()));
-        }
-        if keys.records.len() >= MAX_KEYS {
-            return Err(KeyError::Invalid(format!(
-                "the store holds {MAX_KEYS} keys already"
-            )));
-        }
-        let id = loop {
-            let id = random_hex(4)?;
-            if !keys.records.iter().any(|r| r.id == id) {
-                break id;
-            }
-        };
-        let secret = format!("xpyd-{id}-{}", random_hex(32)?);
         let mut services: Vec<String> = services.to_vec();
         services.sort();
         services.dedup();
-        keys.records.push(KeyRecord {
-            hash: keys.hash_of(&secret),
-            id,
-            name: name.into(),
-            services,
-            admin,
-            created_unix: now_unix(),
-        });
-        self.save(&keys)?;
-        Ok(secret)
+        self.update(|keys| {
+            if keys.records.iter().any(|r| r.name == name) {
+                return Err(KeyError::Exists(name.into()));
+            }
+            if keys.records.len() >= MAX_KEYS {
+                return Err(KeyError::Invalid(format!(
+                    "the store holds {MAX_KEYS} keys already"
+                )));
+            }
+            let id = loop {
+                let id = random_hex(4)?;
+                if !keys.records.iter().any(|r| r.id == id) {
+                    break id;
+                }
+            };
+            let secret = format!("xpyd-{id}-{}", random_hex(32)?);
+            keys.records.push(KeyRecord {
+                hash: keys.hash_of(&secret),
+                id,
+                name: name.into(),
+                services: services.clone(),
+                admin,
+                created_unix: now_unix(),
+            });
+            Ok(secret)
+        })
     }
 
     /// Binds each named key to each service (in one write).
@@ -360,19 +442,19 @@ impl Store {
         for s in services {
             check_name("services", s)?;
         }
-        let _lock = self.exclusive()?;
-        let mut keys = self.load()?;
-        for n in names {
-            let r = keys
-                .records
-                .iter_mut()
-                .find(|r| &r.name == n)
-                .ok_or_else(|| KeyError::NotFound(n.clone()))?;
-            for s in services {
-                f(r, s);
+        self.update(|keys| {
+            for n in names {
+                let r = keys
+                    .records
+                    .iter_mut()
+                    .find(|r| &r.name == n)
+                    .ok_or_else(|| KeyError::NotFound(n.clone()))?;
+                for s in services {
+                    f(r, s);
+                }
             }
-        }
-        self.save(&keys)
+            Ok(())
+        })
     }
 
     /// Deletes a key that is bound to no service.
@@ -380,21 +462,21 @@ impl Store {
     /// # Errors
     /// An unknown or bound key, or I/O.
     pub fn delete(&self, name: &str) -> Result<(), KeyError> {
-        let _lock = self.exclusive()?;
-        let mut keys = self.load()?;
-        let i = keys
-            .records
-            .iter()
-            .position(|r| r.name == name)
-            .ok_or_else(|| KeyError::NotFound(name.into()))?;
-        if !keys.records[i].services.is_empty() {
-            return Err(KeyError::Bound {
-                name: name.into(),
-                services: keys.records[i].services.clone(),
-            });
-        }
-        keys.records.remove(i);
-        self.save(&keys)
+        self.update(|keys| {
+            let i = keys
+                .records
+                .iter()
+                .position(|r| r.name == name)
+                .ok_or_else(|| KeyError::NotFound(name.into()))?;
+            if !keys.records[i].services.is_empty() {
+                return Err(KeyError::Bound {
+                    name: name.into(),
+                    services: keys.records[i].services.clone(),
+                });
+            }
+            keys.records.remove(i);
+            Ok(())
+        })
     }
 
     /// Every key without its secret, with its last use.
@@ -419,26 +501,36 @@ impl Store {
 
     /// Last use per key id (what coordinators recorded).
     pub fn used(&self) -> BTreeMap<String, u64> {
-        std::fs::read(self.used_path())
-            .ok()
+        let bytes = match &self.at {
+            Backing::Dir(dir) => std::fs::read(Self::used_path(dir)).ok(),
+            Backing::Etcd(p) => p.used().ok().flatten(),
+        };
+        bytes
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default()
     }
 
-    /// Merges last uses into `used.json` (newest wins).
+    /// Merges last uses into the store (newest wins).
     ///
     /// # Errors
     /// I/O.
     pub fn record_used(&self, seen: &BTreeMap<String, u64>) -> Result<(), KeyError> {
-        let _lock = self.exclusive()?;
-        let mut used = self.used();
-        for (id, t) in seen {
-            let e = used.entry(id.clone()).or_default();
-            *e = (*e).max(*t);
+        let merge = |used: &mut BTreeMap<String, u64>| {
+            for (id, t) in seen {
+                let e = used.entry(id.clone()).or_default();
+                *e = (*e).max(*t);
+            }
+        };
+        match &self.at {
+            Backing::Dir(dir) => {
+                let _lock = Self::exclusive(dir)?;
+                let mut used = self.used();
+                merge(&mut used);
+                let json = serde_json::to_vec(&used).map_err(|e| io(dir, e))?;
+                write_private(&Self::used_path(dir), &json)
+            }
+            Backing::Etcd(p) => p.record_used(merge),
         }
-        self.ensure_dir()?;
-        let json = serde_json::to_vec(&used).map_err(|e| io(&self.dir, e))?;
-        write_private(&self.used_path(), &json)
     }
 }
 
@@ -536,16 +628,12 @@ pub struct Live {
 #[derive(Debug)]
 struct LiveState {
     keys: Keys,
-    stamp: Option<SystemTime>,
+    stamp: Option<u128>,
     used: BTreeMap<String, u64>,
 }
 
 /// How often the coordinator looks for a changed store.
 pub const RECHECK: Duration = Duration::from_secs(1);
-
-fn stamp(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
-}
 
 impl Live {
     /// Loads the store for `service`; `cluster_token` (from `xpyd up`) opens every call.
@@ -558,7 +646,7 @@ impl Live {
         cluster_token: Option<String>,
     ) -> Result<Self, KeyError> {
         let keys = store.load()?;
-        let stamp = stamp(&store.records_path());
+        let stamp = store.stamp();
         Ok(Live {
             store,
             service: service.into(),
@@ -622,7 +710,7 @@ impl Live {
     /// Reloads the store when `keys.json` changed since it was loaded (file I/O: call it
     /// off the async threads). A store that cannot be read keeps the keys loaded before.
     pub fn refresh(&self) {
-        let now = stamp(&self.store.records_path());
+        let now = self.store.stamp();
         if now == self.state.lock().expect("keys lock").stamp {
             return;
         }
@@ -708,7 +796,7 @@ mod tests {
         let store = Store::new(d.path().join("keys"));
         let secret = store.create("ci", &[], false).unwrap();
         assert!(secret.starts_with("xpyd-") && secret.len() > 70, "{secret}");
-        for entry in std::fs::read_dir(store.dir()).unwrap() {
+        for entry in std::fs::read_dir(store.dir().unwrap()).unwrap() {
             let p = entry.unwrap().path();
             let text = std::fs::read_to_string(&p).unwrap();
             let tail = secret.rsplit('-').next().unwrap();
@@ -716,7 +804,11 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", p.display());
         }
-        let mode = std::fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(store.dir().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o700);
         let keys = store.load().unwrap();
         assert_eq!(keys.find(&secret).unwrap().name, "ci");
