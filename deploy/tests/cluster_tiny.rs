@@ -5,6 +5,7 @@
 mod common;
 
 use common::cluster::{Up, channel, eventually, post_raw, sse, worker_pid, worker_pids};
+use common::etcd::Etcd;
 use common::tiny_model;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -1120,80 +1121,6 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
     );
     std::net::TcpListener::bind(("127.0.0.1", http_port))
         .expect("the coordinator's port is free again");
-}
-
-/// A private etcd (Debian `etcd-server`) on free ports, with short heartbeat/election
-/// settings so leases expire on time; killed on drop.
-struct Etcd {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start() -> Option<Etcd> {
-        if std::process::Command::new("etcd")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            assert!(
-                std::env::var("CI").is_err(),
-                "etcd is missing; ./scripts/test.sh installs etcd-server"
-            );
-            eprintln!("SKIPPED: etcd not installed");
-            return None;
-        }
-        let free = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        };
-        let (client, peer) = (free(), free());
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("http://127.0.0.1:{client}");
-        let child = std::process::Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path())
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
-            .args([
-                "--initial-advertise-peer-urls",
-                &format!("http://127.0.0.1:{peer}"),
-            ])
-            .args([
-                "--initial-cluster",
-                &format!("test=http://127.0.0.1:{peer}"),
-            ])
-            .args(["--heartbeat-interval", "50", "--election-timeout", "300"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let e = Etcd {
-            child,
-            url,
-            _dir: dir,
-        };
-        eventually(Duration::from_secs(20), "etcd healthy", || {
-            ureq::get(&format!("{}/health", e.url)).call().is_ok()
-        });
-        Some(e)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// With its membership in etcd, a cluster keeps its API keys there too: `xpyd keys -f`

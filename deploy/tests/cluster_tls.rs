@@ -366,78 +366,20 @@ fn a_tls_cluster_serves_https_and_grpc_with_its_ca_and_no_process_speaks_plainte
 #[test]
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn etcd_over_https_with_the_cluster_ca_carries_membership() {
-    if std::process::Command::new("etcd")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("CI").is_err(),
-            "etcd is missing; ./scripts/test.sh installs etcd-server"
-        );
-        eprintln!("SKIPPED: etcd not installed");
-        return;
-    }
     let (_d, model) = tiny_model();
     let state = tempfile::tempdir().unwrap();
     let name = "tls-etcd";
     let ca_dir = state.path().join("tls").join(name);
     let ca = xpyd_runtime::tls::Authority::open_or_create(&ca_dir, name).unwrap();
     let (cert, key) = ca.issue("etcd", &["127.0.0.1".into()]).unwrap();
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
-    let (client, peer) = (free(), free());
-    let data = tempfile::tempdir().unwrap();
-    let url = format!("https://127.0.0.1:{client}");
-    let peer_url = format!("http://127.0.0.1:{peer}");
-    let mut etcd = std::process::Command::new("etcd")
-        .args(["--name", "test", "--data-dir"])
-        .arg(data.path())
-        .args([
-            "--listen-client-urls",
-            &url,
-            "--advertise-client-urls",
-            &url,
-        ])
-        .arg("--cert-file")
-        .arg(&cert)
-        .arg("--key-file")
-        .arg(&key)
-        .args([
-            "--listen-peer-urls",
-            &peer_url,
-            "--initial-advertise-peer-urls",
-            &peer_url,
-        ])
-        .args(["--initial-cluster", &format!("test={peer_url}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
     let roots = xpyd_runtime::tls::Roots::load(&ca.ca_file()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let status = |endpoint: String, roots: Option<xpyd_runtime::tls::Roots>| {
-        rt.block_on(async {
-            let opts = xpyd_runtime::tls::etcd_options(roots.as_ref())
-                .with_connect_timeout(Duration::from_secs(2))
-                .with_timeout(Duration::from_secs(2));
-            let mut c = etcd_client::Client::connect([endpoint], Some(opts)).await?;
-            c.status().await.map(|_| ())
-        })
+    let Some(etcd) = common::etcd::Etcd::start_tls(&cert, &key, &roots) else {
+        return;
     };
-    common::cluster::eventually(Duration::from_secs(20), "etcd serving TLS", || {
-        status(url.clone(), Some(roots.clone())).is_ok()
-    });
+    let url = etcd.url.clone();
+    let plain = url.replace("https://", "http://");
     assert!(
-        status(format!("http://127.0.0.1:{client}"), None).is_err(),
+        common::etcd::Etcd::status_of(&plain, None).is_err(),
         "etcd answered plaintext"
     );
     let up = Up::start_with(
@@ -455,6 +397,4 @@ fn etcd_over_https_with_the_cluster_ca_carries_membership() {
     );
     assert_eq!(code, 200, "{v}");
     up.stop();
-    let _ = etcd.kill();
-    let _ = etcd.wait();
 }
