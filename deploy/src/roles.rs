@@ -627,7 +627,7 @@ pub fn worker(a: &WorkerArgs) -> Result<()> {
         let http = bind(&host, 0).await?;
         // The supervisor reads this line to probe the worker's HTTP port.
         let urls = serde_json::json!({
-            "http": format!("http://{}", http.local_addr()?),
+            "http": format!("{grpc_scheme}://{}", http.local_addr()?),
             "grpc": format!("{grpc_scheme}://{}", grpc.local_addr()?),
         });
         println!("{urls}");

@@ -219,6 +219,9 @@ fn run(model: &std::path::Path, python: &str, name: &str, tls: bool) -> Seen {
         for w in up.workers(role) {
             let url = w["grpc_url"].as_str().unwrap();
             assert!(url.starts_with(scheme), "{url}");
+            // The worker's HTTP side too (`/health` the supervisor probes, `POST /role`).
+            let http = w["http_url"].as_str().unwrap();
+            assert!(http.starts_with(scheme), "{http}");
             grpc.insert(port_of(url));
         }
     }

@@ -116,8 +116,8 @@ pub fn start_membership(
 }
 
 /// The identity a worker registers: its id and role, and the URLs its bound gRPC and HTTP
-/// listeners are reached at on `host`; `grpc` is the listener and whether it serves TLS
-/// (then its URL is `https://`).
+/// listeners are reached at on `host`; `listeners` are the gRPC and HTTP listeners and
+/// whether both serve TLS (then their URLs are `https://`).
 ///
 /// # Errors
 /// A listener without a local address.
@@ -125,8 +125,7 @@ pub fn worker_info(
     worker_id: &str,
     role: &str,
     host: &str,
-    (grpc, grpc_tls): (&tokio::net::TcpListener, bool),
-    http: &tokio::net::TcpListener,
+    (grpc, http, tls): (&tokio::net::TcpListener, &tokio::net::TcpListener, bool),
     fingerprint: &str,
     max_running: usize,
 ) -> std::io::Result<pb::WorkerInfo> {
@@ -135,10 +134,14 @@ pub fn worker_info(
         role: role.into(),
         grpc_url: format!(
             "{}://{host}:{}",
-            crate::tls::scheme(grpc_tls),
+            crate::tls::scheme(tls),
             grpc.local_addr()?.port()
         ),
-        http_url: format!("http://{host}:{}", http.local_addr()?.port()),
+        http_url: format!(
+            "{}://{host}:{}",
+            crate::tls::scheme(tls),
+            http.local_addr()?.port()
+        ),
         model_fingerprint: fingerprint.into(),
         max_running: max_running as u32,
     })

@@ -192,8 +192,7 @@ pub async fn run(
         &cfg.worker_id,
         role.name(),
         &cfg.advertise_host,
-        (&listeners.grpc, internal_tls.is_some()),
-        &listeners.http,
+        (&listeners.grpc, &listeners.http, internal_tls.is_some()),
         &fingerprint,
         cfg.role.max_running,
     )
@@ -209,12 +208,18 @@ pub async fn run(
     );
     let (flip_tx, mut flip_rx) = mpsc::channel::<FlipRequest>(1);
     let metrics = xpyd_runtime::metrics::install();
+    // The small HTTP side too: `POST /role` carries the cluster credential.
+    let http_tls = internal_tls
+        .as_ref()
+        .map(|id| id.server_config(&[b"h2", b"http/1.1"]))
+        .transpose()
+        .map_err(|e| WorkerError::Serve(format!("internal tls: {e}")))?;
     let http = tokio::spawn(xpyd_runtime::http::serve(
         xpyd_runtime::http::worker_router(ready.clone(), lifecycle.clone(), metrics).merge(
             crate::flip::router(flip_tx, info_rx, cfg.membership.key.clone()),
         ),
         listeners.http,
-        None,
+        http_tls,
         stopping.clone(),
     ));
     // HTTP/2 keepalive from this side too: a coordinator that froze or was cut off stops

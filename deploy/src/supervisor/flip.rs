@@ -39,14 +39,14 @@ async fn post_flip(
     wait: Duration,
 ) -> Result<Value, String> {
     tokio::task::spawn_blocking(move || {
-        let agent = ureq::Agent::config_builder()
+        let body = json!({"role": role, "worker_id": id}).to_string();
+        // The process's agent: over TLS it trusts the cluster's CA.
+        let resp = xpyd_bench::http::agent()
+            .post(&format!("{http}/role"))
+            .config()
             .http_status_as_error(false)
             .timeout_global(Some(wait))
             .build()
-            .new_agent();
-        let body = json!({"role": role, "worker_id": id}).to_string();
-        let resp = agent
-            .post(&format!("{http}/role"))
             .header("content-type", "application/json")
             .header(xpyd_runtime::plane::METADATA, &credential)
             .send(body)

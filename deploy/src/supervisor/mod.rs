@@ -131,6 +131,7 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     if let Some(ca) = tls.as_ref().and_then(|p| p.ca_file()) {
         // The supervisor's own calls to the coordinator trust the cluster's CA.
         xpyd_bench::http::set_roots(&std::fs::read(&ca)?)?;
+        probe_exec::trust(&xpyd_runtime::tls::Roots::load(&ca)?)?;
     }
     // The control endpoint is bound before the coordinator starts: the coordinator is
     // told where it is (the dashboard's scale controls call it).

@@ -1,6 +1,6 @@
 //! Running one probe (I/O): an HTTP GET on the worker's HTTP port (a plain HTTP/1.0
-//! request on a fresh connection, so a stuck worker cannot wedge a pooled one; status
-//! 200–399 passes) or a command (exit status 0 passes; killed at its timeout). Either
+//! request on a fresh connection, so a stuck worker cannot wedge a pooled one, over TLS
+//! trusting the cluster's CA when the port serves it; status 200–399 passes) or a command (exit status 0 passes; killed at its timeout). Either
 //! way the result is `Ok` or a one-line reason for the event.
 
 use super::process::{Vars, substitute};
@@ -24,14 +24,54 @@ pub async fn run(action: &ProbeAction, timeout: Duration, vars: &Vars) -> Result
     }
 }
 
-/// `(host, port)` of `http://host:port`.
-fn host_port(base: &str) -> Option<(String, u16)> {
-    let rest = base.strip_prefix("http://")?;
+/// `(host, port, tls)` of `http://host:port` or `https://host:port`.
+fn host_port(base: &str) -> Option<(String, u16, bool)> {
+    let (rest, tls) = match base.strip_prefix("https://") {
+        Some(r) => (r, true),
+        None => (base.strip_prefix("http://")?, false),
+    };
     let authority = rest.split('/').next()?;
     let (h, p) = authority.rsplit_once(':')?;
     let h = h.trim_start_matches('[').trim_end_matches(']');
-    Some((h.to_string(), p.parse().ok()?))
+    Some((h.to_string(), p.parse().ok()?, tls))
 }
+
+/// What `https://` probes trust: the cluster's CA (`xpyd up` sets it once).
+static TRUST: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> =
+    std::sync::OnceLock::new();
+
+/// Makes `https://` probes trust `roots`.
+///
+/// # Errors
+/// When the roots hold no usable certificate.
+pub fn trust(roots: &xpyd_runtime::tls::Roots) -> Result<(), xpyd_runtime::tls::TlsError> {
+    let _ = TRUST.set(roots.client_config(&[b"http/1.1"])?);
+    Ok(())
+}
+
+/// The probe's connection: plain, or TLS to `host`.
+async fn connect(host: &str, port: u16, tls: bool) -> Result<Box<dyn AsyncReadWrite>, String> {
+    let s = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    if !tls {
+        return Ok(Box::new(s));
+    }
+    let cfg = TRUST
+        .get()
+        .ok_or("an https:// worker, but this supervisor has no CA to check it with")?;
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .map_err(|e| format!("tls name {host}: {e}"))?;
+    let s = tokio_rustls::TlsConnector::from(cfg.clone())
+        .connect(name, s)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    Ok(Box::new(s))
+}
+
+/// A byte stream a probe talks over.
+trait AsyncReadWrite: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
 
 /// The status code of an HTTP status line (`HTTP/1.1 200 OK`).
 fn status_of(line: &str) -> Option<u16> {
@@ -42,16 +82,18 @@ fn status_of(line: &str) -> Option<u16> {
 
 /// GET `base` + `path`; passes on 200..=399.
 pub async fn http_get(base: &str, path: &str, timeout: Duration) -> Result<(), String> {
-    let (host, port) = host_port(base).ok_or_else(|| format!("`{base}` is not an http URL"))?;
+    let (host, port, tls) =
+        host_port(base).ok_or_else(|| format!("`{base}` is not an http URL"))?;
     let call = async {
-        let mut s = TcpStream::connect((host.as_str(), port))
+        let mut s = connect(&host, port, tls)
             .await
-            .map_err(|e| format!("GET {path}: connect: {e}"))?;
+            .map_err(|e| format!("GET {path}: {e}"))?;
         let req =
             format!("GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\nUser-Agent: xpyd-probe\r\n\r\n");
         s.write_all(req.as_bytes())
             .await
             .map_err(|e| format!("GET {path}: {e}"))?;
+        s.flush().await.map_err(|e| format!("GET {path}: {e}"))?;
         let mut line = String::new();
         BufReader::new(s.take(1024))
             .read_line(&mut line)
@@ -139,10 +181,14 @@ mod tests {
     fn urls_and_status_lines_parse() {
         assert_eq!(
             host_port("http://127.0.0.1:8080"),
-            Some(("127.0.0.1".into(), 8080))
+            Some(("127.0.0.1".into(), 8080, false))
         );
-        assert_eq!(host_port("http://[::1]:9/x"), Some(("::1".into(), 9)));
-        assert_eq!(host_port("https://h:1"), None);
+        assert_eq!(
+            host_port("http://[::1]:9/x"),
+            Some(("::1".into(), 9, false))
+        );
+        assert_eq!(host_port("https://h:1"), Some(("h".into(), 1, true)));
+        assert_eq!(host_port("ftp://h:1"), None);
         assert_eq!(status_of("HTTP/1.1 503 Service Unavailable\r\n"), Some(503));
         assert_eq!(status_of("SSH-2.0"), None);
     }
