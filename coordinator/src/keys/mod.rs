@@ -243,14 +243,6 @@ impl Store {
         }
     }
 
-    /// Where it is, for messages: its directory or its etcd prefix.
-    pub fn location(&self) -> String {
-        match &self.at {
-            Backing::Dir(d) => d.display().to_string(),
-            Backing::Etcd(p) => p.to_string(),
-        }
-    }
-
     /// Its directory, when it is one.
     pub fn dir(&self) -> Option<&Path> {
         match &self.at {
