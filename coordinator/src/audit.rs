@@ -2,7 +2,9 @@
 //! cluster token, or anyone when the service takes no keys), from where, what (method,
 //! path, the request's body), when, and the outcome (status and the answer or the
 //! error) — appended to a file (mode 0600) that survives a coordinator restart, and
-//! served newest last by `GET /v1/audit?since=&limit=`.
+//! served newest last by `GET /v1/audit?since=&limit=`. The supervisor reports the
+//! changes made on its own control endpoint (`xpyd scale/upgrade/down`) with
+//! `POST /v1/audit`.
 //!
 //! The store is synchronous ([`Audit::append`] writes one line); the HTTP side calls it
 //! on a blocking thread. The file is only ever appended to; a line torn by a crash is
@@ -20,6 +22,10 @@ use std::collections::VecDeque;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+/// Header the coordinator sets on a control call it makes to the supervisor on an
+/// operator's behalf and audits itself: the supervisor does not report that call again.
+pub const AUDITED: &str = "x-xpyd-audited";
 
 /// Entries kept in memory (and served); the file keeps every one.
 pub const KEPT: usize = 10_000;
@@ -219,7 +225,70 @@ pub fn record(audit: &Audit, r: Record) {
 
 /// The routes, merged into the coordinator's HTTP router (an admin route).
 pub(crate) fn routes() -> Router<Arc<App>> {
-    Router::new().route("/v1/audit", get(list))
+    Router::new().route("/v1/audit", get(list).post(report))
+}
+
+/// What the supervisor reports of a change made on its control endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reported {
+    who: String,
+    peer: String,
+    action: String,
+    request: Value,
+    status: u16,
+    outcome: Value,
+}
+
+/// Longest `who`, `peer` or `action` a report may carry.
+const MAX_LABEL: usize = 256;
+
+/// `POST /v1/audit`: an operation made elsewhere (the supervisor's control endpoint),
+/// appended as reported. The reported `who` stands alone only when the call carries the
+/// cluster's credential (`x-xpyd-cluster`: the supervisor's); otherwise the caller's
+/// own identity is kept beside it.
+async fn report(
+    State(app): State<Arc<App>>,
+    caller: Option<axum::Extension<crate::keys::Caller>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let r: Reported = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return ApiError::bad_body(format!("invalid audit record: {e}")).into_response(),
+    };
+    for (field, v) in [("who", &r.who), ("peer", &r.peer), ("action", &r.action)] {
+        if v.is_empty() || v.len() > MAX_LABEL {
+            return ApiError::invalid(field, format!("must be 1..={MAX_LABEL} bytes"))
+                .into_response();
+        }
+    }
+    let member = app.cluster_key.as_ref().is_some_and(|k| {
+        k.admits(
+            headers
+                .get(xpyd_runtime::plane::METADATA)
+                .and_then(|v| v.to_str().ok()),
+        )
+    });
+    let who = match caller.map(|c| c.0) {
+        _ if member => r.who,
+        Some(c) => format!("{} (reported by {c})", r.who),
+        None => format!("{} (reported)", r.who),
+    };
+    let record = Record {
+        who,
+        peer: r.peer,
+        action: r.action,
+        request: body_value(r.request.to_string().as_bytes()),
+        status: r.status,
+        outcome: body_value(r.outcome.to_string().as_bytes()),
+    };
+    let audit = app.audit.clone();
+    match tokio::task::spawn_blocking(move || audit.append(record)).await {
+        Ok(Ok(e)) => axum::Json(json!({"seq": e.seq})).into_response(),
+        Ok(Err(e)) => ApiError::upstream(500, e.to_string()).into_response(),
+        Err(e) => ApiError::upstream(500, format!("audit task: {e}")).into_response(),
+    }
 }
 
 async fn list(State(app): State<Arc<App>>, RawQuery(q): RawQuery) -> Response {

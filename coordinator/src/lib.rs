@@ -238,6 +238,8 @@ pub struct App {
     pub keys: Option<keys::Live>,
     /// The cluster's credential on calls to workers.
     pub badge: xpyd_runtime::plane::Badge,
+    /// The cluster's key, to tell its own processes' HTTP calls (`x-xpyd-cluster`).
+    pub cluster_key: Option<xpyd_runtime::plane::ClusterKey>,
     /// Admin operations, who made them and how they ended (`/v1/audit`).
     pub audit: audit::Audit,
     /// The dashboard's time series.
@@ -464,6 +466,7 @@ pub async fn run(
         limiter: guard::Limiter::new(cfg.rate_limit),
         keys,
         badge: xpyd_runtime::plane::Badge::new(key.as_ref()),
+        cluster_key: key.clone(),
         audit,
         board: dashboard::Board::default(),
         compat: compat::Compat::new(&compat::Identity {

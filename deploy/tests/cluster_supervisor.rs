@@ -301,6 +301,19 @@ fn rebuild_scope_deployment_replica_restarts_every_worker_but_not_the_coordinato
 }
 
 impl Sup {
+    /// The coordinator's audit entries of `action`.
+    fn audited(&self, action: &str) -> Vec<serde_json::Value> {
+        let (code, v) = common::cluster::get(&format!("{}/v1/audit?limit=1000", self.http));
+        assert_eq!(code, 200, "{v}");
+        v["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["action"] == action)
+            .cloned()
+            .collect()
+    }
+
     fn post_completion(&self) -> u16 {
         let body = json!({"prompt": "hello", "max_tokens": 4, "temperature": 0});
         common::cluster::post_raw(
@@ -358,6 +371,12 @@ fn a_rolling_upgrade_under_load_fails_no_request() {
     );
     let s = up.status();
     assert_eq!(s["version"], 2);
+    // The upgrade is in the coordinator's audit log, as its own control call reported.
+    eventually(LONG, "the upgrade audited", || {
+        up.audited("POST /v1/upgrade (supervisor)").iter().any(|e| {
+            e["status"] == 202 && e["who"] == "cluster token (supervisor control endpoint)"
+        })
+    });
     let decode: Vec<_> = s["workers"]
         .as_array()
         .unwrap()
@@ -542,10 +561,20 @@ fn check_scale_refusals_and_events(up: &Sup, scale: &dyn Fn(&str, &str) -> std::
     );
     let (code, v) = up.control_post("/v1/scale", &json!({"role": "encode", "replicas": 1}));
     assert_eq!(
-        (code, v["error"]["field"].as_str()),
-        (400, Some("role")),
+        (
+            code,
+            v["error"]["field"].as_str(),
+            v["error"]["param"].as_str()
+        ),
+        (400, Some("role"), Some("role")),
         "{v}"
     );
+    // Refused or not, every change call that carried the credential is audited.
+    eventually(LONG, "the refused scale audited", || {
+        up.audited("POST /v1/scale (supervisor)").iter().any(|e| {
+            e["status"] == 400 && e["request"]["role"] == "encode" && e["peer"].is_string()
+        })
+    });
     // A crash of the last decode worker: its Rebuild and the service's Alarm are
     // Warnings, for the severity filter to return among the Normal scaling events.
     let (victim, pid) = up

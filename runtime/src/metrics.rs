@@ -42,6 +42,9 @@ pub const COORD_KV_BYTES_TOTAL: &str = "xpyd_coordinator_kv_transfer_bytes_total
 /// Coordinator: microseconds those transfers took (open to commit), same labels: with
 /// the bytes, the bandwidth of each link.
 pub const COORD_KV_MICROS_TOTAL: &str = "xpyd_coordinator_kv_transfer_microseconds_total";
+/// Histogram: seconds each request's KV transfer took, from open to commit, labelled by
+/// link (`source`, `target`, `backend`).
+pub const COORD_KV_SECONDS: &str = "xpyd_coordinator_kv_transfer_seconds";
 /// Coordinator: requests waiting on workers, by `role` (their reported queues).
 pub const ROLE_QUEUE_DEPTH: &str = "xpyd_role_queue_depth";
 /// Coordinator: KV blocks of the workers of a `role`, by `state` (`used`, `free`).

@@ -102,10 +102,17 @@ async fn apply(State(app): State<Arc<App>>, body: Bytes) -> Response {
         },
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = not_converging(&app, super::unix_ms()) {
-        return e.into_response();
-    }
-    let d = apply_layout(&app, layout, "operator", goodput);
+    let d = {
+        let _one = app
+            .advisor
+            .applying
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = not_converging(&app, super::unix_ms()) {
+            return e.into_response();
+        }
+        apply_layout(&app, layout, "operator", goodput)
+    };
     axum::Json(json!({"generation": d.generation, "layout": d.layout.to_string(), "replicas": d.replicas()}))
         .into_response()
 }
@@ -220,6 +227,9 @@ async fn whatif_inner(app: &Arc<App>, body: &[u8]) -> Result<serde_json::Value, 
         .model()
         .map_err(|e| ApiError::invalid("profile", e))?;
     let cfg = app.advisor.lock().config.clone();
+    if let Some(s) = &w.slo {
+        s.check()?;
+    }
     let slo = w.slo.as_ref().map_or(cfg.slo, |s| s.over(cfg.slo));
     slo.validate().map_err(plan_error)?;
     let budget = match w.budget {
@@ -381,7 +391,10 @@ async fn one_window(app: &Arc<App>, win: Duration) {
     }
     live.finish_window(Some((advisor, generation)), result);
     if let Some((layout, goodput)) = auto {
-        let d = apply_layout(app, layout, AUTO, Some(goodput));
+        let d = {
+            let _one = live.applying.lock().unwrap_or_else(|p| p.into_inner());
+            apply_layout(app, layout, AUTO, Some(goodput))
+        };
         crate::audit::record(
             &app.audit,
             crate::audit::Record {

@@ -145,6 +145,9 @@ pub struct Live {
     pub(crate) changed: tokio::sync::Notify,
     /// One simulation at a time (the loop and what-ifs share the cores with serving).
     pub(crate) sim: tokio::sync::Mutex<()>,
+    /// Held from an apply's check that no other apply is still being carried out to its
+    /// setting the new split, so two applies at once cannot both pass the check.
+    pub(crate) applying: Mutex<()>,
 }
 
 pub(crate) fn unix_ms() -> u64 {
@@ -193,7 +196,36 @@ pub(crate) struct SloBody {
     attainment: Option<f64>,
 }
 
+/// Longest TTFT SLO the API takes (10 min).
+pub const MAX_TTFT_MS: f64 = 600_000.0;
+/// Longest TPOT SLO the API takes (1 min per token).
+pub const MAX_TPOT_MS: f64 = 60_000.0;
+
 impl SloBody {
+    /// Checks the numbers in the API's own names and units.
+    ///
+    /// # Errors
+    /// 400 naming `slo.ttft_ms`, `slo.tpot_ms` or `slo.attainment`.
+    pub(crate) fn check(&self) -> Result<(), ApiError> {
+        for (field, v, max) in [
+            ("slo.ttft_ms", self.ttft_ms, MAX_TTFT_MS),
+            ("slo.tpot_ms", self.tpot_ms, MAX_TPOT_MS),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0 && v <= max)
+            {
+                return Err(bad(field, format!("{v} ms is outside (0, {max}]")));
+            }
+        }
+        if let Some(a) = self.attainment
+            && !(a > 0.0 && a <= 1.0)
+        {
+            return Err(bad("slo.attainment", format!("{a} is outside (0, 1]")));
+        }
+        Ok(())
+    }
+
+    /// These numbers over `s` (the keys not given keep `s`'s).
     pub(crate) fn over(&self, s: Slo) -> Slo {
         Slo {
             ttft_s: self.ttft_ms.map_or(s.ttft_s, |v| v / 1e3),
@@ -301,6 +333,7 @@ impl Live {
             }),
             changed: tokio::sync::Notify::new(),
             sim: tokio::sync::Mutex::new(()),
+            applying: Mutex::new(()),
         }
     }
 
@@ -385,6 +418,7 @@ impl Live {
         let mut s = self.lock();
         let mut cfg = s.config.clone();
         if let Some(slo) = &b.slo {
+            slo.check()?;
             cfg.slo = slo.over(cfg.slo);
         }
         if let Some(n) = b.budget {

@@ -58,8 +58,12 @@ fn config_patches_are_checked_by_field_and_keep_the_rest() {
     for (body, field) in [
         (&br#"{"window_s": 1}"#[..], "window_s"),
         (br#"{"budget": 0}"#, "budget"),
-        (br#"{"slo": {"ttft_ms": -1}}"#, "slo.ttft_s"),
+        (br#"{"slo": {"ttft_ms": -1}}"#, "slo.ttft_ms"),
+        (br#"{"slo": {"ttft_ms": 1e15}}"#, "slo.ttft_ms"),
+        (br#"{"slo": {"tpot_ms": 0}}"#, "slo.tpot_ms"),
+        (br#"{"slo": {"tpot_ms": 60001}}"#, "slo.tpot_ms"),
         (br#"{"slo": {"attainment": 2}}"#, "slo.attainment"),
+        (br#"{"slo": {"ttft": 5}}"#, "ttft"),
         (br#"{"mode": "sometimes"}"#, "mode"),
         (br#"{"streak": 0}"#, "streak"),
         (br#"{"colour": "red"}"#, "colour"),

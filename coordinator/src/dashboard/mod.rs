@@ -327,8 +327,10 @@ async fn scale(State(app): State<Arc<App>>, body: Bytes) -> Response {
     };
     let bearer = app.badge.bearer().map(str::to_string);
     let call = tokio::task::spawn_blocking(move || {
+        // Audited here, with the operator's name: the supervisor need not report it.
         let mut req = ureq::post(format!("{url}/v1/scale"))
-            .header(header::CONTENT_TYPE.as_str(), "application/json");
+            .header(header::CONTENT_TYPE.as_str(), "application/json")
+            .header(crate::audit::AUDITED, "coordinator");
         if let Some(b) = &bearer {
             req = req.header(xpyd_runtime::plane::METADATA, b);
         }

@@ -207,6 +207,7 @@ pub(super) async fn start_disaggregated(
     metrics::counter!(xpyd_runtime::metrics::COORD_KV_BYTES_TOTAL, &link).increment(first.kv_bytes);
     metrics::counter!(xpyd_runtime::metrics::COORD_KV_MICROS_TOTAL, &link)
         .increment((first.kv_seconds * 1e6) as u64);
+    metrics::histogram!(xpyd_runtime::metrics::COORD_KV_SECONDS, &link).record(first.kv_seconds);
     if em.generated.is_empty() {
         em.cached = first.cached_tokens;
     }

@@ -11,17 +11,23 @@
 //! | `POST /v1/down` | 202; the cluster stops gracefully |
 //!
 //! The `POST` calls need the cluster's credential in `x-xpyd-cluster` (401 without).
+//! Each one answered goes to the coordinator's audit log (through the reporter) unless
+//! the coordinator made it on an operator's behalf and audited it itself
+//! (`xpyd_coordinator::audit::AUDITED`).
 //!
 //! Each call becomes a [`Command`] to the supervisor's actor over a bounded channel and
-//! waits for its reply. Errors are `{"error": {"message", "field"}}`.
+//! waits for its reply. Errors are `{"error": {"message", "field", "param"}}` (`param`: the same field, in the
+//! coordinator's admin API's name).
 
+use super::report::Reporter;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -61,7 +67,8 @@ impl CtlError {
 impl IntoResponse for CtlError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        let body = json!({"error": {"message": self.message, "field": self.field}});
+        let body =
+            json!({"error": {"message": self.message, "field": self.field, "param": self.field}});
         (status, axum::Json(body)).into_response()
     }
 }
@@ -107,13 +114,67 @@ pub enum Command {
     Down(oneshot::Sender<()>),
 }
 
+/// Largest request body the audit middleware reads (an upgrade carries a manifest).
+const MAX_AUDITED_BODY: usize = 1 << 20;
+
+/// Reports an answered change call to the coordinator's audit log: who (the cluster's
+/// credential, the only one the endpoint takes), from where, the call and its body,
+/// the status and the answer.
+async fn audit(
+    State(reporter): State<Reporter>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.headers().contains_key(xpyd_coordinator::audit::AUDITED) {
+        return next.run(req).await;
+    }
+    let action = format!("{} {} (supervisor)", req.method(), req.uri().path());
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_AUDITED_BODY).await else {
+        return CtlError {
+            status: 413,
+            field: None,
+            message: format!("the body is over {MAX_AUDITED_BODY} bytes"),
+        }
+        .into_response();
+    };
+    let request = body_json(&body);
+    let resp = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(body),
+        ))
+        .await;
+    let (parts, body) = resp.into_parts();
+    let answer = axum::body::to_bytes(body, MAX_AUDITED_BODY)
+        .await
+        .unwrap_or_default();
+    reporter.audit(json!({
+        "who": "cluster token (supervisor control endpoint)",
+        "peer": peer.to_string(),
+        "action": action,
+        "request": request,
+        "status": parts.status.as_u16(),
+        "outcome": body_json(&answer),
+    }));
+    Response::from_parts(parts, axum::body::Body::from(answer))
+}
+
+/// A body as JSON when it parses, else as text.
+fn body_json(b: &[u8]) -> Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(b).into()))
+}
+
 /// Serves the control endpoint on `listener` until `stop`. Every call that changes the
 /// cluster needs its credential (`x-xpyd-cluster`, as on the internal plane): another
 /// user of the host cannot scale, flip, upgrade or stop it; the status stays readable.
+/// Answered changes are reported to the coordinator's audit log through `reporter`.
 pub async fn serve(
     listener: TcpListener,
     cmds: mpsc::Sender<Command>,
     key: xpyd_runtime::plane::ClusterKey,
+    reporter: Reporter,
     stop: CancellationToken,
 ) {
     let member = axum::middleware::from_fn(
@@ -145,15 +206,19 @@ pub async fn serve(
         .route("/v1/flip", post(flip))
         .route("/v1/upgrade", post(upgrade))
         .route("/v1/down", post(down))
+        .route_layer(axum::middleware::from_fn_with_state(reporter, audit))
         .route_layer(member)
         .with_state(cmds.clone());
     let app = Router::new()
         .route("/v1/supervisor", get(status))
         .with_state(cmds)
         .merge(changes);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await;
     if let Err(e) = served {
         xpyd_runtime::logging::say(
             xpyd_runtime::logging::Level::WARN,

@@ -161,11 +161,17 @@ async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
         coord.internal.clone(),
     );
     let bg = CancellationToken::new();
-    let reporter = report::spawn(http.clone(), bg.clone());
+    let reporter = report::spawn(http.clone(), Some(key.bearer().to_string()), bg.clone());
     let routed = report::poll_cluster(http.clone(), bg.clone());
     let (cmd_tx, cmd_rx) = mpsc::channel(16);
     ratio::spawn(http.clone(), cmd_tx.clone(), bg.clone());
-    tokio::spawn(control::serve(listener, cmd_tx, key.clone(), bg.clone()));
+    tokio::spawn(control::serve(
+        listener,
+        cmd_tx,
+        key.clone(),
+        reporter.clone(),
+        bg.clone(),
+    ));
     println!("supervisor: {control_url}");
     // Where the credential is (not the credential): tools of this user that call the
     // internal plane read it there.

@@ -1,5 +1,6 @@
 //! What the supervisor tells the coordinator, and what it reads back (I/O): a reporter
-//! task that posts events to `POST /v1/events` and each worker's routing switch to
+//! task that posts events to `POST /v1/events`, the control endpoint's answered
+//! changes to `POST /v1/audit`, and each worker's routing switch to
 //! `POST /v1/workers/{id}/routing`, retrying while the coordinator is down or
 //! restarting (events are kept up to [`MAX_PENDING`], the routing switches as the
 //! latest value per worker, all re-sent after a coordinator restart); and a poller of
@@ -23,6 +24,7 @@ const POLL: Duration = Duration::from_millis(300);
 
 enum Report {
     Event(Event),
+    Audit(Value),
     Routing { id: String, enabled: bool },
     Reassert,
 }
@@ -58,6 +60,17 @@ impl Reporter {
         }
     }
 
+    /// Sends an audit record (`{who, peer, action, request, status, outcome}`) to the
+    /// coordinator's log.
+    pub fn audit(&self, record: Value) {
+        if self.tx.try_send(Report::Audit(record)).is_err() {
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::WARN,
+                "xpyd up: report queue full; an audit record was dropped",
+            );
+        }
+    }
+
     /// Puts worker `id` in or out of the coordinator's routing.
     pub fn routing(&self, id: &str, enabled: bool) {
         let r = Report::Routing {
@@ -78,16 +91,18 @@ impl Reporter {
     }
 }
 
-/// Starts the reporter for the coordinator at `http`.
-pub fn spawn(http: String, stop: CancellationToken) -> Reporter {
+/// Starts the reporter for the coordinator at `http`; its audit records carry the
+/// cluster's credential `badge` (`x-xpyd-cluster`), which vouches for their `who`.
+pub fn spawn(http: String, badge: Option<String>, stop: CancellationToken) -> Reporter {
     let (tx, rx) = mpsc::channel(4096);
-    tokio::spawn(run(http, rx, stop));
+    tokio::spawn(run(http, badge, rx, stop));
     Reporter { tx }
 }
 
 #[derive(Default)]
 struct Pending {
     events: VecDeque<Event>,
+    audit: VecDeque<Value>,
     routing: BTreeMap<String, bool>,
     dirty: BTreeSet<String>,
 }
@@ -101,6 +116,12 @@ impl Pending {
                 }
                 self.events.push_back(e);
             }
+            Report::Audit(r) => {
+                if self.audit.len() >= MAX_PENDING {
+                    self.audit.pop_front();
+                }
+                self.audit.push_back(r);
+            }
             Report::Routing { id, enabled } => {
                 self.routing.insert(id.clone(), enabled);
                 self.dirty.insert(id);
@@ -110,11 +131,16 @@ impl Pending {
     }
 
     fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.dirty.is_empty()
+        self.events.is_empty() && self.audit.is_empty() && self.dirty.is_empty()
     }
 }
 
-async fn run(http: String, mut rx: mpsc::Receiver<Report>, stop: CancellationToken) {
+async fn run(
+    http: String,
+    badge: Option<String>,
+    mut rx: mpsc::Receiver<Report>,
+    stop: CancellationToken,
+) {
     let mut p = Pending::default();
     loop {
         if p.is_empty() {
@@ -129,7 +155,7 @@ async fn run(http: String, mut rx: mpsc::Receiver<Report>, stop: CancellationTok
         while let Ok(r) = rx.try_recv() {
             p.take(r);
         }
-        if !flush(&http, &mut p).await {
+        if !flush(&http, badge.as_deref(), &mut p).await {
             tokio::select! {
                 _ = tokio::time::sleep(RETRY) => {}
                 _ = stop.cancelled() => return,
@@ -139,14 +165,27 @@ async fn run(http: String, mut rx: mpsc::Receiver<Report>, stop: CancellationTok
 }
 
 /// Sends what is pending; false when a call failed (the rest stays pending).
-async fn flush(http: &str, p: &mut Pending) -> bool {
+async fn flush(http: &str, badge: Option<&str>, p: &mut Pending) -> bool {
     while let Some(id) = p.dirty.first().cloned() {
         let enabled = p.routing.get(&id).copied().unwrap_or(true);
         let url = format!("{http}/v1/workers/{id}/routing");
-        if post(url, json!({ "enabled": enabled })).await.is_err() {
+        if post(url, json!({ "enabled": enabled }), None)
+            .await
+            .is_err()
+        {
             return false;
         }
         p.dirty.remove(&id);
+    }
+    while let Some(r) = p.audit.front() {
+        let badge = badge.map(str::to_string);
+        if post(format!("{http}/v1/audit"), r.clone(), badge)
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        p.audit.pop_front();
     }
     if p.events.is_empty() {
         return true;
@@ -154,16 +193,20 @@ async fn flush(http: &str, p: &mut Pending) -> bool {
     let n = p.events.len().min(500);
     let batch: Vec<&Event> = p.events.iter().take(n).collect();
     let body = serde_json::to_value(batch).unwrap_or(Value::Null);
-    if post(format!("{http}/v1/events"), body).await.is_err() {
+    if post(format!("{http}/v1/events"), body, None).await.is_err() {
         return false;
     }
     p.events.drain(..n);
     true
 }
 
-async fn post(url: String, body: Value) -> Result<(), String> {
+async fn post(url: String, body: Value, badge: Option<String>) -> Result<(), String> {
     tokio::task::spawn_blocking(move || {
-        let resp = xpyd_bench::http::with_auth(xpyd_bench::http::agent().post(&url))
+        let mut req = xpyd_bench::http::with_auth(xpyd_bench::http::agent().post(&url));
+        if let Some(b) = &badge {
+            req = req.header(xpyd_runtime::plane::METADATA, b);
+        }
+        let resp = req
             .header("content-type", "application/json")
             .config()
             .timeout_global(Some(CALL_TIMEOUT))

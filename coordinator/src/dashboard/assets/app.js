@@ -403,6 +403,7 @@ function drawEvents() {
     const tr = row([clock(e.time_ms), e.severity, e.subject, e.reason, e.message], `sev-${e.severity}`);
     tr.dataset.reason = e.reason;
     tr.dataset.subject = e.subject;
+    tr.dataset.severity = e.severity;
     return tr;
   }));
 }
