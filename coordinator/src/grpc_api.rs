@@ -5,7 +5,8 @@
 use crate::App;
 use crate::error::ApiError;
 use crate::flow::{self, Delta, Usage};
-use crate::request::{GenFields, Input, Message, Stop, class_from_header, prepare};
+use crate::logprobs::to_pb;
+use crate::request::{GenFields, Input, Logprobs, Message, Stop, class_from_header, prepare};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -67,6 +68,30 @@ impl InferenceService {
             .map(String::from);
         let r = req.into_inner();
         let s = r.sampling.unwrap_or_default();
+        if !s.logprobs {
+            for (on, field) in [
+                (s.top_logprobs.unwrap_or(0) > 0, "top_logprobs"),
+                (s.prompt_logprobs, "prompt_logprobs"),
+            ] {
+                if on {
+                    return Err(ApiError::invalid(field, "needs `logprobs: true`").grpc());
+                }
+            }
+        }
+        let max = xpyd_engine::MAX_TOP_LOGPROBS as u32;
+        if let Some(n) = s.top_logprobs.filter(|n| *n > max) {
+            return Err(
+                ApiError::invalid("top_logprobs", format!("{n} is outside 0..={max}")).grpc(),
+            );
+        }
+        let chat = matches!(r.input, Some(pb::generate_request::Input::Chat(_)));
+        // gRPC says logprobs as chat does (a switch and a count) for either input.
+        let top = s.top_logprobs.map(i64::from);
+        let (logprobs, top_logprobs) = match (s.logprobs, chat) {
+            (false, _) => (None, None),
+            (true, true) => (Some(Logprobs::On(true)), top),
+            (true, false) => (Some(Logprobs::Top(top.unwrap_or(0))), None),
+        };
         let fields = GenFields {
             model: Some(r.model),
             max_tokens: s.max_tokens.map(i64::from),
@@ -77,6 +102,9 @@ impl InferenceService {
             stop: (!s.stop.is_empty()).then_some(Stop::Many(s.stop)),
             ignore_eos: Some(s.ignore_eos),
             priority: r.priority.map(i64::from),
+            logprobs,
+            top_logprobs,
+            prompt_logprobs: s.prompt_logprobs,
             ..Default::default()
         };
         let msgs: Vec<Message>;
@@ -118,13 +146,22 @@ impl pb::inference_server::Inference for InferenceService {
         let mut rx = self.start(req).await?;
         let (tx, out) = mpsc::channel(64);
         let request_id = format!("{:x}", self.app.next_id());
+        let app = self.app.clone();
         tokio::spawn(async move {
+            let tok = &app.model.tokenizer;
             while let Some(d) = rx.recv().await {
                 let msg = match d {
-                    Delta::Text { text, id } => Ok(pb::GenerateResponse {
+                    Delta::Text {
+                        text,
+                        id,
+                        logprobs,
+                        prompt_logprobs,
+                    } => Ok(pb::GenerateResponse {
                         text,
                         token_ids: vec![id],
                         request_id: request_id.clone(),
+                        logprobs: logprobs.iter().map(|l| to_pb(tok, l)).collect(),
+                        prompt_logprobs: prompt_logprobs.iter().map(|l| to_pb(tok, l)).collect(),
                         ..Default::default()
                     }),
                     Delta::Done { finish, usage } => Ok(pb::GenerateResponse {
@@ -155,11 +192,20 @@ impl pb::inference_server::Inference for InferenceService {
             model: self.app.model_id.clone(),
             ..Default::default()
         };
+        let tok = &self.app.model.tokenizer;
         while let Some(d) = rx.recv().await {
             match d {
-                Delta::Text { text, id } => {
+                Delta::Text {
+                    text,
+                    id,
+                    logprobs,
+                    prompt_logprobs,
+                } => {
                     out.text.push_str(&text);
                     out.token_ids.push(id);
+                    out.logprobs.extend(logprobs.iter().map(|l| to_pb(tok, l)));
+                    out.prompt_logprobs
+                        .extend(prompt_logprobs.iter().map(|l| to_pb(tok, l)));
                 }
                 Delta::Done { finish, usage } => {
                     out.finish_reason = finish_to_pb(Some(finish)) as i32;

@@ -6,6 +6,7 @@ use crate::App;
 use crate::error::ApiError;
 use crate::flow::{self, Delta, Usage};
 use crate::keys::Need;
+use crate::logprobs::{TextLogprobs, chat_entry};
 use crate::request::{GenFields, Input, class_from_header, prepare};
 use axum::Router;
 use axum::body::Bytes;
@@ -25,6 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
+use xpyd_engine::TokenLogprobs;
 
 /// The HTTP router.
 pub fn router(app: Arc<App>) -> Router {
@@ -325,19 +327,29 @@ async fn handle(
             api,
         )
         .await?;
+        let echo = match (kind, b.fields.echo, &b.fields.prompt) {
+            (Kind::Text, Some(true), Some(prompt)) => Some(prompt.clone()),
+            _ => None,
+        };
         Ok::<_, ApiError>((
             p,
             b.stream.unwrap_or(false),
             b.stream_options.unwrap_or_default(),
+            echo,
         ))
     }
     .await;
-    let (p, stream, opts) = match prepared {
+    let (p, stream, opts, echo) = match prepared {
         Ok(x) => x,
         Err(e) => {
             metrics::counter!(xpyd_runtime::metrics::COORD_REQUESTS_TOTAL, "api" => api, "code" => e.status.to_string()).increment(1);
             return e.into_response();
         }
+    };
+    let shape = Shape {
+        kind,
+        logprobs: p.params.logprobs,
+        echo: echo.map(|text| (text, p.tokens[0])),
     };
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(flow::serve(app.clone(), p, tx));
@@ -351,25 +363,107 @@ async fn handle(
         app.next_id()
     );
     if stream {
-        sse(app, rx, id, kind, opts.include_usage).await
+        sse(app, rx, id, shape, opts.include_usage).await
     } else {
-        whole(app, rx, id, kind).await
+        whole(app, rx, id, shape).await
     }
 }
 
-async fn whole(app: Arc<App>, mut rx: mpsc::Receiver<Delta>, id: String, kind: Kind) -> Response {
+/// What a response carries besides the text: logprobs, and (completions) the prompt.
+struct Shape {
+    kind: Kind,
+    logprobs: bool,
+    /// `echo`: the prompt's text and first token.
+    echo: Option<(String, u32)>,
+}
+
+/// Turns token deltas into the text and logprobs a response shows, in either API's form.
+struct Rendering<'a> {
+    shape: &'a Shape,
+    tok: &'a xpyd_engine::Tokenizer,
+    /// Chat: `logprobs.content` entries not yet sent.
+    content: Vec<Value>,
+    /// Completions: the `logprobs` object not yet sent.
+    text: TextLogprobs,
+    /// The echoed prompt is out.
+    echoed: bool,
+}
+
+impl<'a> Rendering<'a> {
+    fn new(shape: &'a Shape, tok: &'a xpyd_engine::Tokenizer) -> Self {
+        Rendering {
+            shape,
+            tok,
+            content: Vec::new(),
+            text: TextLogprobs::default(),
+            echoed: false,
+        }
+    }
+
+    /// A token's text as the response shows it (the echoed prompt before the first),
+    /// noting its logprobs.
+    fn token(
+        &mut self,
+        text: String,
+        lp: Option<&TokenLogprobs>,
+        prompt_lp: &[TokenLogprobs],
+    ) -> String {
+        let mut out = String::new();
+        if let Some((prompt, first)) = &self.shape.echo
+            && !self.echoed
+        {
+            self.echoed = true;
+            out.push_str(prompt);
+            if self.shape.logprobs {
+                self.text.push_unscored(self.tok, *first);
+                for l in prompt_lp {
+                    self.text.push(self.tok, l);
+                }
+            }
+        }
+        out.push_str(&text);
+        if let Some(l) = lp {
+            match self.shape.kind {
+                Kind::Chat => self.content.push(chat_entry(self.tok, l)),
+                Kind::Text => self.text.push(self.tok, l),
+            }
+        }
+        out
+    }
+
+    /// The `logprobs` of what was noted since the last call (null when not asked for).
+    fn logprobs(&mut self) -> Value {
+        if !self.shape.logprobs {
+            return Value::Null;
+        }
+        match self.shape.kind {
+            Kind::Chat => json!({"content": std::mem::take(&mut self.content)}),
+            Kind::Text => self.text.take(),
+        }
+    }
+}
+
+async fn whole(app: Arc<App>, mut rx: mpsc::Receiver<Delta>, id: String, shape: Shape) -> Response {
+    let kind = shape.kind;
+    let mut r = Rendering::new(&shape, &app.model.tokenizer);
     let mut text = String::new();
     while let Some(d) = rx.recv().await {
         match d {
-            Delta::Text { text: t, .. } => text.push_str(&t),
+            Delta::Text {
+                text: t,
+                logprobs,
+                prompt_logprobs,
+                ..
+            } => text.push_str(&r.token(t, logprobs.as_ref(), &prompt_logprobs)),
             Delta::Error(e) => return e.into_response(),
             Delta::Done { finish, usage } => {
+                let logprobs = r.logprobs();
                 let choice = match kind {
                     Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_openai(), "logprobs": null})
+                        json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish.as_openai(), "logprobs": logprobs})
                     }
                     Kind::Text => {
-                        json!({"index": 0, "text": text, "finish_reason": finish.as_openai(), "logprobs": null})
+                        json!({"index": 0, "text": text, "finish_reason": finish.as_openai(), "logprobs": logprobs})
                     }
                 };
                 let object = if kind == Kind::Chat {
@@ -396,6 +490,7 @@ pub(crate) fn chunk(
     text: Option<&str>,
     finish: Option<&str>,
     first: bool,
+    logprobs: Value,
 ) -> Value {
     let (object, choice) = match kind {
         Kind::Chat => {
@@ -408,12 +503,12 @@ pub(crate) fn chunk(
             }
             (
                 "chat.completion.chunk",
-                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}),
+                json!({"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}),
             )
         }
         Kind::Text => (
             "text_completion",
-            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": null}),
+            json!({"index": 0, "text": text.unwrap_or(""), "finish_reason": finish, "logprobs": logprobs}),
         ),
     };
     json!({"id": id, "object": object, "created": now_s(), "model": app.model_id, "choices": [choice]})
@@ -432,7 +527,7 @@ async fn sse(
     app: Arc<App>,
     mut rx: mpsc::Receiver<Delta>,
     id: String,
-    kind: Kind,
+    shape: Shape,
     include_usage: bool,
 ) -> Response {
     // Errors before the first token are plain HTTP errors (status codes still possible).
@@ -443,6 +538,8 @@ async fn sse(
     };
     let (etx, erx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
+        let kind = shape.kind;
+        let mut r = Rendering::new(&shape, &app.model.tokenizer);
         let mut next = Some(first);
         let mut first_chunk = true;
         loop {
@@ -455,8 +552,22 @@ async fn sse(
                 },
             };
             let events: Vec<Value> = match d {
-                Delta::Text { text, .. } => {
-                    let c = chunk(&app, &id, kind, Some(&text), None, first_chunk);
+                Delta::Text {
+                    text,
+                    logprobs,
+                    prompt_logprobs,
+                    ..
+                } => {
+                    let text = r.token(text, logprobs.as_ref(), &prompt_logprobs);
+                    let c = chunk(
+                        &app,
+                        &id,
+                        kind,
+                        Some(&text),
+                        None,
+                        first_chunk,
+                        r.logprobs(),
+                    );
                     first_chunk = false;
                     vec![c]
                 }
@@ -468,6 +579,7 @@ async fn sse(
                         None,
                         Some(finish.as_openai()),
                         first_chunk,
+                        Value::Null,
                     )];
                     if include_usage {
                         v.push(usage_chunk(&app, &id, kind, usage));

@@ -18,6 +18,7 @@ pub mod grpc_api;
 pub mod guard;
 pub mod http_api;
 pub mod keys;
+pub mod logprobs;
 pub mod registry;
 pub mod request;
 pub mod router;

@@ -22,6 +22,17 @@ pub enum Stop {
     Many(Vec<String>),
 }
 
+/// `logprobs` as OpenAI takes it: a switch on chat completions, a count of alternatives
+/// on (legacy) completions.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+pub enum Logprobs {
+    /// Chat: return logprobs (`top_logprobs` says how many alternatives).
+    On(bool),
+    /// Completions: return logprobs with this many alternatives.
+    Top(i64),
+}
+
 /// A chat message as clients send it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Message {
@@ -74,6 +85,19 @@ pub struct GenFields {
     /// Extension: SLO class 0..=3 (header `x-xpyd-priority` overrides).
     #[serde(default)]
     pub priority: Option<i64>,
+    /// Log-probabilities: a boolean on chat, 0..=20 alternatives on completions.
+    #[serde(default)]
+    pub logprobs: Option<Logprobs>,
+    /// Chat: alternatives per position, 0..=20 (needs `logprobs: true`).
+    #[serde(default)]
+    pub top_logprobs: Option<i64>,
+    /// Completions: the prompt comes back before the completion (with its logprobs when
+    /// `logprobs` is set).
+    #[serde(default)]
+    pub echo: Option<bool>,
+    /// gRPC: the prompt's logprobs too (HTTP says this with `echo`).
+    #[serde(skip)]
+    pub prompt_logprobs: bool,
 }
 
 /// The prompt, owned, for the tokenizer's thread.
@@ -105,6 +129,50 @@ pub fn class_from_header(v: Option<&str>) -> Result<Option<u8>, ApiError> {
             )),
         },
     }
+}
+
+/// Whether logprobs are asked for and how many alternatives, from OpenAI's two forms:
+/// chat's `logprobs: bool` + `top_logprobs`, completions' `logprobs: n`.
+///
+/// # Errors
+/// 400 naming `logprobs` or `top_logprobs`.
+fn logprobs_of(f: &GenFields, chat: bool) -> Result<(bool, usize), ApiError> {
+    let max = xpyd_engine::MAX_TOP_LOGPROBS as i64;
+    let range = |field: &'static str, n: i64| {
+        if (0..=max).contains(&n) {
+            Ok(n as usize)
+        } else {
+            Err(ApiError::invalid(
+                field,
+                format!("{n} is outside 0..={max}"),
+            ))
+        }
+    };
+    let on = match (f.logprobs, chat) {
+        (None, _) => false,
+        (Some(Logprobs::On(on)), true) => on,
+        (Some(Logprobs::Top(n)), false) => return Ok((true, range("logprobs", n)?)),
+        (Some(Logprobs::On(_)), false) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("completions take a number of alternatives 0..={max}"),
+            ));
+        }
+        (Some(Logprobs::Top(_)), true) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "chat completions take true or false (alternatives: top_logprobs)",
+            ));
+        }
+    };
+    let top = match f.top_logprobs {
+        None => 0,
+        Some(n) => range("top_logprobs", n)?,
+    };
+    if top > 0 && !on {
+        return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
+    }
+    Ok((on, top))
 }
 
 /// Validates and tokenizes. A prompt that cannot fit the context is refused before it is
@@ -187,6 +255,8 @@ pub async fn prepare(
             }
         },
     };
+    let chat = matches!(input, Input::Chat(_));
+    let (logprobs, top_logprobs) = logprobs_of(f, chat)?;
     let params = SamplingParams {
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -195,6 +265,9 @@ pub async fn prepare(
         max_tokens: max_tokens as usize,
         stop,
         ignore_eos: f.ignore_eos.unwrap_or(false),
+        logprobs,
+        top_logprobs,
+        prompt_logprobs: logprobs && (f.prompt_logprobs || (!chat && f.echo == Some(true))),
     };
     params.validate().map_err(|e| match e {
         xpyd_engine::EngineError::InvalidParam { field, reason } => {

@@ -12,6 +12,7 @@
 use crate::App;
 use crate::error::ApiError;
 use crate::flow::{self, Delta};
+use crate::logprobs::chat_entry;
 use crate::request::{GenFields, Input, class_from_header, prepare};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
@@ -84,8 +85,13 @@ async fn session(
         tokio::spawn(flow::serve(app.clone(), p, tx));
         while let Some(d) = rx.recv().await {
             let frame = match d {
-                Delta::Text { text, .. } => {
-                    Message::Text(json!({"type": "delta", "content": text}).to_string().into())
+                Delta::Text { text, logprobs, .. } => {
+                    let mut v = json!({"type": "delta", "content": text});
+                    if let Some(l) = &logprobs {
+                        // Chat's shape: one `logprobs.content` entry per token.
+                        v["logprobs"] = json!({"content": [chat_entry(&app.model.tokenizer, l)]});
+                    }
+                    Message::Text(v.to_string().into())
                 }
                 Delta::Done { finish, usage } => Message::Text(
                     json!({"type": "done", "finish_reason": finish.as_openai(), "usage": usage})

@@ -67,6 +67,7 @@ pub fn run(args: &GenerateArgs, cfg: EngineConfig) -> Result<()> {
         max_tokens: args.max_tokens,
         stop: args.stop.clone(),
         ignore_eos: args.ignore_eos,
+        ..Default::default()
     };
     let n_prompt = prompt.len();
     let t1 = Instant::now();

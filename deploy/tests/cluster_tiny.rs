@@ -2200,16 +2200,26 @@ fn fuzzed_member_calls_on_worker_ports_hurt_no_worker() {
         prop_oneof![3 => 0u32..50, 1 => any::<u32>()],
         prop_oneof![3 => 1u32..40, 1 => Just(0u32)],
         any::<bool>(),
+        (
+            any::<bool>(),
+            prop_oneof![3 => 0u32..=21, 1 => any::<u32>()],
+            any::<bool>(),
+        ),
     )
         .prop_map(
-            |(temperature, top_p, top_k, max_tokens, ignore_eos)| pb::EngineSampling {
-                temperature,
-                top_p,
-                top_k,
-                seed: 7,
-                max_tokens,
-                stop: vec!["\n".into()],
-                ignore_eos,
+            |(temperature, top_p, top_k, max_tokens, ignore_eos, (logprobs, top, prompt))| {
+                pb::EngineSampling {
+                    temperature,
+                    top_p,
+                    top_k,
+                    seed: 7,
+                    max_tokens,
+                    stop: vec!["\n".into()],
+                    ignore_eos,
+                    logprobs,
+                    top_logprobs: top,
+                    prompt_logprobs: prompt,
+                }
             },
         );
     // Decode and Generate: any numbers, any backend name.
@@ -2350,8 +2360,7 @@ fn fuzzed_member_calls_on_worker_ports_hurt_no_worker() {
             top_k: 0,
             seed: 7,
             max_tokens: 4,
-            stop: vec![],
-            ignore_eos: false,
+            ..Default::default()
         }),
         target_mac: key.sign(xpyd_runtime::plane::TARGET, &dead),
         target_json: dead,
@@ -2456,24 +2465,76 @@ fn samples(text: &str) -> Vec<(String, HashMap<String, String>, f64)> {
 #[test]
 #[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
 fn the_managed_products_metric_names_are_exported_and_agree_with_xpyds() {
-    let (_d, model) = tiny_model();
-    let up = Up::start(
+    let (d, model) = tiny_model();
+    // The advisor on (a profile of the simulator's form), for its gauges.
+    let profile = d.path().join("profile.json");
+    std::fs::write(
+        &profile,
+        common::profile_with([0.004, 0.0004, 0.0], [0.01, 0.001, 0.0, 0.0]).to_string(),
+    )
+    .unwrap();
+    let advisor = format!(
+        "advisor: {{ enabled: true, window_s: 5, profile: {} }}\n",
+        profile.display()
+    );
+    // Decode steps slowed (50 ms) so a request can be caught in flight.
+    let up = Up::start_env(
         &manifest(
             "compat",
-            "",
+            &advisor,
             "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
         ),
         &model,
+        "decode-0=50",
     );
     let url = format!("{}/v1/completions", up.http);
+    let metrics_url = format!("{}/metrics", up.http);
+    // The advisor advises on windows of at least 10 requests: bursts of 12 until its
+    // gauges are there.
+    let mut served = 0;
+    eventually(Duration::from_secs(60), "the advisor's gauges", || {
+        served += std::thread::scope(|sc| {
+            let calls: Vec<_> = (0..12)
+                .map(|i| {
+                    let url = &url;
+                    sc.spawn(move || {
+                        post_raw(url, &body(&format!("burst {i}"), 2).to_string(), None).0
+                    })
+                })
+                .collect();
+            calls
+                .into_iter()
+                .map(|c| c.join().unwrap())
+                .filter(|code| *code == 200)
+                .count()
+        });
+        std::thread::sleep(Duration::from_secs(6));
+        let (_, t) = common::cluster::get(&metrics_url);
+        t.as_str().unwrap().contains("xpyd_advisor_replicas")
+    });
     for i in 0..6 {
         let (code, v, _) = post_raw(&url, &body(&format!("count {i}"), 6).to_string(), None);
         assert_eq!(code, 200, "{v}");
     }
     assert_eq!(post_raw(&url, "{not json", None).0, 400);
+    // A request in flight is one connection.
+    let connections = || {
+        let (_, t) = common::cluster::get(&metrics_url);
+        samples(t.as_str().unwrap())
+            .into_iter()
+            .find(|(n, _, _)| n == "infer_service_request_connect_count")
+            .map_or(f64::NAN, |s| s.2)
+    };
+    std::thread::scope(|sc| {
+        let slow = sc.spawn(|| post_raw(&url, &body("long one", 60).to_string(), None).0);
+        eventually(Duration::from_secs(10), "one connection counted", || {
+            connections() == 1.0
+        });
+        assert_eq!(slow.join().unwrap(), 200);
+    });
     // The min/avg/max gauges and the role gauges are refreshed once a second.
     std::thread::sleep(Duration::from_millis(1500));
-    let (code, text) = common::cluster::get(&format!("{}/metrics", up.http));
+    let (code, text) = common::cluster::get(&metrics_url);
     assert_eq!(code, 200);
     let text = text.as_str().unwrap().to_string();
     let s = samples(&text);
@@ -2531,7 +2592,7 @@ fn the_managed_products_metric_names_are_exported_and_agree_with_xpyds() {
             "infer_service_request_total",
             &[("code", "200"), ("method", "POST"), path]
         ),
-        6.0
+        (served + 7) as f64
     );
     assert_eq!(
         one(
@@ -2557,7 +2618,7 @@ fn the_managed_products_metric_names_are_exported_and_agree_with_xpyds() {
             one(&format!("{secs}_count"), &[]),
         );
         assert_eq!(c_ms, c_s, "{ms} vs {secs}");
-        assert!(c_ms >= 6.0, "{ms}: {c_ms}");
+        assert!(c_ms >= 7.0, "{ms}: {c_ms}");
         let (s_ms, s_s) = (
             one(&format!("{ms}_sum"), &id),
             one(&format!("{secs}_sum"), &[]),
@@ -2588,16 +2649,49 @@ fn the_managed_products_metric_names_are_exported_and_agree_with_xpyds() {
         one("xpyd_coordinator_output_tokens_sum", &[]),
     );
     assert_eq!(one("infer_service_request_connect_count", &id), 0.0);
-    let (lo, avg, hi) = (
-        one("infer_service_first_token_min_cost", &id),
-        one("infer_service_first_token_avg_cost", &id),
-        one("infer_service_first_token_max_cost", &id),
-    );
-    assert!(0.0 < lo && lo <= avg && avg <= hi, "{lo} {avg} {hi}");
-    // PD metrics: KV moved on the one link, role gauges, this process.
+    // The window's min/avg/max (every request above is in it) against xpyd's histograms:
+    // the averages are the histograms' means (ms); token latency is e2e / output tokens
+    // per request, so the ratio of the sums lies within its min and max.
+    let mean = |h: &str| one(&format!("{h}_sum"), &[]) / one(&format!("{h}_count"), &[]) * 1e3;
+    let e2e_per_token = one("xpyd_coordinator_e2e_seconds_sum", &[]) * 1e3
+        / one("xpyd_coordinator_output_tokens_sum", &[]);
+    for (amm, want) in [
+        ("first_token", Some(mean("xpyd_coordinator_ttft_seconds"))),
+        ("per_token", Some(mean("xpyd_coordinator_tpot_seconds"))),
+        ("token_latency", None),
+    ] {
+        let (lo, avg, hi) = (
+            one(&format!("infer_service_{amm}_min_cost"), &id),
+            one(&format!("infer_service_{amm}_avg_cost"), &id),
+            one(&format!("infer_service_{amm}_max_cost"), &id),
+        );
+        assert!(0.0 < lo && lo <= avg && avg <= hi, "{amm}: {lo} {avg} {hi}");
+        match want {
+            Some(w) => assert!((avg - w).abs() <= 1e-6 * w, "{amm}: {avg} vs {w}"),
+            None => assert!(
+                lo <= e2e_per_token && e2e_per_token <= hi,
+                "{amm}: {lo} {e2e_per_token} {hi}"
+            ),
+        }
+    }
+    // PD metrics: KV moved on the one link (bytes, seconds), role gauges, this process.
     let link = [("source", "prefill-0"), ("target", "decode-0")];
     assert!(one("xpyd_coordinator_kv_transfer_bytes_total", &link) > 0.0);
     assert!(one("xpyd_coordinator_kv_transfer_microseconds_total", &link) > 0.0);
+    assert_eq!(
+        one("xpyd_coordinator_kv_transfer_seconds_count", &link),
+        one("xpyd_coordinator_ttft_seconds_count", &[]),
+        "one transfer per request"
+    );
+    let backend = s
+        .iter()
+        .find(|(n, _, _)| n == "xpyd_coordinator_kv_transfer_bytes_total")
+        .and_then(|(_, l, _)| l.get("backend").cloned())
+        .unwrap_or_default();
+    assert!(
+        ["tcp", "shm"].contains(&backend.as_str()),
+        "backend `{backend}`"
+    );
     assert!(
         one(
             "xpyd_role_kv_blocks",
@@ -2616,4 +2710,274 @@ fn the_managed_products_metric_names_are_exported_and_agree_with_xpyds() {
             .any(|(n, _, v)| n == "process_resident_memory_bytes" && *v > 1e6),
         "{wtext}"
     );
+    // Every series the Grafana dashboard queries is on a live /metrics (the coordinator's
+    // or a worker's) — but migrations, which appear with the first one.
+    let mut live: std::collections::HashSet<String> =
+        s.iter().chain(&ws).map(|(n, _, _)| n.clone()).collect();
+    let w = &up.workers("prefill")[0];
+    let (_, ptext) = common::cluster::get(&format!("{}/metrics", w["http_url"].as_str().unwrap()));
+    live.extend(
+        samples(ptext.as_str().unwrap())
+            .into_iter()
+            .map(|(n, _, _)| n),
+    );
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dash: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/xpyd.json")).unwrap(),
+    )
+    .unwrap();
+    let mut missing = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let expr = t["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                let ours = ["xpyd_", "infer_service_", "process_"]
+                    .iter()
+                    .any(|p| word.starts_with(p));
+                if ours && word != "xpyd_coordinator_migrations_total" && !live.contains(word) {
+                    missing.push(word.to_string());
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "Grafana queries series no process exports: {missing:?}"
+    );
+}
+
+/// The reference logprobs of `prompt` and its greedy continuation of `n` tokens, from an
+/// engine in this process: (prompt tokens, generated tokens, logprob of every token
+/// after the first given the ones before it).
+fn reference_logprobs(model: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    let mut e = xpyd_engine::Engine::load(xpyd_engine::EngineConfig::new(model)).unwrap();
+    let generated = e
+        .generate(
+            1,
+            prompt.to_vec(),
+            xpyd_engine::SamplingParams {
+                ignore_eos: true,
+                ..xpyd_engine::SamplingParams::greedy(n)
+            },
+            &mut |_| {},
+        )
+        .unwrap()
+        .tokens;
+    let all: Vec<u32> = prompt.iter().chain(&generated).copied().collect();
+    let lps = (1..all.len())
+        .map(|i| {
+            let logits = e.next_logits(&all[..i]).unwrap();
+            xpyd_engine::sampling::logprobs(&logits, all[i], 0).logprob
+        })
+        .collect();
+    (generated, lps)
+}
+
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn logprobs_are_the_models_on_every_api_and_bad_requests_name_the_field() {
+    let (_d, model) = tiny_model();
+    let up = Up::start(
+        &manifest(
+            "logprobs",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+        &model,
+    );
+    let info = xpyd_engine::ModelInfo::load(&model).unwrap();
+    let close = |got: &Value, want: f32| {
+        let g = got
+            .as_f64()
+            .unwrap_or_else(|| panic!("not a number: {got}"));
+        assert!((g - want as f64).abs() < 1e-5, "{g} vs {want}");
+    };
+
+    // Completions with echo: the prompt's tokens (the first unscored) and the completion's,
+    // each with the model's own logprob; alternatives best first with the chosen one.
+    let text = "hello world";
+    let ptoks = info.tokenizer.encode(text).unwrap();
+    let (generated, want) = reference_logprobs(&model, &ptoks, 5);
+    let (code, v, _) = up.post(
+        "/v1/completions",
+        &json!({"prompt": text, "max_tokens": 5, "temperature": 0, "ignore_eos": true,
+                "logprobs": 3, "echo": true}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let c = &v["choices"][0];
+    assert!(c["text"].as_str().unwrap().starts_with(text), "{c}");
+    let lp = &c["logprobs"];
+    let n = ptoks.len() + generated.len();
+    for key in ["tokens", "token_logprobs", "top_logprobs", "text_offset"] {
+        assert_eq!(lp[key].as_array().unwrap().len(), n, "{key}: {lp}");
+    }
+    assert!(lp["token_logprobs"][0].is_null());
+    for (i, w) in want.iter().enumerate() {
+        close(&lp["token_logprobs"][i + 1], *w);
+        let top = lp["top_logprobs"][i + 1].as_object().unwrap();
+        // Up to 3 alternatives and the chosen token, keyed by text (texts may collide).
+        assert!((1..=4).contains(&top.len()), "{top:?}");
+        assert!(top.contains_key(lp["tokens"][i + 1].as_str().unwrap()));
+    }
+    let gen_text: String = generated
+        .iter()
+        .map(|t| info.tokenizer.token_piece(*t).0)
+        .collect();
+    let shown: String = lp["tokens"].as_array().unwrap()[ptoks.len()..]
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(shown, gen_text);
+
+    // Chat, streamed: one content entry per token, the greedy token the best alternative.
+    let (_, chunks) = sse(
+        &format!("{}/v1/chat/completions", up.http),
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                "temperature": 0, "ignore_eos": true, "stream": true,
+                "logprobs": true, "top_logprobs": 2}),
+    );
+    let entries: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| c["choices"][0]["delta"].get("content").is_some())
+        .map(|c| &c["choices"][0]["logprobs"]["content"])
+        .collect();
+    assert_eq!(entries.len(), 6);
+    for e in entries {
+        let [e] = e.as_array().unwrap().as_slice() else {
+            panic!("one entry per chunk: {e}")
+        };
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2);
+        assert_eq!(e["token"], top[0]["token"], "greedy picks the best");
+        assert_eq!(e["logprob"], top[0]["logprob"]);
+        assert!(top[0]["logprob"].as_f64() >= top[1]["logprob"].as_f64());
+        assert!(e["logprob"].as_f64().unwrap() <= 0.0);
+        assert!(e["bytes"].is_array());
+    }
+    let (code, v, _) = up.post(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    );
+    assert_eq!(code, 200);
+    assert!(v["choices"][0]["logprobs"].is_null(), "none unless asked");
+
+    // gRPC: ids and texts, the prompt's on request.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = pb::inference_client::InferenceClient::new(channel(&up.grpc).await);
+        let req = |sampling: pb::Sampling| pb::GenerateRequest {
+            input: Some(pb::generate_request::Input::Prompt(text.into())),
+            sampling: Some(sampling),
+            ..Default::default()
+        };
+        let r = c
+            .complete(req(pb::Sampling {
+                max_tokens: Some(5),
+                temperature: Some(0.0),
+                ignore_eos: true,
+                logprobs: true,
+                top_logprobs: Some(1),
+                prompt_logprobs: true,
+                ..Default::default()
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.token_ids, generated);
+        assert_eq!(r.prompt_logprobs.len(), ptoks.len() - 1);
+        let all: Vec<&pb::TokenLogprob> = r.prompt_logprobs.iter().chain(&r.logprobs).collect();
+        assert_eq!(all.len(), want.len());
+        for ((l, w), id) in all
+            .iter()
+            .zip(&want)
+            .zip(ptoks[1..].iter().chain(&generated))
+        {
+            assert_eq!(l.id, *id);
+            assert!((l.logprob - w).abs() < 1e-5);
+            assert_eq!(l.token, info.tokenizer.token_piece(*id).0);
+            assert_eq!(l.top.len(), 1);
+        }
+        for (s, field) in [
+            (
+                pb::Sampling {
+                    logprobs: true,
+                    top_logprobs: Some(21),
+                    ..Default::default()
+                },
+                "top_logprobs",
+            ),
+            (
+                pb::Sampling {
+                    prompt_logprobs: true,
+                    ..Default::default()
+                },
+                "prompt_logprobs",
+            ),
+        ] {
+            let e = c.complete(req(s)).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().contains(field), "{}", e.message());
+        }
+    });
+
+    // Out of bounds or in the other API's form: 400 naming the field.
+    let msgs = json!([{"role": "user", "content": "hi"}]);
+    for (path, body, param) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "top_logprobs": -1, "logprobs": true}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "top_logprobs": 2}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": msgs, "logprobs": 3}),
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "logprobs": 21}),
+            "logprobs",
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "hi", "logprobs": true}),
+            "logprobs",
+        ),
+    ] {
+        let (code, v, _) = up.post(path, &body);
+        assert_eq!(code, 400, "{body}: {v}");
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+    }
+    let (code, _, _) = up.post("/v1/completions", &body("still serving", 3));
+    assert_eq!(code, 200);
+    drop(up);
+
+    // A combined worker gives the same numbers.
+    let single = Up::start(
+        "name: logprobs-single\nmode: single\ncoordinator: { http_port: 0, grpc_port: 0 }\nroles:\n  combined: { replicas: 1 }\n",
+        &model,
+    );
+    let (code, v, _) = single.post(
+        "/v1/completions",
+        &json!({"prompt": text, "max_tokens": 5, "temperature": 0, "ignore_eos": true,
+                "logprobs": 0, "echo": true}),
+    );
+    assert_eq!(code, 200, "{v}");
+    let got = v["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap();
+    assert_eq!(got.len(), want.len() + 1);
+    for (g, w) in got[1..].iter().zip(&want) {
+        close(g, *w);
+    }
 }

@@ -163,6 +163,10 @@ pub struct EngineConfig {
     /// `Some` runs the mock backend instead of the model (deterministic tokens, this
     /// simulated latency, no weights loaded); `None` (default) runs the real model.
     pub mock: Option<MockLatency>,
+    /// The f32 reference: weights dequantized to dense f32 and activations kept in f32
+    /// (no 8-bit rounding) — the model as its GGUF defines it, several times slower and
+    /// larger. For the quality check (`xpyd bench quality`), not for serving.
+    pub reference_f32: bool,
 }
 
 /// Tokens the KV pool holds when `num_blocks` is not given.
@@ -179,6 +183,7 @@ impl EngineConfig {
             prefill_chunk: 512,
             prefix_cache_blocks: 0,
             mock: None,
+            reference_f32: false,
         }
     }
 

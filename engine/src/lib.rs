@@ -22,6 +22,6 @@ pub use engine::{Engine, Generation, KvMemoryFactory, KvUsage, ModelInfo, finger
 pub use error::{EngineError, Result};
 pub use kv::{HeapMemory, KvFormatError, KvHeader, KvLayout, KvMemory, LayerChunk};
 pub use mock::{MockLatency, MockModel};
-pub use sampling::SamplingParams;
+pub use sampling::{MAX_TOP_LOGPROBS, SamplingParams, TokenLogprobs};
 pub use sequence::{FinishReason, ResumeState, TokenEvent};
 pub use tokenizer::{ChatMessage, Tokenizer};

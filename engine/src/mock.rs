@@ -201,7 +201,8 @@ impl MockModel {
 
     /// Same contract as [`crate::model::Model::forward`]: writes the new tokens' KV into
     /// `kv`, calls `on_layer(l, kv)` once layer `l`'s rows are in, and returns logits
-    /// (one row for a prefill chunk, one per decode item). Each row allows exactly one
+    /// (one row for a prefill chunk, or one per token with `all_logits`; one per decode
+    /// item). Each row allows exactly one
     /// token (logit 0, every other `-inf`), so greedy and any seeded sampling agree.
     /// With a latency, the pass takes that long, spread evenly over the layers.
     ///
@@ -245,8 +246,13 @@ impl MockModel {
         }
         let kv: &KvStore = kv;
         Ok(match pass {
-            Pass::Prefill { table, .. } => {
-                vec![self.logits(self.next_token(kv, table, tokens[n - 1], positions[n - 1]))]
+            Pass::Prefill {
+                table, all_logits, ..
+            } => {
+                let from = if *all_logits { 0 } else { n - 1 };
+                (from..n)
+                    .map(|i| self.logits(self.next_token(kv, table, tokens[i], positions[i])))
+                    .collect()
             }
             Pass::Decode(items) => items
                 .iter()
@@ -323,6 +329,7 @@ mod tests {
             table: &[],
             start: 0,
             tokens: &tokens,
+            all_logits: false,
         };
         assert_eq!(l.of(&pass), Duration::from_micros(25));
         assert_eq!(l.of(&Pass::Decode(&[])), Duration::ZERO);
@@ -343,6 +350,7 @@ mod tests {
                 table: &[],
                 start,
                 tokens: &toks,
+                all_logits: false,
             })
             .as_secs_f64()
         };

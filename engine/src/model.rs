@@ -15,14 +15,52 @@ use crate::error::{EngineError, Result};
 use crate::kv::{AttnQuery, KvStore};
 use crate::quant::{QActs, QWeight};
 use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use std::io::{Read, Seek};
 
-/// `x Wᵀ` for the rows of `x` (quantized once, shared by the projections that read it).
-fn project(w: &QWeight, x: &QActs) -> Vec<f32> {
-    let mut out = vec![0f32; x.rows() * w.rows()];
-    w.matmul(x, &mut out);
-    out
+/// A projection's weights: the GGUF's own blocks (serving), or dense f32 (the reference).
+enum Linear {
+    Quant(QWeight),
+    /// `[n, k]`, dequantized.
+    Dense(Tensor),
+}
+
+/// Activation rows as a projection takes them: quantized once and shared by the
+/// projections that read them, or f32 for the reference.
+enum Acts {
+    Quant(QActs),
+    /// `[rows, k]`.
+    Dense(Tensor),
+}
+
+impl Linear {
+    fn load(qt: &QTensor, name: &str, reference: bool) -> Result<Self> {
+        Ok(if reference {
+            Linear::Dense(qt.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?)
+        } else {
+            Linear::Quant(QWeight::from_qtensor(qt, name)?)
+        })
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            Linear::Quant(w) => w.cols(),
+            Linear::Dense(w) => w.dims()[1],
+        }
+    }
+}
+
+/// `x Wᵀ` for the rows of `x`.
+fn project(w: &Linear, x: &Acts) -> Result<Vec<f32>> {
+    Ok(match (w, x) {
+        (Linear::Quant(w), Acts::Quant(x)) => {
+            let mut out = vec![0f32; x.rows() * w.rows()];
+            w.matmul(x, &mut out);
+            out
+        }
+        (Linear::Dense(w), Acts::Dense(x)) => x.matmul(&w.t()?)?.flatten_all()?.to_vec1()?,
+        _ => unreachable!("a model's weights and activations share one precision"),
+    })
 }
 
 /// RMS norm of each `alpha.len()`-wide row of `x`, scaled by `alpha`.
@@ -52,14 +90,14 @@ fn tensor<R: Read + Seek>(ct: &gguf_file::Content, r: &mut R, name: &str) -> Res
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QWeight,
-    wk: QWeight,
-    wv: QWeight,
-    wo: QWeight,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: QWeight,
-    w_up: QWeight,
-    w_down: QWeight,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// One token of a decode batch.
@@ -82,6 +120,8 @@ pub enum Pass<'a> {
         start: usize,
         /// Prompt tokens of the chunk.
         tokens: &'a [u32],
+        /// Logits for every token of the chunk (scoring a prompt), not only the last.
+        all_logits: bool,
     },
     /// One token for each of several sequences.
     Decode(&'a [DecodeItem<'a>]),
@@ -123,7 +163,9 @@ pub struct Model {
     embed: Vec<f32>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    lm_head: QWeight,
+    lm_head: Linear,
+    /// Dense f32 weights and activations (the reference), not the quantized kernels.
+    reference: bool,
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
 }
@@ -134,6 +176,7 @@ impl Model {
         ct: &gguf_file::Content,
         r: &mut R,
         cfg: ModelConfig,
+        reference: bool,
     ) -> Result<Self> {
         let dense = |qt: &QTensor| -> Result<Vec<f32>> {
             Ok(qt
@@ -146,14 +189,14 @@ impl Model {
         let embed = dense(&embed_q)?;
         // Tied embeddings: the embedding matrix, in its own blocks, is the LM head.
         let lm_head = if ct.tensor_infos.contains_key("output.weight") {
-            QWeight::from_qtensor(&tensor(ct, r, "output.weight")?, "output.weight")?
+            Linear::load(&tensor(ct, r, "output.weight")?, "output.weight", reference)?
         } else {
-            QWeight::from_qtensor(&embed_q, "token_embd.weight")?
+            Linear::load(&embed_q, "token_embd.weight", reference)?
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = |s: &str| format!("blk.{i}.{s}.weight");
-            let mut linear = |s: &str| QWeight::from_qtensor(&tensor(ct, r, &p(s))?, &p(s));
+            let mut linear = |s: &str| Linear::load(&tensor(ct, r, &p(s))?, &p(s), reference);
             let (wq, wk, wv, wo) = (
                 linear("attn_q")?,
                 linear("attn_k")?,
@@ -192,8 +235,18 @@ impl Model {
             layers,
             norm,
             lm_head,
+            reference,
             rope_cos,
             rope_sin,
+        })
+    }
+
+    /// `k`-wide activation rows in the model's precision.
+    fn acts(&self, x: &[f32], k: usize) -> Result<Acts> {
+        Ok(if self.reference {
+            Acts::Dense(Tensor::from_slice(x, (x.len() / k, k), &Device::Cpu)?)
+        } else {
+            Acts::Quant(QActs::quantize(x, k))
         })
     }
 
@@ -222,7 +275,7 @@ impl Model {
 
     /// Runs one pass, writing the new tokens' KV into `kv`. `on_layer(l, kv)` is called
     /// as soon as layer `l`'s KV is in the cache. Returns logits: one row for a prefill
-    /// chunk (its last token), one per item for decode.
+    /// chunk (its last token, or every token with `all_logits`), one per item for decode.
     pub fn forward(
         &self,
         pass: &Pass<'_>,
@@ -240,10 +293,10 @@ impl Model {
             .copied()
             .collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            let h = QActs::quantize(&rms_norm(&x, &layer.attn_norm, cfg.rms_eps), hidden);
-            let mut q = project(&layer.wq, &h);
-            let mut k = project(&layer.wk, &h);
-            let v = project(&layer.wv, &h);
+            let h = self.acts(&rms_norm(&x, &layer.attn_norm, cfg.rms_eps), hidden)?;
+            let mut q = project(&layer.wq, &h)?;
+            let mut k = project(&layer.wk, &h)?;
+            let v = project(&layer.wv, &h)?;
             self.rope(&mut q, &positions, cfg.n_head);
             self.rope(&mut k, &positions, cfg.n_kv_head);
             // Each token's K/V row goes in first; then every token attends over positions
@@ -283,23 +336,25 @@ impl Model {
                 kv_ref.attend(l, &queries[i], cfg.head_dim, o)
             });
             drop((outs, queries));
-            add_in_place(&mut x, &project(&layer.wo, &QActs::quantize(&attn, hidden)));
-            let h = QActs::quantize(&rms_norm(&x, &layer.ffn_norm, cfg.rms_eps), hidden);
-            let mut m = project(&layer.w_gate, &h);
-            let u = project(&layer.w_up, &h);
+            add_in_place(&mut x, &project(&layer.wo, &self.acts(&attn, hidden)?)?);
+            let h = self.acts(&rms_norm(&x, &layer.ffn_norm, cfg.rms_eps), hidden)?;
+            let mut m = project(&layer.w_gate, &h)?;
+            let u = project(&layer.w_up, &h)?;
             for (g, u) in m.iter_mut().zip(&u) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             let ffn = layer.w_down.cols();
-            add_in_place(&mut x, &project(&layer.w_down, &QActs::quantize(&m, ffn)));
+            add_in_place(&mut x, &project(&layer.w_down, &self.acts(&m, ffn)?)?);
         }
-        // Logits of a prefill chunk's last token, or of every decode item.
+        // Logits of a prefill chunk's last token, or of every token or decode item.
         let last = match pass {
-            Pass::Prefill { .. } => &x[(n - 1) * hidden..],
-            Pass::Decode(_) => &x[..],
+            Pass::Prefill {
+                all_logits: false, ..
+            } => &x[(n - 1) * hidden..],
+            _ => &x[..],
         };
-        let h = QActs::quantize(&rms_norm(last, &self.norm, cfg.rms_eps), hidden);
-        let logits = project(&self.lm_head, &h);
+        let h = self.acts(&rms_norm(last, &self.norm, cfg.rms_eps), hidden)?;
+        let logits = project(&self.lm_head, &h)?;
         Ok(logits
             .chunks_exact(cfg.vocab)
             .map(<[f32]>::to_vec)

@@ -22,6 +22,13 @@ pub struct SamplingParams {
     pub stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability.
+    pub logprobs: bool,
+    /// With `logprobs`: also the most likely alternatives at each position [0–20].
+    pub top_logprobs: usize,
+    /// With `logprobs`: report the prompt tokens' log-probabilities too (the prompt is
+    /// then computed whole, without prefix-cache reuse).
+    pub prompt_logprobs: bool,
 }
 
 impl Default for SamplingParams {
@@ -34,9 +41,15 @@ impl Default for SamplingParams {
             max_tokens: 256,
             stop: Vec::new(),
             ignore_eos: false,
+            logprobs: false,
+            top_logprobs: 0,
+            prompt_logprobs: false,
         }
     }
 }
+
+/// Most alternatives per position `top_logprobs` may ask for (OpenAI's bound).
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 /// Most stop strings per request.
 pub const MAX_STOP_STRINGS: usize = 16;
@@ -86,6 +99,20 @@ impl SamplingParams {
                     s.len()
                 ),
             );
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(
+                "top_logprobs",
+                format!("{} is outside 0..={MAX_TOP_LOGPROBS}", self.top_logprobs),
+            );
+        }
+        if !self.logprobs && (self.top_logprobs > 0 || self.prompt_logprobs) {
+            let field = if self.top_logprobs > 0 {
+                "top_logprobs"
+            } else {
+                "prompt_logprobs"
+            };
+            return bad(field, "needs logprobs to be on".into());
         }
         Ok(())
     }
@@ -160,6 +187,62 @@ pub fn sample(logits: &[f32], params: &SamplingParams, draw: u64) -> u32 {
     cand[probs.len() - 1].0
 }
 
+/// A token's log-probability and the most likely tokens at its position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The token.
+    pub token: u32,
+    /// Its natural log-probability under the model (before temperature, top-k, top-p).
+    pub logprob: f32,
+    /// The most likely tokens at this position with theirs, best first (ties: lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probability the model gives a token that has no chance: `-inf` has no JSON
+/// form, and every token with a finite logit lies far above this.
+pub const LOGPROB_FLOOR: f32 = -9999.0;
+
+/// `token`'s log-probability under the softmax of `logits` (the model's distribution,
+/// before any sampling transform) and the `top` most likely tokens with theirs.
+/// Computed in f64; impossible tokens get [`LOGPROB_FLOOR`].
+pub fn logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|l| (*l as f64 - max).exp()).sum();
+    let log_z = max + sum.ln();
+    let lp = |l: f32| {
+        let v = (l as f64 - log_z) as f32;
+        if v.is_finite() {
+            v.max(LOGPROB_FLOOR)
+        } else {
+            LOGPROB_FLOOR
+        }
+    };
+    let mut best: Vec<u32> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        // One pass keeping the `top` best in order: better than sorting the vocabulary.
+        let better = |a: u32, b: u32| {
+            let (x, y) = (logits[a as usize], logits[b as usize]);
+            x > y || (x == y && a < b)
+        };
+        for i in 0..logits.len() as u32 {
+            if best.len() == top && !better(i, best[top - 1]) {
+                continue;
+            }
+            let at = best.partition_point(|b| better(*b, i));
+            best.insert(at, i);
+            best.truncate(top);
+        }
+    }
+    TokenLogprobs {
+        token,
+        logprob: lp(logits[token as usize]),
+        top: best
+            .into_iter()
+            .map(|t| (t, lp(logits[t as usize])))
+            .collect(),
+    }
+}
+
 /// Index of the largest logit (lowest index on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = 0usize;
@@ -221,12 +304,70 @@ mod tests {
             p.validate(),
             Err(EngineError::InvalidParam { field: "stop", .. })
         ));
+        for (p, field) in [
+            (
+                SamplingParams {
+                    logprobs: true,
+                    top_logprobs: 21,
+                    ..Default::default()
+                },
+                "top_logprobs",
+            ),
+            (
+                SamplingParams {
+                    top_logprobs: 2,
+                    ..Default::default()
+                },
+                "top_logprobs",
+            ),
+            (
+                SamplingParams {
+                    prompt_logprobs: true,
+                    ..Default::default()
+                },
+                "prompt_logprobs",
+            ),
+        ] {
+            match p.validate() {
+                Err(EngineError::InvalidParam { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{p:?} gave {other:?}"),
+            }
+        }
         let p = SamplingParams {
             temperature: f32::NAN,
             ..Default::default()
         };
         assert!(p.validate().is_err());
         assert!(SamplingParams::default().validate().is_ok());
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_with_the_best_alternatives_in_order() {
+        let logits = vec![1.0f32, 3.0, 2.0, 3.0, f32::NEG_INFINITY];
+        let z: f64 = logits.iter().map(|l| (*l as f64).exp()).sum();
+        let want = |l: f32| (l as f64 - z.ln()) as f32;
+        let r = logprobs(&logits, 2, 3);
+        assert_eq!(r.token, 2);
+        assert!((r.logprob - want(2.0)).abs() < 1e-6);
+        let ids: Vec<u32> = r.top.iter().map(|(t, _)| *t).collect();
+        assert_eq!(ids, [1, 3, 2], "best first; the tie goes to the lower id");
+        for (t, lp) in &r.top {
+            assert!((lp - want(logits[*t as usize])).abs() < 1e-6);
+        }
+        let total: f64 = logits
+            .iter()
+            .enumerate()
+            .map(|(t, _)| (logprobs(&logits, t as u32, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "the probabilities sum to one");
+        let none = logprobs(&logits, 4, 0);
+        assert_eq!(none.logprob, LOGPROB_FLOOR, "-inf has a finite stand-in");
+        assert!(none.top.is_empty());
+        assert_eq!(
+            logprobs(&logits, 0, 20).top.len(),
+            5,
+            "never more than the vocabulary"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! matching. All of it is plain data ([`ResumeState`]) so it travels with exported KV.
 
 use crate::error::Result;
-use crate::sampling::SamplingParams;
+use crate::sampling::{SamplingParams, TokenLogprobs};
 use crate::tokenizer::{Detokenizer, Tokenizer};
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +118,11 @@ pub struct TokenEvent {
     pub text: String,
     /// Set when the sequence has ended.
     pub finish: Option<FinishReason>,
+    /// The token's log-probability, when the sequence asked for them.
+    pub logprobs: Option<TokenLogprobs>,
+    /// On a prompt's first token, when asked for: the log-probabilities of the prompt's
+    /// tokens after the first (the first has no context to be predicted from).
+    pub prompt_logprobs: Vec<TokenLogprobs>,
 }
 
 impl ResumeState {
@@ -207,6 +212,8 @@ impl ResumeState {
             token,
             text,
             finish,
+            logprobs: None,
+            prompt_logprobs: Vec::new(),
         })
     }
 }

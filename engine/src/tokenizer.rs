@@ -199,6 +199,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(tok_err)
     }
 
+    /// The BOS token [`Tokenizer::encode`] puts first, when the model asks for one.
+    pub fn bos_added(&self) -> Option<u32> {
+        self.bos.filter(|_| self.add_bos)
+    }
+
     /// Token ids that end generation.
     pub fn eos_ids(&self) -> &[u32] {
         &self.eos
@@ -213,10 +218,42 @@ impl Tokenizer {
         (back == text && !self.eos.contains(id)).then_some(*id)
     }
 
+    /// One token as text and as the bytes it stands for (OpenAI's `token` and `bytes`).
+    /// A byte-level BPE token that holds part of a UTF-8 character has its exact bytes
+    /// here and U+FFFD in its text; a special token is its literal text.
+    pub fn token_piece(&self, id: u32) -> (String, Vec<u8>) {
+        let text = self.inner.decode(&[id], false).unwrap_or_default();
+        if !text.contains('\u{FFFD}') {
+            let bytes = text.clone().into_bytes();
+            return (text, bytes);
+        }
+        let raw = self.inner.id_to_token(id).unwrap_or_default();
+        let bytes = raw
+            .chars()
+            .map(byte_of_char)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| text.clone().into_bytes());
+        (text, bytes)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's table: printable Latin-1
+/// bytes are themselves; the other 68 bytes are U+0100.. in byte order).
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let c = c as u32;
+    if c < 256 {
+        return printable(c).then_some(c as u8);
+    }
+    (0u32..256)
+        .filter(|b| !printable(*b))
+        .nth((c - 256) as usize)
+        .map(|b| b as u8)
 }
 
 /// Turns a growing token sequence into text deltas that never split a UTF-8 character.
@@ -269,5 +306,30 @@ impl Detokenizer {
             self.read = tokens.len();
             Ok(delta)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_of_char;
+
+    #[test]
+    fn byte_level_characters_map_back_to_their_bytes() {
+        assert_eq!(byte_of_char('Ġ'), Some(b' '), "GPT-2's space");
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('a'), Some(b'a'));
+        assert_eq!(byte_of_char('é'), Some(0xE9));
+        let all: Vec<u8> = (0u32..0x200)
+            .filter_map(char::from_u32)
+            .filter_map(byte_of_char)
+            .collect();
+        let mut sorted = all.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(
+            (all.len(), sorted.len()),
+            (256, 256),
+            "a bijection onto the bytes"
+        );
     }
 }

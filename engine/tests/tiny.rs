@@ -1,9 +1,10 @@
 //! Fast engine tests on tiny random-weight GGUF models written by the fixture.
 
+use xpyd_engine::sampling::logprobs;
 use xpyd_engine::testing::{TinyModel, generate_split};
 use xpyd_engine::{
     ChatMessage, Engine, EngineConfig, EngineError, FinishReason, HeapMemory, KvDtype,
-    KvFormatError, LayerChunk, SamplingParams,
+    KvFormatError, LayerChunk, SamplingParams, TokenEvent, TokenLogprobs,
 };
 
 struct Fixture {
@@ -151,6 +152,105 @@ fn batch_decode_equals_alone() {
     }
     assert_eq!(got, alone);
     assert_eq!(e.kv_usage().used_blocks, 0);
+}
+
+/// Logprobs with 5 alternatives, the prompt's too, on the usual sampled parameters.
+fn scored() -> SamplingParams {
+    SamplingParams {
+        logprobs: true,
+        top_logprobs: 5,
+        prompt_logprobs: true,
+        ..sampled()
+    }
+}
+
+#[test]
+fn logprobs_are_exactly_the_models_whatever_the_chunking_the_cache_or_the_batch() {
+    let f = tiny(3);
+    let p = prompt(40, 1);
+    // Each position's distribution from a pass over exactly the tokens before it.
+    let mut reference = engine(&f, |_| {});
+    let want = |r: &mut Engine, ctx: &[u32], token: u32| -> TokenLogprobs {
+        logprobs(&r.next_logits(ctx).unwrap(), token, 5)
+    };
+    // Chunks of 16, the prefix cache on and primed with this very prompt.
+    let mut e = engine(&f, |c| {
+        c.prefill_chunk = 16;
+        c.prefix_cache_blocks = 64;
+    });
+    let plain = run_single(&mut e, p.clone(), sampled());
+    let hits = e.prefix_stats().hit_tokens;
+    let mut events: Vec<TokenEvent> = Vec::new();
+    let g = e
+        .generate(2, p.clone(), scored(), &mut |ev| events.push(ev.clone()))
+        .unwrap();
+    assert_eq!(g.tokens, plain, "asking for logprobs changes no token");
+    assert_eq!(
+        e.prefix_stats().hit_tokens,
+        hits,
+        "a scored prompt is computed whole"
+    );
+    let prompt_lp = &events[0].prompt_logprobs;
+    assert_eq!(
+        prompt_lp.len(),
+        p.len() - 1,
+        "every prompt token but the first"
+    );
+    for (i, l) in prompt_lp.iter().enumerate() {
+        assert_eq!(l, &want(&mut reference, &p[..=i], p[i + 1]), "prompt {i}");
+    }
+    assert!(events[1..].iter().all(|e| e.prompt_logprobs.is_empty()));
+    let mut ctx = p.clone();
+    for ev in &events {
+        assert_eq!(
+            ev.logprobs.as_ref(),
+            Some(&want(&mut reference, &ctx, ev.token))
+        );
+        ctx.push(ev.token);
+    }
+    // In a decode batch beside another sequence: the same numbers.
+    e.add_sequence(10, p.clone(), scored()).unwrap();
+    e.add_sequence(11, prompt(23, 5), sampled()).unwrap();
+    let mut batched = vec![e.prefill(10, &mut |_| {}).unwrap()];
+    let other = e.prefill(11, &mut |_| {}).unwrap();
+    assert!(other.logprobs.is_none() && other.prompt_logprobs.is_empty());
+    let mut running = vec![10, 11];
+    while running.contains(&10) {
+        for ev in e.decode_step(&running).unwrap() {
+            if ev.finish.is_some() {
+                running.retain(|r| *r != ev.seq);
+            }
+            if ev.seq == 10 {
+                batched.push(ev);
+            } else {
+                assert!(ev.logprobs.is_none());
+            }
+        }
+    }
+    let lp = |evs: &[TokenEvent]| -> Vec<Option<TokenLogprobs>> {
+        evs.iter().map(|e| e.logprobs.clone()).collect()
+    };
+    assert_eq!(lp(&batched), lp(&events));
+    assert_eq!(batched[0].prompt_logprobs, events[0].prompt_logprobs);
+}
+
+#[test]
+fn a_resumed_sequence_continues_its_logprobs_without_scoring_the_prompt_again() {
+    let f = tiny(4);
+    let p = prompt(20, 2);
+    let mut e = engine(&f, |_| {});
+    let mut events: Vec<TokenEvent> = Vec::new();
+    e.generate(1, p.clone(), scored(), &mut |ev| events.push(ev.clone()))
+        .unwrap();
+    let mut tokens = p.clone();
+    tokens.extend(events[..5].iter().map(|e| e.token));
+    e.add_resumed(2, tokens, p.len(), scored()).unwrap();
+    let next = e.prefill(2, &mut |_| {}).unwrap();
+    assert!(
+        next.prompt_logprobs.is_empty(),
+        "the prompt was scored already"
+    );
+    assert_eq!(next.logprobs, events[5].logprobs);
 }
 
 #[test]
@@ -945,4 +1045,34 @@ mod fuzz {
             settle(&mut b, id, accepted)?;
         }
     }
+}
+
+#[test]
+fn the_f32_reference_tracks_the_quantized_path_and_is_exchanged_with_nothing() {
+    let f = tiny(5);
+    let mut quant = engine(&f, |_| {});
+    let mut reference = engine(&f, |c| c.reference_f32 = true);
+    assert_ne!(quant.fingerprint(), reference.fingerprint());
+    let p = prompt(30, 3);
+    let (a, b) = (
+        quant.next_logits(&p).unwrap(),
+        reference.next_logits(&p).unwrap(),
+    );
+    assert_ne!(a, b, "two numeric paths");
+    let mean = |x: &[f32]| x.iter().map(|v| f64::from(*v)).sum::<f64>() / x.len() as f64;
+    let (ma, mb) = (mean(&a), mean(&b));
+    let cov: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (f64::from(*x) - ma) * (f64::from(*y) - mb))
+        .sum();
+    let var = |x: &[f32], m: f64| x.iter().map(|v| (f64::from(*v) - m).powi(2)).sum::<f64>();
+    let r = cov / (var(&a, ma) * var(&b, mb)).sqrt();
+    assert!(r > 0.99, "correlation of the two paths' logits: {r}");
+    // Scoring agrees with next_logits position by position (the reference's f32 GEMM
+    // may round differently for other row counts: close, not the same bits).
+    let lp = reference.score(&p).unwrap();
+    assert_eq!(lp.len(), p.len() - 1);
+    let want = logprobs(&reference.next_logits(&p[..10]).unwrap(), p[10], 0).logprob;
+    assert!((lp[9] - want).abs() < 1e-4, "{} vs {want}", lp[9]);
 }

@@ -214,6 +214,9 @@ pub fn sampling_from_pb(s: &pb::EngineSampling) -> SamplingParams {
         max_tokens: s.max_tokens as usize,
         stop: s.stop.clone(),
         ignore_eos: s.ignore_eos,
+        logprobs: s.logprobs,
+        top_logprobs: s.top_logprobs as usize,
+        prompt_logprobs: s.prompt_logprobs,
     }
 }
 
@@ -227,6 +230,9 @@ pub fn sampling_to_pb(p: &SamplingParams) -> pb::EngineSampling {
         max_tokens: p.max_tokens as u32,
         stop: p.stop.clone(),
         ignore_eos: p.ignore_eos,
+        logprobs: p.logprobs,
+        top_logprobs: p.top_logprobs as u32,
+        prompt_logprobs: p.prompt_logprobs,
     }
 }
 
@@ -246,6 +252,35 @@ pub fn token_to_pb(ev: &xpyd_engine::TokenEvent) -> pb::Token {
         id: ev.token,
         text: ev.text.clone(),
         finish_reason: finish_to_pb(ev.finish) as i32,
+        logprob: ev.logprobs.as_ref().map(logprobs_to_pb),
+        prompt_logprobs: ev.prompt_logprobs.iter().map(logprobs_to_pb).collect(),
+    }
+}
+
+/// The wire form of a token's log-probabilities (ids only; texts are the API's).
+pub fn logprobs_to_pb(l: &xpyd_engine::TokenLogprobs) -> pb::TokenLogprob {
+    pb::TokenLogprob {
+        id: l.token,
+        logprob: l.logprob,
+        token: String::new(),
+        top: l
+            .top
+            .iter()
+            .map(|(id, logprob)| pb::TopLogprob {
+                id: *id,
+                logprob: *logprob,
+                token: String::new(),
+            })
+            .collect(),
+    }
+}
+
+/// A token's log-probabilities from the wire.
+pub fn logprobs_from_pb(l: &pb::TokenLogprob) -> xpyd_engine::TokenLogprobs {
+    xpyd_engine::TokenLogprobs {
+        token: l.id,
+        logprob: l.logprob,
+        top: l.top.iter().map(|t| (t.id, t.logprob)).collect(),
     }
 }
 

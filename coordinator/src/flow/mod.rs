@@ -23,9 +23,10 @@ use crate::error::ApiError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-use xpyd_engine::{FinishReason, SamplingParams};
+use xpyd_engine::{FinishReason, SamplingParams, TokenLogprobs};
 use xpyd_proto as pb;
 use xpyd_runtime::metrics as m;
+use xpyd_runtime::worker::logprobs_from_pb;
 
 /// A validated request, tokenized once.
 #[derive(Debug, Clone)]
@@ -90,6 +91,11 @@ pub enum Delta {
         text: String,
         /// The token id.
         id: u32,
+        /// Its log-probabilities, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
+        /// With the first token, when the request asked for them: the prompt's tokens
+        /// after the first, each with its log-probabilities.
+        prompt_logprobs: Vec<TokenLogprobs>,
     },
     /// The end.
     Done {
@@ -150,6 +156,8 @@ impl Emitter<'_> {
         let d = Delta::Text {
             text: t.text.clone(),
             id: t.id,
+            logprobs: t.logprob.as_ref().map(logprobs_from_pb),
+            prompt_logprobs: t.prompt_logprobs.iter().map(logprobs_from_pb).collect(),
         };
         match self.tx.send_timeout(d, self.stall).await {
             Ok(()) => Ok(finish_from_pb(t.finish_reason)),

@@ -93,6 +93,7 @@ impl Engine {
                 state: ResumeState::new(Vec::new(), crate::SamplingParams::default()),
                 phase: Phase::Reserved,
                 placed: true,
+                prompt_logprobs: None,
             },
         );
         Ok(table)
@@ -189,6 +190,7 @@ impl Engine {
                 state: r.clone(),
                 phase: Phase::Importing(vec![0; m.n_layer]),
                 placed: false,
+                prompt_logprobs: None,
             },
         );
         Ok(())

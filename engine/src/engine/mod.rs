@@ -15,7 +15,7 @@ use crate::kv::prefix::chain_hashes;
 use crate::kv::{BlockAllocator, CacheShape, KvStore, PrefixCache, PrefixStats, blocks_for};
 use crate::mock::MockModel;
 use crate::model::{DecodeItem, Model, Pass};
-use crate::sampling::{SamplingParams, sample};
+use crate::sampling::{SamplingParams, TokenLogprobs, logprobs, sample};
 use crate::sequence::{FinishReason, ResumeState, TokenEvent};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::gguf_file;
@@ -63,6 +63,9 @@ struct Sequence {
     /// A peer writes this import's rows straight into the blocks: until the import
     /// completes, removing the sequence holds its blocks instead of freeing them.
     placed: bool,
+    /// The prompt tokens' log-probabilities so far, while a prefill that asked for them
+    /// runs; handed out with the first token.
+    prompt_logprobs: Option<Vec<TokenLogprobs>>,
 }
 
 /// KV pool occupancy.
@@ -210,8 +213,18 @@ impl Engine {
                 format!("mock:{}", fingerprint(path)?),
             ),
             None => (
-                Backend::Real(Model::load(&ct, &mut file, mcfg.clone())?),
-                fingerprint(path)?,
+                Backend::Real(Model::load(
+                    &ct,
+                    &mut file,
+                    mcfg.clone(),
+                    cfg.reference_f32,
+                )?),
+                // The reference's KV is not the serving engine's: never exchanged.
+                if cfg.reference_f32 {
+                    format!("f32-reference:{}", fingerprint(path)?)
+                } else {
+                    fingerprint(path)?
+                },
             ),
         };
         let num_blocks = cfg.num_blocks.unwrap_or_else(|| {
@@ -433,7 +446,11 @@ impl Engine {
         }
         let prompt = &state.tokens;
         let bs = self.cfg.block_size;
-        let mut table = if self.cfg.prefix_cache_blocks > 0 {
+        // Scoring the prompt needs every position's logits: no prefix reuse then. A
+        // resumed sequence's prompt was scored on its first run.
+        let score =
+            state.params.logprobs && state.params.prompt_logprobs && state.generated().is_empty();
+        let mut table = if self.cfg.prefix_cache_blocks > 0 && !score {
             let hashes = chain_hashes(prompt, bs, (prompt.len() - 1) / bs);
             self.prefix.lookup(&hashes)
         } else {
@@ -449,7 +466,8 @@ impl Engine {
                 return Err(e);
             }
         }
-        if self.cfg.prefix_cache_blocks > 0 {
+        let prompt_len = prompt.len();
+        if self.cfg.prefix_cache_blocks > 0 && !score {
             self.prefix_stats.lookup_tokens += prompt.len() as u64;
             self.prefix_stats.hit_tokens += reused as u64;
         }
@@ -463,6 +481,7 @@ impl Engine {
                 state,
                 phase: Phase::Prefill,
                 placed: false,
+                prompt_logprobs: score.then(|| Vec::with_capacity(prompt_len - 1)),
             },
         );
         Ok(())
@@ -577,7 +596,10 @@ impl Engine {
             let s = self.seqs.get_mut(id).expect("checked above");
             s.cached += 1;
             let token = sample(row, &s.state.params, s.state.draw());
-            let ev = s.state.accept(*id, token, &self.tokenizer, ctx)?;
+            let mut ev = s.state.accept(*id, token, &self.tokenizer, ctx)?;
+            if s.state.params.logprobs {
+                ev.logprobs = Some(logprobs(row, token, s.state.params.top_logprobs));
+            }
             if let Some(f) = ev.finish {
                 s.phase = Phase::Finished(f);
             }

@@ -5,7 +5,7 @@ use super::{Engine, Phase};
 use crate::error::{EngineError, Result};
 use crate::kv::format::LayerChunk;
 use crate::model::Pass;
-use crate::sampling::{SamplingParams, sample};
+use crate::sampling::{SamplingParams, logprobs, sample};
 use crate::sequence::TokenEvent;
 
 impl Engine {
@@ -23,7 +23,12 @@ impl Engine {
         let ctx = self.backend.config().context_length;
         let seq = self.seqs.get_mut(&id).expect("prefilled above");
         let token = sample(&logits, &seq.state.params, seq.state.draw());
-        let ev = seq.state.accept(id, token, &self.tokenizer, ctx)?;
+        let mut ev = seq.state.accept(id, token, &self.tokenizer, ctx)?;
+        let params = &seq.state.params;
+        if params.logprobs {
+            ev.logprobs = Some(logprobs(&logits, token, params.top_logprobs));
+        }
+        ev.prompt_logprobs = seq.prompt_logprobs.take().unwrap_or_default();
         seq.phase = match ev.finish {
             Some(f) => Phase::Finished(f),
             None => Phase::Decode,
@@ -49,6 +54,32 @@ impl Engine {
         };
         self.remove(SCRATCH);
         logits
+    }
+
+    /// The log-probability of each of `tokens[1..]` given the tokens before it: `tokens`
+    /// prefilled as one prompt (in chunks, never from the prefix cache) in a scratch
+    /// sequence, then removed. What perplexity is computed from.
+    ///
+    /// # Errors
+    /// As [`Engine::add_sequence`] and [`Engine::prefill_chunk`].
+    pub fn score(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        const SCRATCH: u64 = u64::MAX;
+        let params = SamplingParams {
+            logprobs: true,
+            prompt_logprobs: true,
+            ignore_eos: true,
+            ..SamplingParams::greedy(1)
+        };
+        self.add_sequence(SCRATCH, tokens.to_vec(), params)?;
+        let first = loop {
+            match self.prefill_chunk(SCRATCH, &mut |_| {}) {
+                Ok(Some(ev)) => break Ok(ev),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.remove(SCRATCH);
+        Ok(first?.prompt_logprobs.iter().map(|l| l.logprob).collect())
     }
 
     /// One prefill chunk; the logits of the prompt's last token once it is done.
@@ -89,10 +120,12 @@ impl Engine {
         // it had generated (no token is sampled until the prefill ends).
         let target = seq.state.tokens.len();
         let end = (start + chunk).min(target);
+        let collect = seq.prompt_logprobs.is_some();
         let pass = Pass::Prefill {
             table: &seq.table,
             start,
             tokens: &seq.state.tokens[start..end],
+            all_logits: collect,
         };
         let n = (end - start) as u32;
         let table = seq.table.clone();
@@ -110,10 +143,26 @@ impl Engine {
             })?;
         let seq = self.seqs.get_mut(&id).expect("checked above");
         seq.cached = end;
+        let mut rows = logits;
+        if collect {
+            // Row i (position start + i) predicts the token at start + i + 1; the prompt's
+            // last row predicts the first generated token and is returned as usual.
+            let next = if end == target { rows.pop() } else { None };
+            let top = seq.state.params.top_logprobs;
+            let scored = rows
+                .iter()
+                .enumerate()
+                .map(|(i, row)| logprobs(row, seq.state.tokens[start + i + 1], top));
+            seq.prompt_logprobs
+                .as_mut()
+                .expect("collecting")
+                .extend(scored);
+            rows = next.into_iter().collect();
+        }
         if end < target {
             return Ok(None);
         }
-        Ok(logits.into_iter().next())
+        Ok(rows.into_iter().next())
     }
 
     /// Prefills the whole prompt (in chunks) and returns the first token.
