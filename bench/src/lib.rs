@@ -28,3 +28,4 @@ pub mod load_cmd;
 pub mod overhead;
 pub mod planner_bench;
 pub mod profile;
+pub mod quality;

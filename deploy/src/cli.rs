@@ -14,7 +14,7 @@ use xpyd_bench::engine_args::EngineArgs;
 use xpyd_bench::host::Host;
 use xpyd_bench::{
     dashboard_bench, engine_bench, flip_bench, kv_bench, kv_harness, load_cmd, overhead,
-    planner_bench, profile,
+    planner_bench, profile, quality,
 };
 use xpyd_engine::compute;
 
@@ -114,6 +114,8 @@ enum BenchCmd {
     Flip(flip_bench::FlipArgs),
     /// What an open dashboard costs the coordinator under load, and the page's load time.
     Dashboard(dashboard_bench::DashboardArgs),
+    /// Perplexity on a fixed text: the serving engine, its f32 reference and llama.cpp.
+    Quality(quality::QualityArgs),
 }
 
 /// The default model, fetched into the models directory when missing.
@@ -142,6 +144,9 @@ impl Cli {
             } => &b.engine,
             Cmd::Bench {
                 cmd: BenchCmd::Profile(b),
+            } => &b.engine,
+            Cmd::Bench {
+                cmd: BenchCmd::Quality(b),
             } => &b.engine,
             Cmd::KvHarness {
                 cmd: kv_harness::HarnessCmd::Recv(r),
@@ -247,6 +252,10 @@ fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Overhead(a) => {
             a.validate().map_err(UsageError)?;
             overhead::run(&a, &host)
+        }
+        BenchCmd::Quality(a) => {
+            a.validate().map_err(UsageError)?;
+            quality::run(&a, &host)
         }
         BenchCmd::Planner(a) => planner_bench::run(&a),
         BenchCmd::Flip(a) => {

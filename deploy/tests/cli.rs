@@ -133,6 +133,42 @@ fn tiny_model_generates_through_the_cli() {
 }
 
 #[test]
+fn bench_quality_gives_the_perplexity_of_both_paths_and_names_bad_flags() {
+    let (_dir, model) = tiny_model();
+    let m = model.to_str().unwrap();
+    let (code, out, err) = run(&[
+        "bench",
+        "quality",
+        "--model",
+        m,
+        "--ctx",
+        "64",
+        "--max-chunks",
+        "3",
+        "--json",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["windows"].as_u64(), v["scored_tokens"].as_u64()),
+        (Some(3), Some(93))
+    );
+    // Random weights are confidently wrong about English: a huge perplexity, but the
+    // two paths' mean negative log-likelihoods (ln ppl) stay close.
+    let nll = |key: &str| v[key]["ppl"].as_f64().unwrap().ln();
+    let (x, r) = (nll("xpyd"), nll("reference_f32"));
+    assert!(x.is_finite() && r.is_finite() && x > 0.0 && r > 0.0, "{v}");
+    assert!(
+        (x - r).abs() < 0.05 * r,
+        "8-bit activations moved the NLL: {x} vs {r}"
+    );
+    assert!(v["llama_cpp"].is_null());
+    let (code, _, err) = run(&["bench", "quality", "--model", m, "--ctx", "63"]);
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("--ctx"), "{err}");
+}
+
+#[test]
 fn model_fetch_without_pip_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = xpyd()
