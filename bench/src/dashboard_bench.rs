@@ -217,6 +217,7 @@ pub fn run(a: &DashboardArgs, host: &Host) -> Result<()> {
     // One warm-up round (connections, allocator) that is not counted.
     let options = |label: String| RunOptions {
         target: cluster.grpc.clone(),
+        openai_model: None,
         arrival: Arrival::Closed(a.concurrency),
         timeout: Duration::from_secs(60),
         stream: true,

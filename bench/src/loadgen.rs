@@ -1,7 +1,9 @@
 //! The load generator: sends a planned set of requests to a coordinator's gRPC
-//! `Inference` service (`Generate`, streamed, or `Complete`), open loop (each request at its planned time, whatever
-//! the server does) or closed loop (N clients, each sending its next request when the
-//! previous one ends), and records what every request saw.
+//! `Inference` service (`Generate`, streamed, or `Complete`) — or to any
+//! OpenAI-compatible server's streamed `POST /v1/completions` — open loop (each request
+//! at its planned time, whatever the server does) or closed loop (N clients, each
+//! sending its next request when the previous one ends), and records what every
+//! request saw.
 
 use crate::stats::RequestRecord;
 use crate::workload::{Planned, Rng};
@@ -131,8 +133,12 @@ pub enum Arrival {
 /// Options of one run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Coordinator gRPC URL, e.g. `http://127.0.0.1:8001`.
+    /// Coordinator gRPC URL, e.g. `http://127.0.0.1:8001`; with `openai_model`, the base
+    /// URL of an OpenAI-compatible server, e.g. `http://127.0.0.1:8080`.
     pub target: String,
+    /// Send to an OpenAI-compatible server's `/v1/completions` (streamed, greedy,
+    /// `ignore_eos`) with this model name, instead of gRPC.
+    pub openai_model: Option<String>,
     /// How requests are released.
     pub arrival: Arrival,
     /// Per-request deadline; a request still running then is recorded as an error.
@@ -167,7 +173,10 @@ pub fn connect(target: &str) -> Result<InferenceClient<Channel>, LoadError> {
 
 /// Sends every request and waits for all of them.
 pub async fn run(reqs: &[Prepared], opts: &RunOptions) -> Result<RunResult, LoadError> {
-    let client = connect(&opts.target)?;
+    let client = match &opts.openai_model {
+        None => Some(connect(&opts.target)?),
+        Some(_) => None,
+    };
     let done = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
@@ -203,8 +212,21 @@ pub async fn run(reqs: &[Prepared], opts: &RunOptions) -> Result<RunResult, Load
         let (client, req, timeout, stream) =
             (client.clone(), req.clone(), opts.timeout, opts.stream);
         let (done, errors) = (done.clone(), errors.clone());
+        let openai = opts
+            .openai_model
+            .clone()
+            .map(|model| (opts.target.clone(), model));
         tasks.push(tokio::spawn(async move {
-            let rec = one(client, &req, t0, timeout, stream).await;
+            let rec = match (client, openai) {
+                (Some(client), _) => one(client, &req, t0, timeout, stream).await,
+                (None, Some((base, model))) => {
+                    let r = req.clone();
+                    tokio::task::spawn_blocking(move || one_openai(&base, &model, &r, t0, timeout))
+                        .await
+                        .unwrap_or_else(|e| failed(&req, t0, format!("request task: {e}")))
+                }
+                (None, None) => unreachable!("a client or an OpenAI target"),
+            };
             drop(permit);
             if rec.error.is_some() {
                 errors.fetch_add(1, Ordering::Relaxed);
@@ -239,6 +261,131 @@ fn draw_bar(label: &str, done: usize, errors: usize, n: usize, elapsed: Duration
         elapsed.as_secs_f64()
     );
     let _ = err.flush();
+}
+
+/// A request that could not be sent at all.
+fn failed(req: &Prepared, t0: Instant, why: String) -> RequestRecord {
+    RequestRecord {
+        sent_at: t0.elapsed().as_secs_f64(),
+        prompt_tokens: req.plan.input_tokens,
+        output_tokens: 0,
+        ttft: None,
+        gaps: Vec::new(),
+        e2e: 0.0,
+        error: Some(why),
+    }
+}
+
+/// The first model an OpenAI-compatible server lists (`GET /v1/models`).
+///
+/// # Errors
+/// When the server does not answer or lists none.
+pub fn openai_model(base: &str) -> Result<String, LoadError> {
+    let bad = |why: String| LoadError::Target(base.to_string(), why);
+    let text = crate::http::get_text(&format!("{base}/v1/models"), Duration::from_secs(10))
+        .map_err(|e| bad(format!("{e:#}")))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| bad(format!("no model in /v1/models: {text}")))
+}
+
+/// One request to an OpenAI-compatible server, streamed (SSE), on a blocking thread:
+/// the time of every chunk as it arrives. Each chunk before the one that carries
+/// `finish_reason` is a token; `usage.completion_tokens`, when the server sends it
+/// (`stream_options.include_usage`), is the count that is checked.
+fn one_openai(
+    base: &str,
+    model: &str,
+    req: &Prepared,
+    t0: Instant,
+    timeout: Duration,
+) -> RequestRecord {
+    use std::io::BufRead;
+    let sent = Instant::now();
+    let mut rec = RequestRecord {
+        sent_at: sent.duration_since(t0).as_secs_f64(),
+        prompt_tokens: req.plan.input_tokens,
+        output_tokens: 0,
+        ttft: None,
+        gaps: Vec::new(),
+        e2e: 0.0,
+        error: None,
+    };
+    let body = serde_json::json!({
+        "model": model, "prompt": req.prompt, "max_tokens": req.plan.output_tokens,
+        "temperature": 0, "stream": true, "ignore_eos": true,
+        "stream_options": {"include_usage": true},
+    });
+    let mut streamed = || -> Result<Option<usize>, String> {
+        let url = format!("{base}/v1/completions");
+        let mut resp = crate::http::with_auth(crate::http::agent().post(&url))
+            .header("content-type", "application/json")
+            .config()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .build()
+            .send(body.to_string())
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        if resp.status().as_u16() != 200 {
+            let code = resp.status().as_u16();
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            return Err(format!("HTTP {code}: {text}"));
+        }
+        let mut usage = None;
+        let mut last = sent;
+        let reader = std::io::BufReader::new(resp.into_body().into_reader());
+        for line in reader.lines() {
+            let line = line.map_err(|e| format!("reading the stream: {e}"))?;
+            let Some(data) = line.strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                break;
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(data).map_err(|e| format!("chunk `{data}`: {e}"))?;
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                usage = Some(n as usize);
+            }
+            let Some(choice) = v["choices"].get(0) else {
+                continue;
+            };
+            let text = choice["text"].as_str().unwrap_or("");
+            if !choice["finish_reason"].is_null() && text.is_empty() {
+                continue;
+            }
+            let now = Instant::now();
+            if rec.ttft.is_none() {
+                rec.ttft = Some(now.duration_since(sent).as_secs_f64());
+            } else {
+                rec.gaps.push(now.duration_since(last).as_secs_f64());
+            }
+            last = now;
+            rec.output_tokens += 1;
+        }
+        Ok(usage)
+    };
+    match streamed() {
+        Ok(usage) => {
+            // A server that sends several tokens in one chunk: they arrived together.
+            if let Some(n) = usage.filter(|n| *n > rec.output_tokens) {
+                rec.gaps
+                    .extend(std::iter::repeat_n(0.0, n - rec.output_tokens));
+                rec.output_tokens = n;
+            }
+            if rec.output_tokens != req.plan.output_tokens {
+                rec.error = Some(format!(
+                    "got {} of {} tokens",
+                    rec.output_tokens, req.plan.output_tokens
+                ));
+            }
+        }
+        Err(e) => rec.error = Some(e),
+    }
+    rec.e2e = sent.elapsed().as_secs_f64();
+    rec
 }
 
 /// One request: the time of every token as it arrives.

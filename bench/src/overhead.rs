@@ -143,6 +143,7 @@ pub fn run(a: &OverheadArgs, host: &Host) -> Result<()> {
                     let reqs = loadgen::prepare(&prompts, &wl.plan(n + concurrency, None), 7, 0)?;
                     let opts = RunOptions {
                         target: cluster.grpc.clone(),
+                        openai_model: None,
                         arrival: Arrival::Closed(concurrency),
                         timeout: Duration::from_secs(60),
                         stream,

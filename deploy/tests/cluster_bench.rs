@@ -104,6 +104,66 @@ fn goodput_search_and_closed_loop_run_against_a_live_cluster() {
     );
     assert_eq!(v["point"]["clients"], 3);
     assert_eq!(v["point"]["summary"]["errors"], 0);
+    // The same workload through the OpenAI-compatible HTTP API (streamed completions),
+    // as the bench drives any such server: every token counted and timed.
+    let records = _d.path().join("openai.jsonl");
+    let v = run_json(
+        &[
+            "bench",
+            "load",
+            "--openai",
+            &up.http,
+            "--clients",
+            "3",
+            "--requests",
+            "9",
+            "--input",
+            "16",
+            "--output",
+            "5",
+            "--records",
+            records.to_str().unwrap(),
+            "--json",
+        ],
+        &model,
+    );
+    assert_eq!(
+        (v["api"].as_str(), v["target"].as_str()),
+        (Some("openai"), Some(up.http.as_str())),
+        "{v}"
+    );
+    assert_eq!(v["point"]["summary"]["errors"], 0, "{v}");
+    let lines = std::fs::read_to_string(&records).unwrap();
+    let recs: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(recs.len(), 9);
+    for r in recs.iter().map(|r| &r["record"]) {
+        assert_eq!(r["output_tokens"], 5, "{r}");
+        assert_eq!(r["gaps"].as_array().unwrap().len(), 4, "{r}");
+        assert!(r["ttft"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // A server that is not there: every request an error, none a hang.
+    let v = run_json(
+        &[
+            "bench",
+            "load",
+            "--openai",
+            "http://127.0.0.1:9",
+            "--openai-model",
+            "m",
+            "--requests",
+            "2",
+            "--input",
+            "8",
+            "--output",
+            "2",
+            "--json",
+        ],
+        &model,
+    );
+    assert_eq!(v["point"]["summary"]["errors"], 2, "{v}");
     // A generous SLO: every rate the search tries meets it, so the search only climbs.
     let v = run_json(
         &[

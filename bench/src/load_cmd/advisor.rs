@@ -9,7 +9,7 @@
 //! SLO⌉ for each role) and its measured goodput.
 
 use super::{
-    GOODPUT_ATTAINMENT, Point, Searched, WorkloadArgs, emit, finite, measure_at, parse_slo,
+    GOODPUT_ATTAINMENT, Point, Searched, Target, WorkloadArgs, emit, finite, measure_at, parse_slo,
     runtime, search_goodput, write_records,
 };
 use crate::cluster::{Cluster, ClusterSpec};
@@ -487,7 +487,10 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                     &rt,
                     &prompts,
                     &work,
-                    (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+                    (
+                        Target::Grpc(cluster.grpc.as_str()),
+                        Some(cluster.http.as_str()),
+                    ),
                     &slo,
                     search,
                     &format!("{case} {} ", split.name()),
@@ -503,7 +506,10 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                         &rt,
                         &prompts,
                         &work,
-                        (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+                        (
+                            Target::Grpc(cluster.grpc.as_str()),
+                            Some(cluster.http.as_str()),
+                        ),
                         (Arrival::Open, Some(rate)),
                         (work.requests, 100 + k as u64),
                         &label,

@@ -7,7 +7,7 @@
 //! records and SVG plots.
 
 use super::{
-    GOODPUT_ATTAINMENT, Point, Searched, WorkloadArgs, emit, finite, measure_at, parse_slo,
+    GOODPUT_ATTAINMENT, Point, Searched, Target, WorkloadArgs, emit, finite, measure_at, parse_slo,
     print_table, runtime, search_goodput, write_records,
 };
 use crate::cluster::{Cluster, ClusterSpec};
@@ -100,7 +100,10 @@ impl Run<'_> {
             self.rt,
             self.prompts,
             &self.a.work,
-            (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+            (
+                Target::Grpc(cluster.grpc.as_str()),
+                Some(cluster.http.as_str()),
+            ),
             (Arrival::Closed(1), None),
             (UNLOADED_REQUESTS, UNLOADED_POINT),
             &format!("{name} unloaded"),
@@ -122,7 +125,10 @@ impl Run<'_> {
             self.rt,
             self.prompts,
             &self.a.work,
-            (cluster.grpc.as_str(), Some(cluster.http.as_str())),
+            (
+                Target::Grpc(cluster.grpc.as_str()),
+                Some(cluster.http.as_str()),
+            ),
             slo,
             search,
             &format!("{name} "),

@@ -99,6 +99,15 @@ pub struct LoadArgs {
     /// Coordinator gRPC URL.
     #[arg(long, default_value = "http://127.0.0.1:8001")]
     pub grpc: String,
+    /// Drive this OpenAI-compatible server instead (its base URL, e.g.
+    /// `http://127.0.0.1:8080`: xpyd's HTTP port, llama-server, vLLM…) with streamed
+    /// `/v1/completions` — the same workload, greedy, `ignore_eos`.
+    #[arg(long)]
+    pub openai: Option<String>,
+    /// The model name to ask the OpenAI server for (default: the first of its
+    /// `/v1/models`).
+    #[arg(long, requires = "openai")]
+    pub openai_model: Option<String>,
     /// Coordinator HTTP URL, to check the bench against its Prometheus histograms.
     #[arg(long)]
     pub http: Option<String>,
@@ -160,12 +169,21 @@ pub struct Point {
     pub records: Vec<RequestRecord>,
 }
 
-/// Runs one point: the plan, sent to `grpc`, with scrapes of `http` around it.
+/// Where a run's requests go.
+#[derive(Debug, Clone, Copy)]
+enum Target<'a> {
+    /// A coordinator's gRPC `Inference`.
+    Grpc(&'a str),
+    /// An OpenAI-compatible server (base URL) and the model name to ask for.
+    OpenAi { base: &'a str, model: &'a str },
+}
+
+/// Runs one point: the plan, sent to `target`, with scrapes of `http` around it.
 fn measure_at(
     rt: &tokio::runtime::Runtime,
     prompts: &Prompts,
     work: &WorkloadArgs,
-    (grpc, http): (&str, Option<&str>),
+    (target, http): (Target<'_>, Option<&str>),
     (arrival, rate): (Arrival, Option<f64>),
     (n, point): (usize, u64),
     label: &str,
@@ -173,8 +191,13 @@ fn measure_at(
     let plan = work.plan(n, rate);
     let reqs: Vec<Prepared> = loadgen::prepare(prompts, &plan, work.seed, point)?;
     let before = http.map(scrape).transpose()?;
+    let (url, openai_model) = match target {
+        Target::Grpc(u) => (u, None),
+        Target::OpenAi { base, model } => (base, Some(model.to_string())),
+    };
     let opts = RunOptions {
-        target: grpc.to_string(),
+        target: url.to_string(),
+        openai_model,
         arrival,
         timeout: Duration::from_secs(work.timeout_s),
         stream: true,
@@ -247,7 +270,7 @@ fn search_goodput(
     rt: &tokio::runtime::Runtime,
     prompts: &Prompts,
     work: &WorkloadArgs,
-    target: (&str, Option<&str>),
+    target: (Target<'_>, Option<&str>),
     slo: &Slo,
     mut search: GoodputSearch,
     label: &str,
@@ -325,8 +348,25 @@ fn prom_check(before: &str, after: &str, s: &Summary) -> Value {
 pub fn load(a: &LoadArgs, host: &Host) -> Result<()> {
     let rt = runtime()?;
     let prompts = a.work.prompts(host)?;
-    let target = (a.grpc.as_str(), a.http.as_deref());
-    let mut out = json!({"target": a.grpc, "workload": a.work.describe()});
+    let base = a.openai.as_deref().map(|b| b.trim_end_matches('/'));
+    let model = match (base, &a.openai_model) {
+        (None, _) => None,
+        (Some(_), Some(m)) => Some(m.clone()),
+        (Some(b), None) => Some(loadgen::openai_model(b)?),
+    };
+    let (target, url) = match (base, &model) {
+        (Some(base), Some(model)) => {
+            eprintln!("OpenAI-compatible server {base}, model `{model}`");
+            (Target::OpenAi { base, model }, base)
+        }
+        _ => (Target::Grpc(&a.grpc), a.grpc.as_str()),
+    };
+    let target = (target, a.http.as_deref());
+    let mut out = json!({"target": url, "workload": a.work.describe()});
+    if let Some(m) = &model {
+        out["api"] = json!("openai");
+        out["model"] = json!(m);
+    }
     if let Some(slo) = a.goodput {
         let search =
             GoodputSearch::new(a.rate.unwrap_or(1.0), GOODPUT_ATTAINMENT, 0.1, a.max_points);
