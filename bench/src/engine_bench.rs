@@ -1,5 +1,8 @@
 //! `xpyd bench engine`: prefill and decode throughput of the engine on the real model,
 //! compared in the same run with llama.cpp's `llama-server` on the same GGUF and threads.
+//! The two alternate round by round (`--rounds`, default 5), so one noisy moment of the
+//! machine does not decide a ratio: each figure is the median of its rounds with their
+//! range, and each ratio the median of the rounds' paired ratios.
 
 use crate::engine_args::EngineArgs;
 use crate::host::Host;
@@ -31,9 +34,28 @@ pub struct BenchEngineArgs {
     /// Decode steps timed per batch size.
     #[arg(long, default_value_t = 64)]
     pub decode_steps: usize,
-    /// Timed repetitions per prefill length (the best is reported).
+    /// Timed repetitions per prefill length in a round (the round's best counts).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
+    /// Rounds; xpyd's and llama.cpp's measurements alternate, round by round.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+}
+
+/// Median, minimum and maximum of one measure's rounds.
+pub fn spread(xs: &[f64]) -> Value {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return json!({"median": null, "min": null, "max": null, "rounds": xs});
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    json!({"median": median, "min": v[0], "max": v[n - 1], "rounds": xs})
 }
 
 const TEXT: &str = "The history of the printing press begins in the fifteenth century, when \
@@ -111,80 +133,85 @@ impl Drop for Server {
     }
 }
 
-fn llama_cpp(
-    server: &Path,
-    model: &Path,
-    threads: usize,
-    prompts: &LlamaPrompts,
-    repeats: usize,
-) -> Result<Value> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new(server)
-        .args(["-m"])
-        .arg(model)
-        .args([
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "-c",
-            "4096",
-            "-b",
-            "512",
-            "-ub",
-            "512",
-        ])
-        .args([
-            "-t",
-            &threads.to_string(),
-            "-tb",
-            &threads.to_string(),
-            "--no-warmup",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("start {}", server.display()))?;
-    let _guard = Server(child);
-    let base = format!("http://127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if http::get_text(&format!("{base}/health"), Duration::from_secs(2)).is_ok() {
-            break;
+/// A running llama-server on the same model and threads.
+struct Llama {
+    _server: Server,
+    base: String,
+}
+
+impl Llama {
+    fn start(server: &Path, model: &Path, threads: usize) -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new(server)
+            .args(["-m"])
+            .arg(model)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "-c",
+                "4096",
+                "-b",
+                "512",
+                "-ub",
+                "512",
+            ])
+            .args([
+                "-t",
+                &threads.to_string(),
+                "-tb",
+                &threads.to_string(),
+                "--no-warmup",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", server.display()))?;
+        let llama = Llama {
+            _server: Server(child),
+            base: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if http::get_text(&format!("{}/health", llama.base), Duration::from_secs(2)).is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("llama-server did not become healthy within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        if Instant::now() > deadline {
-            bail!("llama-server did not become healthy within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        Ok(llama)
     }
-    let completion = |prompt: &[u32], n_predict: usize| -> Result<Value> {
+
+    fn completion(&self, prompt: &[u32], n_predict: usize) -> Result<Value> {
         let r = http::post_json(
-            &format!("{base}/completion"),
+            &format!("{}/completion", self.base),
             &json!({"prompt": prompt, "n_predict": n_predict, "temperature": 0, "ignore_eos": true, "cache_prompt": false}),
             COMPLETION_TIMEOUT,
         )?;
         Ok(r["timings"].clone())
-    };
-    completion(&prompts.prefill_512[..128], 1)?; // warm-up
-    let mut prefill: f64 = 0.0;
-    for _ in 0..repeats.max(1) {
-        prefill = prefill.max(
-            completion(&prompts.prefill_512, 1)?["prompt_per_second"]
-                .as_f64()
-                .unwrap_or(0.0),
-        );
     }
-    let mut decode: f64 = 0.0;
-    for _ in 0..2 {
-        decode = decode.max(
-            completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"]
+
+    /// One round: (prefill 512 tok/s, the best of `repeats`; decode batch 1 tok/s).
+    fn measure(&self, prompts: &LlamaPrompts, repeats: usize) -> Result<(f64, f64)> {
+        let mut prefill: f64 = 0.0;
+        for _ in 0..repeats.max(1) {
+            prefill = prefill.max(
+                self.completion(&prompts.prefill_512, 1)?["prompt_per_second"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+            );
+        }
+        let decode =
+            self.completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"]
                 .as_f64()
-                .unwrap_or(0.0),
-        );
+                .unwrap_or(0.0);
+        Ok((prefill, decode))
     }
-    Ok(json!({"prefill_512_tok_s": prefill, "decode_batch1_tok_s": decode}))
 }
 
 struct LlamaPrompts {
@@ -216,29 +243,83 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
     let mut engine = Engine::load(cfg)?;
     eprintln!("warming up…");
     bench_prefill(&mut engine, 128, 1)?;
-    let mut prefill = Vec::new();
-    for n in PREFILL_LENGTHS {
-        let reps = if n >= 2048 {
-            1.max(args.repeats / 2)
-        } else {
-            args.repeats
-        };
-        let tok_s = bench_prefill(&mut engine, n, reps)?;
-        eprintln!("prefill {n:>5} tokens: {tok_s:8.1} tok/s");
-        prefill.push(json!({"prompt_tokens": n, "tok_s": tok_s}));
+    let prompts = LlamaPrompts {
+        prefill_512: prompt_tokens(&engine, 512, 512)?,
+        decode: prompt_tokens(&engine, DECODE_PROMPT, 0)?,
+        decode_steps: args.decode_steps,
+    };
+    let mut skipped = None;
+    let llama = match &args.llama_server {
+        Some(server) if server.exists() => {
+            eprintln!("llama.cpp comparison with {}", server.display());
+            let l = Llama::start(server, &model, threads)?;
+            l.completion(&prompts.prefill_512[..128], 1)?; // warm-up
+            Some(l)
+        }
+        Some(server) => {
+            skipped = Some(format!("{} does not exist", server.display()));
+            None
+        }
+        None => {
+            skipped = Some("no --llama-server given".to_string());
+            None
+        }
+    };
+    let rounds = args.rounds as usize;
+    let mut prefill: Vec<Vec<f64>> = vec![Vec::new(); PREFILL_LENGTHS.len()];
+    let mut decode: Vec<Vec<f64>> = vec![Vec::new(); DECODE_BATCHES.len()];
+    let (mut l_prefill, mut l_decode) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for (i, n) in PREFILL_LENGTHS.iter().enumerate() {
+            let reps = if *n >= 2048 {
+                1.max(args.repeats / 2)
+            } else {
+                args.repeats
+            };
+            prefill[i].push(bench_prefill(&mut engine, *n, reps)?);
+        }
+        for (i, b) in DECODE_BATCHES.iter().enumerate() {
+            decode[i].push(bench_decode(&mut engine, *b, args.decode_steps)?);
+        }
+        let mut line = format!(
+            "round {}/{rounds}: xpyd prefill 512 {:.1} tok/s, decode 1 {:.1} tok/s",
+            round + 1,
+            prefill[1][round],
+            decode[0][round]
+        );
+        if let Some(l) = &llama {
+            let (p, d) = l.measure(&prompts, args.repeats)?;
+            l_prefill.push(p);
+            l_decode.push(d);
+            line.push_str(&format!("; llama.cpp {p:.1}, {d:.1}"));
+        }
+        eprintln!("{line}");
     }
-    let mut decode = Vec::new();
-    for b in DECODE_BATCHES {
-        let tok_s = bench_decode(&mut engine, b, args.decode_steps)?;
-        eprintln!("decode batch {b:>3}: {tok_s:8.1} tok/s");
-        decode.push(json!({"batch": b, "tok_s": tok_s}));
-    }
-    let prefill_512 = prefill[1]["tok_s"].as_f64().unwrap_or(0.0);
-    let decode_1 = decode[0]["tok_s"].as_f64().unwrap_or(0.0);
-    let decode_16 = decode[2]["tok_s"].as_f64().unwrap_or(0.0);
+    drop(llama);
+    let median = |v: &Value| v["median"].as_f64().unwrap_or(0.0);
+    let prefill_json: Vec<Value> = PREFILL_LENGTHS
+        .iter()
+        .zip(&prefill)
+        .map(|(n, xs)| {
+            let s = spread(xs);
+            json!({"prompt_tokens": n, "tok_s": median(&s), "spread": s})
+        })
+        .collect();
+    let decode_json: Vec<Value> = DECODE_BATCHES
+        .iter()
+        .zip(&decode)
+        .map(|(b, xs)| {
+            let s = spread(xs);
+            json!({"batch": b, "tok_s": median(&s), "spread": s})
+        })
+        .collect();
+    let prefill_512 = prefill_json[1]["tok_s"].as_f64().unwrap_or(0.0);
+    let decode_16 = decode_json[2]["tok_s"].as_f64().unwrap_or(0.0);
     let mut report = json!({
-        "prefill": prefill,
-        "decode": decode,
+        "prefill": prefill_json,
+        "decode": decode_json,
+        "rounds": rounds,
+        "kernels": format!("{:?}", xpyd_engine::cpu::level()),
         "threads": threads,
         "cpus": args.engine.cpus.clone(),
         "cpu": cpu_name(),
@@ -246,78 +327,92 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
         "decode_prompt_tokens": DECODE_PROMPT,
         "ratios": {"decode_batch16_over_prefill_512": decode_16 / prefill_512},
     });
-    match &args.llama_server {
-        Some(server) if server.exists() => {
-            eprintln!("llama.cpp comparison with {}", server.display());
-            let prompts = LlamaPrompts {
-                prefill_512: prompt_tokens(&engine, 512, 512)?,
-                decode: prompt_tokens(&engine, DECODE_PROMPT, 0)?,
-                decode_steps: args.decode_steps,
-            };
-            drop(engine);
-            let l = llama_cpp(server, &model, threads, &prompts, args.repeats)?;
-            let lp = l["prefill_512_tok_s"].as_f64().unwrap_or(f64::NAN);
-            let ld = l["decode_batch1_tok_s"].as_f64().unwrap_or(f64::NAN);
-            report["llama_cpp"] = l;
-            report["ratios"]["prefill_512_vs_llama_cpp"] = json!(prefill_512 / lp);
-            report["ratios"]["decode_batch1_vs_llama_cpp"] = json!(decode_1 / ld);
-        }
-        Some(server) => {
-            eprintln!(
-                "llama.cpp comparison skipped: {} does not exist",
-                server.display()
-            );
+    match skipped {
+        Some(why) => {
+            eprintln!("llama.cpp comparison skipped: {why}");
             report["llama_cpp"] = json!(null);
-            report["llama_cpp_skipped"] = json!(format!("{} does not exist", server.display()));
+            report["llama_cpp_skipped"] = json!(why);
         }
         None => {
-            eprintln!("llama.cpp comparison skipped: no --llama-server given");
-            report["llama_cpp"] = json!(null);
-            report["llama_cpp_skipped"] = json!("no --llama-server given");
+            let (lp, ld) = (spread(&l_prefill), spread(&l_decode));
+            // Paired: each round's ratio, then their median.
+            let paired = |ours: &[f64], theirs: &[f64]| -> Vec<f64> {
+                ours.iter().zip(theirs).map(|(a, b)| a / b).collect()
+            };
+            let (rp, rd) = (
+                spread(&paired(&prefill[1], &l_prefill)),
+                spread(&paired(&decode[0], &l_decode)),
+            );
+            report["llama_cpp"] = json!({
+                "prefill_512_tok_s": median(&lp), "decode_batch1_tok_s": median(&ld),
+                "prefill_512_spread": lp, "decode_batch1_spread": ld,
+            });
+            report["ratios"]["prefill_512_vs_llama_cpp"] = json!(median(&rp));
+            report["ratios"]["decode_batch1_vs_llama_cpp"] = json!(median(&rd));
+            report["ratios"]["prefill_512_vs_llama_cpp_spread"] = rp;
+            report["ratios"]["decode_batch1_vs_llama_cpp_spread"] = rd;
         }
     }
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
+    report_out(&report, args.json, args.out.as_deref(), print_table)
+}
+
+/// Writes `report` to `out` (pretty JSON) when given, and prints it: one JSON line
+/// with `json`, else as `table` lays it out.
+///
+/// # Errors
+/// When `out` cannot be written.
+pub fn report_out(report: &Value, json: bool, out: Option<&Path>, table: fn(&Value)) -> Result<()> {
+    if let Some(out) = out {
+        std::fs::write(out, serde_json::to_string_pretty(report)?)?;
     }
-    if args.json {
+    if json {
         println!("{report}");
     } else {
-        print_table(&report);
+        table(report);
     }
     Ok(())
 }
 
 fn print_table(r: &Value) {
     println!(
-        "xpyd bench engine — {} threads, cpus {}, {}",
-        r["threads"], r["cpus"], r["cpu"]
+        "xpyd bench engine — {} threads, cpus {}, {}, kernels {}; medians of {} rounds [min–max]",
+        r["threads"], r["cpus"], r["cpu"], r["kernels"], r["rounds"]
     );
     println!(
-        "{:<22} {:>12} {:>14} {:>8}",
-        "measure", "xpyd tok/s", "llama.cpp", "ratio"
+        "{:<18} {:>22} {:>22} {:>20}",
+        "measure", "xpyd tok/s", "llama.cpp tok/s", "ratio (paired)"
     );
-    let f = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let cell = |s: &Value, d: usize| {
+        format!(
+            "{:.d$} [{:.d$}–{:.d$}]",
+            f(&s["median"]),
+            f(&s["min"]),
+            f(&s["max"])
+        )
+    };
     let l = &r["llama_cpp"];
     // One row; the llama.cpp columns only where the bench measured llama.cpp too.
-    let row = |label: String, ours: f64, theirs: Option<(&str, &str)>| {
+    let row = |label: String, ours: &Value, theirs: Option<(&str, &str)>| {
         let (lc, ratio) = match theirs {
-            Some((key, ratio_key)) if !l.is_null() => (
-                format!("{:.1}", f(&l[key])),
-                format!("{:.2}", f(&r["ratios"][ratio_key])),
-            ),
+            Some((key, ratio_key)) if !l.is_null() => {
+                (cell(&l[key], 1), cell(&r["ratios"][ratio_key], 2))
+            }
             _ => ("-".into(), "-".into()),
         };
-        println!("{label:<22} {ours:>12.1} {lc:>14} {ratio:>8}");
+        println!("{label:<18} {:>22} {lc:>22} {ratio:>20}", cell(ours, 1));
     };
     for p in r["prefill"].as_array().into_iter().flatten() {
         let n = p["prompt_tokens"].as_u64().unwrap_or(0);
-        let theirs = (n == 512).then_some(("prefill_512_tok_s", "prefill_512_vs_llama_cpp"));
-        row(format!("prefill {n} tok"), f(&p["tok_s"]), theirs);
+        let theirs =
+            (n == 512).then_some(("prefill_512_spread", "prefill_512_vs_llama_cpp_spread"));
+        row(format!("prefill {n} tok"), &p["spread"], theirs);
     }
     for d in r["decode"].as_array().into_iter().flatten() {
         let b = d["batch"].as_u64().unwrap_or(0);
-        let theirs = (b == 1).then_some(("decode_batch1_tok_s", "decode_batch1_vs_llama_cpp"));
-        row(format!("decode batch {b}"), f(&d["tok_s"]), theirs);
+        let theirs =
+            (b == 1).then_some(("decode_batch1_spread", "decode_batch1_vs_llama_cpp_spread"));
+        row(format!("decode batch {b}"), &d["spread"], theirs);
     }
     println!(
         "batch-16 decode / 512-token prefill: {:.2}",
@@ -327,5 +422,19 @@ fn print_table(r: &Value) {
     );
     if let Some(why) = r["llama_cpp_skipped"].as_str() {
         println!("llama.cpp comparison skipped: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn spread_is_the_median_and_range_of_the_rounds() {
+        let s = super::spread(&[3.0, 1.0, 2.0, f64::NAN]);
+        assert_eq!(
+            (s["median"].as_f64(), s["min"].as_f64(), s["max"].as_f64()),
+            (Some(2.0), Some(1.0), Some(3.0))
+        );
+        assert_eq!(super::spread(&[4.0, 1.0, 2.0, 3.0])["median"], 2.5);
+        assert!(super::spread(&[])["median"].is_null());
     }
 }

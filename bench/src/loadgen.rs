@@ -263,16 +263,24 @@ fn draw_bar(label: &str, done: usize, errors: usize, n: usize, elapsed: Duration
     let _ = err.flush();
 }
 
-/// A request that could not be sent at all.
-fn failed(req: &Prepared, t0: Instant, why: String) -> RequestRecord {
+/// The record of `req`, sent at `sent` in a run that started at `t0`, before any answer.
+fn unanswered(req: &Prepared, t0: Instant, sent: Instant) -> RequestRecord {
     RequestRecord {
-        sent_at: t0.elapsed().as_secs_f64(),
+        sent_at: sent.duration_since(t0).as_secs_f64(),
         prompt_tokens: req.plan.input_tokens,
         output_tokens: 0,
         ttft: None,
         gaps: Vec::new(),
         e2e: 0.0,
+        error: None,
+    }
+}
+
+/// A request that could not be sent at all.
+fn failed(req: &Prepared, t0: Instant, why: String) -> RequestRecord {
+    RequestRecord {
         error: Some(why),
+        ..unanswered(req, t0, Instant::now())
     }
 }
 
@@ -304,15 +312,7 @@ fn one_openai(
 ) -> RequestRecord {
     use std::io::BufRead;
     let sent = Instant::now();
-    let mut rec = RequestRecord {
-        sent_at: sent.duration_since(t0).as_secs_f64(),
-        prompt_tokens: req.plan.input_tokens,
-        output_tokens: 0,
-        ttft: None,
-        gaps: Vec::new(),
-        e2e: 0.0,
-        error: None,
-    };
+    let mut rec = unanswered(req, t0, sent);
     let body = serde_json::json!({
         "model": model, "prompt": req.prompt, "max_tokens": req.plan.output_tokens,
         "temperature": 0, "stream": true, "ignore_eos": true,
@@ -397,15 +397,7 @@ async fn one(
     stream: bool,
 ) -> RequestRecord {
     let sent = Instant::now();
-    let mut rec = RequestRecord {
-        sent_at: sent.duration_since(t0).as_secs_f64(),
-        prompt_tokens: req.plan.input_tokens,
-        output_tokens: 0,
-        ttft: None,
-        gaps: Vec::new(),
-        e2e: 0.0,
-        error: None,
-    };
+    let mut rec = unanswered(req, t0, sent);
     let body = GenerateRequest {
         model: String::new(),
         input: Some(generate_request::Input::Prompt(req.prompt.clone())),

@@ -8,7 +8,7 @@
 //! `/usr/share/common-licenses/GPL-3`; its own notice lets anyone copy it verbatim).
 
 use crate::engine_args::EngineArgs;
-use crate::engine_bench::cpu_name;
+use crate::engine_bench::{cpu_name, report_out};
 use crate::host::Host;
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -214,15 +214,7 @@ pub fn run(args: &QualityArgs, host: &Host) -> Result<()> {
             report["llama_cpp"] = Value::Null;
         }
     }
-    if let Some(out) = &args.out {
-        std::fs::write(out, serde_json::to_string_pretty(&report)?)?;
-    }
-    if args.json {
-        println!("{report}");
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    report_out(&report, args.json, args.out.as_deref(), print_table)
 }
 
 fn print_table(r: &Value) {

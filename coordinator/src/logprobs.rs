@@ -82,20 +82,12 @@ impl TextLogprobs {
 
 /// The public gRPC form, with token texts.
 pub fn to_pb(tok: &Tokenizer, l: &TokenLogprobs) -> pb::TokenLogprob {
-    pb::TokenLogprob {
-        id: l.token,
-        logprob: l.logprob,
-        token: tok.token_piece(l.token).0,
-        top: l
-            .top
-            .iter()
-            .map(|(id, logprob)| pb::TopLogprob {
-                id: *id,
-                logprob: *logprob,
-                token: tok.token_piece(*id).0,
-            })
-            .collect(),
+    let mut out = xpyd_runtime::worker::logprobs_to_pb(l);
+    out.token = tok.token_piece(out.id).0;
+    for t in &mut out.top {
+        t.token = tok.token_piece(t.id).0;
     }
+    out
 }
 
 #[cfg(test)]

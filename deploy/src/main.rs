@@ -32,6 +32,22 @@ fn main() -> ExitCode {
             };
         }
     };
+    // The kernels' level, capped on request, before anything computes.
+    if let Some(v) = std::env::var_os(env::CPU_LEVEL) {
+        match xpyd_engine::cpu::Level::parse(&v.to_string_lossy()) {
+            Some(l) => {
+                xpyd_engine::cpu::cap(l);
+            }
+            None => {
+                eprintln!(
+                    "error: {}: `{}` is not scalar, avx2 or avx512vnni",
+                    env::CPU_LEVEL,
+                    v.to_string_lossy()
+                );
+                return ExitCode::from(exit::USAGE);
+            }
+        }
+    }
     // Threads and pinning are process-wide and must be set before any thread starts.
     if let Err(e) = cli.apply_compute() {
         eprintln!("error: {e:#}");

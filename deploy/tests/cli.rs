@@ -169,6 +169,47 @@ fn bench_quality_gives_the_perplexity_of_both_paths_and_names_bad_flags() {
 }
 
 #[test]
+fn a_kernel_level_cap_gives_the_same_tokens_and_a_bad_one_is_named() {
+    let (_dir, model) = tiny_model();
+    let ids = |level: &str| {
+        let out = xpyd()
+            .env("XPYD_CPU_LEVEL", level)
+            .args([
+                "generate",
+                "--prompt",
+                "hello",
+                "--max-tokens",
+                "6",
+                "--ignore-eos",
+                "--print-ids",
+                "--model",
+            ])
+            .arg(&model)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (
+            out.status.code(),
+            stderr
+                .lines()
+                .find(|l| l.starts_with('['))
+                .map(str::to_string),
+            stderr,
+        )
+    };
+    let (code, best, err) = ids("avx512vnni");
+    assert_eq!(code, Some(0), "{err}");
+    for level in ["avx2", "scalar"] {
+        let (code, got, err) = ids(level);
+        assert_eq!(code, Some(0), "{err}");
+        assert_eq!(got, best, "{level} gives other tokens");
+    }
+    let (code, _, err) = ids("avx9000");
+    assert_eq!(code, Some(64), "{err}");
+    assert!(err.contains("XPYD_CPU_LEVEL"), "{err}");
+}
+
+#[test]
 fn model_fetch_without_pip_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let out = xpyd()

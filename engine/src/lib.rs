@@ -8,6 +8,11 @@ pub mod config;
 pub mod engine;
 pub mod error;
 mod kernels;
+
+/// The SIMD level the kernels run at: detected once per process, optionally capped.
+pub mod cpu {
+    pub use crate::kernels::{Level, cap, detected, level};
+}
 pub mod kv;
 pub mod mock;
 pub mod model;

@@ -22,6 +22,9 @@ pub const STATE_DIR: &str = "XPYD_STATE_DIR";
 /// A PEM bundle the CLI's and the bench drivers' HTTPS calls trust instead of the
 /// default roots (e.g. the `tls_ca` file `xpyd up` prints for a cluster with its own CA).
 pub const TLS_CA: &str = "XPYD_TLS_CA";
+/// Caps the engine's kernel level below the CPU's (`scalar`, `avx2`, `avx512vnni`), to
+/// measure a lower SIMD path on a machine that has a higher one.
+pub const CPU_LEVEL: &str = "XPYD_CPU_LEVEL";
 /// The API key the CLI's and the bench drivers' calls to a coordinator carry.
 pub const API_KEY: &str = "XPYD_API_KEY";
 /// Test knob: `XPYD_DEBUG_DELAY=decode-1=50,prefill-0=20` makes the named workers sleep

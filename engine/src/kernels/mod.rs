@@ -23,10 +23,52 @@ pub enum Level {
     Avx512Vnni,
 }
 
-/// The best level this CPU supports.
+impl Level {
+    /// The level a name stands for: `scalar`, `avx2` or `avx512vnni`.
+    pub fn parse(name: &str) -> Option<Level> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "scalar" => Some(Level::Scalar),
+            "avx2" => Some(Level::Avx2),
+            "avx512vnni" => Some(Level::Avx512Vnni),
+            _ => None,
+        }
+    }
+
+    fn rank(self) -> u8 {
+        match self {
+            Level::Scalar => 0,
+            Level::Avx2 => 1,
+            Level::Avx512Vnni => 2,
+        }
+    }
+}
+
+static CAP: OnceLock<Level> = OnceLock::new();
+
+/// Caps the level the kernels use below what the CPU has (to measure or test a lower
+/// path on a machine that has a higher one). Call it before the first [`level`]; a
+/// later call changes nothing and returns false.
+pub fn cap(at: Level) -> bool {
+    CAP.set(at).is_ok() && LEVEL.get().is_none()
+}
+
+static LEVEL: OnceLock<Level> = OnceLock::new();
+
+/// The level the kernels use: the best this CPU supports, or the [`cap`] when lower.
 pub fn level() -> Level {
-    static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
+        let best = detected();
+        match CAP.get() {
+            Some(c) if c.rank() < best.rank() => *c,
+            _ => best,
+        }
+    })
+}
+
+/// The best level this CPU supports.
+pub fn detected() -> Level {
+    static DETECTED: OnceLock<Level> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
             let has = |f: &str| match f {
