@@ -68,30 +68,6 @@ impl InferenceService {
             .map(String::from);
         let r = req.into_inner();
         let s = r.sampling.unwrap_or_default();
-        if !s.logprobs {
-            for (on, field) in [
-                (s.top_logprobs.unwrap_or(0) > 0, "top_logprobs"),
-                (s.prompt_logprobs, "prompt_logprobs"),
-            ] {
-                if on {
-                    return Err(ApiError::invalid(field, "needs `logprobs: true`").grpc());
-                }
-            }
-        }
-        let max = xpyd_engine::MAX_TOP_LOGPROBS as u32;
-        if let Some(n) = s.top_logprobs.filter(|n| *n > max) {
-            return Err(
-                ApiError::invalid("top_logprobs", format!("{n} is outside 0..={max}")).grpc(),
-            );
-        }
-        let chat = matches!(r.input, Some(pb::generate_request::Input::Chat(_)));
-        // gRPC says logprobs as chat does (a switch and a count) for either input.
-        let top = s.top_logprobs.map(i64::from);
-        let (logprobs, top_logprobs) = match (s.logprobs, chat) {
-            (false, _) => (None, None),
-            (true, true) => (Some(Logprobs::On(true)), top),
-            (true, false) => (Some(Logprobs::Top(top.unwrap_or(0))), None),
-        };
         let fields = GenFields {
             model: Some(r.model),
             max_tokens: s.max_tokens.map(i64::from),
@@ -102,8 +78,9 @@ impl InferenceService {
             stop: (!s.stop.is_empty()).then_some(Stop::Many(s.stop)),
             ignore_eos: Some(s.ignore_eos),
             priority: r.priority.map(i64::from),
-            logprobs,
-            top_logprobs,
+            // The switch form, as chat's, for either input.
+            logprobs: Some(Logprobs::On(s.logprobs)),
+            top_logprobs: s.top_logprobs.map(i64::from),
             prompt_logprobs: s.prompt_logprobs,
             ..Default::default()
         };

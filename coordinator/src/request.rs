@@ -132,11 +132,12 @@ pub fn class_from_header(v: Option<&str>) -> Result<Option<u8>, ApiError> {
 }
 
 /// Whether logprobs are asked for and how many alternatives, from OpenAI's two forms:
-/// chat's `logprobs: bool` + `top_logprobs`, completions' `logprobs: n`.
+/// a switch `logprobs: bool` + `top_logprobs` (chat, and gRPC and WebSocket whatever
+/// their input), or completions' count `logprobs: n`.
 ///
 /// # Errors
-/// 400 naming `logprobs` or `top_logprobs`.
-fn logprobs_of(f: &GenFields, chat: bool) -> Result<(bool, usize), ApiError> {
+/// 400 naming `logprobs`, `top_logprobs` or `prompt_logprobs`.
+fn logprobs_of(f: &GenFields, switch: bool) -> Result<(bool, usize), ApiError> {
     let max = xpyd_engine::MAX_TOP_LOGPROBS as i64;
     let range = |field: &'static str, n: i64| {
         if (0..=max).contains(&n) {
@@ -148,7 +149,7 @@ fn logprobs_of(f: &GenFields, chat: bool) -> Result<(bool, usize), ApiError> {
             ))
         }
     };
-    let on = match (f.logprobs, chat) {
+    let on = match (f.logprobs, switch) {
         (None, _) => false,
         (Some(Logprobs::On(on)), true) => on,
         (Some(Logprobs::Top(n)), false) => return Ok((true, range("logprobs", n)?)),
@@ -169,8 +170,13 @@ fn logprobs_of(f: &GenFields, chat: bool) -> Result<(bool, usize), ApiError> {
         None => 0,
         Some(n) => range("top_logprobs", n)?,
     };
-    if top > 0 && !on {
-        return Err(ApiError::invalid("top_logprobs", "needs `logprobs: true`"));
+    for (asked, field) in [
+        (top > 0, "top_logprobs"),
+        (f.prompt_logprobs, "prompt_logprobs"),
+    ] {
+        if asked && !on {
+            return Err(ApiError::invalid(field, "needs `logprobs: true`"));
+        }
     }
     Ok((on, top))
 }
@@ -255,8 +261,9 @@ pub async fn prepare(
             }
         },
     };
-    let chat = matches!(input, Input::Chat(_));
-    let (logprobs, top_logprobs) = logprobs_of(f, chat)?;
+    // Only the completions API counts alternatives with `logprobs: n` (and has `echo`).
+    let completions = api == "completions";
+    let (logprobs, top_logprobs) = logprobs_of(f, !completions)?;
     let params = SamplingParams {
         temperature: temperature as f32,
         top_p: top_p as f32,
@@ -267,7 +274,7 @@ pub async fn prepare(
         ignore_eos: f.ignore_eos.unwrap_or(false),
         logprobs,
         top_logprobs,
-        prompt_logprobs: logprobs && (f.prompt_logprobs || (!chat && f.echo == Some(true))),
+        prompt_logprobs: logprobs && (f.prompt_logprobs || (completions && f.echo == Some(true))),
     };
     params.validate().map_err(|e| match e {
         xpyd_engine::EngineError::InvalidParam { field, reason } => {
