@@ -3,8 +3,8 @@
 //! One computation per token, whichever pass it is in: every projection runs on the
 //! model's own quantized blocks with integer kernels that compute each output row from
 //! its input row alone ([`crate::quant`]), norms and activations are per row, and
-//! attention is the same per-query loop over the paged cache ([`KvStore::attend`]) for a
-//! prefill chunk and for a decode step. So a token's KV and logits do not depend on how
+//! attention does the same operations per query over the paged cache
+//! ([`KvStore::attend_block`]) in a prefill chunk and in a decode step. So a token's KV and logits do not depend on how
 //! the prompt was split into chunks, on which prefix came from the prefix cache, on what
 //! else is in the decode batch, or on whether the token was prefilled or decoded (which
 //! re-prefilling a migrated sequence relies on).
@@ -12,7 +12,7 @@
 use crate::compute;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
-use crate::kv::{AttnQuery, KvStore};
+use crate::kv::{ATTN_QUERY_BLOCK, AttnQuery, KvStore};
 use crate::quant::{QActs, QWeight};
 use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{DType, Device, Tensor};
@@ -330,12 +330,25 @@ impl Model {
             };
             on_layer(l, kv);
             let mut attn = vec![0f32; n * hidden];
-            let mut outs: Vec<&mut [f32]> = attn.chunks_mut(hidden).collect();
+            // Blocks of consecutive queries of one sequence share each K/V tile.
+            let mut blocks: Vec<(usize, &mut [f32])> = Vec::new();
+            let mut rest: &mut [f32] = &mut attn;
+            let mut i = 0;
+            while i < n {
+                let same = |j: &usize| std::ptr::eq(queries[*j].table, queries[i].table);
+                let len = (i..n.min(i + ATTN_QUERY_BLOCK)).take_while(same).count();
+                let (block, tail) = rest.split_at_mut(len * hidden);
+                blocks.push((i, block));
+                rest = tail;
+                i += len;
+            }
             let kv_ref: &KvStore = kv;
-            compute::for_each_item(&mut outs, |i, o| {
-                kv_ref.attend(l, &queries[i], cfg.head_dim, o)
+            compute::for_each_item(&mut blocks, |_, (at, out)| {
+                let mut outs: Vec<&mut [f32]> = out.chunks_mut(hidden).collect();
+                let qs = &queries[*at..*at + outs.len()];
+                kv_ref.attend_block(l, qs, cfg.head_dim, &mut outs)
             });
-            drop((outs, queries));
+            drop((blocks, queries));
             add_in_place(&mut x, &project(&layer.wo, &self.acts(&attn, hidden)?)?);
             let h = self.acts(&rms_norm(&x, &layer.ffn_norm, cfg.rms_eps), hidden)?;
             let mut m = project(&layer.w_gate, &h)?;

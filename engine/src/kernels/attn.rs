@@ -1,11 +1,17 @@
-//! The f32 inner loops of attention over one cached K or V row: every query head's score
-//! against it, and every head's weighted accumulation of it.
+//! The f32 inner loops of attention over a tile of cached K or V rows: one query head's
+//! scores against them, and its weighted accumulation of them.
 //!
 //! Dot products run in eight lanes (`fma` per lane over the head's values in chunks of
 //! eight, then a fixed pairwise sum of the lanes); accumulations are one `fma` per value.
 //! The portable code performs the same operations in the same order as the AVX2 code, so
 //! both give the same bits. Head dimensions that are not a multiple of 8 use a plain
 //! sequential loop on every level.
+//!
+//! [`rows_scores`] and [`rows_accumulate`] take a whole tile at once: eight rows' dot
+//! products interleaved (eight independent chains instead of one) and reduced together
+//! by a transpose that adds the lanes in the single-row order, and the accumulator held
+//! in registers across the tile. Each output is bit for bit what the one-row reference
+//! (`head_scores`, `head_accumulate`, kept for the tests) gives.
 
 use super::Level;
 
@@ -14,8 +20,11 @@ const LANES: usize = 8;
 /// `out[h] = scale · (q_h · k_{h / group})` for every query head `h` (`q`: heads × `hd`,
 /// `k`: KV heads × `hd`).
 ///
+/// The one-row reference the tile kernels are tested against.
+///
 /// # Panics
 /// When the slices disagree with `hd`, `group` and `out.len()`.
+#[cfg(test)]
 pub fn head_scores(
     level: Level,
     q: &[f32],
@@ -38,8 +47,11 @@ pub fn head_scores(
 
 /// `out_h += p[h] · v_{h / group}` for every query head `h` (`out`: heads × `hd`).
 ///
+/// The one-row reference the tile kernels are tested against.
+///
 /// # Panics
 /// When the slices disagree with `hd`, `group` and `p.len()`.
+#[cfg(test)]
 pub fn head_accumulate(
     level: Level,
     p: &[f32],
@@ -53,6 +65,70 @@ pub fn head_accumulate(
     for (h, w) in p.iter().enumerate() {
         let vh = &v[(h / group) * hd..(h / group + 1) * hd];
         axpy(level, *w, vh, &mut out[h * hd..(h + 1) * hd]);
+    }
+}
+
+/// `out[j] = scale · (q · rows[j][off..off + q.len()])` for every row: for each row the
+/// same bits as [`head_scores`].
+///
+/// # Panics
+/// When a row is shorter than `off + q.len()` or `out` shorter than `rows`.
+pub fn rows_scores(
+    level: Level,
+    q: &[f32],
+    rows: &[&[f32]],
+    off: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let out = &mut out[..rows.len()];
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level != Level::Scalar && hd.is_multiple_of(LANES) {
+        for (rs, os) in rows.chunks_exact(LANES).zip(out.chunks_exact_mut(LANES)) {
+            let r: [&[f32]; LANES] = std::array::from_fn(|i| &rs[i][off..off + hd]);
+            // SAFETY: every level but Scalar has avx2 and fma (`super::level`); each row
+            // slice is `hd` long, a multiple of 8, and `os` is 8 long.
+            unsafe { x86::dot8(q, &r, scale, os) };
+            done += LANES;
+        }
+    }
+    for (r, o) in rows[done..].iter().zip(&mut out[done..]) {
+        *o = dot(level, q, &r[off..off + hd]) * scale;
+    }
+}
+
+/// `out *= rescale`, then `out += p[j] · rows[j][off..off + out.len()]` for every row in
+/// order: for each value the same bits as scaling it and calling [`head_accumulate`] once
+/// per row.
+///
+/// # Panics
+/// When a row is shorter than `off + out.len()` or `p` shorter than `rows`.
+pub fn rows_accumulate(
+    level: Level,
+    p: &[f32],
+    rows: &[&[f32]],
+    off: usize,
+    rescale: f32,
+    out: &mut [f32],
+) {
+    let hd = out.len();
+    let rows: Vec<&[f32]> = rows.iter().map(|r| &r[off..off + hd]).collect();
+    let p = &p[..rows.len()];
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: every level but Scalar has avx2 and fma (`super::level`); every row is
+        // `hd` long, a multiple of 8, and `p` as long as `rows`.
+        Level::Avx2 | Level::Avx512Vnni if hd.is_multiple_of(LANES) => unsafe {
+            x86::accumulate(p, &rows, rescale, out)
+        },
+        _ => {
+            out.iter_mut().for_each(|o| *o *= rescale);
+            for (w, r) in p.iter().zip(&rows) {
+                axpy(level, *w, r, out);
+            }
+        }
     }
 }
 
@@ -122,6 +198,108 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// Eight dot products of `q` with `rows[i]`, times `scale`, into `out[..8]`. Each row
+    /// has its own chain of `fma`s over the chunks in order, as [`dot`] does; the eight
+    /// accumulators are then reduced together by a transpose whose additions are those
+    /// of `dot`'s reduction, `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, lane for lane.
+    ///
+    /// # Safety
+    /// The CPU must have avx2 and fma; `q` and every row are the same multiple of 8 long;
+    /// `out` is at least 8 long.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot8(q: &[f32], rows: &[&[f32]; LANES], scale: f32, out: &mut [f32]) {
+        assert!(out.len() >= LANES && rows.iter().all(|r| r.len() == q.len()));
+        let mut acc = [_mm256_setzero_ps(); LANES];
+        for c in (0..q.len()).step_by(LANES) {
+            // SAFETY: `c + 8 <= len` of `q` and of every row.
+            unsafe {
+                let x = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (a, r) in acc.iter_mut().zip(rows) {
+                    *a = _mm256_fmadd_ps(x, _mm256_loadu_ps(r.as_ptr().add(c)), *a);
+                }
+            }
+        }
+        // Halves: [lo(a) + hi(a) | lo(b) + hi(b)], the first step of `dot` for a and b.
+        let halves = |a, b| {
+            _mm256_add_ps(
+                _mm256_permute2f128_ps::<0x20>(a, b),
+                _mm256_permute2f128_ps::<0x31>(a, b),
+            )
+        };
+        // Rows 0..3 land in the low half, rows 4..7 in the high half.
+        let u: [__m256; 4] = std::array::from_fn(|i| halves(acc[i], acc[i + 4]));
+        // Lanes (0 + 2) and (1 + 3) of each row: `dot`'s second step.
+        let pairs = |a, b| {
+            _mm256_add_ps(
+                _mm256_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm256_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        };
+        let (x, y) = (pairs(u[0], u[1]), pairs(u[2], u[3]));
+        // (0 + 2) + (1 + 3): `dot`'s last step; the rows come out in order 0..7.
+        let r = _mm256_add_ps(
+            _mm256_shuffle_ps::<0b10_00_10_00>(x, y),
+            _mm256_shuffle_ps::<0b11_01_11_01>(x, y),
+        );
+        // SAFETY: `out` holds at least 8 values (asserted).
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+        }
+    }
+
+    /// `out *= rescale`, then `out += p[j] · rows[j]` in row order, the accumulator held
+    /// in registers over all the rows, 64 values at a time.
+    ///
+    /// # Safety
+    /// The CPU must have avx2 and fma; `out` and every row are the same multiple of 8
+    /// long; `p` is as long as `rows`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn accumulate(p: &[f32], rows: &[&[f32]], rescale: f32, out: &mut [f32]) {
+        assert!(p.len() == rows.len() && rows.iter().all(|r| r.len() == out.len()));
+        let mut at = 0;
+        while at + 8 * LANES <= out.len() {
+            // SAFETY: `at + 64 <= len` of `out` and of every row.
+            unsafe { accumulate_slab::<LANES>(p, rows, rescale, out, at) };
+            at += 8 * LANES;
+        }
+        while at < out.len() {
+            // SAFETY: `at + 8 <= len`: the lengths are multiples of 8.
+            unsafe { accumulate_slab::<1>(p, rows, rescale, out, at) };
+            at += LANES;
+        }
+    }
+
+    /// [`accumulate`] for `N` registers of values from `at`.
+    ///
+    /// # Safety
+    /// As `accumulate`, and `at + 8·N` is within `out` and every row.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn accumulate_slab<const N: usize>(
+        p: &[f32],
+        rows: &[&[f32]],
+        rescale: f32,
+        out: &mut [f32],
+        at: usize,
+    ) {
+        let s = _mm256_set1_ps(rescale);
+        // SAFETY: `at + 8·N` is within `out` and every row (the caller's contract).
+        unsafe {
+            let o = out.as_mut_ptr().add(at);
+            let mut acc: [__m256; N] =
+                std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(o.add(i * LANES)), s));
+            for (w, r) in p.iter().zip(rows) {
+                let (w, r) = (_mm256_set1_ps(*w), r.as_ptr().add(at));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(i * LANES)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(o.add(i * LANES), *a);
+            }
+        }
+    }
+
     /// # Safety
     /// The CPU must have avx2 and fma; `x` is a multiple of 8 long and `y` at least as
     /// long.
@@ -143,6 +321,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn every_level_gives_the_same_bits() {
@@ -169,5 +348,75 @@ mod tests {
             .zip(&k[..10])
             .fold(0.0, |s, (x, y)| x.mul_add(*y, s));
         assert_eq!(c[0], want);
+    }
+
+    /// The tile kernels against the one-row ones on the portable path, bit for bit.
+    fn tile_matches_rows(level: Level, hd: usize, n: usize, off: usize, seed: f32) {
+        let q: Vec<f32> = (0..hd)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 3.0)
+            .collect();
+        let data: Vec<Vec<f32>> = (0..n)
+            .map(|j| {
+                (0..off + hd)
+                    .map(|i| ((i * 7 + j * 13) as f32 * 0.11 + seed).cos() * 2.0)
+                    .collect()
+            })
+            .collect();
+        let rows: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+        let mut got = vec![0f32; n];
+        rows_scores(level, &q, &rows, off, 0.125, &mut got);
+        let want: Vec<f32> = rows
+            .iter()
+            .map(|r| {
+                let mut o = [0f32];
+                head_scores(Level::Scalar, &q, &r[off..], hd, 1, 0.125, &mut o);
+                o[0]
+            })
+            .collect();
+        assert_eq!(got, want, "scores: {level:?}, hd {hd}, {n} rows");
+        let p: Vec<f32> = (0..n)
+            .map(|j| (j as f32 * 0.3 + seed).sin().abs())
+            .collect();
+        let mut got = q.clone();
+        rows_accumulate(level, &p, &rows, off, 0.7, &mut got);
+        let mut want: Vec<f32> = q.iter().map(|v| v * 0.7).collect();
+        for (w, r) in p.iter().zip(&rows) {
+            head_accumulate(Level::Scalar, &[*w], &r[off..], hd, 1, &mut want);
+        }
+        assert_eq!(got, want, "accumulate: {level:?}, hd {hd}, {n} rows");
+    }
+
+    #[test]
+    fn tile_kernels_give_the_one_row_bits_on_every_level() {
+        let best = super::super::level();
+        for level in [Level::Scalar, Level::Avx2, Level::Avx512Vnni] {
+            if level.rank() > best.rank() {
+                continue;
+            }
+            // Eight-row groups, a remainder, one row, a tile; 64-value slabs and 8-value
+            // tails; a head dimension that is not a multiple of 8.
+            for (hd, n, off) in [
+                (64, 32, 64),
+                (64, 13, 0),
+                (64, 1, 128),
+                (72, 9, 8),
+                (10, 5, 3),
+            ] {
+                tile_matches_rows(level, hd, n, off, 0.5);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn tile_kernels_match_the_scalar_reference_on_random_rows(
+            hd in (1usize..=12).prop_map(|c| c * 8),
+            n in 1usize..=40,
+            off in 0usize..3,
+            seed in -10.0f32..10.0,
+        ) {
+            tile_matches_rows(super::super::level(), hd, n, off * 8, seed);
+        }
     }
 }

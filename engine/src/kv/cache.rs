@@ -45,8 +45,12 @@ impl KvMemory for HeapMemory {
 /// Pools start at multiples of this within the memory.
 const POOL_ALIGN: usize = 4096;
 
-/// Key positions per online-softmax step of [`KvStore::attend`].
+/// Key positions per online-softmax step of [`KvStore::attend_block`].
 pub const ATTN_TILE: usize = 32;
+
+/// Consecutive query tokens of one sequence that [`KvStore::attend_block`] takes at once
+/// in a prefill chunk (they share each tile of K and V rows while it is in cache).
+pub const ATTN_QUERY_BLOCK: usize = 16;
 
 /// One layer's K or V pool, borrowed from the memory.
 enum Pool<'a> {
@@ -343,83 +347,115 @@ impl KvStore {
         self.pool(layer, true).read_f32(at, v);
     }
 
-    /// Attention of one query token against its sequence's cache (positions
-    /// `0..query.len`), for every head, into `out` (`n_head × head_dim`). Query heads `h`
-    /// use KV head `h / (n_head / n_kv_head)`.
-    ///
-    /// Prefill chunks and decode steps both call this once per query, so a token's
-    /// result is the same in either: an online softmax over tiles of [`ATTN_TILE`]
-    /// positions counted from position 0, each K and V row read in place once per tile
-    /// for all heads, every sum taken in position order.
+    /// Attention of one query token against its sequence's cache: [`KvStore::attend_block`]
+    /// for a block of one.
     pub fn attend(&self, layer: usize, query: &AttnQuery<'_>, head_dim: usize, out: &mut [f32]) {
+        self.attend_block(layer, std::slice::from_ref(query), head_dim, &mut [out]);
+    }
+
+    /// Attention of query tokens of one sequence (one block table) against its cache
+    /// (positions `0..query.len` each), for every head, into `outs[i]` (`n_head ×
+    /// head_dim`). Query heads `h` use KV head `h / (n_head / n_kv_head)`.
+    ///
+    /// Prefill chunks call this for blocks of consecutive tokens and decode steps for
+    /// one token, and a token's result is the same either way: an online softmax over
+    /// tiles of [`ATTN_TILE`] positions counted from position 0, every sum taken in
+    /// position order, the same operations for each query whatever else is in its
+    /// block. The block shares each tile's K and V rows, read once for all its queries.
+    ///
+    /// # Panics
+    /// When the queries do not share one block table, or `outs` and `queries` differ in
+    /// length.
+    pub fn attend_block(
+        &self,
+        layer: usize,
+        queries: &[AttnQuery<'_>],
+        head_dim: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        assert_eq!(queries.len(), outs.len());
+        let Some(first) = queries.first() else {
+            return;
+        };
+        let table = first.table;
+        assert!(queries.iter().all(|q| std::ptr::eq(q.table, table)));
         let d = self.shape.kv_dim;
-        let n_head = query.q.len() / head_dim;
+        let n_head = first.q.len() / head_dim;
         let group = n_head / (d / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let mut scores = vec![0f32; n_head * ATTN_TILE];
-        let mut max = vec![f32::NEG_INFINITY; n_head];
-        let mut sum = vec![0f32; n_head];
-        let mut row = vec![0f32; d];
-        let mut col = vec![0f32; n_head];
+        let longest = queries.iter().map(|q| q.len).max().unwrap_or(0);
+        let mut scores = vec![0f32; ATTN_TILE];
+        let mut max = vec![f32::NEG_INFINITY; n_head * queries.len()];
+        let mut sum = vec![0f32; n_head * queries.len()];
         let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
+        let (mut kbuf, mut vbuf) = match kp {
+            Pool::F32(_) => (Vec::new(), Vec::new()),
+            Pool::F16(_) => (vec![0f32; ATTN_TILE * d], vec![0f32; ATTN_TILE * d]),
+        };
         let level = kernels::level();
-        out.fill(0.0);
-        for tile in (0..query.len).step_by(ATTN_TILE) {
-            let count = ATTN_TILE.min(query.len - tile);
-            for j in 0..count {
-                let krow = self.row_f32(&kp, query.table, tile + j, &mut row);
-                attn::head_scores(level, query.q, krow, head_dim, group, scale, &mut col);
-                for (h, v) in col.iter().enumerate() {
-                    scores[h * ATTN_TILE + j] = *v;
+        outs.iter_mut().for_each(|o| o.fill(0.0));
+        for tile in (0..longest).step_by(ATTN_TILE) {
+            let count = ATTN_TILE.min(longest - tile);
+            let krows = self.tile_rows(&kp, table, tile, count, &mut kbuf);
+            let vrows = self.tile_rows(&vp, table, tile, count, &mut vbuf);
+            for (qi, (query, out)) in queries.iter().zip(outs.iter_mut()).enumerate() {
+                if query.len <= tile {
+                    continue;
                 }
-            }
-            for h in 0..n_head {
-                let s = &mut scores[h * ATTN_TILE..h * ATTN_TILE + count];
-                let new_max = s.iter().copied().fold(max[h], f32::max);
-                // exp(-inf) = 0 on the first tile: nothing accumulated yet.
-                let rescale = (max[h] - new_max).exp();
-                let mut tile_sum = 0f32;
-                for v in s.iter_mut() {
-                    *v = (*v - new_max).exp();
-                    tile_sum += *v;
+                let n = ATTN_TILE.min(query.len - tile);
+                for h in 0..n_head {
+                    let (g, s) = ((h / group) * head_dim, &mut scores[..n]);
+                    let qh = &query.q[h * head_dim..(h + 1) * head_dim];
+                    attn::rows_scores(level, qh, &krows[..n], g, scale, s);
+                    let st = qi * n_head + h;
+                    let new_max = s.iter().copied().fold(max[st], f32::max);
+                    // exp(-inf) = 0 on the first tile: nothing accumulated yet.
+                    let rescale = (max[st] - new_max).exp();
+                    let mut tile_sum = 0f32;
+                    for v in s.iter_mut() {
+                        *v = (*v - new_max).exp();
+                        tile_sum += *v;
+                    }
+                    sum[st] = sum[st] * rescale + tile_sum;
+                    max[st] = new_max;
+                    let o = &mut out[h * head_dim..(h + 1) * head_dim];
+                    attn::rows_accumulate(level, s, &vrows[..n], g, rescale, o);
                 }
-                sum[h] = sum[h] * rescale + tile_sum;
-                max[h] = new_max;
-                out[h * head_dim..(h + 1) * head_dim]
-                    .iter_mut()
-                    .for_each(|o| *o *= rescale);
-            }
-            for j in 0..count {
-                let vrow = self.row_f32(&vp, query.table, tile + j, &mut row);
-                for (h, w) in col.iter_mut().enumerate() {
-                    *w = scores[h * ATTN_TILE + j];
-                }
-                attn::head_accumulate(level, &col, vrow, head_dim, group, out);
             }
         }
-        for h in 0..n_head {
-            let inv = 1.0 / sum[h];
-            out[h * head_dim..(h + 1) * head_dim]
-                .iter_mut()
-                .for_each(|o| *o *= inv);
+        for (qi, out) in outs.iter_mut().enumerate() {
+            for h in 0..n_head {
+                let inv = 1.0 / sum[qi * n_head + h];
+                out[h * head_dim..(h + 1) * head_dim]
+                    .iter_mut()
+                    .for_each(|o| *o *= inv);
+            }
         }
     }
 
-    /// One row as f32: borrowed from an f32 pool, converted into `scratch` otherwise.
-    fn row_f32<'a>(
+    /// Rows `start..start + n` of one pool as f32: borrowed from an f32 pool, converted
+    /// into `scratch` (`n × kv_dim` or more) otherwise.
+    fn tile_rows<'a>(
         &self,
         pool: &'a Pool<'_>,
         table: &[u32],
-        pos: usize,
+        start: usize,
+        n: usize,
         scratch: &'a mut [f32],
-    ) -> &'a [f32] {
-        let at = self.row_offset(table, pos);
+    ) -> Vec<&'a [f32]> {
         let d = self.shape.kv_dim;
         match pool {
-            Pool::F32(p) => &p[at..at + d],
+            Pool::F32(p) => (start..start + n)
+                .map(|pos| {
+                    let at = self.row_offset(table, pos);
+                    &p[at..at + d]
+                })
+                .collect(),
             Pool::F16(_) => {
-                pool.read_f32(at, scratch);
-                scratch
+                for (i, row) in scratch.chunks_exact_mut(d).take(n).enumerate() {
+                    pool.read_f32(self.row_offset(table, start + i), row);
+                }
+                scratch.chunks_exact(d).take(n).collect()
             }
         }
     }

@@ -6,6 +6,6 @@ pub mod format;
 pub mod prefix;
 
 pub use blocks::{BlockAllocator, blocks_for};
-pub use cache::{AttnQuery, CacheShape, HeapMemory, KvLayout, KvMemory, KvStore};
+pub use cache::{ATTN_QUERY_BLOCK, AttnQuery, CacheShape, HeapMemory, KvLayout, KvMemory, KvStore};
 pub use format::{KvFormatError, KvHeader, LayerChunk};
 pub use prefix::{PrefixCache, PrefixStats};
