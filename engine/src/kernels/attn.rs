@@ -132,6 +132,65 @@ pub fn rows_accumulate(
     }
 }
 
+/// One online-softmax step over a tile of scores: with `m` the larger of `max` and the
+/// tile's largest score, every score becomes `exp(s − m)`; returns `(m, exp(max − m),
+/// Σ exp(s − m))`. The exponentials are [`exp_neg`] and the sum runs in eight lanes (the
+/// tile padded with zeros to a multiple of 8, then `dot`'s reduction), on every level.
+pub fn softmax_tile(level: Level, s: &mut [f32], max: f32) -> (f32, f32, f32) {
+    let m = s.iter().copied().fold(max, f32::max);
+    let rescale = exp_neg(max - m);
+    let sum = match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: every level but Scalar has avx2 and fma (`super::level`).
+        Level::Avx2 | Level::Avx512Vnni => unsafe { x86::exp_sum(s, m) },
+        _ => {
+            let mut acc = [0f32; LANES];
+            for (i, v) in s.iter_mut().enumerate() {
+                *v = exp_neg(*v - m);
+                acc[i % LANES] += *v;
+            }
+            let h: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+            (h[0] + h[2]) + (h[1] + h[3])
+        }
+    };
+    (m, rescale, sum)
+}
+
+/// `exp(x)` for `x ≤ 0` (softmax's arguments; `−∞` gives 0), the same bits on every
+/// level: `x = n·ln 2 + r` with `n` rounded to even and `|r| ≤ ln 2 / 2` (ln 2 in two
+/// parts), a degree-7 polynomial in `r` by Horner's rule in `fma`s, times `2ⁿ`. Below
+/// −87 (where `2ⁿ` would be subnormal) it gives 0. Within 2 ulp of the exact value.
+pub fn exp_neg(x: f32) -> f32 {
+    if x.is_nan() || x < EXP_MIN {
+        return 0.0;
+    }
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    let mut p = EXP_POLY[0];
+    for c in &EXP_POLY[1..] {
+        p = p.mul_add(r, *c);
+    }
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// Below this `exp_neg` gives 0 (`exp(−87) ≈ 1.6e−38`, still a normal float).
+const EXP_MIN: f32 = -87.0;
+/// ln 2 split so that `n · LN2_HI` is exact for the `n` that occur.
+const LN2_HI: f32 = 355.0 / 512.0;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// Taylor coefficients of `exp(r)`, highest first: 1/7!, …, 1/1!, 1.
+const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// Dot product of two equal-length slices.
 fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     if !a.len().is_multiple_of(LANES) {
@@ -300,6 +359,54 @@ mod x86 {
         }
     }
 
+    /// [`super::softmax_tile`]'s exponentials and lane sums, eight scores at a time: the
+    /// same operations as `exp_neg` per value (`_mm256_round_ps` rounds to even, as
+    /// `round_ties_even` does), the same lanes as the portable sum.
+    ///
+    /// # Safety
+    /// The CPU must have avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_sum(s: &mut [f32], m: f32) -> f32 {
+        use super::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
+        let (mv, min) = (_mm256_set1_ps(m), _mm256_set1_ps(EXP_MIN));
+        let log2e = _mm256_set1_ps(std::f32::consts::LOG2_E);
+        let (hi, lo) = (_mm256_set1_ps(-LN2_HI), _mm256_set1_ps(-LN2_LO));
+        let mut acc = _mm256_setzero_ps();
+        for chunk in s.chunks_mut(LANES) {
+            let mut buf = [0f32; LANES];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: `buf` holds 8 values.
+            let x = _mm256_sub_ps(unsafe { _mm256_loadu_ps(buf.as_ptr()) }, mv);
+            let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(x, log2e),
+            );
+            let r = _mm256_fmadd_ps(n, lo, _mm256_fmadd_ps(n, hi, x));
+            let mut p = _mm256_set1_ps(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(*c));
+            }
+            // 2ⁿ from its exponent bits; lanes below EXP_MIN (and NaN) are zeroed.
+            let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+                _mm256_cvtps_epi32(n),
+                _mm256_set1_epi32(127),
+            )));
+            let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, min);
+            let e = _mm256_and_ps(_mm256_mul_ps(p, two_n), keep);
+            // SAFETY: `buf` holds 8 values.
+            unsafe { _mm256_storeu_ps(buf.as_mut_ptr(), e) };
+            chunk.copy_from_slice(&buf[..chunk.len()]);
+            // The padding lanes of a short chunk add 0, as in the portable sum.
+            let pad = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                _mm256_set1_epi32(chunk.len() as i32),
+                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            ));
+            acc = _mm256_add_ps(acc, _mm256_and_ps(e, pad));
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
     /// # Safety
     /// The CPU must have avx2 and fma; `x` is a multiple of 8 long and `y` at least as
     /// long.
@@ -404,6 +511,54 @@ mod tests {
             ] {
                 tile_matches_rows(level, hd, n, off, 0.5);
             }
+        }
+    }
+
+    #[test]
+    fn exp_neg_is_within_two_ulp_and_the_same_on_every_level() {
+        let xs: Vec<f32> = (0..20_000)
+            .map(|i| -(i as f32) * 0.004_4)
+            .chain([
+                0.0,
+                -0.0,
+                -86.9,
+                -87.0,
+                -87.1,
+                -1e30,
+                f32::NEG_INFINITY,
+                f32::NAN,
+            ])
+            .collect();
+        for x in &xs {
+            let got = exp_neg(*x);
+            if x.is_nan() || *x < EXP_MIN {
+                assert_eq!(got, 0.0, "exp({x})");
+                continue;
+            }
+            let want = (*x as f64).exp();
+            let ulp = (want as f32).to_bits().abs_diff(got.to_bits());
+            assert!(ulp <= 2, "exp({x}) = {got}, want {want} ({ulp} ulp)");
+        }
+        assert_eq!(exp_neg(0.0), 1.0);
+        let best = super::super::level();
+        for n in [1, 7, 8, 13, 32] {
+            let s: Vec<f32> = xs.iter().copied().take(n).map(|x| x * 0.1 + 3.0).collect();
+            let run = |level| {
+                let mut t = s.clone();
+                let r = softmax_tile(level, &mut t, f32::NEG_INFINITY);
+                (t.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r)
+            };
+            let (a, b) = (run(Level::Scalar), run(best));
+            assert_eq!(a.0, b.0, "{n} scores");
+            assert_eq!(a.1.0.to_bits(), b.1.0.to_bits());
+            assert_eq!((a.1.1, a.1.2.to_bits()), (b.1.1, b.1.2.to_bits()));
+            assert_eq!(a.1.1, 0.0, "nothing to rescale on the first tile");
+            let exact: f64 = s.iter().map(|v| ((v - a.1.0) as f64).exp()).sum();
+            assert!(
+                (a.1.2 as f64 - exact).abs() < 1e-5 * exact,
+                "{n}: {} vs {exact}",
+                a.1.2
+            );
         }
     }
 

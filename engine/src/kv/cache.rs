@@ -360,7 +360,7 @@ impl KvStore {
     /// Prefill chunks call this for blocks of consecutive tokens and decode steps for
     /// one token, and a token's result is the same either way: an online softmax over
     /// tiles of [`ATTN_TILE`] positions counted from position 0, every sum taken in
-    /// position order, the same operations for each query whatever else is in its
+    /// a fixed order, the same operations for each query whatever else is in its
     /// block. The block shares each tile's K and V rows, read once for all its queries.
     ///
     /// # Panics
@@ -384,7 +384,7 @@ impl KvStore {
         let group = n_head / (d / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let longest = queries.iter().map(|q| q.len).max().unwrap_or(0);
-        let mut scores = vec![0f32; ATTN_TILE];
+        let mut scores = [0f32; ATTN_TILE];
         let mut max = vec![f32::NEG_INFINITY; n_head * queries.len()];
         let mut sum = vec![0f32; n_head * queries.len()];
         let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
@@ -408,14 +408,8 @@ impl KvStore {
                     let qh = &query.q[h * head_dim..(h + 1) * head_dim];
                     attn::rows_scores(level, qh, &krows[..n], g, scale, s);
                     let st = qi * n_head + h;
-                    let new_max = s.iter().copied().fold(max[st], f32::max);
                     // exp(-inf) = 0 on the first tile: nothing accumulated yet.
-                    let rescale = (max[st] - new_max).exp();
-                    let mut tile_sum = 0f32;
-                    for v in s.iter_mut() {
-                        *v = (*v - new_max).exp();
-                        tile_sum += *v;
-                    }
+                    let (new_max, rescale, tile_sum) = attn::softmax_tile(level, s, max[st]);
                     sum[st] = sum[st] * rescale + tile_sum;
                     max[st] = new_max;
                     let o = &mut out[h * head_dim..(h + 1) * head_dim];
