@@ -31,8 +31,9 @@ pub struct BenchEngineArgs {
     /// Path to llama.cpp's `llama-server` for the same-run comparison (skipped when absent).
     #[arg(long, env = env::LLAMA_SERVER)]
     pub llama_server: Option<PathBuf>,
-    /// Decode steps timed per batch size.
-    #[arg(long, default_value_t = 64)]
+    /// Decode steps timed per batch size (256: about 2 s at batch 1, long enough that one
+    /// noisy moment of a shared machine does not decide a round).
+    #[arg(long, default_value_t = 256)]
     pub decode_steps: usize,
     /// Timed repetitions per prefill length in a round (the round's best counts).
     #[arg(long, default_value_t = 3)]
