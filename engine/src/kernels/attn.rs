@@ -114,19 +114,20 @@ pub fn rows_accumulate(
     out: &mut [f32],
 ) {
     let hd = out.len();
-    let rows: Vec<&[f32]> = rows.iter().map(|r| &r[off..off + hd]).collect();
     let p = &p[..rows.len()];
+    assert!(rows.iter().all(|r| r.len() >= off + hd));
     match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: every level but Scalar has avx2 and fma (`super::level`); every row is
-        // `hd` long, a multiple of 8, and `p` as long as `rows`.
+        // SAFETY: every level but Scalar has avx2 and fma (`super::level`); every row
+        // holds `off + hd` values (asserted), `hd` a multiple of 8, and `p` is as long as
+        // `rows`.
         Level::Avx2 | Level::Avx512Vnni if hd.is_multiple_of(LANES) => unsafe {
-            x86::accumulate(p, &rows, rescale, out)
+            x86::accumulate(p, rows, off, rescale, out)
         },
         _ => {
             out.iter_mut().for_each(|o| *o *= rescale);
-            for (w, r) in p.iter().zip(&rows) {
-                axpy(level, *w, r, out);
+            for (w, r) in p.iter().zip(rows) {
+                axpy(level, *w, &r[off..off + hd], out);
             }
         }
     }
@@ -306,24 +307,30 @@ mod x86 {
         }
     }
 
-    /// `out *= rescale`, then `out += p[j] · rows[j]` in row order, the accumulator held
-    /// in registers over all the rows, 64 values at a time.
+    /// `out *= rescale`, then `out += p[j] · rows[j][off..]` in row order, the
+    /// accumulator held in registers over all the rows, 64 values at a time.
     ///
     /// # Safety
-    /// The CPU must have avx2 and fma; `out` and every row are the same multiple of 8
-    /// long; `p` is as long as `rows`.
+    /// The CPU must have avx2 and fma; `out` is a multiple of 8 long and every row holds
+    /// `off + out.len()` values; `p` is as long as `rows`.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn accumulate(p: &[f32], rows: &[&[f32]], rescale: f32, out: &mut [f32]) {
-        assert!(p.len() == rows.len() && rows.iter().all(|r| r.len() == out.len()));
+    pub unsafe fn accumulate(
+        p: &[f32],
+        rows: &[&[f32]],
+        off: usize,
+        rescale: f32,
+        out: &mut [f32],
+    ) {
+        debug_assert!(p.len() == rows.len() && rows.iter().all(|r| r.len() >= off + out.len()));
         let mut at = 0;
         while at + 8 * LANES <= out.len() {
-            // SAFETY: `at + 64 <= len` of `out` and of every row.
-            unsafe { accumulate_slab::<LANES>(p, rows, rescale, out, at) };
+            // SAFETY: `at + 64 <= len` of `out`, and every row holds `off + len`.
+            unsafe { accumulate_slab::<LANES>(p, rows, off, rescale, out, at) };
             at += 8 * LANES;
         }
         while at < out.len() {
-            // SAFETY: `at + 8 <= len`: the lengths are multiples of 8.
-            unsafe { accumulate_slab::<1>(p, rows, rescale, out, at) };
+            // SAFETY: `at + 8 <= len`: the length is a multiple of 8.
+            unsafe { accumulate_slab::<1>(p, rows, off, rescale, out, at) };
             at += LANES;
         }
     }
@@ -331,24 +338,26 @@ mod x86 {
     /// [`accumulate`] for `N` registers of values from `at`.
     ///
     /// # Safety
-    /// As `accumulate`, and `at + 8·N` is within `out` and every row.
+    /// As `accumulate`, and `at + 8·N` is within `out`.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn accumulate_slab<const N: usize>(
         p: &[f32],
         rows: &[&[f32]],
+        off: usize,
         rescale: f32,
         out: &mut [f32],
         at: usize,
     ) {
         let s = _mm256_set1_ps(rescale);
-        // SAFETY: `at + 8·N` is within `out` and every row (the caller's contract).
+        // SAFETY: `at + 8·N` is within `out`, and `off + at + 8·N` within every row (the
+        // caller's contract).
         unsafe {
             let o = out.as_mut_ptr().add(at);
             let mut acc: [__m256; N] =
                 std::array::from_fn(|i| _mm256_mul_ps(_mm256_loadu_ps(o.add(i * LANES)), s));
             for (w, r) in p.iter().zip(rows) {
-                let (w, r) = (_mm256_set1_ps(*w), r.as_ptr().add(at));
+                let (w, r) = (_mm256_set1_ps(*w), r.as_ptr().add(off + at));
                 for (i, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(r.add(i * LANES)), *a);
                 }

@@ -427,8 +427,9 @@ impl KvStore {
         }
     }
 
-    /// Rows `start..start + n` of one pool as f32: borrowed from an f32 pool, converted
-    /// into `scratch` (`n × kv_dim` or more) otherwise.
+    /// Rows `start..start + n` (`n ≤ ATTN_TILE`) of one pool as f32, the first `n` of the
+    /// array: borrowed from an f32 pool, converted into `scratch` (`n × kv_dim` or more)
+    /// otherwise.
     fn tile_rows<'a>(
         &self,
         pool: &'a Pool<'_>,
@@ -436,21 +437,25 @@ impl KvStore {
         start: usize,
         n: usize,
         scratch: &'a mut [f32],
-    ) -> Vec<&'a [f32]> {
+    ) -> [&'a [f32]; ATTN_TILE] {
         let d = self.shape.kv_dim;
+        let mut rows: [&[f32]; ATTN_TILE] = [&[]; ATTN_TILE];
         match pool {
-            Pool::F32(p) => (start..start + n)
-                .map(|pos| {
-                    let at = self.row_offset(table, pos);
-                    &p[at..at + d]
-                })
-                .collect(),
+            Pool::F32(p) => {
+                for (i, row) in rows.iter_mut().take(n).enumerate() {
+                    let at = self.row_offset(table, start + i);
+                    *row = &p[at..at + d];
+                }
+            }
             Pool::F16(_) => {
                 for (i, row) in scratch.chunks_exact_mut(d).take(n).enumerate() {
                     pool.read_f32(self.row_offset(table, start + i), row);
                 }
-                scratch.chunks_exact(d).take(n).collect()
+                for (row, src) in rows.iter_mut().zip(scratch.chunks_exact(d).take(n)) {
+                    *row = src;
+                }
             }
         }
+        rows
     }
 }
