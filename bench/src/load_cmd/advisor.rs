@@ -100,6 +100,10 @@ pub struct AdvisorArgs {
     /// Requests per rate point.
     #[arg(long, default_value_t = 100)]
     pub requests: usize,
+    /// At least this many seconds of arrivals per rate point (more requests than
+    /// `--requests` at a high rate), so each point reaches the queue its rate keeps.
+    #[arg(long, default_value_t = 0)]
+    pub min_seconds: u64,
     /// Seed of lengths, prompt text and arrival times (and of the simulation).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -427,6 +431,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
         };
         let work = WorkloadArgs {
             requests: a.requests,
+            min_seconds: a.min_seconds,
             input,
             output,
             phases: Vec::new(),
@@ -511,7 +516,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                             Some(cluster.http.as_str()),
                         ),
                         (Arrival::Open, Some(rate)),
-                        (work.requests, 100 + k as u64),
+                        (work.requests_at(rate), 100 + k as u64),
                         &label,
                     )?;
                     let att = crate::stats::attainment(&p.records, &slo);
@@ -561,6 +566,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
             Workers::Real => "real model: 1 thread each, one pinned core per worker",
         },
         "requests_per_point": a.requests,
+        "min_seconds_per_point": a.min_seconds,
         "seed": a.seed,
         "tolerance": a.tolerance,
         "attainment": GOODPUT_ATTAINMENT,
@@ -787,6 +793,7 @@ mod tests {
             input: "16".parse().unwrap(),
             output: "16".parse().unwrap(),
             requests: 10,
+            min_seconds: 0,
             seed: 1,
             tolerance: 0.05,
             max_points: 3,

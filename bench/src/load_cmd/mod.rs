@@ -28,12 +28,21 @@ use xpyd_runtime::metrics as m;
 /// SLO attainment that counts as "meeting the SLO" for goodput.
 const GOODPUT_ATTAINMENT: f64 = 0.9;
 
+/// Most requests `--min-seconds` asks of one point (a search doubling its rate must not
+/// plan millions).
+const MAX_TIMED_REQUESTS: usize = 20_000;
+
 /// The workload and its pacing, shared by `load` and `compare`.
 #[derive(Debug, Clone, Args)]
 pub struct WorkloadArgs {
     /// Requests per run (per rate point).
     #[arg(long, default_value_t = 100)]
     pub requests: usize,
+    /// Open loop: at least this many seconds of arrivals per rate point, so a point at a
+    /// high rate gets more than `--requests` (rate × this). A short point ends before the
+    /// queue a rate keeps has built up, which flatters a split that absorbs bursts.
+    #[arg(long, default_value_t = 0)]
+    pub min_seconds: u64,
     /// Prompt tokens: `N`, `uniform:LO-HI` or `longtail:LO-MEDIAN-HI`.
     #[arg(long, default_value = "uniform:32-256")]
     pub input: LengthDist,
@@ -71,6 +80,17 @@ impl WorkloadArgs {
             json!(self.workload())
         } else {
             json!({"phases": self.phases, "seed": self.seed})
+        }
+    }
+
+    /// Requests of one point at `rate`: `--requests`, or `--min-seconds` of arrivals
+    /// when that is more (at most [`MAX_TIMED_REQUESTS`]).
+    fn requests_at(&self, rate: f64) -> usize {
+        let timed = (rate * self.min_seconds as f64).ceil();
+        if timed.is_finite() && timed > self.requests as f64 {
+            (timed as usize).min(MAX_TIMED_REQUESTS.max(self.requests))
+        } else {
+            self.requests
         }
     }
 
@@ -283,7 +303,7 @@ fn search_goodput(
             work,
             target,
             (Arrival::Open, Some(rate)),
-            (work.requests, points.len() as u64),
+            (work.requests_at(rate), points.len() as u64),
             &format!("{label}rate {rate:.3}/s"),
         )?;
         let att = stats::attainment(&p.records, slo);
@@ -391,7 +411,7 @@ pub fn load(a: &LoadArgs, host: &Host) -> Result<()> {
             &a.work,
             target,
             (arrival, a.rate),
-            (a.work.requests, 0),
+            (a.rate.map_or(a.work.requests, |r| a.work.requests_at(r)), 0),
             &label,
         )?;
         write_records(a.records.as_deref(), &[(label.clone(), p.records.clone())])?;
@@ -478,4 +498,32 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        work: WorkloadArgs,
+    }
+
+    #[test]
+    fn min_seconds_lengthens_only_the_points_it_must() {
+        let w = |args: &[&str]| Cli::parse_from([&["x"], args].concat()).work;
+        let plain = w(&["--requests", "150"]);
+        assert_eq!(plain.requests_at(50.0), 150);
+        let timed = w(&["--requests", "150", "--min-seconds", "20"]);
+        assert_eq!(
+            timed.requests_at(5.0),
+            150,
+            "100 s of arrivals is under 150"
+        );
+        assert_eq!(timed.requests_at(48.86), 978);
+        assert_eq!(timed.requests_at(1e9), MAX_TIMED_REQUESTS);
+        assert_eq!(timed.requests_at(f64::INFINITY), 150);
+    }
 }
