@@ -4,10 +4,10 @@
 //! model's own quantized blocks with integer kernels that compute each output row from
 //! its input row alone ([`crate::quant`]), norms and activations are per row, and
 //! attention does the same operations per query over the paged cache
-//! ([`KvStore::attend_block`]) in a prefill chunk and in a decode step. So a token's KV and logits do not depend on how
-//! the prompt was split into chunks, on which prefix came from the prefix cache, on what
-//! else is in the decode batch, or on whether the token was prefilled or decoded (which
-//! re-prefilling a migrated sequence relies on).
+//! ([`KvStore::attend_block`]) in a prefill chunk and in a decode step. So a token's KV
+//! and logits do not depend on how the prompt was split into chunks, on which prefix came
+//! from the prefix cache, on what else is in the decode batch, or on whether the token
+//! was prefilled or decoded (which re-prefilling a migrated sequence relies on).
 
 use crate::compute;
 use crate::config::ModelConfig;

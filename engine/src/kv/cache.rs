@@ -347,12 +347,6 @@ impl KvStore {
         self.pool(layer, true).read_f32(at, v);
     }
 
-    /// Attention of one query token against its sequence's cache: [`KvStore::attend_block`]
-    /// for a block of one.
-    pub fn attend(&self, layer: usize, query: &AttnQuery<'_>, head_dim: usize, out: &mut [f32]) {
-        self.attend_block(layer, std::slice::from_ref(query), head_dim, &mut [out]);
-    }
-
     /// Attention of query tokens of one sequence (one block table) against its cache
     /// (positions `0..query.len` each), for every head, into `outs[i]` (`n_head ×
     /// head_dim`). Query heads `h` use KV head `h / (n_head / n_kv_head)`.
