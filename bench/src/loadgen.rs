@@ -61,32 +61,60 @@ impl Prompts {
             .map_err(|e| LoadError::Prompt(e.to_string()))
     }
 
-    /// The text of request `index`: a header unique to `index` and `seed` (so no two
-    /// requests of a run share a cached prefix) followed by corpus text from a seeded offset, about `tokens` tokens long
-    /// once the server tokenizes it.
+    /// The text of request `index`, `tokens` tokens long once the server tokenizes it:
+    /// a header unique to `index` and `seed` (so no two requests of a run, nor of two
+    /// runs, share a cached prefix), then corpus text from a seeded offset. The header
+    /// takes at most half the prompt: a shorter prompt gets the index alone (too short
+    /// to fill a cache block with the header anyway), or no header. The body is cut to
+    /// what the whole tokenizes to — a header as long as a short prompt once made the
+    /// prompts of a sweep's later points a third longer than their plan.
     pub fn text(&self, index: usize, tokens: usize, seed: u64) -> Result<String, LoadError> {
-        let header = format!("Request {index} of run {seed:x}. ");
-        let head = self
-            .tokenizer
-            .encode(&header)
-            .map_err(|e| LoadError::Prompt(e.to_string()))?
-            .len();
-        let body = tokens.saturating_sub(head).max(1);
+        let count = |text: &str| {
+            self.tokenizer
+                .encode(text)
+                .map(|ids| ids.len())
+                .map_err(|e| LoadError::Prompt(e.to_string()))
+        };
+        let mut header = String::new();
+        for candidate in [
+            format!("Request {index} of run {seed:x}.\n"),
+            format!("{index}:\n"),
+        ] {
+            if 2 * count(&candidate)? <= tokens {
+                header = candidate;
+                break;
+            }
+        }
         let mut rng = Rng::new(seed.wrapping_mul(31).wrapping_add(index as u64));
         let start = rng.range(0, self.corpus.len() - 1);
-        let ids: Vec<u32> = self
-            .corpus
-            .iter()
-            .cycle()
-            .skip(start)
-            .take(body)
-            .copied()
-            .collect();
-        let text = self
-            .tokenizer
-            .decode(&ids)
-            .map_err(|e| LoadError::Prompt(e.to_string()))?;
-        Ok(header + &text)
+        let text_of = |body: usize| -> Result<String, LoadError> {
+            let ids: Vec<u32> = self
+                .corpus
+                .iter()
+                .cycle()
+                .skip(start)
+                .take(body)
+                .copied()
+                .collect();
+            let text = self
+                .tokenizer
+                .decode(&ids)
+                .map_err(|e| LoadError::Prompt(e.to_string()))?;
+            Ok(format!("{header}{text}"))
+        };
+        // Where header and body meet, or where the body is cut, the tokenizer may merge
+        // or split a token: correct the body by what the whole comes to.
+        let mut body = tokens.saturating_sub(count(&header)?).max(1);
+        let mut text = text_of(body)?;
+        for _ in 0..4 {
+            let n = count(&text)?;
+            if n == tokens || (n > tokens && body <= 1) {
+                break;
+            }
+            body = (body + tokens).saturating_sub(n).max(1);
+            text = text_of(body)?;
+        }
+        Ok(text)
     }
 }
 
@@ -467,4 +495,62 @@ async fn one(
     }
     rec.e2e = sent.elapsed().as_secs_f64();
     rec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real model's tokenizer (`XPYD_MODEL`): `None` (skip) locally when missing, a
+    /// failure in CI.
+    fn real_tokenizer() -> Option<Tokenizer> {
+        let Some(path) =
+            std::env::var_os("XPYD_MODEL").filter(|p| std::path::Path::new(p).is_file())
+        else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "XPYD_MODEL is not a file; run ./scripts/test.sh"
+            );
+            return None;
+        };
+        Some(
+            xpyd_engine::ModelInfo::load(std::path::Path::new(&path))
+                .unwrap()
+                .tokenizer,
+        )
+    }
+
+    #[test]
+    fn prompts_tokenize_to_their_planned_length_whatever_the_run_key() {
+        let Some(tok) = real_tokenizer() else { return };
+        let prompts = Prompts::new(tok).unwrap();
+        // The keys of a sweep's later points are 64-bit hashes: their header alone is
+        // longer than a short prompt.
+        let keys = [1, 7 ^ 3u64.wrapping_mul(0x9E37_79B9_7F4A_7C15), u64::MAX];
+        let mut off = 0;
+        let mut texts = std::collections::HashSet::new();
+        for key in keys {
+            for (index, tokens) in [
+                (0, 1),
+                (1, 4),
+                (2, 8),
+                (3, 9),
+                (12, 17),
+                (345, 32),
+                (6, 256),
+                (7, 2048),
+            ] {
+                let n = prompts.tokens(index, tokens, key).unwrap().len();
+                assert!(
+                    n.abs_diff(tokens) <= 1,
+                    "key {key:x}: {tokens} planned, {n} made"
+                );
+                off += n.abs_diff(tokens);
+                if tokens >= 16 {
+                    assert!(texts.insert(prompts.text(index, tokens, key).unwrap()));
+                }
+            }
+        }
+        assert!(off <= 2, "{off} tokens off over 24 prompts");
+    }
 }
