@@ -253,6 +253,33 @@ impl GoodputSearch {
     }
 }
 
+/// Runs several searches in turns: each round asks every search still going for its
+/// next rate and records what `measure(k, rate)` gives for search `k`, until none has a
+/// rate left. What drifts over time (a shared machine's speed) then falls on every
+/// search's points alike.
+///
+/// # Errors
+/// The first error `measure` returns (the searches keep what they recorded before it).
+pub fn search_in_turns<E>(
+    searches: &mut [GoodputSearch],
+    mut measure: impl FnMut(usize, f64) -> Result<f64, E>,
+) -> Result<(), E> {
+    loop {
+        let mut measured = false;
+        for (k, search) in searches.iter_mut().enumerate() {
+            let Some(rate) = search.next_rate() else {
+                continue;
+            };
+            measured = true;
+            let attainment = measure(k, rate)?;
+            search.record(rate, attainment);
+        }
+        if !measured {
+            return Ok(());
+        }
+    }
+}
+
 /// Goodput of an already measured sweep, e.g. for several SLOs from the same runs: the
 /// highest rate whose attainment ≥ `target` and that lies below every rate that missed
 /// it (so a lucky pass above a failure does not count); 0 if none.
@@ -407,6 +434,55 @@ mod tests {
 
     fn step(boundary: f64) -> impl Fn(f64) -> f64 {
         move |rate| if rate <= boundary { 0.97 } else { 0.4 }
+    }
+
+    #[test]
+    fn searches_in_turns_alternate_and_find_what_each_finds_alone() {
+        let boundaries = [3.0, 40.0, 0.7];
+        let mut alone = Vec::new();
+        for b in boundaries {
+            let mut s = GoodputSearch::new(2.0, 0.9, 0.05, 12);
+            run(&mut s, step(b), 12);
+            alone.push((s.points().len(), s.goodput(), s.failed_at()));
+        }
+        let mut turns: Vec<_> = boundaries
+            .iter()
+            .map(|_| GoodputSearch::new(2.0, 0.9, 0.05, 12))
+            .collect();
+        let mut order = Vec::new();
+        search_in_turns::<()>(&mut turns, |k, rate| {
+            order.push(k);
+            Ok(step(boundaries[k])(rate))
+        })
+        .unwrap();
+        for (k, s) in turns.iter().enumerate() {
+            assert_eq!((s.points().len(), s.goodput(), s.failed_at()), alone[k]);
+        }
+        // Round r measures every search that still has an r-th point, in order.
+        let rounds = alone.iter().map(|a| a.0).max().unwrap();
+        let lengths: Vec<usize> = alone.iter().map(|a| a.0).collect();
+        let expected: Vec<usize> = (0..rounds)
+            .flat_map(|r| {
+                (0..lengths.len())
+                    .filter(|&k| lengths[k] > r)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(order, expected);
+        // An error stops every search where it is.
+        let mut failing: Vec<_> = (0..2)
+            .map(|_| GoodputSearch::new(2.0, 0.9, 0.05, 12))
+            .collect();
+        let mut calls = 0;
+        let err = search_in_turns(&mut failing, |k, _| {
+            calls += 1;
+            if calls == 3 { Err(k) } else { Ok(0.95) }
+        });
+        assert_eq!(err, Err(0));
+        assert_eq!(
+            (failing[0].points().len(), failing[1].points().len()),
+            (1, 1)
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! workers and each workload it starts a cluster per split — xP(N−x)D for every x and
 //! aggregated ×N — of mock workers whose latency follows a measured profile (the same
 //! service model the simulator uses), with real processes and real KV transfers, and
-//! finds each split's goodput by search. It asks `xpyd recommend` for its split on the
+//! finds each split's goodput by search — the clusters of a case run side by side and
+//! their searches take turns, a rate point each, so the machine's drift over the case
+//! falls on every split alike. It asks `xpyd recommend` for its split on the
 //! same profile, workload and SLO, and reports the advisor's regret (how much goodput
 //! the recommended split loses against the best measured one) beside the split NVIDIA
 //! Dynamo's SLA-planner formula gives (replicas = ⌈demand / per-engine rate at the
@@ -10,7 +12,7 @@
 
 use super::{
     GOODPUT_ATTAINMENT, Point, Searched, Target, WorkloadArgs, emit, finite, measure_at, parse_slo,
-    runtime, search_goodput, write_records,
+    runtime, search_goodputs, write_records,
 };
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::host::Host;
@@ -206,7 +208,7 @@ impl Split {
 
     /// A manifest of this split: mock workers following `profile`, or real ones with a
     /// core each (prefill workers on the first cores, then decode).
-    fn manifest(self, profile: &Path, a: &AdvisorArgs) -> String {
+    fn manifest(self, profile: &Path, a: &AdvisorArgs, kv_blocks: u32) -> String {
         let (mr, chunk) = (a.max_running, a.chunk);
         let engine = |first: u32, n: u32| match a.engine {
             Workers::Mock => format!(
@@ -223,20 +225,35 @@ impl Split {
             Split::Disaggregated { prefill, decode } => format!(
                 "name: adv-{}\nmodel: default\nmode: disaggregated\n{head}kv: {{ backend: auto }}\n\
                  roles:\n  prefill: {{ replicas: {prefill}, {}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n  \
-                 decode: {{ replicas: {decode}, {}, max_running: {mr} }}\n",
+                 decode: {{ replicas: {decode}, {}, max_running: {mr}, kv_blocks: {kv_blocks} }}\n",
                 self.file_name(),
                 engine(0, prefill),
                 engine(prefill, decode),
             ),
             Split::Aggregated(n) => format!(
                 "name: adv-{}\nmodel: default\nmode: single\n{head}routing: {{ decode: least_connections }}\n\
-                 roles:\n  combined: {{ replicas: {n}, {}, max_running: {mr}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n",
+                 roles:\n  combined: {{ replicas: {n}, {}, max_running: {mr}, kv_blocks: {kv_blocks}, prefill_chunk: {chunk}, prefix_cache_blocks: 0 }}\n",
                 self.file_name(),
                 engine(0, n),
             ),
         }
     }
 }
+
+/// KV blocks of a decode or combined worker: `max_running` of the workload's longest
+/// requests, a block to spare each — so the KV never binds (the simulation's default
+/// pool is larger still), and the clusters of a case, all up at once, stay within
+/// memory (a worker's default pool of 32,768 f32 tokens is 1.5 GB of shared memory).
+fn kv_blocks(work: &WorkloadArgs, max_running: u32) -> u32 {
+    let longest = work.input.max() + work.output.max();
+    let per_request = longest.div_ceil(BLOCK_TOKENS as usize) + 1;
+    (u32::try_from(per_request).unwrap_or(u32::MAX))
+        .saturating_mul(max_running)
+        .max(16)
+}
+
+/// Tokens per KV block (the workers' and the simulation's).
+const BLOCK_TOKENS: u32 = 16;
 
 /// The split Dynamo's SLA planner would run for `budget` workers: per-engine rates at
 /// the SLO from the profile — a prefill engine serves `1 / prefill_time(mean prompt)`
@@ -462,59 +479,73 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                 a.max_running,
                 budget,
             );
-            let mut measured = Vec::new();
-            for split in Split::all(budget) {
+            // Every split's cluster runs for the whole case and the searches take turns
+            // (one rate point each per round), so the machine's drift over the case
+            // falls on every split alike. An idle mock cluster only sleeps.
+            let splits = Split::all(budget);
+            let mut clusters = Vec::new();
+            for &split in &splits {
                 let file = manifests.join(format!("{}.yaml", split.file_name()));
-                std::fs::write(&file, split.manifest(&profile, a))
-                    .with_context(|| format!("writing {}", file.display()))?;
-                eprintln!("== {case} {}", split.name());
-                let cluster = Cluster::start(ClusterSpec {
+                std::fs::write(
+                    &file,
+                    split.manifest(&profile, a, kv_blocks(&work, a.max_running)),
+                )
+                .with_context(|| format!("writing {}", file.display()))?;
+                eprintln!("== {case} {}: starting", split.name());
+                clusters.push(Cluster::start(ClusterSpec {
                     exe: &host.exe,
                     manifest: &file,
                     model: &model_path,
                     ready_timeout: Duration::from_secs(120),
                     env: &[],
-                })?;
-                // Start near the prediction (a pruned split: near its capacity bound)
-                // so the search spends its points where the boundary is.
-                let bound = row(split).and_then(|r| r["bound_rps"].as_f64());
-                let start = predicted(split)
-                    .or(bound.map(|b| 0.8 * b))
-                    .filter(|r| *r > 0.0)
-                    .unwrap_or(1.0);
-                let search = GoodputSearch::new(
-                    start,
-                    GOODPUT_ATTAINMENT,
-                    a.tolerance,
-                    a.max_points as usize,
-                );
-                let found = search_goodput(
-                    &rt,
-                    &prompts,
-                    &work,
+                })?);
+            }
+            let labels: Vec<String> = splits
+                .iter()
+                .map(|s| format!("{case} {} ", s.name()))
+                .collect();
+            let targets: Vec<_> = clusters
+                .iter()
+                .zip(&labels)
+                .map(|(c, label)| {
                     (
-                        Target::Grpc(cluster.grpc.as_str()),
-                        Some(cluster.http.as_str()),
-                    ),
-                    &slo,
-                    search,
-                    &format!("{case} {} ", split.name()),
-                )?;
-                let mut extra = Vec::new();
-                for (k, f) in a.validate_at.iter().enumerate() {
-                    if found.goodput <= 0.0 {
-                        break;
+                        (Target::Grpc(c.grpc.as_str()), Some(c.http.as_str())),
+                        label.as_str(),
+                    )
+                })
+                .collect();
+            // Each search starts near the prediction (a pruned split: near its capacity
+            // bound) so it spends its points where the boundary is.
+            let searches = splits
+                .iter()
+                .map(|&split| {
+                    let bound = row(split).and_then(|r| r["bound_rps"].as_f64());
+                    let start = predicted(split)
+                        .or(bound.map(|b| 0.8 * b))
+                        .filter(|r| *r > 0.0)
+                        .unwrap_or(1.0);
+                    GoodputSearch::new(
+                        start,
+                        GOODPUT_ATTAINMENT,
+                        a.tolerance,
+                        a.max_points as usize,
+                    )
+                })
+                .collect();
+            let found = search_goodputs(&rt, &prompts, &work, &targets, &slo, searches)?;
+            let mut extra: Vec<Vec<(Point, f64)>> = splits.iter().map(|_| Vec::new()).collect();
+            for (k, f) in a.validate_at.iter().enumerate() {
+                for (i, &(target, label)) in targets.iter().enumerate() {
+                    if found[i].goodput <= 0.0 {
+                        continue;
                     }
-                    let rate = f * found.goodput;
-                    let label = format!("{case} {} validate {rate:.3}/s", split.name());
+                    let rate = f * found[i].goodput;
+                    let label = format!("{label}validate {rate:.3}/s");
                     let p = measure_at(
                         &rt,
                         &prompts,
                         &work,
-                        (
-                            Target::Grpc(cluster.grpc.as_str()),
-                            Some(cluster.http.as_str()),
-                        ),
+                        target,
                         (Arrival::Open, Some(rate)),
                         (work.requests_at(rate), 100 + k as u64),
                         &label,
@@ -522,9 +553,13 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                     let att = crate::stats::attainment(&p.records, &slo);
                     eprintln!("{label}: attainment {:.1}%", att * 100.0);
                     runs.push((label, p.records.clone()));
-                    extra.push((p, att));
+                    extra[i].push((p, att));
                 }
-                drop(cluster);
+            }
+            drop(targets);
+            drop(clusters);
+            let mut measured = Vec::new();
+            for ((split, found), extra) in splits.into_iter().zip(found).zip(extra) {
                 runs.extend(
                     found
                         .records()
@@ -810,7 +845,7 @@ mod tests {
             prefill: 1,
             decode: 3,
         }
-        .manifest(p, &a);
+        .manifest(p, &a, 80);
         assert!(
             dis.contains("prefill: { replicas: 1,") && dis.contains("decode: { replicas: 3,"),
             "{dis}"
@@ -819,12 +854,30 @@ mod tests {
             dis.contains("mock_profile: \"/tmp/prof.json\"") && dis.contains("max_running: 8"),
             "{dis}"
         );
-        let agg = Split::Aggregated(4).manifest(p, &a);
+        assert!(dis.contains("kv_blocks: 80 }"), "{dis}");
+        let agg = Split::Aggregated(4).manifest(p, &a, 80);
         assert!(
             agg.contains("mode: single") && agg.contains("combined: { replicas: 4,"),
             "{agg}"
         );
-        assert!(agg.contains("prefill_chunk: 128"), "{agg}");
+        assert!(
+            agg.contains("prefill_chunk: 128") && agg.contains("kv_blocks: 80,"),
+            "{agg}"
+        );
+        // The pool holds `max_running` of the longest requests, a block to spare each:
+        // 8 × (⌈(32 + 32) / 16⌉ + 1).
+        let short = WorkloadArgs {
+            requests: 10,
+            min_seconds: 0,
+            input: "uniform:8-32".parse().unwrap(),
+            output: "uniform:8-32".parse().unwrap(),
+            phases: Vec::new(),
+            seed: 1,
+            timeout_s: 10,
+            model: None,
+        };
+        assert_eq!(kv_blocks(&short, 8), 40);
+        assert_eq!(kv_blocks(&short, 1), 16);
 
         // Real workers: no mock, one core each — prefill first, then decode.
         let real = AdvisorArgs {
@@ -847,11 +900,11 @@ mod tests {
             prefill: 1,
             decode: 3,
         }
-        .manifest(p, &real);
+        .manifest(p, &real, 80);
         assert!(!dis.contains("mock"), "{dis}");
         assert_eq!(cpus(&dis, "prefill:"), [0]);
         assert_eq!(cpus(&dis, "decode:"), [1, 2, 3]);
-        let agg = Split::Aggregated(2).manifest(p, &real);
+        let agg = Split::Aggregated(2).manifest(p, &real, 80);
         assert_eq!(cpus(&agg, "combined:"), [0, 1]);
     }
 }

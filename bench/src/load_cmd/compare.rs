@@ -2,13 +2,14 @@
 //! cluster (each started from its manifest through `xpyd up`): unloaded latency first,
 //! then one SLO (given, or derived from the slower mode's unloaded latency), and each
 //! mode's goodput at it found by search — the rate doubled or halved until attainment
-//! crosses 90%, then bisected until the bracket is within the tolerance — so the
+//! crosses 90%, then bisected until the bracket is within the tolerance, the two
+//! clusters up side by side and their searches taking turns — so the
 //! disaggregated/aggregated ratio is measured, not bounded by a fixed grid. JSON, the
 //! records and SVG plots.
 
 use super::{
     GOODPUT_ATTAINMENT, Point, Searched, Target, WorkloadArgs, emit, finite, measure_at, parse_slo,
-    print_table, runtime, search_goodput, write_records,
+    print_table, runtime, search_goodputs, write_records,
 };
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::host::Host;
@@ -114,25 +115,34 @@ impl Run<'_> {
         Ok(p)
     }
 
-    fn search(&self, name: &str, cluster: &Cluster, slo: &Slo, start: f64) -> Result<Searched> {
-        let search = GoodputSearch::new(
-            start,
-            GOODPUT_ATTAINMENT,
-            self.a.tolerance,
-            self.a.max_points as usize,
-        );
-        search_goodput(
-            self.rt,
-            self.prompts,
-            &self.a.work,
-            (
-                Target::Grpc(cluster.grpc.as_str()),
-                Some(cluster.http.as_str()),
-            ),
-            slo,
-            search,
-            &format!("{name} "),
-        )
+    /// Goodput searches on `clusters` (label, cluster), taking turns.
+    fn search(
+        &self,
+        clusters: &[(&str, &Cluster)],
+        slo: &Slo,
+        start: f64,
+    ) -> Result<Vec<Searched>> {
+        let searches = clusters
+            .iter()
+            .map(|_| {
+                GoodputSearch::new(
+                    start,
+                    GOODPUT_ATTAINMENT,
+                    self.a.tolerance,
+                    self.a.max_points as usize,
+                )
+            })
+            .collect();
+        let targets: Vec<_> = clusters
+            .iter()
+            .map(|&(label, c)| {
+                (
+                    (Target::Grpc(c.grpc.as_str()), Some(c.http.as_str())),
+                    label,
+                )
+            })
+            .collect();
+        search_goodputs(self.rt, self.prompts, &self.a.work, &targets, slo, searches)
     }
 }
 
@@ -176,22 +186,19 @@ pub fn compare(a: &CompareArgs, host: &Host) -> Result<()> {
         a,
         host,
     };
-    // Three cluster starts: the aggregated mode's unloaded latency (and the start rate
-    // it gives), then the disaggregated mode's unloaded latency and search on one
-    // start, once the SLO is known, then the aggregated search.
-    let (agg_unloaded, start) = {
-        let c = run.start("aggregated", &a.aggregated)?;
-        let p = run.unloaded("aggregated", &c)?;
-        // One request at a time per worker, without batching gains: a load the cluster
-        // sustains, to start from.
-        let workers = count_workers(&c.topology()?)?.max(1) as f64;
-        let start = a
-            .start_rate
-            .unwrap_or_else(|| round3(workers / p.summary.e2e.mean).max(0.001));
-        (p, start)
-    };
-    let c = run.start("disaggregated", &a.disaggregated)?;
-    let dis_unloaded = run.unloaded("disaggregated", &c)?;
+    // Both clusters stay up for the whole run: the unloaded latencies (the aggregated
+    // mode's gives the start rate), then, once the SLO is known, the two searches take
+    // turns, a rate point each, so the machine's drift falls on both modes alike.
+    let agg_cluster = run.start("aggregated", &a.aggregated)?;
+    let agg_unloaded = run.unloaded("aggregated", &agg_cluster)?;
+    // One request at a time per worker, without batching gains: a load the cluster
+    // sustains, to start from.
+    let workers = count_workers(&agg_cluster.topology()?)?.max(1) as f64;
+    let start = a
+        .start_rate
+        .unwrap_or_else(|| round3(workers / agg_unloaded.summary.e2e.mean).max(0.001));
+    let dis_cluster = run.start("disaggregated", &a.disaggregated)?;
+    let dis_unloaded = run.unloaded("disaggregated", &dis_cluster)?;
     let (ua, ud) = (
         unloaded_slo_base(&agg_unloaded),
         unloaded_slo_base(&dis_unloaded),
@@ -214,20 +221,28 @@ pub fn compare(a: &CompareArgs, host: &Host) -> Result<()> {
         slo.tpot * 1e3,
         GOODPUT_ATTAINMENT * 100.0
     );
+    let [dis_found, agg_found]: [Searched; 2] = run
+        .search(
+            &[
+                ("disaggregated ", &dis_cluster),
+                ("aggregated ", &agg_cluster),
+            ],
+            &slo,
+            start,
+        )?
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two searches give two results"))?;
+    drop((dis_cluster, agg_cluster));
     let dis = Mode {
         name: "disaggregated",
         manifest: a.disaggregated.clone(),
-        found: run.search("disaggregated", &c, &slo, start)?,
+        found: dis_found,
         unloaded: dis_unloaded,
     };
-    drop(c);
     let agg = Mode {
         name: "aggregated",
         manifest: a.aggregated.clone(),
-        found: {
-            let c = run.start("aggregated", &a.aggregated)?;
-            run.search("aggregated", &c, &slo, start)?
-        },
+        found: agg_found,
         unloaded: agg_unloaded,
     };
     let bracket = |m: &Mode| (m.found.goodput, m.found.failed_at.unwrap_or(f64::INFINITY));

@@ -292,30 +292,53 @@ fn search_goodput(
     work: &WorkloadArgs,
     target: (Target<'_>, Option<&str>),
     slo: &Slo,
-    mut search: GoodputSearch,
+    search: GoodputSearch,
     label: &str,
 ) -> Result<Searched> {
-    let mut points = Vec::new();
-    while let Some(rate) = search.next_rate() {
+    let mut found = search_goodputs(rt, prompts, work, &[(target, label)], slo, vec![search])?;
+    Ok(found.remove(0))
+}
+
+/// Goodput searches on several running clusters, interleaved: each round measures the
+/// next point of every search still going, so a machine whose speed drifts over the
+/// run (a shared VM's does, by about 20 % in half an hour) moves every cluster's points
+/// alike instead of deciding which cluster looks better. `targets[k]` (with its label)
+/// is searched by `searches[k]`.
+fn search_goodputs(
+    rt: &tokio::runtime::Runtime,
+    prompts: &Prompts,
+    work: &WorkloadArgs,
+    targets: &[((Target<'_>, Option<&str>), &str)],
+    slo: &Slo,
+    mut searches: Vec<GoodputSearch>,
+) -> Result<Vec<Searched>> {
+    assert_eq!(targets.len(), searches.len(), "one search per target");
+    let mut points: Vec<Vec<(Point, f64)>> = targets.iter().map(|_| Vec::new()).collect();
+    stats::search_in_turns(&mut searches, |k, rate| {
+        let (target, label) = targets[k];
         let p = measure_at(
             rt,
             prompts,
             work,
             target,
             (Arrival::Open, Some(rate)),
-            (work.requests_at(rate), points.len() as u64),
+            (work.requests_at(rate), points[k].len() as u64),
             &format!("{label}rate {rate:.3}/s"),
         )?;
         let att = stats::attainment(&p.records, slo);
         eprintln!("{label}rate {rate:.3}/s: attainment {:.1}%", att * 100.0);
-        search.record(rate, att);
-        points.push((p, att));
-    }
-    Ok(Searched {
-        points,
-        goodput: search.goodput(),
-        failed_at: search.failed_at(),
-    })
+        points[k].push((p, att));
+        Ok::<_, anyhow::Error>(att)
+    })?;
+    Ok(searches
+        .into_iter()
+        .zip(points)
+        .map(|(search, points)| Searched {
+            points,
+            goodput: search.goodput(),
+            failed_at: search.failed_at(),
+        })
+        .collect())
 }
 
 /// Compares the bench's p50 TTFT and TPOT with the coordinator's histograms over the
