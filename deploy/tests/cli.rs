@@ -275,8 +275,19 @@ fn help_lists_the_allowed_values_of_enumerated_flags() {
 
 #[test]
 fn usage_errors_exit_64_and_name_the_flag() {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 13] = [
         (&["bench", "load", "--phases", "5*1:16"], "--phases"),
+        (&["bench", "advisor"], "--profile"),
+        (
+            &[
+                "bench",
+                "advisor",
+                "--profile",
+                "p.json",
+                "--measure-profile",
+            ],
+            "--measure-profile",
+        ),
         (
             &[
                 "recommend",

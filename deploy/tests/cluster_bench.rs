@@ -312,6 +312,14 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
     assert_eq!(cases.len(), 1, "{v}");
     let c = &cases[0];
     assert_eq!(c["case"], "custom N=2", "{c}");
+    // The case names the profile it ran on.
+    assert_eq!(v["profiles"][0]["case"], "custom N=2", "{v}");
+    assert!(
+        v["profiles"][0]["profile"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("profile.json")),
+        "{v}"
+    );
     let splits: Vec<&str> = c["splits"]
         .as_array()
         .unwrap()

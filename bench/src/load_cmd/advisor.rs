@@ -77,8 +77,14 @@ pub struct AdvisorArgs {
     /// The performance profile the mock workers and the advisor both use (`xpyd bench
     /// profile --out P`; `xpyd up` caches one per model under
     /// `~/.cache/xpyd/profiles/`).
-    #[arg(long)]
-    pub profile: PathBuf,
+    #[arg(long, required_unless_present = "measure_profile")]
+    pub profile: Option<PathBuf>,
+    /// Measure the profile in the run instead, before each case (`xpyd bench profile
+    /// --threads 1 --chunks CHUNK`, pinned to core 0 with `--engine real`, as the
+    /// workers run), so it describes the machine as the case finds it: a profile
+    /// measured hours before can be 1.5× off on a shared VM.
+    #[arg(long, conflicts_with = "profile")]
+    pub measure_profile: bool,
     /// Budgets (workers) to validate.
     #[arg(long, value_delimiter = ',', default_value = "4",
           value_parser = clap::value_parser!(u32).range(2..=16))]
@@ -129,8 +135,9 @@ pub struct AdvisorArgs {
     /// Workers: `mock` (timed by `--profile`'s fits, one thread each, unpinned) or
     /// `real` (the model, one thread each, every worker pinned to a core of its own —
     /// as `xpyd bench compare` runs them; the budget must fit the cores). With `real`,
-    /// `--profile` should be measured the same way (`xpyd bench profile --threads 1
-    /// --cpus 0`): the simulation is validated against real processes.
+    /// the profile should be measured the same way (`xpyd bench profile --threads 1
+    /// --cpus 0`, or `--measure-profile`): the simulation is validated against real
+    /// processes.
     #[arg(long, value_enum, default_value = "mock")]
     pub engine: Workers,
     /// Model file whose tokenizer the mock workers and the prompts use (default: the
@@ -379,6 +386,7 @@ fn point_json(p: &Point, attainment: f64, sim: &RunStats, goodput: f64) -> Value
 fn recommend(
     host: &Host,
     a: &AdvisorArgs,
+    profile: &Path,
     budget: u32,
     w: &WorkloadArgs,
     slo: &Slo,
@@ -386,7 +394,7 @@ fn recommend(
     let out = Command::new(&host.exe)
         .arg("recommend")
         .arg("--profile")
-        .arg(&a.profile)
+        .arg(profile)
         .args(["--budget", &budget.to_string()])
         .args(["--slo", &format!("{},{}", slo.ttft * 1e3, slo.tpot * 1e3)])
         .args([
@@ -411,6 +419,29 @@ fn recommend(
     serde_json::from_slice(&out.stdout).context("xpyd recommend printed no JSON")
 }
 
+/// Measures the profile for one case into `out`, as the case's workers run: one thread,
+/// pinned to core 0 for real workers.
+fn measure_profile(host: &Host, a: &AdvisorArgs, model: &Path, out: &Path) -> Result<PathBuf> {
+    eprintln!("== measuring the profile into {}", out.display());
+    let mut cmd = Command::new(&host.exe);
+    cmd.args(["bench", "profile", "--threads", "1"])
+        .args(["--prefill-chunk", &a.chunk.to_string()])
+        .args(["--chunks", &a.chunk.to_string()])
+        .arg("--model")
+        .arg(model)
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::null());
+    if a.engine == Workers::Real {
+        cmd.args(["--cpus", "0"]);
+    }
+    let status = cmd.status().context("running xpyd bench profile")?;
+    if !status.success() {
+        bail!("xpyd bench profile failed ({status})");
+    }
+    std::path::absolute(out).with_context(|| format!("resolving {}", out.display()))
+}
+
 /// `xpyd bench advisor`.
 ///
 /// # Errors
@@ -418,12 +449,6 @@ fn recommend(
 /// cannot be asked, or writing a result fails; a split that misses the SLO at every
 /// rate has goodput 0, not an error.
 pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
-    let profile = std::path::absolute(&a.profile)
-        .with_context(|| format!("resolving {}", a.profile.display()))?;
-    let text = std::fs::read_to_string(&profile)
-        .with_context(|| format!("reading the profile {}", profile.display()))?;
-    let model = xpyd_planner::profile::service_model(&text, a.chunk)
-        .map_err(|e| anyhow::anyhow!("profile {}: {e}", profile.display()))?;
     if a.engine == Workers::Real {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         if let Some(b) = a.budgets.iter().find(|&&b| b as usize > cores) {
@@ -437,6 +462,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
     std::fs::create_dir_all(&manifests)
         .with_context(|| format!("creating {}", manifests.display()))?;
     let mut cases = Vec::new();
+    let mut profiles = Vec::new();
     let mut runs: Vec<(String, Vec<RequestRecord>)> = Vec::new();
     for &wl in &a.workloads {
         let (input, output, preset_slo) = match wl.spec() {
@@ -463,7 +489,24 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                 slo.ttft * 1e3,
                 slo.tpot * 1e3
             );
-            let advice = recommend(host, a, budget, &work, &slo)?;
+            let profile = match &a.profile {
+                Some(p) => {
+                    std::path::absolute(p).with_context(|| format!("resolving {}", p.display()))?
+                }
+                None => measure_profile(
+                    host,
+                    a,
+                    &model_path,
+                    &a.out_dir
+                        .join(format!("profile-{}-{budget}.json", wl.name())),
+                )?,
+            };
+            let text = std::fs::read_to_string(&profile)
+                .with_context(|| format!("reading the profile {}", profile.display()))?;
+            let model = xpyd_planner::profile::service_model(&text, a.chunk)
+                .map_err(|e| anyhow::anyhow!("profile {}: {e}", profile.display()))?;
+            profiles.push(json!({"case": case, "profile": profile}));
+            let advice = recommend(host, a, &profile, budget, &work, &slo)?;
             let row = |s: Split| {
                 advice["ranked"]
                     .as_array()
@@ -594,7 +637,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
         }
     }
     let result = json!({
-        "profile": profile,
+        "profiles": profiles,
         "cpu": crate::engine_bench::cpu_name(),
         "workers": match a.engine {
             Workers::Mock => "mock: the profile's fits, 1 thread each, unpinned",
@@ -821,7 +864,8 @@ mod tests {
     #[test]
     fn manifests_name_the_profile_every_split_and_the_cores_of_real_workers() {
         let a = AdvisorArgs {
-            profile: "p.json".into(),
+            profile: Some("p.json".into()),
+            measure_profile: false,
             budgets: vec![4],
             workloads: vec![Preset::Chat],
             slo: None,
