@@ -61,6 +61,9 @@ impl Cluster {
             .arg("--model")
             .arg(model)
             .args(["--grace-s", "10"])
+            // Killed by a signal, the bench leaves no cluster behind.
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

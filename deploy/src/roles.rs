@@ -387,7 +387,7 @@ fn advisor_setup(m: &Manifest, file: &Path) -> xpyd_coordinator::advisor::Setup 
 }
 
 /// How often a role process checks that its supervisor is still there.
-const PARENT_POLL: Duration = Duration::from_millis(200);
+pub(crate) const PARENT_POLL: Duration = Duration::from_millis(200);
 
 /// Parent-death watchdog, the safe stand-in for `PR_SET_PDEATHSIG` (which needs `unsafe`
 /// in `pre_exec`): a thread polls `getppid()`; when it is no longer `parent` (the

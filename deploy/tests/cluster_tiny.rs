@@ -2981,3 +2981,56 @@ fn logprobs_are_the_models_on_every_api_and_bad_requests_name_the_field() {
         close(g, *w);
     }
 }
+
+/// `xpyd up --parent-pid P` (what a program that starts clusters passes): when P dies —
+/// here a shell killed with SIGKILL, as a bench killed mid-run — the cluster stops as on
+/// SIGTERM and leaves no process behind.
+#[test]
+#[ignore = "starts clusters; scripts/test.sh runs these one at a time with --ignored"]
+fn up_stops_the_cluster_when_its_parent_dies() {
+    let (d, model) = tiny_model();
+    let file = d.path().join("orphan.yaml");
+    std::fs::write(
+        &file,
+        manifest(
+            "orphan",
+            "",
+            "  prefill: { replicas: 1 }\n  decode: { replicas: 1 }\n",
+        ),
+    )
+    .unwrap();
+    // The shell names itself the parent, starts the cluster and waits on it.
+    let out = d.path().join("up.out");
+    let mut shell = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' up -f '{}' --model '{}' --parent-pid $$ >'{}' 2>&1; sleep 600",
+            env!("CARGO_BIN_EXE_xpyd"),
+            file.display(),
+            model.display(),
+            out.display()
+        ))
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(60), "the cluster ready", || {
+        std::fs::read_to_string(&out).is_ok_and(|o| o.lines().any(|l| l == "ready"))
+    });
+    assert_eq!(worker_pids(&file, "prefill", None).len(), 1);
+    assert_eq!(worker_pids(&file, "decode", None).len(), 1);
+    shell.kill().unwrap();
+    shell.wait().unwrap();
+    let left = || {
+        let out = std::process::Command::new("pgrep")
+            .args(["-f", &file.display().to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    eventually(
+        Duration::from_secs(30),
+        "no process of the cluster left",
+        || left().is_empty(),
+    );
+    let said = std::fs::read_to_string(&out).unwrap();
+    assert!(said.contains("is gone; stopping"), "{said}");
+}

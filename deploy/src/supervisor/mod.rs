@@ -72,6 +72,11 @@ pub struct UpArgs {
     /// role's `graceful_shutdown.timeout_s`).
     #[arg(long)]
     pub grace_s: Option<u64>,
+    /// Stop the cluster, as on SIGTERM, once the process with this pid is no longer this
+    /// one's parent (for a program that starts clusters, e.g. `xpyd bench advisor`: a
+    /// SIGKILL of it leaves no cluster behind).
+    #[arg(long)]
+    pub parent_pid: Option<i32>,
 }
 
 /// Runs `xpyd up`.
@@ -104,11 +109,29 @@ fn on_signals(stop: CancellationToken, pids: process::Pids) {
     });
 }
 
+/// Cancels `stop` once `parent` is no longer this process's parent (it died, and the
+/// process was re-parented).
+fn stop_without_parent(parent: i32, stop: CancellationToken) {
+    tokio::spawn(async move {
+        while nix::unistd::getppid().as_raw() == parent {
+            tokio::time::sleep(roles::PARENT_POLL).await;
+        }
+        xpyd_runtime::logging::say(
+            xpyd_runtime::logging::Level::ERROR,
+            &format!("xpyd up: its parent (pid {parent}) is gone; stopping"),
+        );
+        stop.cancel();
+    });
+}
+
 async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
     let exe = std::env::current_exe()?;
     let stop = CancellationToken::new();
     let pids = process::Pids::default();
     on_signals(stop.clone(), pids.clone());
+    if let Some(parent) = a.parent_pid {
+        stop_without_parent(parent, stop.clone());
+    }
     let (msgs_tx, msgs_rx) = mpsc::channel(1024);
     // The cluster's own credential: it closes the internal plane (workers register with
     // it, the coordinator and the supervisor call workers with it), and the coordinator
