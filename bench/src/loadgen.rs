@@ -501,15 +501,16 @@ async fn one(
 mod tests {
     use super::*;
 
-    /// The real model's tokenizer (`XPYD_MODEL`): `None` (skip) locally when missing, a
-    /// failure in CI.
+    /// The real model's tokenizer (the file `env::MODEL` names): `None` (skip) locally
+    /// when missing, a failure in CI.
     fn real_tokenizer() -> Option<Tokenizer> {
-        let Some(path) =
-            std::env::var_os("XPYD_MODEL").filter(|p| std::path::Path::new(p).is_file())
+        let Some(path) = std::env::var_os(xpyd_runtime::env::MODEL)
+            .filter(|p| std::path::Path::new(p).is_file())
         else {
             assert!(
                 std::env::var_os("CI").is_none(),
-                "XPYD_MODEL is not a file; run ./scripts/test.sh"
+                "{} is not a file; run ./scripts/test.sh",
+                xpyd_runtime::env::MODEL
             );
             return None;
         };
