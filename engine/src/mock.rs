@@ -204,7 +204,9 @@ impl MockModel {
     /// (one row for a prefill chunk, or one per token with `all_logits`; one per decode
     /// item). Each row allows exactly one
     /// token (logit 0, every other `-inf`), so greedy and any seeded sampling agree.
-    /// With a latency, the pass takes that long, spread evenly over the layers.
+    /// With a latency, a prefill pass takes that long, spread evenly over the layers (its
+    /// layers stream out as they would); a decode pass returns at once and the engine
+    /// paces the whole step, sampling included (`Engine::decode_step`).
     ///
     /// # Errors
     /// `BadToken` and `ContextOverflow`, like the real model.
@@ -237,10 +239,9 @@ impl MockModel {
                     }
                 }
             }
-            let due = started + total * (l as u32 + 1) / cfg.n_layer as u32;
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
+            if matches!(pass, Pass::Prefill { .. }) {
+                let due = started + total * (l as u32 + 1) / cfg.n_layer as u32;
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
             }
             on_layer(l, kv);
         }
@@ -390,6 +391,58 @@ mod tests {
             let text = info.tokenizer.decode(&[*t]).unwrap();
             assert!(text.len() == 1 && LETTERS.contains(&text), "{text:?}");
         }
+    }
+
+    /// The profile times a whole decode step (forward, sampling, bookkeeping), so the
+    /// mock's forward of a decode pass must not take the step's time itself: the engine
+    /// paces the whole step (before, the step took the fit plus the mock's sampling).
+    #[test]
+    fn a_decode_pass_leaves_the_pacing_to_the_engine_and_a_prefill_pass_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        TinyModel::default().write(&path).unwrap();
+        let info = ModelInfo::load(&path).unwrap();
+        let latency = MockLatency {
+            prefill_base_us: 200_000,
+            decode_base_us: 5_000_000,
+            ..Default::default()
+        };
+        let m = MockModel::new(info.config.clone(), &info.tokenizer, latency).unwrap();
+        let cfg = m.config().clone();
+        let mut kv = crate::kv::KvStore::new(crate::kv::CacheShape {
+            n_layer: cfg.n_layer,
+            kv_dim: cfg.kv_dim(),
+            block_size: 16,
+            num_blocks: 4,
+            dtype: crate::config::KvDtype::F32,
+        });
+        let table = [0u32];
+        let tokens = [m.outputs()[0]; 4];
+        let t = Instant::now();
+        let prefill = Pass::Prefill {
+            table: &table,
+            start: 0,
+            tokens: &tokens,
+            all_logits: false,
+        };
+        m.forward(&prefill, &mut kv, &mut |_, _| {}).unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            t.elapsed()
+        );
+        let items = [crate::model::DecodeItem {
+            table: &table,
+            pos: 4,
+            token: tokens[0],
+        }];
+        let t = Instant::now();
+        let logits = m
+            .forward(&Pass::Decode(&items), &mut kv, &mut |_, _| {})
+            .unwrap();
+        assert_eq!(logits.len(), 1);
+        // Five seconds of fitted step: a forward that slept it would take that long.
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     }
 
     #[test]

@@ -288,6 +288,18 @@ fn latency_slows_but_does_not_change_the_stream() {
         run(&mut slow, p.clone(), greedy(12)),
         run(&mut fast, p, greedy(12))
     );
+    // A whole decode step takes the fitted time (the engine paces it, not the forward).
+    let mut paced = mock(&f, |c| {
+        c.mock = Some(MockLatency {
+            decode_base_us: 150_000,
+            ..Default::default()
+        })
+    });
+    paced.add_sequence(7, prompt(10, 2), greedy(4)).unwrap();
+    paced.prefill(7, &mut |_| {}).unwrap();
+    let t = std::time::Instant::now();
+    paced.decode_step(&[7]).unwrap();
+    assert!(t.elapsed() >= std::time::Duration::from_millis(150));
     let mut cfg = EngineConfig::new(&f.path);
     cfg.mock = Some(MockLatency {
         decode_base_us: 10_000_001,

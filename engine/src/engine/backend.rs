@@ -24,6 +24,16 @@ impl Backend {
         }
     }
 
+    /// How long a whole decode step takes with the mock (forward, sampling and
+    /// bookkeeping: what `xpyd bench profile` times on the real model); `None` for the
+    /// real model, which takes what it takes.
+    pub(super) fn decode_pace(&self, pass: &Pass<'_>) -> Option<std::time::Duration> {
+        match self {
+            Backend::Real(_) => None,
+            Backend::Mock(m) => Some(m.latency().of(pass)),
+        }
+    }
+
     /// One forward pass; see [`Model::forward`].
     pub(super) fn forward(
         &self,

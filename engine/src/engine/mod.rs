@@ -549,6 +549,7 @@ impl Engine {
     /// Reserves the blocks the step needs first: when the pool cannot supply them the
     /// step fails with `OutOfBlocks` and changes nothing.
     pub fn decode_step(&mut self, ids: &[u64]) -> Result<Vec<TokenEvent>> {
+        let started = std::time::Instant::now();
         let bs = self.cfg.block_size;
         let mut need = 0;
         for (i, id) in ids.iter().enumerate() {
@@ -586,9 +587,9 @@ impl Engine {
                 }
             })
             .collect();
-        let logits = self
-            .backend
-            .forward(&Pass::Decode(&items), &mut self.kv, &mut |_, _| {})?;
+        let pass = Pass::Decode(&items);
+        let pace = self.backend.decode_pace(&pass);
+        let logits = self.backend.forward(&pass, &mut self.kv, &mut |_, _| {})?;
         drop(items);
         let ctx = self.backend.config().context_length;
         let mut events = Vec::with_capacity(ids.len());
@@ -604,6 +605,11 @@ impl Engine {
                 s.phase = Phase::Finished(f);
             }
             events.push(ev);
+        }
+        // The mock's step takes its fitted time in all, sampling included, as the real
+        // model's step did when the profile timed it.
+        if let Some(due) = pace.map(|d| started + d) {
+            std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
         }
         Ok(events)
     }
