@@ -101,6 +101,9 @@ pub struct ClusterConfig {
     pub drain_s: f64,
 }
 
+/// Tokens per KV block: the workers' default (`block_size` of the engine).
+pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+
 impl ClusterConfig {
     /// The product's defaults (coordinator and workers) for `layout`.
     pub fn defaults(layout: Layout) -> Self {
@@ -108,7 +111,7 @@ impl ClusterConfig {
             layout,
             max_running: 16,
             kv_blocks: 4096,
-            block_size: 16,
+            block_size: DEFAULT_BLOCK_SIZE,
             max_queue: 256,
             queue_timeout_s: 10.0,
             prefill_policy: Policy::RoundRobin,
@@ -623,9 +626,21 @@ impl Sim<'_> {
         self.start_prefill(p);
     }
 
-    /// Request `i`'s KV has arrived: the decode worker's loop imports it between steps.
+    /// Request `i`'s KV has arrived. Its first token, which the prefill worker sampled,
+    /// is answered now: the prefill call returns once the transfer is committed, without
+    /// waiting for the decode worker. With one output token the request is done; else
+    /// the decode worker's loop imports it between steps.
     fn joined(&mut self, i: u32) {
-        let w = self.st[i as usize].worker;
+        let now = self.now;
+        let st = &mut self.st[i as usize];
+        st.first = now;
+        st.last = now;
+        st.generated = 1;
+        if self.reqs[i as usize].output <= 1 {
+            self.finish(i);
+            return;
+        }
+        let w = st.worker;
         if self.engines[w as usize].running {
             self.engines[w as usize].committing.push(i);
         } else {
@@ -634,21 +649,12 @@ impl Sim<'_> {
         }
     }
 
-    /// Request `i`'s import has ended: its first token is answered, and it joins the
-    /// next decode step (or is done, with one output token).
+    /// Request `i`'s import has ended: it joins the next decode step.
     fn committed(&mut self, i: u32) {
-        let now = self.now;
         let st = &mut self.st[i as usize];
-        st.first = now;
-        st.last = now;
-        st.generated = 1;
-        if self.reqs[i as usize].output <= 1 {
-            self.finish(i);
-        } else {
-            st.stage = Stage::Decoding;
-            let w = st.worker;
-            self.engines[w as usize].joining.push(i);
-        }
+        st.stage = Stage::Decoding;
+        let w = st.worker;
+        self.engines[w as usize].joining.push(i);
     }
 
     /// Starts an iteration on worker `w` if it is idle and has work.
