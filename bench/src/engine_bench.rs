@@ -67,7 +67,7 @@ editions, and vernacular languages gained standard spellings. ";
 const PREFILL_LENGTHS: [usize; 3] = [128, 512, 2048];
 const DECODE_BATCHES: [usize; 3] = [1, 4, 16];
 const DECODE_PROMPT: usize = 64;
-/// Bound of one llama-server completion (a 512-token prefill or a short decode).
+/// Bound of one llama-server completion (a 2,048-token prefill or a short decode).
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Exactly `n` tokens of real text (`salt` makes prompts differ, so no prefix is shared).
@@ -197,28 +197,53 @@ impl Llama {
         Ok(r["timings"].clone())
     }
 
-    /// One round: (prefill 512 tok/s, the best of `repeats`; decode batch 1 tok/s).
-    fn measure(&self, prompts: &LlamaPrompts, repeats: usize) -> Result<(f64, f64)> {
-        let mut prefill: f64 = 0.0;
+    /// Prefill tok/s of `prompt`, the best of `repeats`.
+    fn prefill(&self, prompt: &[u32], repeats: usize) -> Result<f64> {
+        let mut best: f64 = 0.0;
         for _ in 0..repeats.max(1) {
-            prefill = prefill.max(
-                self.completion(&prompts.prefill_512, 1)?["prompt_per_second"]
+            best = best.max(
+                self.completion(prompt, 1)?["prompt_per_second"]
                     .as_f64()
                     .unwrap_or(0.0),
             );
         }
-        let decode =
-            self.completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"]
+        Ok(best)
+    }
+
+    /// One round: prefill 512 and 2,048 tok/s (as xpyd's, the best of `repeats` and
+    /// of half as many) and decode batch 1 tok/s.
+    fn measure(&self, prompts: &LlamaPrompts, repeats: usize) -> Result<LlamaRound> {
+        Ok(LlamaRound {
+            prefill_512: self.prefill(&prompts.prefill_512, repeats)?,
+            prefill_2048: self.prefill(&prompts.prefill_2048, long_repeats(2048, repeats))?,
+            decode: self.completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"]
                 .as_f64()
-                .unwrap_or(0.0);
-        Ok((prefill, decode))
+                .unwrap_or(0.0),
+        })
     }
 }
 
 struct LlamaPrompts {
     prefill_512: Vec<u32>,
+    prefill_2048: Vec<u32>,
     decode: Vec<u32>,
     decode_steps: usize,
+}
+
+/// One round of llama-server's measurements (tok/s).
+struct LlamaRound {
+    prefill_512: f64,
+    prefill_2048: f64,
+    decode: f64,
+}
+
+/// Timed repetitions of an `n`-token prefill: half as many from 2,048 tokens up.
+fn long_repeats(n: usize, repeats: usize) -> usize {
+    if n >= 2048 {
+        1.max(repeats / 2)
+    } else {
+        repeats
+    }
 }
 
 /// The CPU's model name from `/proc/cpuinfo`.
@@ -246,6 +271,7 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
     bench_prefill(&mut engine, 128, 1)?;
     let prompts = LlamaPrompts {
         prefill_512: prompt_tokens(&engine, 512, 512)?,
+        prefill_2048: prompt_tokens(&engine, 2048, 2048)?,
         decode: prompt_tokens(&engine, DECODE_PROMPT, 0)?,
         decode_steps: args.decode_steps,
     };
@@ -269,14 +295,10 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
     let rounds = args.rounds as usize;
     let mut prefill: Vec<Vec<f64>> = vec![Vec::new(); PREFILL_LENGTHS.len()];
     let mut decode: Vec<Vec<f64>> = vec![Vec::new(); DECODE_BATCHES.len()];
-    let (mut l_prefill, mut l_decode) = (Vec::new(), Vec::new());
+    let (mut l_prefill, mut l_long, mut l_decode) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         for (i, n) in PREFILL_LENGTHS.iter().enumerate() {
-            let reps = if *n >= 2048 {
-                1.max(args.repeats / 2)
-            } else {
-                args.repeats
-            };
+            let reps = long_repeats(*n, args.repeats);
             prefill[i].push(bench_prefill(&mut engine, *n, reps)?);
         }
         for (i, b) in DECODE_BATCHES.iter().enumerate() {
@@ -289,10 +311,14 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
             decode[0][round]
         );
         if let Some(l) = &llama {
-            let (p, d) = l.measure(&prompts, args.repeats)?;
-            l_prefill.push(p);
-            l_decode.push(d);
-            line.push_str(&format!("; llama.cpp {p:.1}, {d:.1}"));
+            let m = l.measure(&prompts, args.repeats)?;
+            l_prefill.push(m.prefill_512);
+            l_long.push(m.prefill_2048);
+            l_decode.push(m.decode);
+            line.push_str(&format!(
+                "; llama.cpp {:.1}, {:.1}",
+                m.prefill_512, m.decode
+            ));
         }
         eprintln!("{line}");
     }
@@ -316,6 +342,11 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
         .collect();
     let prefill_512 = prefill_json[1]["tok_s"].as_f64().unwrap_or(0.0);
     let decode_16 = decode_json[2]["tok_s"].as_f64().unwrap_or(0.0);
+    // Paired: each round's ratio, then their median.
+    let paired = |ours: &[f64], theirs: &[f64]| -> Vec<f64> {
+        ours.iter().zip(theirs).map(|(a, b)| a / b).collect()
+    };
+    let long_over_512 = spread(&paired(&prefill[2], &prefill[1]));
     let mut report = json!({
         "prefill": prefill_json,
         "decode": decode_json,
@@ -326,7 +357,11 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
         "cpu": cpu_name(),
         "kv_dtype": args.engine.kv_dtype.name(),
         "decode_prompt_tokens": DECODE_PROMPT,
-        "ratios": {"decode_batch16_over_prefill_512": decode_16 / prefill_512},
+        "ratios": {
+            "decode_batch16_over_prefill_512": decode_16 / prefill_512,
+            "prefill_2048_over_512": median(&long_over_512),
+            "prefill_2048_over_512_spread": long_over_512,
+        },
     });
     match skipped {
         Some(why) => {
@@ -335,20 +370,23 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
             report["llama_cpp_skipped"] = json!(why);
         }
         None => {
-            let (lp, ld) = (spread(&l_prefill), spread(&l_decode));
-            // Paired: each round's ratio, then their median.
-            let paired = |ours: &[f64], theirs: &[f64]| -> Vec<f64> {
-                ours.iter().zip(theirs).map(|(a, b)| a / b).collect()
-            };
-            let (rp, rd) = (
+            let (lp, ll, ld) = (spread(&l_prefill), spread(&l_long), spread(&l_decode));
+            let (rp, rl, rd) = (
                 spread(&paired(&prefill[1], &l_prefill)),
+                spread(&paired(&prefill[2], &l_long)),
                 spread(&paired(&decode[0], &l_decode)),
             );
+            let l_long_over_512 = spread(&paired(&l_long, &l_prefill));
             report["llama_cpp"] = json!({
                 "prefill_512_tok_s": median(&lp), "decode_batch1_tok_s": median(&ld),
-                "prefill_512_spread": lp, "decode_batch1_spread": ld,
+                "prefill_2048_tok_s": median(&ll),
+                "prefill_512_spread": lp, "prefill_2048_spread": ll, "decode_batch1_spread": ld,
+                "prefill_2048_over_512": median(&l_long_over_512),
+                "prefill_2048_over_512_spread": l_long_over_512,
             });
             report["ratios"]["prefill_512_vs_llama_cpp"] = json!(median(&rp));
+            report["ratios"]["prefill_2048_vs_llama_cpp"] = json!(median(&rl));
+            report["ratios"]["prefill_2048_vs_llama_cpp_spread"] = rl;
             report["ratios"]["decode_batch1_vs_llama_cpp"] = json!(median(&rd));
             report["ratios"]["prefill_512_vs_llama_cpp_spread"] = rp;
             report["ratios"]["decode_batch1_vs_llama_cpp_spread"] = rd;
@@ -405,8 +443,11 @@ fn print_table(r: &Value) {
     };
     for p in r["prefill"].as_array().into_iter().flatten() {
         let n = p["prompt_tokens"].as_u64().unwrap_or(0);
-        let theirs =
-            (n == 512).then_some(("prefill_512_spread", "prefill_512_vs_llama_cpp_spread"));
+        let theirs = match n {
+            512 => Some(("prefill_512_spread", "prefill_512_vs_llama_cpp_spread")),
+            2048 => Some(("prefill_2048_spread", "prefill_2048_vs_llama_cpp_spread")),
+            _ => None,
+        };
         row(format!("prefill {n} tok"), &p["spread"], theirs);
     }
     for d in r["decode"].as_array().into_iter().flatten() {
@@ -421,6 +462,16 @@ fn print_table(r: &Value) {
             .as_f64()
             .unwrap_or(0.0)
     );
+    let over = |v: &Value| cell(&v["prefill_2048_over_512_spread"], 2);
+    if l.is_null() {
+        println!("prefill 2048 / 512 (paired): xpyd {}", over(&r["ratios"]));
+    } else {
+        println!(
+            "prefill 2048 / 512 (paired): xpyd {}, llama.cpp {}",
+            over(&r["ratios"]),
+            over(l)
+        );
+    }
     if let Some(why) = r["llama_cpp_skipped"].as_str() {
         println!("llama.cpp comparison skipped: {why}");
     }
