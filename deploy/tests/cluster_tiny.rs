@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::cluster::{Up, channel, eventually, post_raw, sse, worker_pid, worker_pids};
+use common::cluster::{
+    Up, channel, eventually, post_raw, processes_of, sse, worker_pid, worker_pids,
+};
 use common::etcd::Etcd;
 use common::tiny_model;
 use serde_json::{Value, json};
@@ -1110,15 +1112,8 @@ fn up_restarts_a_killed_worker_it_leaves_routing_in_time_and_ctrl_c_stops_all() 
     let st = up.stop();
     assert!(st.success(), "xpyd up exited with {st}");
     // No child process and no bound port left behind.
-    let left = std::process::Command::new("pgrep")
-        .args(["-f", &manifest.display().to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&left.stdout).trim().is_empty(),
-        "processes left: {}",
-        String::from_utf8_lossy(&left.stdout)
-    );
+    let left = processes_of(&manifest);
+    assert!(left.is_empty(), "processes left: {left}");
     std::net::TcpListener::bind(("127.0.0.1", http_port))
         .expect("the coordinator's port is free again");
 }
@@ -3019,17 +3014,10 @@ fn up_stops_the_cluster_when_its_parent_dies() {
     assert_eq!(worker_pids(&file, "decode", None).len(), 1);
     shell.kill().unwrap();
     shell.wait().unwrap();
-    let left = || {
-        let out = std::process::Command::new("pgrep")
-            .args(["-f", &file.display().to_string()])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
     eventually(
         Duration::from_secs(30),
         "no process of the cluster left",
-        || left().is_empty(),
+        || processes_of(&file).is_empty(),
     );
     let said = std::fs::read_to_string(&out).unwrap();
     assert!(said.contains("is gone; stopping"), "{said}");

@@ -253,14 +253,11 @@ impl Split {
 /// memory (a worker's default pool of 32,768 f32 tokens is 1.5 GB of shared memory).
 fn kv_blocks(work: &WorkloadArgs, max_running: u32) -> u32 {
     let longest = work.input.max() + work.output.max();
-    let per_request = longest.div_ceil(BLOCK_TOKENS as usize) + 1;
+    let per_request = longest.div_ceil(xpyd_planner::sim::DEFAULT_BLOCK_SIZE as usize) + 1;
     (u32::try_from(per_request).unwrap_or(u32::MAX))
         .saturating_mul(max_running)
         .max(16)
 }
-
-/// Tokens per KV block (the workers' and the simulation's).
-const BLOCK_TOKENS: u32 = 16;
 
 /// The split Dynamo's SLA planner would run for `budget` workers: per-engine rates at
 /// the SLO from the profile — a prefill engine serves `1 / prefill_time(mean prompt)`

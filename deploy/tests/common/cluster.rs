@@ -324,6 +324,16 @@ pub fn worker_pids(manifest: &Path, role: &str, index: Option<u32>) -> Vec<i32> 
         .collect()
 }
 
+/// The command lines (`pgrep -f`) of every process still running with `manifest` in its
+/// own: empty once a cluster has stopped and left nothing behind.
+pub fn processes_of(manifest: &Path) -> String {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &manifest.display().to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// The pid of worker `role`-`index` (it must run).
 pub fn worker_pid(manifest: &Path, role: &str, index: u32) -> i32 {
     worker_pids(manifest, role, Some(index))
