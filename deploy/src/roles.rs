@@ -387,7 +387,15 @@ fn advisor_setup(m: &Manifest, file: &Path) -> xpyd_coordinator::advisor::Setup 
 }
 
 /// How often a role process checks that its supervisor is still there.
-pub(crate) const PARENT_POLL: Duration = Duration::from_millis(200);
+const PARENT_POLL: Duration = Duration::from_millis(200);
+
+/// Blocks until `parent` is no longer this process's parent (it died, even by SIGKILL,
+/// and the process was re-parented).
+pub(crate) fn wait_parent_gone(parent: i32) {
+    while nix::unistd::getppid().as_raw() == parent {
+        std::thread::sleep(PARENT_POLL);
+    }
+}
 
 /// Parent-death watchdog, the safe stand-in for `PR_SET_PDEATHSIG` (which needs `unsafe`
 /// in `pre_exec`): a thread polls `getppid()`; when it is no longer `parent` (the
@@ -401,9 +409,7 @@ fn watch_parent(parent: Option<i32>, shutdown: &CancellationToken, grace: Durati
     let spawned = std::thread::Builder::new()
         .name("parent-watch".into())
         .spawn(move || {
-            while nix::unistd::getppid().as_raw() == parent {
-                std::thread::sleep(PARENT_POLL);
-            }
+            wait_parent_gone(parent);
             xpyd_runtime::logging::say(
                 xpyd_runtime::logging::Level::ERROR,
                 &format!("xpyd: supervisor (pid {parent}) is gone; stopping"),

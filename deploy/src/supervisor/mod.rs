@@ -110,18 +110,25 @@ fn on_signals(stop: CancellationToken, pids: process::Pids) {
 }
 
 /// Cancels `stop` once `parent` is no longer this process's parent (it died, and the
-/// process was re-parented).
+/// process was re-parented). A plain thread, not a blocking tokio task: the runtime would
+/// wait for that at shutdown while the parent lives on.
 fn stop_without_parent(parent: i32, stop: CancellationToken) {
-    tokio::spawn(async move {
-        while nix::unistd::getppid().as_raw() == parent {
-            tokio::time::sleep(roles::PARENT_POLL).await;
-        }
+    let spawned = std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || {
+            roles::wait_parent_gone(parent);
+            xpyd_runtime::logging::say(
+                xpyd_runtime::logging::Level::ERROR,
+                &format!("xpyd up: its parent (pid {parent}) is gone; stopping"),
+            );
+            stop.cancel();
+        });
+    if let Err(e) = spawned {
         xpyd_runtime::logging::say(
-            xpyd_runtime::logging::Level::ERROR,
-            &format!("xpyd up: its parent (pid {parent}) is gone; stopping"),
+            xpyd_runtime::logging::Level::WARN,
+            &format!("xpyd up: parent watchdog: {e}"),
         );
-        stop.cancel();
-    });
+    }
 }
 
 async fn supervise(a: &UpArgs, m: Manifest, model: &Path) -> Result<()> {
