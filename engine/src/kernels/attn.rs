@@ -133,6 +133,116 @@ pub fn rows_accumulate(
     }
 }
 
+/// Most query heads one grouped kernel call scores or accumulates at once (their
+/// accumulators fill the 32 vector registers of AVX-512).
+const GROUP_CHUNK: usize = 3;
+
+/// [`rows_scores`] for the `out.len() / stride` query heads that share one KV head (`q`:
+/// heads × `hd`): `out[h · stride + j] = scale · (q_h · rows[j][off..off + hd])`, for each
+/// `(h, j)` the
+/// same bits as `rows_scores` gives for head `h` alone. On AVX-512 the heads take turns
+/// on each K value loaded (up to [`GROUP_CHUNK`] heads × 8 rows of chains at once).
+///
+/// # Panics
+/// When `out` is not a whole number of strides, `q` not as many heads, `stride <
+/// rows.len()`, or a row is shorter than `off + hd`.
+pub fn group_scores(
+    level: Level,
+    q: &[f32],
+    rows: &[&[f32]],
+    off: usize,
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    assert!(stride >= rows.len().max(1) && out.len().is_multiple_of(stride));
+    let heads = out.len() / stride;
+    assert!(heads > 0 && q.len().is_multiple_of(heads) && !q.is_empty());
+    let hd = q.len() / heads;
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512Vnni && hd.is_multiple_of(LANES) {
+        assert!(rows.iter().all(|r| r.len() >= off + hd));
+        let mut h0 = 0;
+        while h0 < heads {
+            let g = GROUP_CHUNK.min(heads - h0);
+            let (qc, oc) = (&q[h0 * hd..(h0 + g) * hd], &mut out[h0 * stride..]);
+            // SAFETY: Avx512Vnni has avx512f, avx512vl, avx2 and fma (`super::level`);
+            // `qc` is `g` heads of `hd` (a multiple of 8), every row holds `off + hd`
+            // values (asserted), and `oc` `g` strides of at least `rows.len()`.
+            unsafe {
+                match g {
+                    1 => x86::group_scores::<1>(qc, rows, off, scale, oc, stride),
+                    2 => x86::group_scores::<2>(qc, rows, off, scale, oc, stride),
+                    _ => x86::group_scores::<GROUP_CHUNK>(qc, rows, off, scale, oc, stride),
+                }
+            }
+            h0 += g;
+        }
+        return;
+    }
+    for h in 0..heads {
+        let qh = &q[h * hd..(h + 1) * hd];
+        rows_scores(level, qh, rows, off, scale, &mut out[h * stride..]);
+    }
+}
+
+/// [`rows_accumulate`] for the `rescale.len()` query heads that share one KV head (`out`:
+/// heads × `hd`): head `h`'s output `out[h · hd..]` is scaled by `rescale[h]`, then gains
+/// `p[h · stride + j] · rows[j][off..off + hd]` for every row in order — for each value the
+/// same bits as `rows_accumulate` gives for head `h` alone. On AVX-512 each V value loaded
+/// serves every head, sixteen values to a register.
+///
+/// # Panics
+/// When `out` is not as many heads as `rescale`, `p` is short, or a row is shorter than
+/// `off + hd`.
+pub fn group_accumulate(
+    level: Level,
+    p: &[f32],
+    stride: usize,
+    rows: &[&[f32]],
+    off: usize,
+    rescale: &[f32],
+    out: &mut [f32],
+) {
+    let heads = rescale.len();
+    assert!(heads > 0 && out.len().is_multiple_of(heads) && !out.is_empty());
+    let hd = out.len() / heads;
+    assert!(stride >= rows.len() && p.len() >= (heads - 1) * stride + rows.len());
+    assert!(rows.iter().all(|r| r.len() >= off + hd));
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512Vnni && hd.is_multiple_of(2 * LANES) {
+        let mut h0 = 0;
+        while h0 < heads {
+            let g = GROUP_CHUNK.min(heads - h0);
+            let (pc, oc) = (&p[h0 * stride..], &mut out[h0 * hd..(h0 + g) * hd]);
+            let rc = &rescale[h0..h0 + g];
+            // SAFETY: Avx512Vnni has avx512f, avx512vl, avx2 and fma (`super::level`);
+            // `oc` is `g` heads of `hd` (a multiple of 16), every row holds `off + hd`
+            // values (asserted), `pc` `g − 1` strides plus `rows.len()`.
+            unsafe {
+                match g {
+                    1 => x86::group_accumulate::<1>(pc, stride, rows, off, rc, hd, oc),
+                    2 => x86::group_accumulate::<2>(pc, stride, rows, off, rc, hd, oc),
+                    _ => x86::group_accumulate::<GROUP_CHUNK>(pc, stride, rows, off, rc, hd, oc),
+                }
+            }
+            h0 += g;
+        }
+        return;
+    }
+    for h in 0..heads {
+        let ph = &p[h * stride..h * stride + rows.len()];
+        rows_accumulate(
+            level,
+            ph,
+            rows,
+            off,
+            rescale[h],
+            &mut out[h * hd..(h + 1) * hd],
+        );
+    }
+}
+
 /// One online-softmax step over a tile of scores: with `m` the larger of `max` and the
 /// tile's largest score, every score becomes `exp(s − m)`; returns `(m, exp(max − m),
 /// Σ exp(s − m))`. The exponentials are [`exp_neg`] and the sum runs in eight lanes (the
@@ -142,8 +252,11 @@ pub fn softmax_tile(level: Level, s: &mut [f32], max: f32) -> (f32, f32, f32) {
     let rescale = exp_neg(max - m);
     let sum = match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: every level but Scalar has avx2 and fma (`super::level`).
-        Level::Avx2 | Level::Avx512Vnni => unsafe { x86::exp_sum(s, m) },
+        // SAFETY: Avx512Vnni has avx512f, avx512vl, avx2 and fma (`super::level`).
+        Level::Avx512Vnni => unsafe { x86::exp_sum16(s, m) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 has avx2 and fma (`super::level`).
+        Level::Avx2 => unsafe { x86::exp_sum(s, m) },
         _ => {
             let mut acc = [0f32; LANES];
             for (i, v) in s.iter_mut().enumerate() {
@@ -279,6 +392,23 @@ mod x86 {
                 }
             }
         }
+        // SAFETY: the caller's CPU has avx2 and fma.
+        let r = unsafe { reduce8(&acc) };
+        // SAFETY: `out` holds at least 8 values (asserted).
+        unsafe {
+            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+        }
+    }
+
+    /// Eight accumulators' lane sums by a transpose whose additions are those of `dot`'s
+    /// reduction, `((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))`, lane for lane: lane `i` of the
+    /// result is accumulator `i`'s sum.
+    ///
+    /// # Safety
+    /// The CPU must have avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn reduce8(acc: &[__m256; LANES]) -> __m256 {
         // Halves: [lo(a) + hi(a) | lo(b) + hi(b)], the first step of `dot` for a and b.
         let halves = |a, b| {
             _mm256_add_ps(
@@ -297,14 +427,10 @@ mod x86 {
         };
         let (x, y) = (pairs(u[0], u[1]), pairs(u[2], u[3]));
         // (0 + 2) + (1 + 3): `dot`'s last step; the rows come out in order 0..7.
-        let r = _mm256_add_ps(
+        _mm256_add_ps(
             _mm256_shuffle_ps::<0b10_00_10_00>(x, y),
             _mm256_shuffle_ps::<0b11_01_11_01>(x, y),
-        );
-        // SAFETY: `out` holds at least 8 values (asserted).
-        unsafe {
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(r, _mm256_set1_ps(scale)));
-        }
+        )
     }
 
     /// `out *= rescale`, then `out += p[j] · rows[j][off..]` in row order, the
@@ -410,6 +536,190 @@ mod x86 {
                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
             ));
             acc = _mm256_add_ps(acc, _mm256_and_ps(e, pad));
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+    }
+
+    /// [`super::group_scores`] for `G` heads: eight rows at a time, each K chunk loaded
+    /// once for all `G` heads, every `(head, row)` its own chain of `fma`s over the chunks
+    /// in order and [`reduce8`]'s reduction, as [`dot8`]; the rows past the last eight by
+    /// [`dot`].
+    ///
+    /// # Safety
+    /// The CPU must have avx512f, avx512vl, avx2 and fma; `q` is `G` heads of `hd`, a
+    /// multiple of 8, and every row holds `off + hd` values; `out` holds `(G − 1) ·
+    /// stride + rows.len()` values.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn group_scores<const G: usize>(
+        q: &[f32],
+        rows: &[&[f32]],
+        off: usize,
+        scale: f32,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        let hd = q.len() / G;
+        assert!(rows.iter().all(|r| r.len() >= off + hd));
+        assert!(out.len() >= (G - 1) * stride + rows.len() && stride >= rows.len());
+        let full = rows.len() / LANES * LANES;
+        let sv = _mm256_set1_ps(scale);
+        for j0 in (0..full).step_by(LANES) {
+            // SAFETY: `off + hd` is within every row (asserted).
+            let r: [*const f32; LANES] =
+                std::array::from_fn(|i| unsafe { rows[j0 + i].as_ptr().add(off) });
+            let mut acc = [[_mm256_setzero_ps(); LANES]; G];
+            for c in (0..hd).step_by(LANES) {
+                // SAFETY: `c + 8 <= hd`: within each head of `q` and every row from `off`.
+                unsafe {
+                    let x: [__m256; G] =
+                        std::array::from_fn(|h| _mm256_loadu_ps(q.as_ptr().add(h * hd + c)));
+                    for (i, ri) in r.iter().enumerate() {
+                        let k = _mm256_loadu_ps(ri.add(c));
+                        for h in 0..G {
+                            acc[h][i] = _mm256_fmadd_ps(x[h], k, acc[h][i]);
+                        }
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                // SAFETY: the caller's CPU has avx2 and fma; `h · stride + j0 + 8 <=
+                // (G − 1) · stride + rows.len() <= out.len()` (asserted).
+                unsafe {
+                    let v = _mm256_mul_ps(reduce8(a), sv);
+                    _mm256_storeu_ps(out.as_mut_ptr().add(h * stride + j0), v);
+                }
+            }
+        }
+        for (j, r) in rows.iter().enumerate().skip(full) {
+            for h in 0..G {
+                // SAFETY: as above; both slices are `hd` long.
+                let (qh, rj) = (&q[h * hd..(h + 1) * hd], &r[off..off + hd]);
+                out[h * stride + j] = unsafe { dot(qh, rj) } * scale;
+            }
+        }
+    }
+
+    /// [`super::group_accumulate`] for `G` heads: 64 values of every head at a time (16
+    /// to a register; a 16-value tail after), each V register loaded once for all `G`
+    /// heads; per value the `fma` chain over the rows in order that [`accumulate`] runs.
+    ///
+    /// # Safety
+    /// The CPU must have avx512f, avx512vl, avx2 and fma; `out` is `G` heads of `hd`, a
+    /// multiple of 16; every row holds `off + hd` values; `rescale` holds `G` values and
+    /// `p` `(G − 1) · stride + rows.len()`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn group_accumulate<const G: usize>(
+        p: &[f32],
+        stride: usize,
+        rows: &[&[f32]],
+        off: usize,
+        rescale: &[f32],
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        const W: usize = 16;
+        debug_assert!(out.len() == G * hd && p.len() >= (G - 1) * stride + rows.len());
+        let mut at = 0;
+        while at + 4 * W <= hd {
+            // SAFETY: `at + 64 <= hd`; the rest is the caller's contract.
+            unsafe { group_slab::<G, 4>(p, stride, rows, off, rescale, hd, out, at) };
+            at += 4 * W;
+        }
+        while at < hd {
+            // SAFETY: `at + 16 <= hd`: `hd` is a multiple of 16.
+            unsafe { group_slab::<G, 1>(p, stride, rows, off, rescale, hd, out, at) };
+            at += W;
+        }
+    }
+
+    /// [`group_accumulate`] for values `at..at + 16·N` of every head.
+    ///
+    /// # Safety
+    /// As `group_accumulate`, and `at + 16·N <= hd`.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn group_slab<const G: usize, const N: usize>(
+        p: &[f32],
+        stride: usize,
+        rows: &[&[f32]],
+        off: usize,
+        rescale: &[f32],
+        hd: usize,
+        out: &mut [f32],
+        at: usize,
+    ) {
+        // SAFETY: `h · hd + at + 16·N <= G · hd = out.len()`, `off + at + 16·N` is within
+        // every row, and `h · stride + j < p.len()` (the caller's contract).
+        unsafe {
+            let o = out.as_mut_ptr();
+            let mut acc: [[__m512; N]; G] = std::array::from_fn(|h| {
+                let s = _mm512_set1_ps(rescale[h]);
+                std::array::from_fn(|i| {
+                    _mm512_mul_ps(_mm512_loadu_ps(o.add(h * hd + at + 16 * i)), s)
+                })
+            });
+            for (j, r) in rows.iter().enumerate() {
+                let r = r.as_ptr().add(off + at);
+                let v: [__m512; N] = std::array::from_fn(|i| _mm512_loadu_ps(r.add(16 * i)));
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*p.get_unchecked(h * stride + j));
+                    for (ai, vi) in a.iter_mut().zip(&v) {
+                        *ai = _mm512_fmadd_ps(w, *vi, *ai);
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                for (i, ai) in a.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(h * hd + at + 16 * i), *ai);
+                }
+            }
+        }
+    }
+
+    /// [`exp_sum`] sixteen scores to a register: per value the same operations
+    /// (`_mm512_roundscale_ps` rounds to even, as `_mm256_round_ps` does), and each
+    /// register's low eight lanes added to the eight-lane sum before its high eight, as
+    /// `exp_sum` adds consecutive chunks; the lanes past the end are masked off.
+    ///
+    /// # Safety
+    /// The CPU must have avx512f, avx512vl, avx2 and fma.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn exp_sum16(s: &mut [f32], m: f32) -> f32 {
+        use super::{EXP_MIN, EXP_POLY, LN2_HI, LN2_LO};
+        let (mv, min) = (_mm512_set1_ps(m), _mm512_set1_ps(EXP_MIN));
+        let log2e = _mm512_set1_ps(std::f32::consts::LOG2_E);
+        let (hi, lo) = (_mm512_set1_ps(-LN2_HI), _mm512_set1_ps(-LN2_LO));
+        let mut acc = _mm256_setzero_ps();
+        for at in (0..s.len()).step_by(16) {
+            let left = (s.len() - at).min(16);
+            let valid: __mmask16 = if left == 16 { !0 } else { (1 << left) - 1 };
+            // SAFETY: the mask covers only `at..at + left`, within `s`.
+            let x = unsafe { _mm512_maskz_loadu_ps(valid, s.as_ptr().add(at)) };
+            let x = _mm512_sub_ps(x, mv);
+            let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm512_mul_ps(x, log2e),
+            );
+            let r = _mm512_fmadd_ps(n, lo, _mm512_fmadd_ps(n, hi, x));
+            let mut p = _mm512_set1_ps(EXP_POLY[0]);
+            for c in &EXP_POLY[1..] {
+                p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
+            }
+            let two_n = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(
+                _mm512_cvtps_epi32(n),
+                _mm512_set1_epi32(127),
+            )));
+            let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, min) & valid;
+            let e = _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, two_n));
+            // SAFETY: as the load.
+            unsafe { _mm512_mask_storeu_ps(s.as_mut_ptr().add(at), valid, e) };
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e)));
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+            if left > LANES {
+                acc = _mm256_add_ps(acc, high);
+            }
         }
         let s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -523,6 +833,83 @@ mod tests {
         }
     }
 
+    /// The grouped kernels against the one-head tile kernels on the portable path, bit
+    /// for bit: `heads` query heads of `hd` sharing `n` rows.
+    fn group_matches_heads(level: Level, heads: usize, hd: usize, n: usize, off: usize, seed: f32) {
+        let stride = n + 3;
+        let q: Vec<f32> = (0..heads * hd)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 3.0)
+            .collect();
+        let data: Vec<Vec<f32>> = (0..n)
+            .map(|j| {
+                (0..off + hd)
+                    .map(|i| ((i * 7 + j * 13) as f32 * 0.11 + seed).cos() * 2.0)
+                    .collect()
+            })
+            .collect();
+        let rows: Vec<&[f32]> = data.iter().map(Vec::as_slice).collect();
+        let mut got = vec![0f32; heads * stride];
+        group_scores(level, &q, &rows, off, 0.125, &mut got, stride);
+        for h in 0..heads {
+            let mut want = vec![0f32; n];
+            rows_scores(
+                Level::Scalar,
+                &q[h * hd..(h + 1) * hd],
+                &rows,
+                off,
+                0.125,
+                &mut want,
+            );
+            let g = &got[h * stride..h * stride + n];
+            assert_eq!(
+                g, want,
+                "scores: {level:?}, head {h} of {heads}, hd {hd}, {n} rows"
+            );
+        }
+        let p: Vec<f32> = (0..heads * stride)
+            .map(|j| (j as f32 * 0.3 + seed).sin().abs())
+            .collect();
+        let rescale: Vec<f32> = (0..heads).map(|h| 0.5 + h as f32 * 0.1).collect();
+        let mut got = q.clone();
+        group_accumulate(level, &p, stride, &rows, off, &rescale, &mut got);
+        for h in 0..heads {
+            let mut want = q[h * hd..(h + 1) * hd].to_vec();
+            let ph = &p[h * stride..h * stride + n];
+            rows_accumulate(Level::Scalar, ph, &rows, off, rescale[h], &mut want);
+            let g = &got[h * hd..(h + 1) * hd];
+            assert_eq!(
+                g, want,
+                "accumulate: {level:?}, head {h} of {heads}, hd {hd}, {n} rows"
+            );
+        }
+    }
+
+    #[test]
+    fn group_kernels_give_each_heads_bits_on_every_level() {
+        let best = super::super::level();
+        for level in [Level::Scalar, Level::Avx2, Level::Avx512Vnni] {
+            if level.rank() > best.rank() {
+                continue;
+            }
+            // SmolLM2's three heads per KV head over a whole tile, one to seven heads
+            // (chunks of three and their remainders), a remainder of rows, a head
+            // dimension with a 16-value tail, one of 8 (no 16-wide accumulation), one
+            // that is not a multiple of 8.
+            for (heads, hd, n, off) in [
+                (3, 64, 32, 64),
+                (1, 64, 13, 0),
+                (2, 64, 8, 128),
+                (4, 80, 9, 16),
+                (5, 64, 1, 0),
+                (7, 16, 31, 32),
+                (3, 72, 17, 8),
+                (3, 10, 5, 3),
+            ] {
+                group_matches_heads(level, heads, hd, n, off, 0.5);
+            }
+        }
+    }
+
     #[test]
     fn exp_neg_is_within_two_ulp_and_the_same_on_every_level() {
         let xs: Vec<f32> = (0..20_000)
@@ -550,8 +937,9 @@ mod tests {
         }
         assert_eq!(exp_neg(0.0), 1.0);
         let best = super::super::level();
-        for n in [1, 7, 8, 13, 32] {
-            let s: Vec<f32> = xs.iter().copied().take(n).map(|x| x * 0.1 + 3.0).collect();
+        for n in [1, 7, 8, 13, 16, 17, 24, 31, 32, 48, 100, 256] {
+            // Scores of mixed sizes, so that the order of the lane sums shows in the bits.
+            let s: Vec<f32> = (0..n).map(|i| (i as f32 * 1.37).sin() * 4.0 + 3.0).collect();
             let run = |level| {
                 let mut t = s.clone();
                 let r = softmax_tile(level, &mut t, f32::NEG_INFINITY);
@@ -581,6 +969,17 @@ mod tests {
             seed in -10.0f32..10.0,
         ) {
             tile_matches_rows(super::super::level(), hd, n, off * 8, seed);
+        }
+
+        #[test]
+        fn group_kernels_match_the_scalar_reference_on_random_rows(
+            heads in 1usize..=6,
+            hd in (1usize..=8).prop_map(|c| c * 8),
+            n in 1usize..=40,
+            off in 0usize..3,
+            seed in -10.0f32..10.0,
+        ) {
+            group_matches_heads(super::super::level(), heads, hd, n, off * 8, seed);
         }
     }
 }

@@ -378,7 +378,11 @@ impl KvStore {
         let group = n_head / (d / head_dim);
         let scale = 1.0 / (head_dim as f32).sqrt();
         let longest = queries.iter().map(|q| q.len).max().unwrap_or(0);
-        let mut scores = [0f32; ATTN_TILE];
+        let n_kv = n_head / group;
+        // One tile's scores of a KV head's query heads: head `i` of the group at `i ·
+        // ATTN_TILE`.
+        let mut scores = vec![0f32; group * ATTN_TILE];
+        let mut rescale = vec![0f32; group];
         let mut max = vec![f32::NEG_INFINITY; n_head * queries.len()];
         let mut sum = vec![0f32; n_head * queries.len()];
         let (kp, vp) = (self.pool(layer, false), self.pool(layer, true));
@@ -397,17 +401,24 @@ impl KvStore {
                     continue;
                 }
                 let n = ATTN_TILE.min(query.len - tile);
-                for h in 0..n_head {
-                    let (g, s) = ((h / group) * head_dim, &mut scores[..n]);
-                    let qh = &query.q[h * head_dim..(h + 1) * head_dim];
-                    attn::rows_scores(level, qh, &krows[..n], g, scale, s);
-                    let st = qi * n_head + h;
-                    // exp(-inf) = 0 on the first tile: nothing accumulated yet.
-                    let (new_max, rescale, tile_sum) = attn::softmax_tile(level, s, max[st]);
-                    sum[st] = sum[st] * rescale + tile_sum;
-                    max[st] = new_max;
-                    let o = &mut out[h * head_dim..(h + 1) * head_dim];
-                    attn::rows_accumulate(level, s, &vrows[..n], g, rescale, o);
+                for kv in 0..n_kv {
+                    // The query heads `h0..h0 + group` read KV head `kv` at `g`.
+                    let (h0, g) = (kv * group, kv * head_dim);
+                    let heads = h0 * head_dim..(h0 + group) * head_dim;
+                    let (k, v) = (&krows[..n], &vrows[..n]);
+                    let qg = &query.q[heads.clone()];
+                    attn::group_scores(level, qg, k, g, scale, &mut scores, ATTN_TILE);
+                    for (i, r) in rescale.iter_mut().enumerate() {
+                        let s = &mut scores[i * ATTN_TILE..i * ATTN_TILE + n];
+                        let st = qi * n_head + h0 + i;
+                        // exp(-inf) = 0 on the first tile: nothing accumulated yet.
+                        let (new_max, rs, tile_sum) = attn::softmax_tile(level, s, max[st]);
+                        sum[st] = sum[st] * rs + tile_sum;
+                        max[st] = new_max;
+                        *r = rs;
+                    }
+                    let o = &mut out[heads];
+                    attn::group_accumulate(level, &scores, ATTN_TILE, v, g, &rescale, o);
                 }
             }
         }
