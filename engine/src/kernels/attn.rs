@@ -186,6 +186,61 @@ pub fn group_scores(
     }
 }
 
+/// [`group_scores`] for two queries at once (`q[0]`, `q[1]`: the same heads of two
+/// tokens of one sequence) against the same tile, into `out[0]` and `out[1]`; each
+/// query's scores are the bits `group_scores` gives it alone. On AVX-512 the two queries
+/// share each sixteen-lane register, a K chunk broadcast to both halves.
+///
+/// # Panics
+/// As [`group_scores`] for each query; also when the two differ in length.
+pub fn pair_scores(
+    level: Level,
+    q: [&[f32]; 2],
+    rows: &[&[f32]],
+    off: usize,
+    scale: f32,
+    out: [&mut [f32]; 2],
+    stride: usize,
+) {
+    let [qa, qb] = q;
+    let [oa, ob] = out;
+    assert!(qa.len() == qb.len() && oa.len() == ob.len());
+    #[cfg(target_arch = "x86_64")]
+    if level == Level::Avx512Vnni {
+        assert!(stride >= rows.len().max(1) && oa.len().is_multiple_of(stride));
+        let heads = oa.len() / stride;
+        assert!(heads > 0 && qa.len().is_multiple_of(heads) && !qa.is_empty());
+        let hd = qa.len() / heads;
+        if hd.is_multiple_of(LANES) {
+            assert!(rows.iter().all(|r| r.len() >= off + hd));
+            let mut h0 = 0;
+            while h0 < heads {
+                let g = GROUP_CHUNK.min(heads - h0);
+                let qs = [&qa[h0 * hd..(h0 + g) * hd], &qb[h0 * hd..(h0 + g) * hd]];
+                let os = [
+                    oa[h0 * stride..].as_mut_ptr(),
+                    ob[h0 * stride..].as_mut_ptr(),
+                ];
+                // SAFETY: Avx512Vnni has avx512f, avx512vl, avx2 and fma
+                // (`super::level`); each of `qs` is `g` heads of `hd` (a multiple of 8),
+                // every row holds `off + hd` values (asserted), and each of `os` points
+                // at `g` strides of at least `rows.len()` values, the two apart.
+                unsafe {
+                    match g {
+                        1 => x86::pair_scores::<1>(qs, rows, off, scale, os, stride),
+                        2 => x86::pair_scores::<2>(qs, rows, off, scale, os, stride),
+                        _ => x86::pair_scores::<GROUP_CHUNK>(qs, rows, off, scale, os, stride),
+                    }
+                }
+                h0 += g;
+            }
+            return;
+        }
+    }
+    group_scores(level, qa, rows, off, scale, oa, stride);
+    group_scores(level, qb, rows, off, scale, ob, stride);
+}
+
 /// [`rows_accumulate`] for the `rescale.len()` query heads that share one KV head (`out`:
 /// heads × `hd`): head `h`'s output `out[h · hd..]` is scaled by `rescale[h]`, then gains
 /// `p[h · stride + j] · rows[j][off..off + hd]` for every row in order — for each value the
@@ -248,32 +303,34 @@ pub fn group_accumulate(
 /// Σ exp(s − m))`. The exponentials are [`exp_neg`] and the sum runs in eight lanes (the
 /// tile padded with zeros to a multiple of 8, then `dot`'s reduction), on every level.
 pub fn softmax_tile(level: Level, s: &mut [f32], max: f32) -> (f32, f32, f32) {
-    let m = s.iter().copied().fold(max, f32::max);
-    let rescale = exp_neg(max - m);
-    let sum = match level {
+    match level {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx512Vnni has avx512f, avx512vl, avx2 and fma (`super::level`).
-        Level::Avx512Vnni => unsafe { x86::exp_sum16(s, m) },
+        Level::Avx512Vnni => unsafe { x86::softmax_tile16(s, max) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 has avx2 and fma (`super::level`).
-        Level::Avx2 => unsafe { x86::exp_sum(s, m) },
+        Level::Avx2 => unsafe { x86::softmax_tile8(s, max) },
         _ => {
+            let m = s.iter().copied().fold(max, f32::max);
             let mut acc = [0f32; LANES];
             for (i, v) in s.iter_mut().enumerate() {
                 *v = exp_neg(*v - m);
                 acc[i % LANES] += *v;
             }
             let h: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
-            (h[0] + h[2]) + (h[1] + h[3])
+            (m, exp_neg(max - m), (h[0] + h[2]) + (h[1] + h[3]))
         }
-    };
-    (m, rescale, sum)
+    }
 }
 
 /// `exp(x)` for `x ≤ 0` (softmax's arguments; `−∞` gives 0), the same bits on every
 /// level: `x = n·ln 2 + r` with `n` rounded to even and `|r| ≤ ln 2 / 2` (ln 2 in two
 /// parts), a degree-7 polynomial in `r` by Horner's rule in `fma`s, times `2ⁿ`. Below
 /// −87 (where `2ⁿ` would be subnormal) it gives 0. Within 2 ulp of the exact value.
+///
+/// Inlined into the kernels so that its `mul_add`s are the CPU's `fma` there (the
+/// portable build calls a software `fmaf`, with the same bits).
+#[inline]
 pub fn exp_neg(x: f32) -> f32 {
     if x.is_nan() || x < EXP_MIN {
         return 0.0;
@@ -601,6 +658,104 @@ mod x86 {
         }
     }
 
+    /// [`super::pair_scores`] for `G` heads: eight rows at a time, each register holding
+    /// one `(head, row)` chain of both queries (the first in the low eight lanes), a K
+    /// chunk loaded once and broadcast to both halves; then [`reduce8`]'s additions on
+    /// each half at once (`vpermt2ps` stands in for its 128-bit permutes, the in-lane
+    /// shuffles work per 128 bits alike), so each query gets `dot8`'s bits; the rows past
+    /// the last eight by [`dot`].
+    ///
+    /// # Safety
+    /// The CPU must have avx512f, avx512vl, avx2 and fma; each of `q` is `G` heads of
+    /// `hd`, a multiple of 8; every row holds `off + hd` values; each of `out` points at
+    /// `(G − 1) · stride + rows.len()` writable values that nothing else references.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn pair_scores<const G: usize>(
+        q: [&[f32]; 2],
+        rows: &[&[f32]],
+        off: usize,
+        scale: f32,
+        out: [*mut f32; 2],
+        stride: usize,
+    ) {
+        let hd = q[0].len() / G;
+        assert!(q[1].len() == G * hd && stride >= rows.len());
+        assert!(rows.iter().all(|r| r.len() >= off + hd));
+        let full = rows.len() / LANES * LANES;
+        let sv = _mm512_set1_ps(scale);
+        // Per 256-bit half, [lo128(a) | lo128(b)] and [hi128(a) | hi128(b)]: the two
+        // permutes of `reduce8`'s first step.
+        let lo = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+        let hi = _mm512_setr_epi32(4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+        for j0 in (0..full).step_by(LANES) {
+            // SAFETY: `off + hd` is within every row (asserted).
+            let r: [*const f32; LANES] =
+                std::array::from_fn(|i| unsafe { rows[j0 + i].as_ptr().add(off) });
+            let mut acc = [[_mm512_setzero_ps(); LANES]; G];
+            for c in (0..hd).step_by(LANES) {
+                // SAFETY: `c + 8 <= hd`: within each head of both queries and every row
+                // from `off`.
+                unsafe {
+                    let x: [__m512; G] = std::array::from_fn(|h| {
+                        let a = _mm256_loadu_ps(q[0].as_ptr().add(h * hd + c));
+                        let b = _mm256_castps_pd(_mm256_loadu_ps(q[1].as_ptr().add(h * hd + c)));
+                        _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                            _mm512_castpd256_pd512(_mm256_castps_pd(a)),
+                            b,
+                        ))
+                    });
+                    for (i, ri) in r.iter().enumerate() {
+                        let k = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(
+                            _mm256_loadu_ps(ri.add(c)),
+                        )));
+                        for h in 0..G {
+                            acc[h][i] = _mm512_fmadd_ps(x[h], k, acc[h][i]);
+                        }
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                let halves = |x, y| {
+                    _mm512_add_ps(
+                        _mm512_permutex2var_ps(x, lo, y),
+                        _mm512_permutex2var_ps(x, hi, y),
+                    )
+                };
+                let u: [__m512; 4] = std::array::from_fn(|i| halves(a[i], a[i + 4]));
+                let pairs = |x, y| {
+                    _mm512_add_ps(
+                        _mm512_shuffle_ps::<0b01_00_01_00>(x, y),
+                        _mm512_shuffle_ps::<0b11_10_11_10>(x, y),
+                    )
+                };
+                let (x, y) = (pairs(u[0], u[1]), pairs(u[2], u[3]));
+                let v = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0b10_00_10_00>(x, y),
+                    _mm512_shuffle_ps::<0b11_01_11_01>(x, y),
+                );
+                let v = _mm512_mul_ps(v, sv);
+                // SAFETY: `h · stride + j0 + 8 <= (G − 1) · stride + rows.len()`, within
+                // each output (the caller's contract).
+                unsafe {
+                    let at = h * stride + j0;
+                    _mm256_storeu_ps(out[0].add(at), _mm512_castps512_ps256(v));
+                    let high = _mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v));
+                    _mm256_storeu_ps(out[1].add(at), _mm256_castpd_ps(high));
+                }
+            }
+        }
+        for (j, r) in rows.iter().enumerate().skip(full) {
+            let rj = &r[off..off + hd];
+            for h in 0..G {
+                for (qx, o) in q.iter().zip(out) {
+                    // SAFETY: both slices are `hd` long; `h · stride + j` is within the
+                    // output (the caller's contract).
+                    unsafe { *o.add(h * stride + j) = dot(&qx[h * hd..(h + 1) * hd], rj) * scale };
+                }
+            }
+        }
+    }
+
     /// [`super::group_accumulate`] for `G` heads: 64 values of every head at a time (16
     /// to a register; a 16-value tail after), each V register loaded once for all `G`
     /// heads; per value the `fma` chain over the rows in order that [`accumulate`] runs.
@@ -677,6 +832,41 @@ mod x86 {
                 }
             }
         }
+    }
+
+    /// [`super::softmax_tile`] on AVX2: the portable maximum, the rescale factor by
+    /// `exp_neg` with the CPU's `fma`, and [`exp_sum`].
+    ///
+    /// # Safety
+    /// The CPU must have avx2 and fma.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn softmax_tile8(s: &mut [f32], max: f32) -> (f32, f32, f32) {
+        let m = s.iter().copied().fold(max, f32::max);
+        // SAFETY: the caller's CPU has avx2 and fma.
+        (m, super::exp_neg(max - m), unsafe { exp_sum(s, m) })
+    }
+
+    /// [`super::softmax_tile`] on AVX-512: the maximum sixteen scores at a time (as
+    /// `f32::max`, a NaN score never wins; the maximum of a set is the same whatever the
+    /// order), then as [`softmax_tile8`] with [`exp_sum16`].
+    ///
+    /// # Safety
+    /// The CPU must have avx512f, avx512vl, avx2 and fma.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn softmax_tile16(s: &mut [f32], max: f32) -> (f32, f32, f32) {
+        let mut mv = _mm512_set1_ps(max);
+        for at in (0..s.len()).step_by(16) {
+            let left = (s.len() - at).min(16);
+            let valid: __mmask16 = if left == 16 { !0 } else { (1 << left) - 1 };
+            // SAFETY: the mask covers only `at..at + left`, within `s`; the lanes past
+            // the end hold `max`.
+            let x = unsafe { _mm512_mask_loadu_ps(mv, valid, s.as_ptr().add(at)) };
+            // `vmaxps` gives its second operand when either is NaN.
+            mv = _mm512_max_ps(x, mv);
+        }
+        let m = _mm512_reduce_max_ps(mv);
+        // SAFETY: the caller's CPU has every feature `exp_sum16` needs.
+        (m, super::exp_neg(max - m), unsafe { exp_sum16(s, m) })
     }
 
     /// [`exp_sum`] sixteen scores to a register: per value the same operations
@@ -866,6 +1056,34 @@ mod tests {
                 "scores: {level:?}, head {h} of {heads}, hd {hd}, {n} rows"
             );
         }
+        // Two queries at once: each gets its own bits (`n` may be under 8, a remainder
+        // of rows, or whole eights).
+        let q2: Vec<f32> = q.iter().map(|v| (v * 1.7 + seed).cos()).collect();
+        let (mut a, mut b) = (vec![0f32; heads * stride], vec![0f32; heads * stride]);
+        pair_scores(
+            level,
+            [&q, &q2],
+            &rows,
+            off,
+            0.125,
+            [&mut a, &mut b],
+            stride,
+        );
+        let mut want_b = vec![0f32; heads * stride];
+        group_scores(Level::Scalar, &q2, &rows, off, 0.125, &mut want_b, stride);
+        for h in 0..heads {
+            let at = h * stride..h * stride + n;
+            assert_eq!(
+                a[at.clone()],
+                got[at.clone()],
+                "pair, first: {level:?}, head {h}"
+            );
+            assert_eq!(
+                b[at.clone()],
+                want_b[at],
+                "pair, second: {level:?}, head {h}"
+            );
+        }
         let p: Vec<f32> = (0..heads * stride)
             .map(|j| (j as f32 * 0.3 + seed).sin().abs())
             .collect();
@@ -939,22 +1157,33 @@ mod tests {
         let best = super::super::level();
         for n in [1, 7, 8, 13, 16, 17, 24, 31, 32, 48, 100, 256] {
             // Scores of mixed sizes, so that the order of the lane sums shows in the bits.
-            let s: Vec<f32> = (0..n).map(|i| (i as f32 * 1.37).sin() * 4.0 + 3.0).collect();
-            let run = |level| {
-                let mut t = s.clone();
-                let r = softmax_tile(level, &mut t, f32::NEG_INFINITY);
-                (t.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r)
-            };
-            let (a, b) = (run(Level::Scalar), run(best));
-            assert_eq!(a.0, b.0, "{n} scores");
-            assert_eq!(a.1.0.to_bits(), b.1.0.to_bits());
-            assert_eq!((a.1.1, a.1.2.to_bits()), (b.1.1, b.1.2.to_bits()));
-            assert_eq!(a.1.1, 0.0, "nothing to rescale on the first tile");
-            let exact: f64 = s.iter().map(|v| ((v - a.1.0) as f64).exp()).sum();
+            let s: Vec<f32> = (0..n)
+                .map(|i| (i as f32 * 1.37).sin() * 4.0 + 3.0)
+                .collect();
+            // The first tile (nothing before), and later ones whose running maximum is
+            // inside the scores or above them all.
+            for before in [f32::NEG_INFINITY, 1.0, 8.0] {
+                let run = |level| {
+                    let mut t = s.clone();
+                    let r = softmax_tile(level, &mut t, before);
+                    (t.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r)
+                };
+                let (a, b) = (run(Level::Scalar), run(best));
+                assert_eq!(a.0, b.0, "{n} scores after {before}");
+                assert_eq!(a.1.0.to_bits(), b.1.0.to_bits());
+                assert_eq!(
+                    (a.1.1.to_bits(), a.1.2.to_bits()),
+                    (b.1.1.to_bits(), b.1.2.to_bits())
+                );
+                assert_eq!(a.1.0, s.iter().copied().fold(before, f32::max));
+            }
+            let a = softmax_tile(Level::Scalar, &mut s.clone(), f32::NEG_INFINITY);
+            assert_eq!(a.1, 0.0, "nothing to rescale on the first tile");
+            let exact: f64 = s.iter().map(|v| ((v - a.0) as f64).exp()).sum();
             assert!(
-                (a.1.2 as f64 - exact).abs() < 1e-5 * exact,
+                (a.2 as f64 - exact).abs() < 1e-5 * exact,
                 "{n}: {} vs {exact}",
-                a.1.2
+                a.2
             );
         }
     }

@@ -379,9 +379,9 @@ impl KvStore {
         let scale = 1.0 / (head_dim as f32).sqrt();
         let longest = queries.iter().map(|q| q.len).max().unwrap_or(0);
         let n_kv = n_head / group;
-        // One tile's scores of a KV head's query heads: head `i` of the group at `i ·
-        // ATTN_TILE`.
-        let mut scores = vec![0f32; group * ATTN_TILE];
+        // One tile's scores of a KV head's query heads, for two queries: head `i` of the
+        // group at `i · ATTN_TILE`.
+        let mut scores = [vec![0f32; group * ATTN_TILE], vec![0f32; group * ATTN_TILE]];
         let mut rescale = vec![0f32; group];
         let mut max = vec![f32::NEG_INFINITY; n_head * queries.len()];
         let mut sum = vec![0f32; n_head * queries.len()];
@@ -396,30 +396,49 @@ impl KvStore {
             let count = ATTN_TILE.min(longest - tile);
             let krows = self.tile_rows(&kp, table, tile, count, &mut kbuf);
             let vrows = self.tile_rows(&vp, table, tile, count, &mut vbuf);
-            for (qi, (query, out)) in queries.iter().zip(outs.iter_mut()).enumerate() {
-                if query.len <= tile {
+            // Queries in pairs that both see the tile: their scores are taken together.
+            let mut qi = 0;
+            while qi < queries.len() {
+                if queries[qi].len <= tile {
+                    qi += 1;
                     continue;
                 }
-                let n = ATTN_TILE.min(query.len - tile);
+                let paired = queries.get(qi + 1).is_some_and(|b| b.len > tile);
+                let taken = 1 + usize::from(paired);
+                let n: [usize; 2] = std::array::from_fn(|i| match queries.get(qi + i) {
+                    Some(q) if i < taken => ATTN_TILE.min(q.len - tile),
+                    _ => 0,
+                });
                 for kv in 0..n_kv {
                     // The query heads `h0..h0 + group` read KV head `kv` at `g`.
                     let (h0, g) = (kv * group, kv * head_dim);
                     let heads = h0 * head_dim..(h0 + group) * head_dim;
-                    let (k, v) = (&krows[..n], &vrows[..n]);
-                    let qg = &query.q[heads.clone()];
-                    attn::group_scores(level, qg, k, g, scale, &mut scores, ATTN_TILE);
-                    for (i, r) in rescale.iter_mut().enumerate() {
-                        let s = &mut scores[i * ATTN_TILE..i * ATTN_TILE + n];
-                        let st = qi * n_head + h0 + i;
-                        // exp(-inf) = 0 on the first tile: nothing accumulated yet.
-                        let (new_max, rs, tile_sum) = attn::softmax_tile(level, s, max[st]);
-                        sum[st] = sum[st] * rs + tile_sum;
-                        max[st] = new_max;
-                        *r = rs;
+                    let [sa, sb] = &mut scores;
+                    let qa = &queries[qi].q[heads.clone()];
+                    if paired {
+                        // Rows past the shorter query's end are scored and left unused.
+                        let k = &krows[..n[0].max(n[1])];
+                        let qb = &queries[qi + 1].q[heads.clone()];
+                        attn::pair_scores(level, [qa, qb], k, g, scale, [sa, sb], ATTN_TILE);
+                    } else {
+                        attn::group_scores(level, qa, &krows[..n[0]], g, scale, sa, ATTN_TILE);
                     }
-                    let o = &mut out[heads];
-                    attn::group_accumulate(level, &scores, ATTN_TILE, v, g, &rescale, o);
+                    for (i, sc) in scores.iter_mut().enumerate().take(taken) {
+                        let (q, n) = (qi + i, n[i]);
+                        for (j, r) in rescale.iter_mut().enumerate() {
+                            let s = &mut sc[j * ATTN_TILE..j * ATTN_TILE + n];
+                            let st = q * n_head + h0 + j;
+                            // exp(-inf) = 0 on the first tile: nothing accumulated yet.
+                            let (new_max, rs, tile_sum) = attn::softmax_tile(level, s, max[st]);
+                            sum[st] = sum[st] * rs + tile_sum;
+                            max[st] = new_max;
+                            *r = rs;
+                        }
+                        let (v, o) = (&vrows[..n], &mut outs[q][heads.clone()]);
+                        attn::group_accumulate(level, sc, ATTN_TILE, v, g, &rescale, o);
+                    }
                 }
+                qi += taken;
             }
         }
         for (qi, out) in outs.iter_mut().enumerate() {
