@@ -135,6 +135,7 @@ pub fn rows_accumulate(
 
 /// Most query heads one grouped kernel call scores or accumulates at once (their
 /// accumulators fill the 32 vector registers of AVX-512).
+#[cfg(target_arch = "x86_64")]
 const GROUP_CHUNK: usize = 3;
 
 /// [`rows_scores`] for the `out.len() / stride` query heads that share one KV head (`q`:
@@ -859,7 +860,7 @@ mod x86 {
             let left = (s.len() - at).min(16);
             let valid: __mmask16 = if left == 16 { !0 } else { (1 << left) - 1 };
             // SAFETY: the mask covers only `at..at + left`, within `s`; the lanes past
-            // the end hold `max`.
+            // the end keep the running maximum.
             let x = unsafe { _mm512_mask_loadu_ps(mv, valid, s.as_ptr().add(at)) };
             // `vmaxps` gives its second operand when either is NaN.
             mv = _mm512_max_ps(x, mv);
@@ -1109,12 +1110,14 @@ mod tests {
             if level.rank() > best.rank() {
                 continue;
             }
-            // SmolLM2's three heads per KV head over a whole tile, one to seven heads
+            // SmolLM2's three heads per KV head over a whole tile (and with two 64-value
+            // slabs), one to seven heads
             // (chunks of three and their remainders), a remainder of rows, a head
             // dimension with a 16-value tail, one of 8 (no 16-wide accumulation), one
             // that is not a multiple of 8.
             for (heads, hd, n, off) in [
                 (3, 64, 32, 64),
+                (3, 128, 32, 0),
                 (1, 64, 13, 0),
                 (2, 64, 8, 128),
                 (4, 80, 9, 16),
@@ -1155,27 +1158,39 @@ mod tests {
         }
         assert_eq!(exp_neg(0.0), 1.0);
         let best = super::super::level();
+        let levels = [Level::Avx2, Level::Avx512Vnni].into_iter();
+        let levels: Vec<Level> = levels.filter(|l| l.rank() <= best.rank()).collect();
         for n in [1, 7, 8, 13, 16, 17, 24, 31, 32, 48, 100, 256] {
             // Scores of mixed sizes, so that the order of the lane sums shows in the bits.
             let s: Vec<f32> = (0..n)
                 .map(|i| (i as f32 * 1.37).sin() * 4.0 + 3.0)
                 .collect();
+            // With odd scores among them: NaN, −∞, ±0, one below exp's range.
+            let mut odd = s.clone();
+            for (i, x) in [f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, -200.0]
+                .into_iter()
+                .enumerate()
+            {
+                odd[i * 5 % n] = x;
+            }
             // The first tile (nothing before), and later ones whose running maximum is
             // inside the scores or above them all.
-            for before in [f32::NEG_INFINITY, 1.0, 8.0] {
+            for (s, before) in [&s, &odd]
+                .into_iter()
+                .flat_map(|s| [f32::NEG_INFINITY, 1.0, 8.0].map(|b| (s, b)))
+            {
                 let run = |level| {
                     let mut t = s.clone();
                     let r = softmax_tile(level, &mut t, before);
+                    let r = (r.0.to_bits(), r.1.to_bits(), r.2.to_bits());
                     (t.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), r)
                 };
-                let (a, b) = (run(Level::Scalar), run(best));
-                assert_eq!(a.0, b.0, "{n} scores after {before}");
-                assert_eq!(a.1.0.to_bits(), b.1.0.to_bits());
-                assert_eq!(
-                    (a.1.1.to_bits(), a.1.2.to_bits()),
-                    (b.1.1.to_bits(), b.1.2.to_bits())
-                );
-                assert_eq!(a.1.0, s.iter().copied().fold(before, f32::max));
+                let a = run(Level::Scalar);
+                for level in &levels {
+                    assert_eq!(a, run(*level), "{level:?}: {n} scores {s:?} after {before}");
+                }
+                let m = s.iter().copied().fold(before, f32::max);
+                assert_eq!(a.1.0, m.to_bits());
             }
             let a = softmax_tile(Level::Scalar, &mut s.clone(), f32::NEG_INFINITY);
             assert_eq!(a.1, 0.0, "nothing to rescale on the first tile");
