@@ -375,10 +375,10 @@ impl KvStore {
         assert!(queries.iter().all(|q| std::ptr::eq(q.table, table)));
         let d = self.shape.kv_dim;
         let n_head = first.q.len() / head_dim;
-        let group = n_head / (d / head_dim);
+        let n_kv = d / head_dim;
+        let group = n_head / n_kv;
         let scale = 1.0 / (head_dim as f32).sqrt();
         let longest = queries.iter().map(|q| q.len).max().unwrap_or(0);
-        let n_kv = n_head / group;
         // One tile's scores of a KV head's query heads, for two queries: head `i` of the
         // group at `i · ATTN_TILE`.
         let mut scores = [vec![0f32; group * ATTN_TILE], vec![0f32; group * ATTN_TILE]];
