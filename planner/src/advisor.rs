@@ -291,6 +291,121 @@ pub const MIN_WINDOW_REQUESTS: usize = 10;
 /// than this factor starts the history over.
 pub const MIX_SHIFT: f64 = 1.5;
 
+/// The clamp of each calibration factor: a worker seen more than twice as fast or as
+/// slow as its profile says the profile is wrong, not that it drifted.
+pub const CALIBRATION_RANGE: std::ops::RangeInclusive<f64> = 0.5..=2.0;
+
+/// Per-role calibration factors `(prefill, decode)` of `model` from requests that ran on
+/// `cfg`'s layout, in one step: the window is replayed as it arrived and the observed
+/// mean TTFT and TPOT are divided by the simulated ones (each clamped to
+/// [`CALIBRATION_RANGE`]; a factor without observations is 1). This is the online
+/// advisor's step, taken again every window. Queueing in the window makes the TTFT
+/// ratio stronger than the service-time change behind it; [`calibration_solved`]
+/// finds the factors themselves.
+///
+/// # Errors
+/// [`PlanError::Invalid`] for an empty or malformed window, or a configuration the
+/// simulator rejects.
+pub fn calibration(
+    model: &ServiceModel,
+    cfg: &ClusterConfig,
+    window: &[Finished],
+) -> Result<(f64, f64), PlanError> {
+    let (trace, observed) = calibration_window(window)?;
+    let predicted = replay_means(model, cfg, &trace)?;
+    let ratio = |obs: Option<f64>, pred: Option<f64>| match (obs, pred) {
+        (Some(o), Some(p)) if p > 0.0 => {
+            (o / p).clamp(*CALIBRATION_RANGE.start(), *CALIBRATION_RANGE.end())
+        }
+        _ => 1.0,
+    };
+    Ok((
+        ratio(observed.0, predicted.0),
+        ratio(observed.1, predicted.1),
+    ))
+}
+
+/// The factors `(prefill, decode)` within [`CALIBRATION_RANGE`] at which the replay of
+/// the window gives its observed mean TTFT and mean TPOT: each is found by bisection
+/// (in log scale) with the other held, twice over, starting from one
+/// [`calibration`] step. For a bench that can afford a few hundred replays; the bounds
+/// of the range come back when the window lies beyond them.
+///
+/// # Errors
+/// As [`calibration`].
+pub fn calibration_solved(
+    model: &ServiceModel,
+    cfg: &ClusterConfig,
+    window: &[Finished],
+) -> Result<(f64, f64), PlanError> {
+    let mut cal = calibration(model, cfg, window)?;
+    let (trace, observed) = calibration_window(window)?;
+    let (lo, hi) = (*CALIBRATION_RANGE.start(), *CALIBRATION_RANGE.end());
+    // The factor whose replay mean meets `target`, the mean rising with the factor.
+    let bisect = |target: Option<f64>,
+                  mean_at: &dyn Fn(f64) -> Result<Option<f64>, PlanError>|
+     -> Result<Option<f64>, PlanError> {
+        let Some(target) = target else {
+            return Ok(None);
+        };
+        let (mut a, mut b) = (lo.ln(), hi.ln());
+        for _ in 0..24 {
+            let m = 0.5 * (a + b);
+            match mean_at(m.exp())? {
+                Some(p) if p < target => a = m,
+                Some(_) => b = m,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some((0.5 * (a + b)).exp()))
+    };
+    for _ in 0..2 {
+        if let Some(p) = bisect(observed.0, &|f| {
+            Ok(replay_means(&model.calibrated(f, cal.1), cfg, &trace)?.0)
+        })? {
+            cal.0 = p;
+        }
+        if let Some(d) = bisect(observed.1, &|f| {
+            Ok(replay_means(&model.calibrated(cal.0, f), cfg, &trace)?.1)
+        })? {
+            cal.1 = d;
+        }
+    }
+    Ok(cal)
+}
+
+/// Mean TTFT and TPOT, when there are any.
+type Means = (Option<f64>, Option<f64>);
+
+/// The window as a trace (in arrival order) and its observed mean TTFT and TPOT.
+fn calibration_window(window: &[Finished]) -> Result<(Vec<SimRequest>, Means), PlanError> {
+    if window.is_empty() {
+        return Err(PlanError::invalid("window", "no requests to calibrate on"));
+    }
+    let mut sorted = window.to_vec();
+    sorted.sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+    let trace = trace_of(&sorted);
+    Traffic::Trace(trace.clone()).validate()?;
+    let observed = (
+        mean(sorted.iter().map(|f| f.ttft)),
+        mean(sorted.iter().map(|f| f.tpot)),
+    );
+    Ok((trace, observed))
+}
+
+/// Mean simulated TTFT and TPOT of `trace` on `cfg`.
+fn replay_means(
+    model: &ServiceModel,
+    cfg: &ClusterConfig,
+    trace: &[SimRequest],
+) -> Result<Means, PlanError> {
+    let r = simulate(model, cfg, trace)?;
+    Ok((
+        mean(r.requests.iter().map(|q| q.ttft)),
+        mean(r.requests.iter().map(|q| q.tpot)),
+    ))
+}
+
 fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     let (mut s, mut n) = (0.0, 0usize);
     for x in xs.filter(|x| x.is_finite()) {
@@ -451,21 +566,7 @@ impl Advisor {
             layout: self.current,
             ..self.base.clone()
         };
-        let predicted = simulate(&self.model, &current_cfg, &trace)?;
-        let ratio = |obs: Option<f64>, pred: Option<f64>| match (obs, pred) {
-            (Some(o), Some(p)) if p > 0.0 => (o / p).clamp(0.5, 2.0),
-            _ => 1.0,
-        };
-        let cal = (
-            ratio(
-                mean(sorted.iter().map(|f| f.ttft)),
-                mean(predicted.requests.iter().map(|q| q.ttft)),
-            ),
-            ratio(
-                mean(sorted.iter().map(|f| f.tpot)),
-                mean(predicted.requests.iter().map(|q| q.tpot)),
-            ),
-        );
+        let cal = calibration(&self.model, &current_cfg, &sorted)?;
         let model = self.model.calibrated(cal.0, cal.1);
         let shapes = self.cfg.shapes;
         let ranked = search::rank_preferring(
@@ -859,6 +960,48 @@ mod tests {
             adv.calibration
         );
         assert!(adv.confidence > 0.0 && adv.confidence < 1.0);
+    }
+
+    #[test]
+    fn solved_calibration_finds_the_factors_of_a_loaded_window() {
+        // Workers 30 % slower at prefill and 20 % faster at decode than the profile,
+        // at a load that queues prompts: one step overshoots the prefill factor (the
+        // queue grows faster than the service time); the solved factors are the truth.
+        let chat = mix("uniform:200-600", "uniform:16-96", 5);
+        let layout = Layout::Disaggregated {
+            prefill: 1,
+            decode: 1,
+        };
+        let cfg = ClusterConfig::defaults(layout);
+        let truth = model().calibrated(1.3, 0.8);
+        let reqs = chat.at_rate(0.6 / (1.3 * model().prefill_time(400)));
+        let r = simulate(&truth, &cfg, &reqs).unwrap();
+        let w: Vec<Finished> = reqs
+            .iter()
+            .zip(&r.requests)
+            .map(|(q, o)| Finished::observed(q, o))
+            .collect();
+        let one = calibration(&model(), &cfg, &w).unwrap();
+        let settled = calibration_solved(&model(), &cfg, &w).unwrap();
+        assert!(one.0 > 1.33, "one step: {one:?}");
+        assert!((settled.0 / 1.3 - 1.0).abs() < 0.02, "{settled:?}");
+        assert!((settled.1 / 0.8 - 1.0).abs() < 0.02, "{settled:?}");
+        // The clamp holds whatever the window says.
+        let slow: Vec<Finished> = w
+            .iter()
+            .map(|f| Finished {
+                ttft: f.ttft * 10.0,
+                tpot: f.tpot * 10.0,
+                ..*f
+            })
+            .collect();
+        assert_eq!(calibration(&model(), &cfg, &slow).unwrap(), (2.0, 2.0));
+        let c = calibration_solved(&model(), &cfg, &slow).unwrap();
+        assert!(c.0 > 1.99 && c.1 > 1.99, "{c:?}");
+        assert!(matches!(
+            calibration_solved(&model(), &cfg, &[]),
+            Err(PlanError::Invalid { field, .. }) if field == "window"
+        ));
     }
 
     #[test]

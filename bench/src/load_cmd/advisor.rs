@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
+use xpyd_planner::advisor::{Finished, calibration_solved};
 use xpyd_planner::search::{self, RunStats};
 use xpyd_planner::service::ServiceModel;
 use xpyd_planner::sim::{ClusterConfig, Layout, Policy};
@@ -126,6 +127,13 @@ pub struct AdvisorArgs {
     /// points are compared too.
     #[arg(long, value_delimiter = ',', value_parser = parse_rate)]
     pub validate_at: Vec<f64>,
+    /// Calibrate every split before its search: measure it once at this share of its
+    /// predicted goodput (`--requests` requests drawn from a seed of their own), solve
+    /// the per-role factors at which the simulator replays that run's mean TTFT and
+    /// TPOT (the online advisor's calibration, taken to its fixed point), and compare
+    /// every point with the calibrated simulation as well as with the profile's.
+    #[arg(long, value_parser = parse_rate)]
+    pub calibrate_at: Option<f64>,
     /// Decode slots per worker (`max_running`), in the clusters and the simulation.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub max_running: u32,
@@ -317,6 +325,9 @@ fn dynamo_split(
     })
 }
 
+/// What `--calibrate-at` adds to `--seed` for its own requests.
+const CALIBRATION_SEED_OFFSET: u64 = 1_000;
+
 /// One split's measurement.
 struct Measured {
     split: Split,
@@ -324,11 +335,37 @@ struct Measured {
     found: Searched,
     /// Points at `--validate-at` multiples of the goodput.
     extra: Vec<(Point, f64)>,
+    /// `--calibrate-at`: the rate measured and the factors (prefill, decode) solved.
+    calibration: Option<(f64, (f64, f64))>,
+}
+
+/// The simulated cluster of a split, with the settings `xpyd recommend` uses.
+fn sim_cluster(split: Split, a: &AdvisorArgs) -> ClusterConfig {
+    ClusterConfig {
+        max_running: a.max_running,
+        prefill_policy: Policy::RoundRobin,
+        decode_policy: Policy::LeastConnections,
+        ..ClusterConfig::defaults(split.layout())
+    }
+}
+
+/// The measured requests as the advisor's window: arrival, lengths, TTFT and TPOT.
+fn window_of(records: &[RequestRecord]) -> Vec<Finished> {
+    records
+        .iter()
+        .map(|r| Finished {
+            arrival: r.sent_at,
+            input: u32::try_from(r.prompt_tokens).unwrap_or(u32::MAX),
+            cached: 0,
+            output: u32::try_from(r.output_tokens).unwrap_or(u32::MAX),
+            ttft: r.ttft.filter(|_| r.ok()).unwrap_or(f64::NAN),
+            tpot: r.tpot().filter(|_| r.ok()).unwrap_or(f64::NAN),
+        })
+        .collect()
 }
 
 /// The simulator's run of one measured point: the same requests (lengths and Poisson
-/// arrivals drawn from the same seed as the load generator's plan) on the same split,
-/// with the settings `xpyd recommend` uses.
+/// arrivals drawn from the same seed as the load generator's plan) on the same split.
 fn simulate_point(
     model: &ServiceModel,
     split: Split,
@@ -345,13 +382,7 @@ fn simulate_point(
         requests: n,
         seed: work.seed,
     };
-    let cluster = ClusterConfig {
-        max_running: a.max_running,
-        prefill_policy: Policy::RoundRobin,
-        decode_policy: Policy::LeastConnections,
-        ..ClusterConfig::defaults(split.layout())
-    };
-    let r = xpyd_planner::sim::simulate(model, &cluster, &traffic.at_rate(rate))
+    let r = xpyd_planner::sim::simulate(model, &sim_cluster(split, a), &traffic.at_rate(rate))
         .map_err(|e| anyhow::anyhow!("simulating {}: {e}", split.name()))?;
     let slo = search::Slo {
         ttft_s: slo.ttft,
@@ -361,22 +392,35 @@ fn simulate_point(
     Ok(search::stats(&r, &slo, rate))
 }
 
-/// A measured point beside its simulation.
-fn point_json(p: &Point, attainment: f64, sim: &RunStats, goodput: f64) -> Value {
-    let rel = |sim: f64, real: f64| finite(sim / real - 1.0);
+/// A measured point beside its simulation (and its calibrated simulation).
+fn point_json(
+    p: &Point,
+    attainment: f64,
+    sim: &RunStats,
+    calibrated: Option<&RunStats>,
+    goodput: f64,
+) -> Value {
     let (ttft, tpot) = (p.summary.ttft.p90, p.summary.tpot.p90);
     let rate = p.rate.unwrap_or(f64::NAN);
-    json!({
-        "rate": rate,
-        "share_of_goodput": finite(rate / goodput),
-        "measured": {"ttft_p90_s": finite(ttft), "tpot_p90_s": finite(tpot), "attainment": attainment,
-                     "errors": p.summary.errors},
-        "simulated": {"ttft_p90_s": finite(sim.ttft.p90), "tpot_p90_s": finite(sim.tpot.p90),
-                      "attainment": sim.attainment},
-        "ttft_p90_error": rel(sim.ttft.p90, ttft),
-        "tpot_p90_error": rel(sim.tpot.p90, tpot),
-        "attainment_error_pp": 100.0 * (sim.attainment - attainment),
-    })
+    let against = |sim: &RunStats| {
+        let rel = |sim: f64, real: f64| finite(sim / real - 1.0);
+        json!({
+            "simulated": {"ttft_p90_s": finite(sim.ttft.p90), "tpot_p90_s": finite(sim.tpot.p90),
+                          "attainment": sim.attainment},
+            "ttft_p90_error": rel(sim.ttft.p90, ttft),
+            "tpot_p90_error": rel(sim.tpot.p90, tpot),
+            "attainment_error_pp": 100.0 * (sim.attainment - attainment),
+        })
+    };
+    let mut v = against(sim);
+    v["rate"] = json!(rate);
+    v["share_of_goodput"] = json!(finite(rate / goodput));
+    v["measured"] = json!({"ttft_p90_s": finite(ttft), "tpot_p90_s": finite(tpot),
+                           "attainment": attainment, "errors": p.summary.errors});
+    if let Some(c) = calibrated {
+        v["calibrated"] = against(c);
+    }
+    v
 }
 
 /// `xpyd recommend --json` on the case.
@@ -556,14 +600,53 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                 .collect();
             // Each search starts near the prediction (a pruned split: near its capacity
             // bound) so it spends its points where the boundary is.
-            let searches = splits
+            let starts: Vec<f64> = splits
                 .iter()
                 .map(|&split| {
                     let bound = row(split).and_then(|r| r["bound_rps"].as_f64());
-                    let start = predicted(split)
+                    predicted(split)
                         .or(bound.map(|b| 0.8 * b))
                         .filter(|r| *r > 0.0)
-                        .unwrap_or(1.0);
+                        .unwrap_or(1.0)
+                })
+                .collect();
+            let mut calibrations = vec![None; splits.len()];
+            if let Some(share) = a.calibrate_at {
+                // Requests of their own: the calibration run shares no draw with the
+                // points it is then compared with.
+                let cal_work = WorkloadArgs {
+                    seed: a.seed.wrapping_add(CALIBRATION_SEED_OFFSET),
+                    ..work.clone()
+                };
+                for (i, &(target, label)) in targets.iter().enumerate() {
+                    let rate = share * starts[i];
+                    let label = format!("{label}calibrate {rate:.3}/s");
+                    let p = measure_at(
+                        &rt,
+                        &prompts,
+                        &cal_work,
+                        target,
+                        (Arrival::Open, Some(rate)),
+                        (cal_work.requests_at(rate), 200),
+                        &label,
+                    )?;
+                    let factors = calibration_solved(
+                        &model,
+                        &sim_cluster(splits[i], a),
+                        &window_of(&p.records),
+                    )
+                    .map_err(|e| anyhow::anyhow!("{label}: {e}"))?;
+                    eprintln!(
+                        "{label}: the profile's prefill × {:.3}, decode step × {:.3}",
+                        factors.0, factors.1
+                    );
+                    runs.push((label, p.records));
+                    calibrations[i] = Some((rate, factors));
+                }
+            }
+            let searches = starts
+                .iter()
+                .map(|&start| {
                     GoodputSearch::new(
                         start,
                         GOODPUT_ATTAINMENT,
@@ -599,7 +682,9 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
             drop(targets);
             drop(clusters);
             let mut measured = Vec::new();
-            for ((split, found), extra) in splits.into_iter().zip(found).zip(extra) {
+            for (((split, found), extra), calibration) in
+                splits.into_iter().zip(found).zip(extra).zip(calibrations)
+            {
                 runs.extend(
                     found
                         .records()
@@ -611,6 +696,7 @@ pub fn advisor(a: &AdvisorArgs, host: &Host) -> Result<()> {
                     predicted: predicted(split),
                     found,
                     extra,
+                    calibration,
                 });
             }
             let validation = validation_json(&model, a, &work, &slo, &measured)?;
@@ -692,6 +778,9 @@ fn case_json(
             "goodput": m.found.goodput,
             "goodput_below": m.found.failed_at,
             "points": m.found.points.len(),
+            "calibration": m.calibration.map(|(rate, (prefill, decode))| json!({
+                "rate": rate, "prefill": prefill, "decode": decode,
+            })),
         })).collect::<Vec<_>>(),
         "best": best.split.name(),
         "best_goodput": best_g,
@@ -718,8 +807,21 @@ fn validation_json(
         let mut points = Vec::new();
         for (p, att) in m.found.points.iter().chain(&m.extra) {
             let Some(rate) = p.rate else { continue };
-            let sim = simulate_point(model, m.split, a, work, (rate, p.summary.requests), slo)?;
-            points.push(point_json(p, *att, &sim, m.found.goodput));
+            let at = (rate, p.summary.requests);
+            let sim = simulate_point(model, m.split, a, work, at, slo)?;
+            let calibrated = m
+                .calibration
+                .map(|(_, f)| {
+                    simulate_point(&model.calibrated(f.0, f.1), m.split, a, work, at, slo)
+                })
+                .transpose()?;
+            points.push(point_json(
+                p,
+                *att,
+                &sim,
+                calibrated.as_ref(),
+                m.found.goodput,
+            ));
         }
         points.sort_by(|x, y| {
             x["rate"]
@@ -760,41 +862,61 @@ fn print_case(c: &Value) {
             measured,
             s["points"]
         );
+        let cal = &s["calibration"];
+        if !cal.is_null() {
+            eprintln!(
+                "  {:<16} calibrated at {} /s: prefill × {}, decode step × {}",
+                "",
+                f(&cal["rate"]),
+                f(&cal["prefill"]),
+                f(&cal["decode"])
+            );
+        }
     }
     let ms = |v: &Value| v.as_f64().map_or("-".into(), |x| format!("{:.0}", 1e3 * x));
     let err = |v: &Value| {
         v.as_f64()
             .map_or("-".into(), |x| format!("{:+.0}%", 100.0 * x))
     };
-    eprintln!(
-        "  {:<16} {:>8} {:>6} {:>17} {:>6} {:>17} {:>6} {:>15}",
-        "measured vs sim",
-        "rate",
-        "of gp",
-        "TTFT p90 ms",
-        "err",
-        "TPOT p90 ms",
-        "err",
-        "attainment %"
-    );
-    for s in c["validation"].as_array().into_iter().flatten() {
-        for p in s["points"].as_array().into_iter().flatten() {
-            let (m, q) = (&p["measured"], &p["simulated"]);
-            eprintln!(
-                "  {:<16} {:>8.3} {:>6} {:>17} {:>6} {:>17} {:>6} {:>15}",
-                s["split"].as_str().unwrap_or(""),
-                p["rate"].as_f64().unwrap_or(f64::NAN),
-                pct(&p["share_of_goodput"]),
-                format!("{} / {}", ms(&m["ttft_p90_s"]), ms(&q["ttft_p90_s"])),
-                err(&p["ttft_p90_error"]),
-                format!("{} / {}", ms(&m["tpot_p90_s"]), ms(&q["tpot_p90_s"])),
-                err(&p["tpot_p90_error"]),
-                format!(
-                    "{:.0} / {:.0}",
-                    100.0 * m["attainment"].as_f64().unwrap_or(f64::NAN),
-                    100.0 * q["attainment"].as_f64().unwrap_or(f64::NAN)
-                ),
-            );
+    let calibrated = c["validation"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["points"].as_array().into_iter().flatten())
+        .any(|p| p.get("calibrated").is_some());
+    let tables: &[(&str, Option<&str>)] = if calibrated {
+        &[
+            ("measured vs sim", None),
+            ("vs calibrated", Some("calibrated")),
+        ]
+    } else {
+        &[("measured vs sim", None)]
+    };
+    for (title, key) in tables {
+        eprintln!(
+            "  {:<16} {:>8} {:>6} {:>17} {:>6} {:>17} {:>6} {:>15}",
+            title, "rate", "of gp", "TTFT p90 ms", "err", "TPOT p90 ms", "err", "attainment %"
+        );
+        for s in c["validation"].as_array().into_iter().flatten() {
+            for p in s["points"].as_array().into_iter().flatten() {
+                let e = key.map_or(p, |k| &p[k]);
+                let (m, q) = (&p["measured"], &e["simulated"]);
+                eprintln!(
+                    "  {:<16} {:>8.3} {:>6} {:>17} {:>6} {:>17} {:>6} {:>15}",
+                    s["split"].as_str().unwrap_or(""),
+                    p["rate"].as_f64().unwrap_or(f64::NAN),
+                    pct(&p["share_of_goodput"]),
+                    format!("{} / {}", ms(&m["ttft_p90_s"]), ms(&q["ttft_p90_s"])),
+                    err(&e["ttft_p90_error"]),
+                    format!("{} / {}", ms(&m["tpot_p90_s"]), ms(&q["tpot_p90_s"])),
+                    err(&e["tpot_p90_error"]),
+                    format!(
+                        "{:.0} / {:.0}",
+                        100.0 * m["attainment"].as_f64().unwrap_or(f64::NAN),
+                        100.0 * q["attainment"].as_f64().unwrap_or(f64::NAN)
+                    ),
+                );
+            }
         }
     }
     eprintln!(
@@ -859,6 +981,24 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_request_calibrates_nothing_but_keeps_its_place_in_the_window() {
+        let rec = |sent_at: f64, error: Option<&str>| RequestRecord {
+            sent_at,
+            prompt_tokens: 120,
+            output_tokens: 3,
+            ttft: Some(0.5),
+            gaps: vec![0.02, 0.04],
+            e2e: 0.56,
+            error: error.map(str::to_string),
+        };
+        let w = window_of(&[rec(1.5, None), rec(2.0, Some("timed out"))]);
+        assert_eq!((w[0].arrival, w[0].input, w[0].output), (1.5, 120, 3));
+        assert_eq!((w[0].ttft, w[0].tpot), (0.5, 0.03));
+        assert_eq!((w[1].arrival, w[1].input), (2.0, 120));
+        assert!(w[1].ttft.is_nan() && w[1].tpot.is_nan());
+    }
+
+    #[test]
     fn manifests_name_the_profile_every_split_and_the_cores_of_real_workers() {
         let a = AdvisorArgs {
             profile: Some("p.json".into()),
@@ -878,6 +1018,7 @@ mod tests {
             engine: Workers::Mock,
             model: None,
             validate_at: vec![],
+            calibrate_at: None,
             out_dir: "x".into(),
             json: false,
         };
