@@ -35,7 +35,8 @@ pub struct BenchEngineArgs {
     /// noisy moment of a shared machine does not decide a round).
     #[arg(long, default_value_t = 256)]
     pub decode_steps: usize,
-    /// Timed repetitions per prefill length in a round (the round's best counts).
+    /// Timed repetitions per prefill length in a round (the round's best counts; every
+    /// length gets as many, so the 2,048 / 512 ratio compares like with like).
     #[arg(long, default_value_t = 3)]
     pub repeats: usize,
     /// Rounds; xpyd's and llama.cpp's measurements alternate, round by round.
@@ -210,12 +211,12 @@ impl Llama {
         Ok(best)
     }
 
-    /// One round: prefill 512 and 2,048 tok/s (as xpyd's, the best of `repeats` and
-    /// of half as many) and decode batch 1 tok/s.
+    /// One round: prefill 512 and 2,048 tok/s (as xpyd's, each the best of `repeats`)
+    /// and decode batch 1 tok/s.
     fn measure(&self, prompts: &LlamaPrompts, repeats: usize) -> Result<LlamaRound> {
         Ok(LlamaRound {
             prefill_512: self.prefill(&prompts.prefill_512, repeats)?,
-            prefill_2048: self.prefill(&prompts.prefill_2048, long_repeats(2048, repeats))?,
+            prefill_2048: self.prefill(&prompts.prefill_2048, repeats)?,
             decode: self.completion(&prompts.decode, prompts.decode_steps)?["predicted_per_second"]
                 .as_f64()
                 .unwrap_or(0.0),
@@ -235,15 +236,6 @@ struct LlamaRound {
     prefill_512: f64,
     prefill_2048: f64,
     decode: f64,
-}
-
-/// Timed repetitions of an `n`-token prefill: half as many from 2,048 tokens up.
-fn long_repeats(n: usize, repeats: usize) -> usize {
-    if n >= 2048 {
-        1.max(repeats / 2)
-    } else {
-        repeats
-    }
 }
 
 /// The CPU's model name from `/proc/cpuinfo`.
@@ -298,8 +290,7 @@ pub fn run(args: &BenchEngineArgs, host: &Host) -> Result<()> {
     let (mut l_prefill, mut l_long, mut l_decode) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         for (i, n) in PREFILL_LENGTHS.iter().enumerate() {
-            let reps = long_repeats(*n, args.repeats);
-            prefill[i].push(bench_prefill(&mut engine, *n, reps)?);
+            prefill[i].push(bench_prefill(&mut engine, *n, args.repeats)?);
         }
         for (i, b) in DECODE_BATCHES.iter().enumerate() {
             decode[i].push(bench_decode(&mut engine, *b, args.decode_steps)?);
