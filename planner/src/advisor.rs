@@ -3,9 +3,9 @@
 //!
 //! Each [`Advisor::observe`]:
 //! 1. turns the window into a trace (arrival, prompt, cached, output) and its rate;
-//! 2. calibrates the service model per role — the current layout is simulated on the
-//!    window and its predicted mean TTFT and TPOT are compared with what was observed
-//!    (factor clamped to `0.5..=2`);
+//! 2. calibrates the service model per role — the factors (clamped to `0.5..=2`) at
+//!    which the current layout, simulated on the window as it arrived, gives the
+//!    observed mean TTFT and TPOT ([`calibration_solved`]);
 //! 3. forecasts the next window's rate (Holt's linear smoothing of window rates);
 //! 4. ranks every split of the budget by simulated goodput on the window's mix, and
 //!    predicts TTFT/TPOT at the forecast rate for the current and the best split;
@@ -298,10 +298,10 @@ pub const CALIBRATION_RANGE: std::ops::RangeInclusive<f64> = 0.5..=2.0;
 /// Per-role calibration factors `(prefill, decode)` of `model` from requests that ran on
 /// `cfg`'s layout, in one step: the window is replayed as it arrived and the observed
 /// mean TTFT and TPOT are divided by the simulated ones (each clamped to
-/// [`CALIBRATION_RANGE`]; a factor without observations is 1). This is the online
-/// advisor's step, taken again every window. Queueing in the window makes the TTFT
-/// ratio stronger than the service-time change behind it; [`calibration_solved`]
-/// finds the factors themselves.
+/// [`CALIBRATION_RANGE`]; a factor without observations is 1). A first-order step:
+/// queueing in the window makes the TTFT ratio stronger than the service-time change
+/// behind it (a window at 60 % load of workers 30 % slow reads as 40 % slow);
+/// [`calibration_solved`] finds the factors themselves.
 ///
 /// # Errors
 /// [`PlanError::Invalid`] for an empty or malformed window, or a configuration the
@@ -328,8 +328,8 @@ pub fn calibration(
 /// The factors `(prefill, decode)` within [`CALIBRATION_RANGE`] at which the replay of
 /// the window gives its observed mean TTFT and mean TPOT: each is found by bisection
 /// (in log scale) with the other held, twice over, starting from one
-/// [`calibration`] step. For a bench that can afford a few hundred replays; the bounds
-/// of the range come back when the window lies beyond them.
+/// [`calibration`] step: about a hundred replays of the window. The bounds of the
+/// range come back when the window lies beyond them.
 ///
 /// # Errors
 /// As [`calibration`].
@@ -341,38 +341,46 @@ pub fn calibration_solved(
     let mut cal = calibration(model, cfg, window)?;
     let (trace, observed) = calibration_window(window)?;
     let (lo, hi) = (*CALIBRATION_RANGE.start(), *CALIBRATION_RANGE.end());
-    // The factor whose replay mean meets `target`, the mean rising with the factor.
+    // The factor whose replay mean meets `target`, the mean rising with the factor;
+    // `start` stays when its replay already does (within `CALIBRATION_MATCH`), so a
+    // window the model explains keeps its factors exactly.
     let bisect = |target: Option<f64>,
+                  start: f64,
                   mean_at: &dyn Fn(f64) -> Result<Option<f64>, PlanError>|
-     -> Result<Option<f64>, PlanError> {
-        let Some(target) = target else {
-            return Ok(None);
+     -> Result<f64, PlanError> {
+        let Some(target) = target.filter(|t| *t > 0.0) else {
+            return Ok(start);
         };
+        match mean_at(start)? {
+            Some(p) if (p / target - 1.0).abs() <= CALIBRATION_MATCH => return Ok(start),
+            None => return Ok(start),
+            Some(_) => {}
+        }
         let (mut a, mut b) = (lo.ln(), hi.ln());
         for _ in 0..24 {
             let m = 0.5 * (a + b);
             match mean_at(m.exp())? {
                 Some(p) if p < target => a = m,
                 Some(_) => b = m,
-                None => return Ok(None),
+                None => return Ok(start),
             }
         }
-        Ok(Some((0.5 * (a + b)).exp()))
+        Ok((0.5 * (a + b)).exp())
     };
     for _ in 0..2 {
-        if let Some(p) = bisect(observed.0, &|f| {
+        cal.0 = bisect(observed.0, cal.0, &|f| {
             Ok(replay_means(&model.calibrated(f, cal.1), cfg, &trace)?.0)
-        })? {
-            cal.0 = p;
-        }
-        if let Some(d) = bisect(observed.1, &|f| {
+        })?;
+        cal.1 = bisect(observed.1, cal.1, &|f| {
             Ok(replay_means(&model.calibrated(cal.0, f), cfg, &trace)?.1)
-        })? {
-            cal.1 = d;
-        }
+        })?;
     }
     Ok(cal)
 }
+
+/// How near the observed mean a replay must come for [`calibration_solved`] to keep a
+/// factor.
+const CALIBRATION_MATCH: f64 = 1e-3;
 
 /// Mean TTFT and TPOT, when there are any.
 type Means = (Option<f64>, Option<f64>);
@@ -566,7 +574,7 @@ impl Advisor {
             layout: self.current,
             ..self.base.clone()
         };
-        let cal = calibration(&self.model, &current_cfg, &sorted)?;
+        let cal = calibration_solved(&self.model, &current_cfg, &sorted)?;
         let model = self.model.calibrated(cal.0, cal.1);
         let shapes = self.cfg.shapes;
         let ranked = search::rank_preferring(
@@ -949,13 +957,14 @@ mod tests {
         }
         let mut a = advisor(Mode::Manual, layout);
         let adv = a.observe(60.0, 300.0, &w).unwrap();
+        // Solved: the factor behind the window, not a ratio of means.
         assert!(
-            (1.3..=1.7).contains(&adv.calibration.1),
+            (1.47..=1.53).contains(&adv.calibration.1),
             "{:?}",
             adv.calibration
         );
         assert!(
-            (0.8..=1.2).contains(&adv.calibration.0),
+            (0.97..=1.03).contains(&adv.calibration.0),
             "{:?}",
             adv.calibration
         );
