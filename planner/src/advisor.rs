@@ -300,8 +300,8 @@ pub const CALIBRATION_RANGE: std::ops::RangeInclusive<f64> = 0.5..=2.0;
 /// mean TTFT and TPOT are divided by the simulated ones (each clamped to
 /// [`CALIBRATION_RANGE`]; a factor without observations is 1). A first-order step:
 /// queueing in the window makes the TTFT ratio stronger than the service-time change
-/// behind it (a window at 60 % load of workers 30 % slow reads as 40 % slow);
-/// [`calibration_solved`] finds the factors themselves.
+/// behind it (the queue grows faster than the service time), so a loaded window reads
+/// slower workers than it ran on; [`calibration_solved`] finds the factors themselves.
 ///
 /// # Errors
 /// [`PlanError::Invalid`] for an empty or malformed window, or a configuration the
@@ -326,10 +326,11 @@ pub fn calibration(
 }
 
 /// The factors `(prefill, decode)` within [`CALIBRATION_RANGE`] at which the replay of
-/// the window gives its observed mean TTFT and mean TPOT: each is found by bisection
-/// (in log scale) with the other held, twice over, starting from one
-/// [`calibration`] step: about a hundred replays of the window. The bounds of the
-/// range come back when the window lies beyond them.
+/// the window gives its observed mean TTFT and mean TPOT. From one [`calibration`]
+/// step, each factor in turn (the other held), twice over, is kept if its replay meets
+/// the mean within 0.1 %, else found by bisection in log scale: at most about a
+/// hundred replays of the window. The bounds of the range come back when the window
+/// lies beyond them.
 ///
 /// # Errors
 /// As [`calibration`].

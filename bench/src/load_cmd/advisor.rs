@@ -130,7 +130,7 @@ pub struct AdvisorArgs {
     /// Calibrate every split before its search: measure it once at this share of its
     /// predicted goodput (`--requests` requests drawn from a seed of their own), solve
     /// the per-role factors at which the simulator replays that run's mean TTFT and
-    /// TPOT (the online advisor's calibration, taken to its fixed point), and compare
+    /// TPOT (the online advisor's calibration, `calibration_solved`), and compare
     /// every point with the calibrated simulation as well as with the profile's.
     #[arg(long, value_parser = parse_rate)]
     pub calibrate_at: Option<f64>,
