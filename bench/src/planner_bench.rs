@@ -2,7 +2,9 @@
 //! (every split of a large budget ranked by simulated goodput) and one simulation of a
 //! very large cluster under a very long workload — each beside a small baseline of the
 //! same kind measured in the same run, so the ratio (how the cost grows with size) means
-//! something on any machine. Single-threaded: the planner is sequential.
+//! something on any machine; and the online advisor's solved calibration of a large
+//! window beside the one-step ratio on the same window. Single-threaded: the planner is
+//! sequential.
 
 use crate::engine_bench::cpu_name;
 use anyhow::{Context, Result};
@@ -33,6 +35,9 @@ pub struct PlannerBenchArgs {
     /// Requests of the large simulation, 1000..=10000000.
     #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1000..=10_000_000))]
     pub requests: u64,
+    /// Requests of the window calibrated (on an even split of `--budget`), 100..=1000000.
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000))]
+    pub window: u64,
     /// Print the result as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -116,6 +121,40 @@ fn simulate_big(m: &ServiceModel, workers: u32, requests: usize) -> Result<(f64,
     ))
 }
 
+/// Seconds of the one-step and of the solved calibration of a `requests`-request window
+/// that an even split of `budget` workers ran at 70 % of its capacity bound, its
+/// prefill 20 % slower and its decode steps 10 % faster than the model.
+fn calibrate_big(m: &ServiceModel, budget: u32, requests: usize) -> Result<(f64, f64, Value)> {
+    use xpyd_planner::advisor::{Finished, calibration, calibration_solved};
+    let layout = Layout::Disaggregated {
+        prefill: budget / 2,
+        decode: budget - budget / 2,
+    };
+    let c = ClusterConfig::defaults(layout);
+    let cap = Capacity::of(m, &c, &traffic(2000).at_rate(1.0));
+    let reqs = traffic(requests).at_rate(0.7 * cap.bound(layout));
+    let truth = m.calibrated(1.2, 0.9);
+    let r = simulate(&truth, &c, &reqs)?;
+    let window: Vec<Finished> = reqs
+        .iter()
+        .zip(&r.requests)
+        .map(|(q, o)| Finished::observed(q, o))
+        .collect();
+    let t0 = Instant::now();
+    let one = calibration(m, &c, &window)?;
+    let one_s = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    let solved = calibration_solved(m, &c, &window)?;
+    let solved_s = t0.elapsed().as_secs_f64();
+    Ok((
+        one_s,
+        solved_s,
+        json!({"layout": layout.to_string(), "requests": requests, "truth": [1.2, 0.9],
+               "one_step": {"seconds": one_s, "factors": [one.0, one.1]},
+               "solved": {"seconds": solved_s, "factors": [solved.0, solved.1]}}),
+    ))
+}
+
 /// Runs `xpyd bench planner`.
 ///
 /// # Errors
@@ -151,6 +190,11 @@ pub fn run(a: &PlannerBenchArgs) -> Result<()> {
     );
     let (small_sim, small_sim_v) = simulate_big(&model, base_workers, base_requests)?;
     let (big_sim, big_sim_v) = simulate_big(&model, a.workers, requests)?;
+    eprintln!(
+        "calibrating a {}-request window of {} workers…",
+        a.window, a.budget
+    );
+    let (one_cal, solved_cal, cal_v) = calibrate_big(&model, a.budget, a.window as usize)?;
     let per_req = |s: f64, n: usize| s / n as f64;
     let sim_ratio = per_req(big_sim, requests) / per_req(small_sim, base_requests);
     let out = json!({
@@ -163,6 +207,7 @@ pub fn run(a: &PlannerBenchArgs) -> Result<()> {
                            "ratio": big_rank / small_rank, "target_s": 1.0},
         "simulation": {"baseline": small_sim_v, "large": big_sim_v,
                        "per_request_ratio": sim_ratio, "target_s": 60.0},
+        "calibration": cal_v,
     });
     println!(
         "{:<44} {:>10} {:>10} {:>8}",
@@ -184,6 +229,13 @@ pub fn run(a: &PlannerBenchArgs) -> Result<()> {
         small_sim,
         big_sim,
         sim_ratio
+    );
+    println!(
+        "{:<44} {:>9.3}s {:>9.3}s {:>7.1}×   (one step, solved)",
+        format!("calibrate: {} requests, {} workers", a.window, a.budget),
+        one_cal,
+        solved_cal,
+        solved_cal / one_cal
     );
     eprintln!("(CPU: {}; one thread, not pinned)", cpu_name());
     if let Some(p) = &a.out {
