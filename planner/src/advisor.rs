@@ -312,7 +312,17 @@ pub fn calibration(
     window: &[Finished],
 ) -> Result<(f64, f64), PlanError> {
     let (trace, observed) = calibration_window(window)?;
-    let predicted = replay_means(model, cfg, &trace)?;
+    one_step(model, cfg, &trace, observed)
+}
+
+/// [`calibration`] on a window already made a trace, with its observed means.
+fn one_step(
+    model: &ServiceModel,
+    cfg: &ClusterConfig,
+    trace: &[SimRequest],
+    observed: Means,
+) -> Result<(f64, f64), PlanError> {
+    let predicted = replay_means(model, cfg, trace)?;
     let ratio = |obs: Option<f64>, pred: Option<f64>| match (obs, pred) {
         (Some(o), Some(p)) if p > 0.0 => {
             (o / p).clamp(*CALIBRATION_RANGE.start(), *CALIBRATION_RANGE.end())
@@ -339,8 +349,8 @@ pub fn calibration_solved(
     cfg: &ClusterConfig,
     window: &[Finished],
 ) -> Result<(f64, f64), PlanError> {
-    let mut cal = calibration(model, cfg, window)?;
     let (trace, observed) = calibration_window(window)?;
+    let mut cal = one_step(model, cfg, &trace, observed)?;
     let (lo, hi) = (*CALIBRATION_RANGE.start(), *CALIBRATION_RANGE.end());
     // The factor whose replay mean meets `target`, the mean rising with the factor;
     // `start` stays when its replay already does (within `CALIBRATION_MATCH`), so a
