@@ -302,6 +302,8 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
             "2",
             "--validate-at",
             "0.5",
+            "--calibrate-at",
+            "0.3",
             "--out-dir",
             out.path().to_str().unwrap(),
             "--json",
@@ -333,6 +335,15 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
         assert!((1..=2).contains(&points), "{s}");
         requests += 16 * points;
         assert!(s["goodput"].as_f64().unwrap() >= 0.0, "{s}");
+        // Calibrated once, on 16 requests of its own, before the search; factors at the
+        // clamp would mean the replay never met the run (the mock follows the profile).
+        let cal = &s["calibration"];
+        assert!(cal["rate"].as_f64().unwrap() > 0.0, "{s}");
+        for role in ["prefill", "decode"] {
+            let f = cal[role].as_f64().unwrap();
+            assert!(f > 0.5 && f < 2.0, "{role}: {s}");
+        }
+        requests += 16;
         // The advisor simulated every split it did not prune.
         assert!(s["predicted_goodput"].is_number() || s["predicted_goodput"].is_null());
     }
@@ -371,6 +382,13 @@ fn bench_advisor_measures_every_split_and_scores_the_recommendation() {
             let pp = p["attainment_error_pp"].as_f64().unwrap();
             let diff = p["simulated"]["attainment"].as_f64().unwrap()
                 - p["measured"]["attainment"].as_f64().unwrap();
+            assert!((pp - 100.0 * diff).abs() < 1e-9, "{p}");
+            // And beside the calibrated simulation, in the same form.
+            let cal = &p["calibrated"];
+            let att = cal["simulated"]["attainment"].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&att), "{p}");
+            let diff = att - p["measured"]["attainment"].as_f64().unwrap();
+            let pp = cal["attainment_error_pp"].as_f64().unwrap();
             assert!((pp - 100.0 * diff).abs() < 1e-9, "{p}");
         }
     }
