@@ -338,9 +338,9 @@ fn one_step(
 /// The factors `(prefill, decode)` within [`CALIBRATION_RANGE`] at which the replay of
 /// the window gives its observed mean TTFT and mean TPOT. From one [`calibration`]
 /// step, each factor in turn (the other held), twice over, is kept if its replay meets
-/// the mean within 0.1 %, else found by bisection in log scale: at most 53 replays of
-/// the window (`xpyd bench planner` times it). The bounds of the range come back when
-/// the window lies beyond them.
+/// the mean within 0.1 %, else solved for ([`solve_factor`]): about 17 replays of the
+/// window in `xpyd bench planner`'s case (27 by bisection), at most 53. The bounds of
+/// the range come back when the window lies beyond them.
 ///
 /// # Errors
 /// As [`calibration`].
@@ -351,51 +351,95 @@ pub fn calibration_solved(
 ) -> Result<(f64, f64), PlanError> {
     let (trace, observed) = calibration_window(window)?;
     let mut cal = one_step(model, cfg, &trace, observed)?;
-    let (lo, hi) = (*CALIBRATION_RANGE.start(), *CALIBRATION_RANGE.end());
-    // The factor whose replay mean meets `target`, the mean rising with the factor;
-    // `start` stays when its replay already does (within `CALIBRATION_MATCH`), so a
-    // window the model explains keeps its factors exactly.
-    let bisect = |target: Option<f64>,
-                  start: f64,
-                  mean_at: &dyn Fn(f64) -> Result<Option<f64>, PlanError>|
-     -> Result<f64, PlanError> {
-        let Some(target) = target.filter(|t| *t > 0.0) else {
-            return Ok(start);
-        };
-        match mean_at(start)? {
-            Some(p) if (p / target - 1.0).abs() <= CALIBRATION_MATCH => return Ok(start),
-            None => return Ok(start),
-            Some(_) => {}
-        }
-        let (mut a, mut b) = (lo.ln(), hi.ln());
-        for _ in 0..CALIBRATION_BISECTIONS {
-            let m = 0.5 * (a + b);
-            match mean_at(m.exp())? {
-                Some(p) if p < target => a = m,
-                Some(_) => b = m,
-                None => return Ok(start),
-            }
-        }
-        Ok((0.5 * (a + b)).exp())
-    };
     for _ in 0..2 {
-        cal.0 = bisect(observed.0, cal.0, &|f| {
+        cal.0 = solve_factor(observed.0, cal.0, &|f| {
             Ok(replay_means(&model.calibrated(f, cal.1), cfg, &trace)?.0)
         })?;
-        cal.1 = bisect(observed.1, cal.1, &|f| {
+        cal.1 = solve_factor(observed.1, cal.1, &|f| {
             Ok(replay_means(&model.calibrated(cal.0, f), cfg, &trace)?.1)
         })?;
     }
     Ok(cal)
 }
 
+/// The factor within [`CALIBRATION_RANGE`] whose replay mean (`mean_at`, rising with
+/// the factor) meets `target`. `start` stays when its replay already does (within
+/// [`CALIBRATION_MATCH`]), so a window the model explains keeps its factors exactly.
+/// Otherwise regula falsi in log scale with the Illinois step: the first step rescales
+/// by target ÷ mean (met at once when the mean is proportional to the factor), each
+/// step keeps the bracket of factors whose means lie either side of the target, and a
+/// step that would leave it bisects instead. A bound of the range comes back when the
+/// target lies beyond it; `start` when a replay has no mean.
+fn solve_factor(
+    target: Option<f64>,
+    start: f64,
+    mean_at: &dyn Fn(f64) -> Result<Option<f64>, PlanError>,
+) -> Result<f64, PlanError> {
+    let Some(target) = target.filter(|t| *t > 0.0) else {
+        return Ok(start);
+    };
+    // ln(mean ÷ target) at the factor e^x; `None` when the replay has no mean.
+    let gap = |x: f64| -> Result<Option<f64>, PlanError> {
+        Ok(mean_at(x.exp())?
+            .filter(|p| *p > 0.0)
+            .map(|p| (p / target).ln()))
+    };
+    let met = |g: f64| g.exp_m1().abs() <= CALIBRATION_MATCH;
+    let (mut x, mut g) = match gap(start.ln())? {
+        Some(g) if !met(g) => (start.ln(), g),
+        _ => return Ok(start),
+    };
+    // The bracket: `a` below the target, `b` above it, with their gaps once replayed.
+    let (mut a, mut ga) = (CALIBRATION_RANGE.start().ln(), None::<f64>);
+    let (mut b, mut gb) = (CALIBRATION_RANGE.end().ln(), None::<f64>);
+    let mut last_below = None;
+    for _ in 0..CALIBRATION_STEPS {
+        let below = g < 0.0;
+        if below {
+            (a, ga) = (x, Some(g));
+        } else {
+            (b, gb) = (x, Some(g));
+        }
+        // Illinois: the same end moved twice, so the other end's weight halves.
+        if last_below == Some(below) {
+            if below {
+                gb = gb.map(|v| 0.5 * v);
+            } else {
+                ga = ga.map(|v| 0.5 * v);
+            }
+        }
+        last_below = Some(below);
+        if b - a <= CALIBRATION_WIDTH {
+            break;
+        }
+        let next = match (ga, gb) {
+            (Some(ga), Some(gb)) => a - ga * (b - a) / (gb - ga),
+            // One end replayed: rescale, up to the other end of the range.
+            _ => (x - g).clamp(a, b),
+        };
+        x = if next > a && next < b || ga.is_none() || gb.is_none() {
+            next
+        } else {
+            0.5 * (a + b)
+        };
+        match gap(x)? {
+            Some(v) if met(v) => return Ok(x.exp()),
+            Some(v) => g = v,
+            None => return Ok(start),
+        }
+    }
+    Ok((0.5 * (a + b)).exp())
+}
+
 /// How near the observed mean a replay must come for [`calibration_solved`] to keep a
 /// factor.
 const CALIBRATION_MATCH: f64 = 1e-3;
 
-/// Halvings of the calibration range's log (a factor of 4) per bisection: 12 leave a
-/// bracket 0.03 % wide, below [`CALIBRATION_MATCH`], in 12 replays of the window.
-const CALIBRATION_BISECTIONS: u32 = 12;
+/// Most replays [`solve_factor`] makes after the one at its start.
+const CALIBRATION_STEPS: u32 = 12;
+
+/// A bracket this narrow (in log scale, 0.03 %) ends [`solve_factor`].
+const CALIBRATION_WIDTH: f64 = 3e-4;
 
 /// Mean TTFT and TPOT, when there are any.
 type Means = (Option<f64>, Option<f64>);
@@ -1026,6 +1070,35 @@ mod tests {
             calibration_solved(&model(), &cfg, &[]),
             Err(PlanError::Invalid { field, .. }) if field == "window"
         ));
+    }
+
+    #[test]
+    fn a_factor_is_solved_in_a_few_replays_and_kept_within_the_range() {
+        use std::cell::Cell;
+        let calls = Cell::new(0u32);
+        // A mean that is not proportional to the factor (a queue's convex rise).
+        let convex = |f: f64| {
+            calls.set(calls.get() + 1);
+            Ok(Some(0.2 + f * f * f))
+        };
+        let solve = |target: f64, start: f64| {
+            calls.set(0);
+            let f = solve_factor(Some(target), start, &convex).unwrap();
+            (f, calls.get())
+        };
+        for (truth, start) in [(1.3, 1.0), (0.6, 1.9), (1.95, 0.5), (1.0001, 1.0)] {
+            let (f, n) = solve(0.2 + truth * truth * truth, start);
+            assert!(((0.2 + f * f * f) / (0.2 + truth.powi(3)) - 1.0).abs() <= CALIBRATION_MATCH);
+            assert!(n <= 8, "{n} replays for {truth} from {start}");
+        }
+        // Met at the start: kept exactly, after one replay.
+        assert_eq!(solve(0.2 + 1.5f64.powi(3), 1.5), (1.5, 1));
+        // Beyond the range: its bound.
+        assert_eq!(solve(100.0, 1.0).0, 2.0);
+        assert_eq!(solve(0.01, 1.0).0, 0.5);
+        // No target or no mean: the start.
+        assert_eq!(solve_factor(None, 1.2, &convex).unwrap(), 1.2);
+        assert_eq!(solve_factor(Some(1.0), 1.2, &|_| Ok(None)).unwrap(), 1.2);
     }
 
     #[test]
