@@ -15,9 +15,7 @@ use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Instant;
 use xpyd_engine::{Engine, SamplingParams};
-
-/// Version of the profile JSON layout; bump it when fields change meaning.
-pub const PROFILE_VERSION: u32 = 1;
+use xpyd_planner::profile::PROFILE_VERSION;
 
 /// Flags of `xpyd bench profile`.
 #[derive(Debug, Args)]
@@ -128,21 +126,24 @@ fn prefill_secs(engine: &mut Engine, n: usize, salt: usize) -> Result<f64> {
     Ok(best)
 }
 
-/// Median seconds of one decode step of `batch` sequences at context `ctx`. The
-/// sequences share one prompt through the prefix cache, so the prompt is computed once
-/// (and attention of the batch reads the same cached blocks: the batch × context cost
-/// is, if anything, optimistic).
+/// Median seconds of one decode step of `batch` sequences at context `ctx`. Each
+/// sequence holds KV blocks of its own, as in a serving batch: the prompt is computed
+/// once and its KV copied to the others by export and import. (Sharing the prompt through
+/// the prefix cache would have every sequence of the batch read the same cached blocks,
+/// and a step of batch × context rows would look as cheap as one of context rows.)
 fn decode_step_secs(engine: &mut Engine, batch: usize, ctx: usize, steps: usize) -> Result<f64> {
     let prompt = prompt_tokens(engine, ctx, ctx)?;
     let ids: Vec<u64> = (100..100 + batch as u64).collect();
-    for id in &ids {
-        let params = SamplingParams {
-            ignore_eos: true,
-            max_tokens: steps + 4,
-            ..Default::default()
-        };
-        engine.add_sequence(*id, prompt.clone(), params)?;
-        engine.prefill(*id, &mut |_| {})?;
+    let params = SamplingParams {
+        ignore_eos: true,
+        max_tokens: steps + 4,
+        ..Default::default()
+    };
+    engine.add_sequence(ids[0], prompt, params)?;
+    engine.prefill(ids[0], &mut |_| {})?;
+    let kv = engine.export(ids[0])?;
+    for id in &ids[1..] {
+        engine.import(*id, &kv)?;
     }
     engine.decode_step(&ids)?; // warm-up
     let mut times = Vec::with_capacity(steps);

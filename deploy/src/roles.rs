@@ -694,7 +694,7 @@ mod tests {
         let p = dir.path().join("profile.json");
         let fit = |kind: &str, c: &[f64]| serde_json::json!({"model": {"kind": kind, "coeffs": c}, "fit_error": {"mean_abs_rel": 0.02}});
         let profile = serde_json::json!({
-            "version": 1, "kind": "xpyd-performance-profile",
+            "version": xpyd_planner::profile::PROFILE_VERSION, "kind": "xpyd-performance-profile",
             "model": {"kv_bytes_per_token": 23040, "layers": 30},
             "prefill": {"fit_by_chunk": {"256": fit("polynomial", &[0.004, 0.0004, 2e-8])}},
             "decode_step": {"fit": fit("bilinear", &[0.012, 0.001, 1e-6, 2e-7])},

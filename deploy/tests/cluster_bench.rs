@@ -1,7 +1,8 @@
-//! Smoke runs of `xpyd bench load`, `compare`, `advisor` and `flip` against tiny-model clusters
-//! started by `xpyd up`: the load generator's records add up, the Prometheus histograms
-//! count the same requests, and compare produces every field it promises. No timing
-//! asserts: only counts, shapes and consistency.
+//! Smoke runs of `xpyd bench load`, `compare`, `advisor` and `flip` against tiny-model
+//! clusters started by `xpyd up`, and of `bench profile` on the tiny model: the load
+//! generator's records add up, the Prometheus histograms count the same requests, and
+//! compare produces every field it promises. No timing asserts: only counts, shapes and
+//! consistency.
 
 mod common;
 
@@ -439,4 +440,44 @@ fn bench_flip_times_flips_both_ways_and_a_worker_start() {
     assert_eq!(v["requests_failed"], 0, "{v}");
     assert!(v["requests_ok"].as_u64().unwrap() > 0, "{v}");
     assert!(v["cpu"].is_string() && v["threads_per_worker"] == 1, "{v}");
+}
+
+#[test]
+fn bench_profile_measures_every_decode_point_and_the_planner_reads_it() {
+    // Each decode point gives every sequence of the batch KV blocks of its own (copied by
+    // export and import); the profile carries the version the planner reads.
+    let (d, model) = tiny_model();
+    let out = d.path().join("profile.json");
+    let status = xpyd()
+        .args(["bench", "profile", "--threads", "1", "--kv-backend", "none"])
+        .args(["--prompts", "16,32,64", "--chunks", "16"])
+        .args(["--batches", "1,3", "--contexts", "16,40", "--steps", "2"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        v["version"].as_u64(),
+        Some(xpyd_planner::profile::PROFILE_VERSION)
+    );
+    let points = v["decode_step"]["points"].as_array().unwrap();
+    let got: Vec<(u64, u64)> = points
+        .iter()
+        .map(|p| (p["context"].as_u64().unwrap(), p["batch"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(got, [(16, 1), (16, 3), (40, 1), (40, 3)]);
+    assert!(
+        points.iter().all(|p| p["seconds"].as_f64().unwrap() > 0.0),
+        "{points:?}"
+    );
+    xpyd_planner::profile::service_model(&text, 16).expect("the planner reads the profile");
 }

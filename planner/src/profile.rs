@@ -1,13 +1,16 @@
 //! Reads the performance profile `xpyd bench profile` writes (JSON, `"kind":
-//! "xpyd-performance-profile"`, version 1) into a [`ServiceModel`]. Every refusal names
+//! "xpyd-performance-profile"`, version [`PROFILE_VERSION`]) into a [`ServiceModel`]. Every refusal names
 //! the field.
 
 use crate::PlanError;
 use crate::service::{FitErrors, ServiceModel};
 use serde_json::Value;
 
-/// The profile layout this reads.
-pub const PROFILE_VERSION: u64 = 1;
+/// The profile layout this reads; bumped when a field changes meaning. Version 2: the
+/// decode points give each sequence of a batch KV blocks of its own (version 1 shared
+/// one prompt's blocks through the prefix cache, and its batch × context cost was a
+/// third of a serving batch's).
+pub const PROFILE_VERSION: u64 = 2;
 
 /// The fit of `v` (`{"model": {"kind", "coeffs"}, "fit_error": {"mean_abs_rel"}}`) as
 /// coefficients of `kind` with `len` of them, and its mean relative error.
@@ -126,7 +129,7 @@ mod tests {
 
     fn profile() -> Value {
         json!({
-            "version": 1, "kind": "xpyd-performance-profile",
+            "version": PROFILE_VERSION, "kind": "xpyd-performance-profile",
             "model": {"kv_bytes_per_token": 23040, "layers": 30},
             "prefill": {"fit_by_chunk": {
                 "256": {"model": {"kind": "polynomial", "coeffs": [0.005, 0.0005, 1e-8]},
@@ -182,7 +185,7 @@ mod tests {
             Err(PlanError::Invalid { field, .. }) if field == "profile"
         ));
         assert_eq!(field(with(&|p| p["kind"] = json!("other"))), "kind");
-        assert_eq!(field(with(&|p| p["version"] = json!(2))), "version");
+        assert_eq!(field(with(&|p| p["version"] = json!(1))), "version");
         assert_eq!(
             field(with(&|p| p["prefill"]["fit_by_chunk"] = json!({}))),
             "prefill.fit_by_chunk"

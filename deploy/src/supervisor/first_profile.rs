@@ -1,9 +1,10 @@
 //! The ratio advisor's default profile: when the manifest turns the advisor on without
-//! naming a profile and none has been measured for this model on this machine, `xpyd up`
-//! measures one once the cluster is ready — `xpyd bench profile` at low priority with
-//! the first role's threads and no KV backend — and writes it atomically to the cache
-//! (`roles::cached_profile`), where the coordinator's advisor picks it up at its next
-//! window. A mock cluster has nothing real to measure and is left alone.
+//! naming a profile and none of the current layout has been measured for this model on
+//! this machine, `xpyd up` measures one once the cluster is ready — `xpyd bench
+//! profile` at low priority with the first role's threads and no KV backend — and
+//! writes it atomically to the cache (`roles::cached_profile`), where the coordinator's
+//! advisor picks it up at its next window. A mock cluster has nothing real to measure
+//! and is left alone.
 
 use crate::manifest::{EngineKind, Manifest, Role};
 use crate::roles::cached_profile;
@@ -21,7 +22,16 @@ pub fn needed(m: &Manifest) -> Option<(PathBuf, u32)> {
         return None;
     }
     let path = cached_profile(&m.model);
-    (!path.exists()).then_some((path, first.threads.max(1)))
+    (!current(&path)).then_some((path, first.threads.max(1)))
+}
+
+/// Whether `path` holds a profile of the layout this xpyd reads: one of an older version
+/// (decode points measured another way) is measured again, not kept.
+fn current(path: &Path) -> bool {
+    std::fs::read(path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .is_some_and(|v| v["version"].as_u64() == Some(xpyd_planner::profile::PROFILE_VERSION))
 }
 
 /// Measures the profile in the background (killed when `stop` fires).
@@ -90,5 +100,21 @@ mod tests {
         assert_eq!(threads, 1);
         assert!(needed(&m("advisor: { enabled: true, profile: p.json }\n", "real")).is_none());
         assert!(needed(&m("advisor: { enabled: true }\n", "mock")).is_none());
+    }
+
+    #[test]
+    fn a_cached_profile_of_an_older_version_is_measured_again() {
+        let dir = std::env::temp_dir().join(format!("xpyd-first-profile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("p.json");
+        assert!(!current(&path), "missing");
+        std::fs::write(&path, "not json").unwrap();
+        assert!(!current(&path), "unreadable");
+        let v = xpyd_planner::profile::PROFILE_VERSION;
+        std::fs::write(&path, serde_json::json!({"version": v - 1}).to_string()).unwrap();
+        assert!(!current(&path), "older version");
+        std::fs::write(&path, serde_json::json!({"version": v}).to_string()).unwrap();
+        assert!(current(&path), "current version");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -34,7 +34,7 @@ pub fn profile_with(prefill: [f64; 3], decode: [f64; 4]) -> serde_json::Value {
                "fit_error": {"r2": 0.99, "mean_abs_rel": 0.02, "max_abs_rel": 0.05}})
     };
     json!({
-        "version": 1, "kind": "xpyd-performance-profile",
+        "version": xpyd_planner::profile::PROFILE_VERSION, "kind": "xpyd-performance-profile",
         "model": {"kv_bytes_per_token": 2048, "layers": 2},
         "prefill": {"fit_by_chunk": {"256": fit("polynomial", &prefill)}},
         "decode_step": {"fit": fit("bilinear", &decode)},
