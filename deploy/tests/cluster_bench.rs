@@ -444,11 +444,12 @@ fn bench_flip_times_flips_both_ways_and_a_worker_start() {
 
 #[test]
 fn bench_profile_measures_every_decode_point_and_the_planner_reads_it() {
-    // Each decode point gives every sequence of the batch KV blocks of its own (copied by
-    // export and import); the profile carries the version the planner reads.
+    // Each decode point copies the prompt's KV to every other sequence of the batch by
+    // export and import (a failed import fails the run); the profile carries the version
+    // the planner reads.
     let (d, model) = tiny_model();
     let out = d.path().join("profile.json");
-    let status = xpyd()
+    let run = xpyd()
         .args(["bench", "profile", "--threads", "1", "--kv-backend", "none"])
         .args(["--prompts", "16,32,64", "--chunks", "16"])
         .args(["--batches", "1,3", "--contexts", "16,40", "--steps", "2"])
@@ -459,9 +460,9 @@ fn bench_profile_measures_every_decode_point_and_the_planner_reads_it() {
         .output()
         .unwrap();
     assert!(
-        status.status.success(),
+        run.status.success(),
         "{}",
-        String::from_utf8_lossy(&status.stderr)
+        String::from_utf8_lossy(&run.stderr)
     );
     let text = std::fs::read_to_string(&out).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();

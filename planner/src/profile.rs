@@ -1,6 +1,6 @@
 //! Reads the performance profile `xpyd bench profile` writes (JSON, `"kind":
-//! "xpyd-performance-profile"`, version [`PROFILE_VERSION`]) into a [`ServiceModel`]. Every refusal names
-//! the field.
+//! "xpyd-performance-profile"`, version [`PROFILE_VERSION`]) into a [`ServiceModel`].
+//! Every refusal names the field.
 
 use crate::PlanError;
 use crate::service::{FitErrors, ServiceModel};
@@ -41,16 +41,12 @@ fn fit(v: &Value, field: &str, kind: &str, len: usize) -> Result<(Vec<f64>, f64)
     Ok((c, err))
 }
 
-/// The service model of profile `text`, for prefill chunk size `chunk` (the fit of the
-/// nearest chunk size the profile measured). A profile without a KV transfer section
-/// gives free transfers.
+/// Whether `v` is a profile of the kind and version this reads (the rest is checked by
+/// [`service_model`]): a profile of another version was measured another way.
 ///
 /// # Errors
-/// [`PlanError::Invalid`] naming the field: not JSON, another kind or version, a
-/// missing or malformed fit, impossible numbers.
-pub fn service_model(text: &str, chunk: u32) -> Result<ServiceModel, PlanError> {
-    let v: Value = serde_json::from_str(text)
-        .map_err(|e| PlanError::invalid("profile", format!("not JSON: {e}")))?;
+/// [`PlanError::Invalid`] naming `kind` or `version`.
+pub fn check_layout(v: &Value) -> Result<(), PlanError> {
     if v["kind"] != "xpyd-performance-profile" {
         return Err(PlanError::invalid(
             "kind",
@@ -69,6 +65,20 @@ pub fn service_model(text: &str, chunk: u32) -> Result<ServiceModel, PlanError> 
             ),
         ));
     }
+    Ok(())
+}
+
+/// The service model of profile `text`, for prefill chunk size `chunk` (the fit of the
+/// nearest chunk size the profile measured). A profile without a KV transfer section
+/// gives free transfers.
+///
+/// # Errors
+/// [`PlanError::Invalid`] naming the field: not JSON, another kind or version, a
+/// missing or malformed fit, impossible numbers.
+pub fn service_model(text: &str, chunk: u32) -> Result<ServiceModel, PlanError> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| PlanError::invalid("profile", format!("not JSON: {e}")))?;
+    check_layout(&v)?;
     let by_chunk = v["prefill"]["fit_by_chunk"]
         .as_object()
         .filter(|m| !m.is_empty())
@@ -185,7 +195,14 @@ mod tests {
             Err(PlanError::Invalid { field, .. }) if field == "profile"
         ));
         assert_eq!(field(with(&|p| p["kind"] = json!("other"))), "kind");
-        assert_eq!(field(with(&|p| p["version"] = json!(1))), "version");
+        assert_eq!(
+            field(with(&|p| p["version"] = json!(PROFILE_VERSION - 1))),
+            "version"
+        );
+        assert_eq!(
+            field(with(&|p| p["version"] = json!(PROFILE_VERSION + 1))),
+            "version"
+        );
         assert_eq!(
             field(with(&|p| p["prefill"]["fit_by_chunk"] = json!({}))),
             "prefill.fit_by_chunk"

@@ -31,7 +31,7 @@ fn current(path: &Path) -> bool {
     std::fs::read(path)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-        .is_some_and(|v| v["version"].as_u64() == Some(xpyd_planner::profile::PROFILE_VERSION))
+        .is_some_and(|v| xpyd_planner::profile::check_layout(&v).is_ok())
 }
 
 /// Measures the profile in the background (killed when `stop` fires).
@@ -111,9 +111,17 @@ mod tests {
         std::fs::write(&path, "not json").unwrap();
         assert!(!current(&path), "unreadable");
         let v = xpyd_planner::profile::PROFILE_VERSION;
-        std::fs::write(&path, serde_json::json!({"version": v - 1}).to_string()).unwrap();
+        std::fs::write(
+            &path,
+            serde_json::json!({"kind": "xpyd-performance-profile", "version": v - 1}).to_string(),
+        )
+        .unwrap();
         assert!(!current(&path), "older version");
-        std::fs::write(&path, serde_json::json!({"version": v}).to_string()).unwrap();
+        std::fs::write(
+            &path,
+            serde_json::json!({"kind": "xpyd-performance-profile", "version": v}).to_string(),
+        )
+        .unwrap();
         assert!(current(&path), "current version");
         std::fs::remove_dir_all(&dir).unwrap();
     }
